@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create ./.venv and install mar3d with everything it needs (idempotent).
+#
+# torch/torchvision are pinned first: open_clip and timm import torchvision, and the only
+# torchvision wheels that import beside a CPU torch on these machines are the pair below
+# (plain `pip install torch` would otherwise resolve a different multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${MAR3D_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+# shellcheck disable=SC2086
+python -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+python -c "import torch, torchvision, ray, deepspeed, mlflow, kfp, open_clip, timm, trimesh, igl, embreex, mar3d; print('mar3d', mar3d.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"

@@ -1,0 +1,3 @@
+from mar3d.cli import main
+
+raise SystemExit(main())

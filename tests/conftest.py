@@ -1,0 +1,96 @@
+"""Shared fixtures: one local Ray instance and one real `mlflow server` per test session."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+YCB = Path(os.environ.get("MAR3D_YCB", REPO.parent / "shared" / "datasets" / "ycb"))
+
+# A handful of small, varied real objects keeps unit tests fast.
+YCB_SMALL = ["013_apple", "025_mug", "037_scissors", "077_rubiks_cube"]
+
+
+def ycb_mesh(name: str) -> Path:
+    path = YCB / name / "textured.obj"
+    if not path.is_file():
+        pytest.skip(f"YCB dataset not found at {YCB} (set MAR3D_YCB)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ycb_root() -> Path:
+    if not YCB.is_dir():
+        pytest.skip(f"YCB dataset not found at {YCB} (set MAR3D_YCB)")
+    return YCB
+
+
+@pytest.fixture(scope="session")
+def ycb_small_dir(tmp_path_factory, ycb_root) -> Path:
+    """A directory with a few YCB objects (symlinked), as a small input dataset."""
+    root = tmp_path_factory.mktemp("ycb_small")
+    for name in YCB_SMALL:
+        os.symlink(ycb_root / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (fractional CPUs let 2 train workers fit)."""
+    import ray
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                 log_to_driver=True, ignore_reinit_error=True,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and local artifact store."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [exe, "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not become healthy in 120 s")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
