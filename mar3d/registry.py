@@ -1,0 +1,383 @@
+"""MLflow model registry: releases, the evaluation gate, and alias-based promotion.
+
+A *release* is the three models that belong together (VAE, MAR-LR, MAR-HR). Each
+component is its own registered model (``<name>-vae``, ``<name>-lr``, ``<name>-hr``);
+the release itself is a version of the registered model ``<name>`` whose tags pin the
+exact component versions and whose artifact is a ``release.json`` with the same content.
+
+Consumers resolve *only* through the release (``models:/mar3d@champion``) and then load
+the pinned component versions, never the components' own aliases. Promotion moves the
+component aliases first (informational) and the release alias last, in one registry
+call, so an interrupted promotion leaves consumers on the previous, consistent release.
+
+Weights are plain run artifacts (safetensors + config.yaml), registered by source URI:
+no pickled Python objects are ever written to or loaded from the registry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import logging
+import math
+import re
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("vae", "lr", "hr")
+PROMOTION_EXPERIMENT = "mar3d-promotions"
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
+_MODELS_URI = re.compile(rf"^models:/(?P<name>{_NAME})(?:@(?P<alias>{_NAME})|/(?P<version>[0-9]{{1,9}}))$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{32})/(?P<path>[A-Za-z0-9_.\-/]{1,256})$")
+
+
+class RegistryError(RuntimeError):
+    """The registry does not hold what was asked for, or refuses a change."""
+
+
+@dataclass
+class RegistryConfig:
+    name: str = "mar3d"
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+
+    def validate(self) -> None:
+        for value, what in [(self.name, "name"), (self.candidate_alias, "candidate_alias"),
+                            (self.champion_alias, "champion_alias")]:
+            if not re.fullmatch(_NAME, value):
+                raise ValueError(f"registry {what} {value!r} is not a valid model/alias name")
+        if self.candidate_alias == self.champion_alias:
+            raise ValueError("candidate_alias and champion_alias must differ")
+
+    def component_name(self, component: str) -> str:
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+        return f"{self.name}-{component}"
+
+
+@dataclass
+class GateConfig:
+    """Candidate must be no worse than the champion on every metric, within tolerance.
+
+    ``metrics`` maps a metric name to ``"max"`` (higher is better) or ``"min"``.
+    ``rel_tolerance`` is relative to the champion's value (0.05 = may be 5% worse).
+    ``minimums``/``maximums`` are absolute floors/ceilings that apply even when there is
+    no champion yet (the first release must still be a sane model).
+    """
+    metrics: dict[str, str] = field(default_factory=lambda: {
+        "f_score": "max", "chamfer": "min", "normal_consistency": "max"})
+    rel_tolerance: float = 0.05
+    minimums: dict[str, float] = field(default_factory=dict)
+    maximums: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.metrics:
+            raise ValueError("gate needs at least one metric")
+        for name, direction in self.metrics.items():
+            if direction not in ("max", "min"):
+                raise ValueError(f"gate metric {name!r}: direction must be 'max' or 'min', got {direction!r}")
+        if not (0.0 <= self.rel_tolerance < 1.0):
+            raise ValueError(f"rel_tolerance must be in [0, 1), got {self.rel_tolerance}")
+
+
+@dataclass
+class GateCheck:
+    metric: str
+    direction: str
+    candidate: float | None
+    champion: float | None
+    limit: float | None
+    passed: bool
+    why: str
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    checks: list[GateCheck]
+
+    def table(self) -> str:
+        rows = ["| metric | better | candidate | champion | limit | ok | why |",
+                "|---|---|---|---|---|---|---|"]
+        fmt = lambda v: "-" if v is None else f"{v:.5g}"  # noqa: E731
+        for c in self.checks:
+            rows.append(f"| {c.metric} | {c.direction} | {fmt(c.candidate)} | {fmt(c.champion)} | "
+                        f"{fmt(c.limit)} | {'yes' if c.passed else 'NO'} | {c.why} |")
+        return "\n".join(rows)
+
+
+@dataclass
+class Release:
+    name: str
+    version: str
+    components: dict[str, tuple[str, str]]  # component -> (registered model name, version)
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def validate_model_uri(uri: str) -> str:
+    """Accept only registry/run URIs of a known shape or an existing local directory."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError("model URI must be a non-empty string")
+    if _MODELS_URI.match(uri) or _RUNS_URI.match(uri):
+        if ".." in uri.split("/"):
+            raise ValueError(f"model URI {uri!r} may not contain '..'")
+        return uri
+    if "://" in uri or uri.startswith(("models:", "runs:")):
+        raise ValueError(f"model URI {uri!r} is not models:/NAME@ALIAS, models:/NAME/VERSION, "
+                         "runs:/RUN_ID/PATH or a local directory")
+    path = Path(uri)
+    if not path.is_dir():
+        raise ValueError(f"model directory {uri!r} does not exist")
+    return str(path.resolve())
+
+
+def evaluate_gate(candidate: dict[str, float], champion: dict[str, float] | None,
+                  gate: GateConfig) -> GateDecision:
+    """Pure decision function: compare metric dicts under the gate's rules."""
+    checks: list[GateCheck] = []
+    for metric, direction in gate.metrics.items():
+        cand = candidate.get(metric)
+        champ = None if champion is None else champion.get(metric)
+        if cand is None or not math.isfinite(cand):
+            checks.append(GateCheck(metric, direction, cand, champ, None, False,
+                                    "candidate has no finite value"))
+            continue
+        floor, ceil = gate.minimums.get(metric), gate.maximums.get(metric)
+        if floor is not None and cand < floor:
+            checks.append(GateCheck(metric, direction, cand, champ, floor, False, f"below minimum {floor}"))
+            continue
+        if ceil is not None and cand > ceil:
+            checks.append(GateCheck(metric, direction, cand, champ, ceil, False, f"above maximum {ceil}"))
+            continue
+        if champ is None or not math.isfinite(champ):
+            checks.append(GateCheck(metric, direction, cand, champ, None, True, "no champion value"))
+            continue
+        slack = gate.rel_tolerance * abs(champ)
+        if direction == "max":
+            limit = champ - slack
+            ok = cand >= limit
+        else:
+            limit = champ + slack
+            ok = cand <= limit
+        why = "within tolerance of champion" if ok else "worse than champion beyond tolerance"
+        checks.append(GateCheck(metric, direction, cand, champ, limit, ok, why))
+    return GateDecision(all(c.passed for c in checks), checks)
+
+
+def _client(tracking_uri: str | None = None):
+    import mlflow
+    from mlflow import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient()
+
+
+def _release_from_version(mv) -> Release:
+    tags = dict(mv.tags or {})
+    components = {}
+    for comp in COMPONENTS:
+        ref = tags.get(f"component.{comp}")
+        if ref:
+            name, _, version = ref.rpartition("/")
+            components[comp] = (name, version)
+    if "vae" not in components or "lr" not in components:
+        raise RegistryError(f"model version {mv.name}/{mv.version} is not a mar3d release "
+                            "(missing component.vae / component.lr tags)")
+    metrics = {k[len("metric."):]: float(v) for k, v in tags.items() if k.startswith("metric.")}
+    return Release(mv.name, str(mv.version), components, metrics, tags)
+
+
+def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | None = None,
+                     alias: str | None = None, description: str = "",
+                     tracking_uri: str | None = None) -> Release:
+    """Register VAE/LR(/HR) model artifacts as component versions plus one release version.
+
+    ``component_uris`` maps "vae", "lr" and optionally "hr" to ``runs:/RUN_ID/model`` URIs
+    (artifact folders with safetensors + config). Sets ``alias`` (default: the candidate
+    alias) on the new release version.
+    """
+    import mlflow
+
+    cfg = cfg or RegistryConfig()
+    cfg.validate()
+    missing = {"vae", "lr"} - set(component_uris)
+    if missing:
+        raise ValueError(f"a release needs at least vae and lr models; missing {sorted(missing)}")
+    unknown = set(component_uris) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown release components {sorted(unknown)}")
+    client = _client(tracking_uri)
+    pinned: dict[str, tuple[str, str]] = {}
+    for comp, uri in component_uris.items():
+        m = _RUNS_URI.match(validate_model_uri(uri))
+        if not m:
+            raise ValueError(f"component {comp}: expected runs:/RUN_ID/PATH, got {uri!r}")
+        name = cfg.component_name(comp)
+        _ensure_registered_model(client, name)
+        mv = client.create_model_version(name, uri, run_id=m["run_id"],
+                                         tags={"mar3d.component": comp})
+        pinned[comp] = (name, str(mv.version))
+
+    mlflow.set_experiment(PROMOTION_EXPERIMENT)
+    release_doc = {"name": cfg.name, "components": {c: {"name": n, "version": v, "source": component_uris[c]}
+                                                    for c, (n, v) in pinned.items()}}
+    with mlflow.start_run(run_name=f"release-{cfg.name}") as run:
+        mlflow.set_tags({"mar3d.kind": "release"})
+        mlflow.log_dict(release_doc, "release/release.json")
+    _ensure_registered_model(client, cfg.name)
+    tags = {f"component.{c}": f"{n}/{v}" for c, (n, v) in pinned.items()}
+    mv = client.create_model_version(cfg.name, f"runs:/{run.info.run_id}/release",
+                                     run_id=run.info.run_id, tags=tags, description=description)
+    client.set_registered_model_alias(cfg.name, alias or cfg.candidate_alias, mv.version)
+    log.info("registered release %s/%s: %s", cfg.name, mv.version, tags)
+    return _release_from_version(client.get_model_version(cfg.name, mv.version))
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+
+
+def get_release(uri: str, tracking_uri: str | None = None) -> Release:
+    """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` to a Release."""
+    from mlflow.exceptions import MlflowException
+
+    m = _MODELS_URI.match(validate_model_uri(uri))
+    if not m:
+        raise ValueError(f"a release URI must be models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+    client = _client(tracking_uri)
+    try:
+        if m["alias"]:
+            mv = client.get_model_version_by_alias(m["name"], m["alias"])
+        else:
+            mv = client.get_model_version(m["name"], m["version"])
+    except MlflowException as e:
+        raise RegistryError(f"{uri}: not found in the registry ({e.message})") from e
+    return _release_from_version(mv)
+
+
+def find_release(name: str, alias: str, tracking_uri: str | None = None) -> Release | None:
+    try:
+        return get_release(f"models:/{name}@{alias}", tracking_uri)
+    except RegistryError:
+        return None
+
+
+def record_metrics(release: Release, metrics: dict[str, float], eval_run_id: str | None = None,
+                   tracking_uri: str | None = None) -> Release:
+    """Attach evaluation results to a release version (the gate reads them from here)."""
+    client = _client(tracking_uri)
+    for k, v in metrics.items():
+        client.set_model_version_tag(release.name, release.version, f"metric.{k}", repr(float(v)))
+    if eval_run_id:
+        client.set_model_version_tag(release.name, release.version, "eval_run_id", eval_run_id)
+    return get_release(release.uri, tracking_uri)
+
+
+def download_release(release: Release, dest: str | Path | None = None,
+                     tracking_uri: str | None = None) -> dict[str, Path]:
+    """Download the pinned component artifact folders; returns component -> local dir."""
+    import mlflow
+
+    _client(tracking_uri)
+    root = Path(dest) if dest else Path(tempfile.mkdtemp(prefix="mar3d-release-"))
+    out = {}
+    for comp, (name, version) in release.components.items():
+        target = root / comp
+        target.mkdir(parents=True, exist_ok=True)
+        out[comp] = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(target)))
+    return out
+
+
+def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: RegistryConfig | None = None,
+            reason: str = "", tracking_uri: str | None = None,
+            _fail_after_components: bool = False) -> GateDecision:
+    """Move the champion alias to the candidate release if it passes the gate.
+
+    Every decision, promoted or refused, is logged as a run in the
+    ``mar3d-promotions`` experiment with who/what/why. A refusal raises nothing;
+    callers inspect ``decision.passed`` (the CLI turns it into exit status 1).
+    """
+    import mlflow
+
+    gate = gate or GateConfig()
+    gate.validate()
+    cfg = cfg or RegistryConfig()
+    cfg.validate()
+    candidate = get_release(candidate_uri, tracking_uri)
+    champion = find_release(candidate.name, cfg.champion_alias, tracking_uri)
+    if champion is not None and champion.version == candidate.version:
+        raise RegistryError(f"{candidate.uri} already holds alias {cfg.champion_alias!r}")
+    if not candidate.metrics:
+        raise RegistryError(f"{candidate.uri} has no evaluation metrics; run `mar3d evaluate` first")
+    decision = evaluate_gate(candidate.metrics, champion.metrics if champion else None, gate)
+
+    client = _client(tracking_uri)
+    mlflow.set_experiment(PROMOTION_EXPERIMENT)
+    with mlflow.start_run(run_name=f"promote-{candidate.name}-v{candidate.version}"):
+        mlflow.set_tags({
+            "mar3d.kind": "promotion",
+            "decision": "promoting" if decision.passed else "refused",
+            "actor": f"{getpass.getuser()}@{socket.gethostname()}",
+            "reason": reason or "-",
+            "candidate": candidate.uri,
+            "champion_before": champion.uri if champion else "none",
+        })
+        mlflow.log_params({"rel_tolerance": gate.rel_tolerance,
+                           "gate_metrics": json.dumps(gate.metrics, sort_keys=True)})
+        mlflow.log_metrics({f"candidate.{k}": v for k, v in candidate.metrics.items()})
+        if champion:
+            mlflow.log_metrics({f"champion.{k}": v for k, v in champion.metrics.items()})
+        mlflow.log_text(decision.table(), "gate.md")
+        mlflow.log_dict({"passed": decision.passed,
+                         "checks": [dataclasses.asdict(c) for c in decision.checks]}, "gate.json")
+        if decision.passed:
+            try:
+                for comp, (name, version) in candidate.components.items():
+                    client.set_registered_model_alias(name, cfg.champion_alias, version)
+                if _fail_after_components:  # used by the reliability tests
+                    raise RuntimeError("injected failure between component and release alias moves")
+                client.set_registered_model_alias(candidate.name, cfg.champion_alias, candidate.version)
+            except BaseException:
+                mlflow.set_tag("decision", "interrupted")
+                _restore_component_aliases(client, candidate, champion, cfg.champion_alias)
+                raise
+            if champion:
+                client.set_registered_model_alias(candidate.name, "previous", champion.version)
+            mlflow.set_tag("decision", "promoted")
+            log.info("promoted %s to %s", candidate.uri, cfg.champion_alias)
+        else:
+            log.warning("refused to promote %s:\n%s", candidate.uri, decision.table())
+    return decision
+
+
+def _restore_component_aliases(client, candidate: Release, champion: Release | None, alias: str) -> None:
+    """Best effort: put component aliases back to the champion's pinned versions."""
+    for comp, (name, _) in candidate.components.items():
+        try:
+            if champion and comp in champion.components:
+                client.set_registered_model_alias(name, alias, champion.components[comp][1])
+            else:
+                client.delete_registered_model_alias(name, alias)
+        except Exception as e:  # the release alias is what consumers use; keep going
+            log.error("could not restore alias %s on %s: %s", alias, name, e)
+
+
+def describe(release: Release) -> dict[str, Any]:
+    return {"uri": release.uri, "components": {c: f"{n}/{v}" for c, (n, v) in release.components.items()},
+            "metrics": release.metrics}
