@@ -26,11 +26,21 @@ examples:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--result-json", type=Path, default=None, metavar="PATH",
+                   help="also write the command's result as a JSON object to PATH "
+                        "(used by the Kubeflow components to chain steps)")
     p.add_argument("--config", type=Path, default=None,
                    help="YAML file with config values (unknown keys are errors)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, dotted keys, YAML values "
                         "(e.g. --set num_workers=2 --set render.elevations=[20,-10]); repeatable")
+
+
+def _write_result(args: argparse.Namespace, result: dict) -> None:
+    path = getattr(args, "result_json", None)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str))
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -43,6 +53,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         cfg.validate()
     result = prepare_dataset(args.input, args.output, cfg, progress=not args.no_progress)
     print(result.summary())
+    _write_result(args, result.to_dict())
     if args.fail_on_errors and result.num_errors:
         return 3
     return 0
@@ -53,9 +64,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.stage, args.config, args.overrides)
     result = run_training(cfg)
-    print(json.dumps({"run_id": result.run_id, "model_uri": result.model_uri,
-                      "checkpoint": str(result.checkpoint_path), "metrics": result.metrics},
-                     indent=2, default=str))
+    out = {"run_id": result.run_id, "model_uri": result.model_uri,
+           "checkpoint": str(result.checkpoint_path), "metrics": result.metrics}
+    print(json.dumps(out, indent=2, default=str))
+    _write_result(args, out)
     return 0
 
 

@@ -1,0 +1,168 @@
+"""Load a mesh file, flatten its scene, validate it and normalize it to the unit cube.
+
+Every failure is a ``MeshError(reason_code, message)`` so the job can record it as an
+error row; the reason codes are a closed set (``REASONS``) that reports can count.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import trimesh
+
+from .config import MESH_SUFFIXES
+
+REASONS = {
+    "not_found": "the input path does not exist or is not a file",
+    "path_outside_root": "a manifest entry escapes the manifest's root directory",
+    "unsupported_format": "the file suffix is not a supported mesh format",
+    "file_too_large": "the file is larger than DataConfig.max_file_bytes",
+    "unreadable": "the mesh loader raised (truncated, corrupt or not a mesh file)",
+    "empty": "no triangles after flattening the scene",
+    "nonfinite_vertices": "vertices contain NaN or Inf",
+    "invalid_faces": "face indices out of range",
+    "too_many_faces": "more triangles than DataConfig.max_faces",
+    "degenerate": "zero extent or zero surface area",
+    "watertight_failed": "the watertight conversion produced no closed surface",
+    "duplicate": "another input in the same run has the same content and name (same uid)",
+    "internal_error": "an unexpected exception (a bug): see the message",
+}
+
+
+class MeshError(Exception):
+    """A mesh that cannot become a dataset row, with a machine-readable reason."""
+
+    def __init__(self, reason_code: str, message: str):
+        if reason_code not in REASONS:
+            raise ValueError(f"unknown MeshError reason {reason_code!r}")
+        super().__init__(f"{reason_code}: {message}")
+        self.reason_code = reason_code
+        self.message = message
+
+
+@dataclass
+class LoadedMesh:
+    """A flattened, validated, normalized mesh.
+
+    ``parts`` keep their own visuals (textures, colours) for rendering; ``vertices`` /
+    ``faces`` are the concatenated geometry used for everything else, and
+    ``face_part`` / ``face_offset`` map a concatenated face back to its part.
+    """
+
+    parts: list[trimesh.Trimesh]
+    vertices: np.ndarray  # float64 [V,3], normalized
+    faces: np.ndarray  # int64 [F,3]
+    face_part: np.ndarray  # int64 [F]
+    face_offset: np.ndarray  # int64 [num_parts]: first concatenated face of each part
+    transform: np.ndarray  # float64 [4,4]: original coords -> normalized coords
+
+    @property
+    def mesh(self) -> trimesh.Trimesh:
+        return trimesh.Trimesh(self.vertices, self.faces, process=False)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_uid(sha256: str, path: str | Path) -> str:
+    """Stable id: content hash prefix + stem (the stem alone collides: every YCB object is
+    ``textured.obj``, so the parent folder name is included when the stem is generic)."""
+    p = Path(path)
+    stem = p.stem if p.stem not in ("textured", "model", "mesh", "scene") else f"{p.parent.name}-{p.stem}"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:64]
+    return f"{sha256[:16]}-{safe}"
+
+
+def check_file(path: Path, max_file_bytes: int) -> None:
+    if not path.is_file():
+        raise MeshError("not_found", f"{path} does not exist or is not a file")
+    if path.suffix.lower() not in MESH_SUFFIXES:
+        raise MeshError("unsupported_format", f"{path.suffix!r} is not one of {MESH_SUFFIXES}")
+    size = path.stat().st_size
+    if size > max_file_bytes:
+        raise MeshError("file_too_large", f"{size} bytes > max_file_bytes={max_file_bytes}")
+    if size == 0:
+        raise MeshError("empty", "the file has 0 bytes")
+
+
+def _flatten(loaded) -> list[trimesh.Trimesh]:
+    """All triangle geometry of a scene in world coordinates (points and paths dropped)."""
+    if isinstance(loaded, trimesh.Trimesh):
+        return [loaded]
+    if isinstance(loaded, trimesh.Scene):
+        parts = []
+        for node in loaded.graph.nodes_geometry:
+            transform, name = loaded.graph[node]
+            geom = loaded.geometry.get(name)
+            if isinstance(geom, trimesh.Trimesh) and len(geom.faces) > 0:
+                g = geom.copy()
+                g.apply_transform(transform)
+                parts.append(g)
+        return parts
+    return []
+
+
+def normalization_transform(vertices: np.ndarray, extent: float) -> np.ndarray:
+    """Centre the bounding box and scale its longest half-side to ``extent``."""
+    lo, hi = vertices.min(0), vertices.max(0)
+    center = (lo + hi) / 2.0
+    half = float((hi - lo).max()) / 2.0
+    scale = extent / half
+    t = np.eye(4)
+    t[:3, :3] *= scale
+    t[:3, 3] = -center * scale
+    return t
+
+
+def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
+              normalize_extent: float = 1.0) -> LoadedMesh:
+    path = Path(path)
+    check_file(path, max_file_bytes)
+    try:
+        # process=False keeps UV seams and NaNs as they are, so validation sees the raw data.
+        loaded = trimesh.load(str(path), process=False)
+    except MeshError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any loader failure is an input problem
+        raise MeshError("unreadable", f"{type(e).__name__}: {e}"[:500]) from e
+    parts = _flatten(loaded)
+    if not parts:
+        raise MeshError("empty", "no triangle geometry found in the file")
+    num_faces = sum(len(p.faces) for p in parts)
+    if num_faces > max_faces:
+        raise MeshError("too_many_faces", f"{num_faces} faces > max_faces={max_faces}")
+    for p in parts:
+        v = np.asarray(p.vertices)
+        if not np.isfinite(v).all():
+            raise MeshError("nonfinite_vertices", f"{int((~np.isfinite(v)).any(1).sum())} vertices are NaN/Inf")
+        f = np.asarray(p.faces)
+        if f.size and (f.min() < 0 or f.max() >= len(v)):
+            raise MeshError("invalid_faces", f"face index out of range [0, {len(v)})")
+    vertices = np.concatenate([np.asarray(p.vertices, np.float64) for p in parts])
+    offsets = np.cumsum([0] + [len(p.vertices) for p in parts])[:-1]
+    faces = np.concatenate([np.asarray(p.faces, np.int64) + o for p, o in zip(parts, offsets)])
+    # Only referenced vertices define the extent (stray unreferenced points are common).
+    used = vertices[np.unique(faces)]
+    extent = used.max(0) - used.min(0)
+    if not float(extent.max()) > 1e-9:
+        raise MeshError("degenerate", f"bounding box extent {extent.tolist()} is zero")
+    transform = normalization_transform(used, normalize_extent)
+    scale = transform[0, 0]
+    vertices = vertices * scale + transform[:3, 3]
+    tri = vertices[faces]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum()
+    if not area > 1e-10:
+        raise MeshError("degenerate", f"total surface area {area:.3g} is zero after normalization")
+    for p in parts:
+        p.apply_transform(transform)
+    face_part = np.concatenate([np.full(len(p.faces), i, np.int64) for i, p in enumerate(parts)])
+    face_offset = np.cumsum([0] + [len(p.faces) for p in parts])[:-1].astype(np.int64)
+    return LoadedMesh(parts=parts, vertices=vertices, faces=faces, face_part=face_part,
+                      face_offset=face_offset, transform=transform)

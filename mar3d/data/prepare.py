@@ -1,0 +1,463 @@
+"""The data job: mesh files -> Parquet shards (schema v1) + manifest.json + errors.parquet.
+
+``process_mesh(path, cfg)`` is the pure per-mesh function (load, normalize, watertight,
+surface pyramid, occupancy, renders); it raises ``MeshError`` for bad input.
+``prepare_dataset(input, output, cfg)`` runs it over every input with Ray Data and writes
+the shards itself, so that the layout is deterministic and completion is atomic:
+
+- inputs are sorted by path; new rows are grouped into shards of ``cfg.shard_size`` in
+  that order and numbered after the shards already present;
+- a shard is written to ``shard-XXXXX.parquet.tmp``, fsynced and renamed; it counts as
+  complete only once ``manifest.json`` (itself replaced atomically) lists it with its
+  sha256, so an interrupted run leaves nothing that looks finished;
+- a re-run skips inputs whose uid is in a complete shard and inputs already recorded in
+  ``errors.parquet`` with the same content hash (unless ``cfg.retry_errors``);
+- every input ends up as a shard row or an errors row: the Ray task catches every
+  exception into an error record, and discovery problems (missing files, manifest paths
+  escaping the manifest's root, duplicate content) become error rows too.
+
+One job per output directory at a time: leftover ``.tmp`` files and shards that the
+manifest does not list are removed at start-up.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import from_dict, to_dict
+from .config import MESH_SUFFIXES, SCHEMA_VERSION, DataConfig
+from .mesh_io import MeshError, load_mesh, make_uid, sha256_file
+from .render import render_views
+from .sampling import sample_occupancy, sharp_edges, surface_pyramid
+from .schema import ERRORS_SCHEMA, rows_to_batch, shard_schema
+from .watertight import make_watertight
+
+MANIFEST = "manifest.json"
+ERRORS = "errors.parquet"
+SHARDS = "shards"
+MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".lst")
+
+
+# ----------------------------------------------------------------------------- per mesh
+def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None) -> dict:
+    """One dataset row (schema v1) for the mesh at ``path``; raises MeshError."""
+    path = Path(path)
+    mesh = load_mesh(path, cfg.max_faces, cfg.max_file_bytes, cfg.normalize_extent)
+    sha256 = sha256 or sha256_file(path)
+    rng = np.random.default_rng([cfg.seed, int(sha256[:12], 16)])
+    closed = make_watertight(mesh.vertices, mesh.faces, cfg.watertight_resolution,
+                             cfg.watertight_epsilon_voxels, cfg.normalize_extent).mesh
+    sharp = sharp_edges(mesh.vertices, mesh.faces, cfg.sharp_edge_angle_deg) \
+        if cfg.sharp_edge_fraction > 0 else None
+    levels = surface_pyramid(closed, cfg.surface_sizes, rng, cfg.sharp_edge_fraction, sharp)
+    occupancy = sample_occupancy(closed, cfg.num_vol, cfg.num_near, cfg.vol_bound,
+                                 cfg.near_sigmas, rng, cfg.inside_method)
+    renders = render_views(mesh, cfg.view_angles(), cfg.render_resolution, cfg.render_fov_deg,
+                           cfg.render_fit_margin, cfg.render_ambient,
+                           cfg.render_white_background, cfg.render_up_axis)
+    row = {"uid": make_uid(sha256, path), "source_path": str(path), "source_sha256": sha256,
+           "transform": mesh.transform.astype(np.float32)}
+    row.update({f"surface_{k}": level for k, level in enumerate(levels)})
+    row.update(occupancy)
+    row.update({"images": renders.images, "cam_world_to_cam": renders.world_to_cam,
+                "cam_intrinsics": renders.intrinsics, "view_elev_azim": renders.elev_azim})
+    return row
+
+
+def error_record(source_path: str, reason: str, message: str, sha256: str | None = None,
+                 uid: str | None = None) -> dict:
+    return {"source_path": source_path, "source_sha256": sha256, "uid": uid,
+            "reason": reason, "message": message}
+
+
+def _serialize_batch(batch: pa.RecordBatch) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue()
+
+
+def _deserialize_batch(data: bytes) -> pa.RecordBatch:
+    with pa.ipc.open_stream(data) as reader:
+        return reader.read_next_batch()
+
+
+def _process_item(item: dict, cfg_dict: dict) -> dict:
+    """Ray task body: never raises; returns the row as Arrow IPC bytes, or an error."""
+    cfg = from_dict(DataConfig, cfg_dict)
+    out = {"source_path": item["source_path"], "uid": item["uid"], "ok": False,
+           "payload": b"", "reason": "", "message": "", "seconds": 0.0}
+    start = time.perf_counter()
+    try:
+        row = process_mesh(item["source_path"], cfg, sha256=item["sha256"])
+        out["payload"] = _serialize_batch(rows_to_batch([row], shard_schema(cfg)))
+        out["ok"] = True
+    except MeshError as e:
+        out["reason"], out["message"] = e.reason_code, e.message
+    except MemoryError as e:
+        out["reason"], out["message"] = "internal_error", f"MemoryError: {e}"
+    except Exception as e:  # noqa: BLE001 - one bad mesh must not kill the job
+        tb = traceback.format_exc(limit=3)
+        out["reason"], out["message"] = "internal_error", f"{type(e).__name__}: {e}\n{tb}"[:2000]
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _hash_item(item: dict) -> dict:
+    path = item["source_path"]
+    try:
+        sha = sha256_file(path)
+        return {**item, "sha256": sha, "uid": make_uid(sha, path), "reason": "", "message": ""}
+    except OSError as e:
+        return {**item, "sha256": "", "uid": "", "reason": "unreadable", "message": f"{type(e).__name__}: {e}"}
+
+
+# ------------------------------------------------------------------------------- inputs
+def _is_mesh_file(path: Path) -> bool:
+    return path.suffix.lower() in MESH_SUFFIXES
+
+
+def discover_inputs(source: str | Path) -> tuple[list[str], list[dict]]:
+    """(sorted absolute mesh paths, error records) for a directory or a manifest file."""
+    source = Path(source)
+    if source.is_dir():
+        found = set()
+        for dirpath, _, filenames in os.walk(source, followlinks=True):
+            for name in filenames:
+                p = Path(dirpath) / name
+                if _is_mesh_file(p):
+                    found.add(str(p.absolute()))
+        return sorted(found), []
+    if source.is_file():
+        return _read_manifest(source)
+    raise FileNotFoundError(f"input {source} is neither a directory nor a manifest file")
+
+
+def _manifest_entries(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    text = path.read_text()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise ValueError(f"manifest {path} must end in one of {MANIFEST_SUFFIXES}")
+
+    def entry(value) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("path"), str):
+            return value["path"]
+        raise ValueError(f"manifest {path}: entry {value!r} is neither a path nor {{'path': ...}}")
+
+    if suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            data = data.get("paths", data.get("meshes"))
+        if not isinstance(data, list):
+            raise ValueError(f"manifest {path}: expected a list (or {{'paths': [...]}})")
+        return [entry(v) for v in data]
+    if suffix == ".jsonl":
+        return [entry(json.loads(line)) for line in text.splitlines() if line.strip()]
+    if suffix == ".csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            return []
+        header = [h.strip().lower() for h in rows[0]]
+        if "path" in header:
+            col = header.index("path")
+            return [r[col] for r in rows[1:] if len(r) > col and r[col].strip()]
+        return [r[0] for r in rows if r and r[0].strip()]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _read_manifest(path: Path) -> tuple[list[str], list[dict]]:
+    root = path.parent.resolve()
+    found, errors = set(), []
+    for raw in _manifest_entries(path):
+        candidate = Path(raw)
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        if not resolved.is_relative_to(root):
+            errors.append(error_record(raw, "path_outside_root",
+                                       f"{raw!r} resolves to {resolved}, outside the manifest root {root}"))
+        elif not resolved.is_file():
+            errors.append(error_record(str(resolved), "not_found", f"{raw!r} does not exist"))
+        else:
+            found.add(str(resolved))
+    return sorted(found), errors
+
+
+# -------------------------------------------------------------------------------- state
+@dataclass
+class PrepareResult:
+    output: Path
+    inputs: int  # mesh paths found (plus manifest entries that were rejected)
+    processed: int  # new rows written by this run
+    failed: int  # new error rows recorded by this run
+    skipped: int  # inputs already complete (row or recorded error) before this run
+    total_rows: int
+    total_errors: int
+    shards_written: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def meshes_per_second(self) -> float:
+        return (self.processed + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in the whole dataset (all complete shards), not only this run's."""
+        return self.total_rows
+
+    @property
+    def num_errors(self) -> int:
+        """Error rows in the whole dataset (errors.parquet)."""
+        return self.total_errors
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.output), "inputs": self.inputs, "processed": self.processed,
+                "failed": self.failed, "skipped": self.skipped, "num_rows": self.total_rows,
+                "num_errors": self.total_errors, "shards_written": list(self.shards_written),
+                "seconds": round(self.seconds, 3), "meshes_per_second": round(self.meshes_per_second, 3)}
+
+    def summary(self) -> str:
+        return (f"{self.inputs} inputs: {self.processed} new rows, {self.failed} new errors, "
+                f"{self.skipped} already done; dataset {self.output} has {self.total_rows} rows, "
+                f"{self.total_errors} errors (see {ERRORS}); {len(self.shards_written)} shards written "
+                f"in {self.seconds:.1f} s")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int) -> str:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    sha = sha256_file(tmp)
+    os.replace(tmp, path)
+    return sha
+
+
+def load_manifest(output: str | Path) -> dict | None:
+    path = Path(output) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def complete_shards(output: str | Path, manifest: dict | None = None, verify: bool = True) -> list[dict]:
+    """Manifest shard entries whose file exists with the recorded size (and hash)."""
+    output = Path(output)
+    manifest = manifest if manifest is not None else load_manifest(output)
+    if manifest is None:
+        return []
+    good = []
+    for entry in manifest.get("shards", []):
+        p = output / entry["file"]
+        if not p.is_file() or p.stat().st_size != entry["bytes"]:
+            continue
+        if verify and sha256_file(p) != entry["sha256"]:
+            continue
+        good.append(entry)
+    return good
+
+
+def read_errors(output: str | Path) -> pa.Table:
+    path = Path(output) / ERRORS
+    if not path.is_file():
+        return ERRORS_SCHEMA.empty_table()
+    return pq.read_table(path).cast(ERRORS_SCHEMA)
+
+
+def _clean_partial(output: Path, listed: set[str]) -> list[str]:
+    removed = []
+    for p in sorted((output / SHARDS).glob("*")):
+        rel = f"{SHARDS}/{p.name}"
+        if p.is_file() and (p.name.endswith(".tmp") or rel not in listed):
+            p.unlink()
+            removed.append(rel)
+    for p in output.glob("*.tmp"):
+        p.unlink()
+        removed.append(p.name)
+    return removed
+
+
+def _manifest_doc(cfg: DataConfig, shards: list[dict], errors: pa.Table, inputs_seen: int) -> dict:
+    reasons: dict[str, int] = {}
+    for r in errors.column("reason").to_pylist():
+        reasons[r] = reasons.get(r, 0) + 1
+    schema = shard_schema(cfg)
+    return {
+        "format": "mar3d-shapes",
+        "schema_version": SCHEMA_VERSION,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": to_dict(cfg),
+        "columns": {f.name: str(f.type) for f in schema},
+        "counts": {"rows": sum(s["rows"] for s in shards), "errors": errors.num_rows,
+                   "shards": len(shards), "inputs_last_run": inputs_seen},
+        "error_reasons": reasons,
+        "shards": shards,
+        "errors_file": ERRORS,
+    }
+
+
+def _shapes_signature(cfg_dict: dict) -> str:
+    cfg = from_dict(DataConfig, cfg_dict)
+    return str(shard_schema(cfg))
+
+
+# ---------------------------------------------------------------------------------- job
+def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | None = None,
+                    progress: bool = True) -> PrepareResult:
+    """Run the data job (see module docstring); returns counts for this run and totals."""
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    cfg = cfg or DataConfig()
+    cfg.validate()
+    start = time.perf_counter()
+    output = Path(output)
+    (output / SHARDS).mkdir(parents=True, exist_ok=True)
+
+    manifest = load_manifest(output)
+    if manifest is not None and manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{output} holds schema v{manifest.get('schema_version')}, this code writes v{SCHEMA_VERSION}")
+    if manifest is not None and _shapes_signature(manifest["config"]) != _shapes_signature(to_dict(cfg)):
+        raise ValueError(f"{output} was prepared with a config of different tensor shapes; "
+                         "use a new output directory (shards of one dataset share one schema)")
+    shards = complete_shards(output, manifest)
+    _clean_partial(output, {s["file"] for s in shards})
+    done_uids: set[str] = set()
+    for s in shards:
+        done_uids.update(pq.read_table(output / s["file"], columns=["uid"]).column("uid").to_pylist())
+    errors = read_errors(output)
+
+    paths, discovery_errors = discover_inputs(input)
+    schema = shard_schema(cfg)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+
+    # Stage 1: content hashes (uids) in parallel, so finished inputs are skipped cheaply.
+    hashed = []
+    if paths:
+        hashed = list(ray.data.from_items([{"source_path": p} for p in paths],
+                                          override_num_blocks=min(len(paths), 64))
+                      .map(_hash_item).iter_rows())
+        hashed.sort(key=lambda r: r["source_path"])
+
+    old_errors = {(r["source_path"], r["source_sha256"]) for r in errors.to_pylist()}
+    # Errors found before processing (no content hash) are recorded once per (path, reason).
+    old_error_keys = {(r["source_path"], r["reason"]) for r in errors.to_pylist()}
+    pre_errors = discovery_errors + [error_record(h["source_path"], h["reason"], h["message"])
+                                     for h in hashed if h["reason"]]
+    new_errors = [e for e in pre_errors if (e["source_path"], e["reason"]) not in old_error_keys]
+    skipped = len(pre_errors) - len(new_errors)
+    todo, seen_uid = [], {}
+    drop_error_paths = set()
+    for item in hashed:
+        if item["reason"]:
+            continue
+        uid = item["uid"]
+        if uid in done_uids:
+            skipped += 1
+            continue
+        if (item["source_path"], item["sha256"]) in old_errors and not cfg.retry_errors:
+            skipped += 1
+            continue
+        drop_error_paths.add(item["source_path"])  # retried or changed: replace its old error
+        if uid in seen_uid:
+            new_errors.append(error_record(item["source_path"], "duplicate",
+                                           f"same content and name as {seen_uid[uid]}",
+                                           item["sha256"], uid))
+            continue
+        seen_uid[uid] = item["source_path"]
+        todo.append(item)
+    if drop_error_paths:
+        keep = [r for r in errors.to_pylist() if r["source_path"] not in drop_error_paths]
+        errors = pa.Table.from_pylist(keep, schema=ERRORS_SCHEMA)
+
+    failed = len(new_errors)
+    next_index = 1 + max((int(s["file"].split("-")[-1].split(".")[0]) for s in shards), default=-1)
+    written: list[str] = []
+    processed = 0
+    todo_by_path = {t["source_path"]: t for t in todo}
+    buffer: list[pa.RecordBatch] = []
+    inputs_seen = len(paths) + len(discovery_errors)
+
+    def persist() -> None:
+        nonlocal errors, new_errors
+        if new_errors:
+            errors = pa.concat_tables([errors, pa.Table.from_pylist(new_errors, schema=ERRORS_SCHEMA)])
+            new_errors = []
+        sink = io.BytesIO()
+        pq.write_table(errors, sink)
+        _atomic_write_bytes(output / ERRORS, sink.getvalue())
+        doc = _manifest_doc(cfg, shards, errors, inputs_seen)
+        _atomic_write_bytes(output / MANIFEST, json.dumps(doc, indent=2).encode())
+
+    def flush() -> None:
+        nonlocal next_index, buffer
+        if not buffer:
+            return
+        name = f"{SHARDS}/shard-{next_index:05d}.parquet"
+        table = pa.Table.from_batches(buffer, schema=schema)
+        # One row group per row: the reader fetches single rows without decoding a shard.
+        sha = _write_parquet_atomic(table, output / name, row_group_size=1)
+        shards.append({"file": name, "rows": table.num_rows, "sha256": sha,
+                       "bytes": (output / name).stat().st_size})
+        written.append(name)
+        next_index += 1
+        buffer = []
+        persist()
+
+    bar = tqdm(total=len(todo), desc="meshes", unit="mesh", disable=not progress)
+    if todo:
+        ctx = ray.data.DataContext.get_current()
+        old_order, old_bar = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+        ctx.execution_options.preserve_order = True  # deterministic shard contents
+        ctx.enable_progress_bars = False  # our tqdm bar counts meshes, not blocks
+        try:
+            ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
+                _process_item, fn_kwargs={"cfg_dict": to_dict(cfg)},
+                num_cpus=cfg.cpus_per_task,
+                compute=ray.data.TaskPoolStrategy(size=min(cfg.num_workers, len(todo))))
+            for result in ds.iter_rows():
+                if result["ok"]:
+                    buffer.append(_deserialize_batch(result["payload"]))
+                    processed += 1
+                else:
+                    item = todo_by_path[result["source_path"]]
+                    new_errors.append(error_record(result["source_path"], result["reason"],
+                                                   result["message"], item["sha256"], item["uid"]))
+                    failed += 1
+                bar.update(1)
+                bar.set_postfix(done=processed, failed=failed)
+                if len(buffer) >= cfg.shard_size:
+                    flush()
+        finally:
+            ctx.execution_options.preserve_order = old_order
+            ctx.enable_progress_bars = old_bar
+    bar.close()
+    flush()
+    persist()
+    return PrepareResult(output=output, inputs=inputs_seen, processed=processed, failed=failed,
+                         skipped=skipped, total_rows=sum(s["rows"] for s in shards),
+                         total_errors=errors.num_rows, shards_written=written,
+                         seconds=time.perf_counter() - start)

@@ -1,0 +1,112 @@
+"""Parquet shard schema v1 and numpy <-> Arrow conversion.
+
+One row per mesh. Tensor columns use Arrow's canonical ``fixed_shape_tensor`` extension
+type, so plain pyarrow reads them back with ``column.combine_chunks().to_numpy_ndarray()``
+(shape [rows, *tensor_shape]); the shapes are fixed per dataset by its DataConfig.
+
+| column | type | meaning |
+|---|---|---|
+| uid | string | first 16 hex of sha256(file) + "-" + stem |
+| source_path | string | input path as given (absolute) |
+| source_sha256 | string | sha256 of the input file bytes |
+| transform | float32 [4,4] | original coords -> normalized coords in [-1,1]^3 |
+| surface_{k} | float32 [N_k,6] | xyz + unit normal on the watertight surface; k=0 finest |
+| vol_points / vol_labels | float32 [Nv,3] / uint8 [Nv] | uniform in [-b,b]^3; 1 = inside |
+| near_points / near_labels | float32 [Nn,3] / uint8 [Nn] | surface + N(0, sigma^2) noise |
+| images | uint8 [V,H,W,4] | RGBA renders of the original textured mesh |
+| cam_world_to_cam | float32 [V,4,4] | OpenCV camera (x right, y down, z forward) |
+| cam_intrinsics | float32 [V,3,3] | pixels = K @ camera coords (pixel centres at +0.5) |
+| view_elev_azim | float32 [V,2] | degrees |
+
+``errors.parquet`` (ERRORS_SCHEMA) holds one row per input that could not become a row.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .config import SCHEMA_VERSION, DataConfig
+
+ERRORS_SCHEMA = pa.schema([
+    ("source_path", pa.string()),
+    ("source_sha256", pa.string()),  # null when the file could not be read at all
+    ("uid", pa.string()),
+    ("reason", pa.string()),  # a key of mesh_io.REASONS
+    ("message", pa.string()),
+])
+
+
+def tensor_type(value_type: pa.DataType, shape: tuple[int, ...]) -> pa.DataType:
+    return pa.fixed_shape_tensor(value_type, list(shape))
+
+
+def tensor_shapes(cfg: DataConfig) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
+    views, res = cfg.render_views, cfg.render_resolution
+    shapes: dict[str, tuple[pa.DataType, tuple[int, ...]]] = {"transform": (pa.float32(), (4, 4))}
+    for k, n in enumerate(cfg.surface_sizes):
+        shapes[f"surface_{k}"] = (pa.float32(), (n, 6))
+    shapes.update({
+        "vol_points": (pa.float32(), (cfg.num_vol, 3)),
+        "vol_labels": (pa.uint8(), (cfg.num_vol,)),
+        "near_points": (pa.float32(), (cfg.num_near, 3)),
+        "near_labels": (pa.uint8(), (cfg.num_near,)),
+        "images": (pa.uint8(), (views, res, res, 4)),
+        "cam_world_to_cam": (pa.float32(), (views, 4, 4)),
+        "cam_intrinsics": (pa.float32(), (views, 3, 3)),
+        "view_elev_azim": (pa.float32(), (views, 2)),
+    })
+    return shapes
+
+
+def shard_schema(cfg: DataConfig) -> pa.Schema:
+    fields = [pa.field("uid", pa.string(), nullable=False),
+              pa.field("source_path", pa.string(), nullable=False),
+              pa.field("source_sha256", pa.string(), nullable=False)]
+    for name, (vt, shape) in tensor_shapes(cfg).items():
+        fields.append(pa.field(name, tensor_type(vt, shape), nullable=False))
+    return pa.schema(fields, metadata={b"mar3d_schema_version": str(SCHEMA_VERSION).encode()})
+
+
+def _numpy_dtype(value_type: pa.DataType) -> np.dtype:
+    return np.dtype(value_type.to_pandas_dtype())
+
+
+def rows_to_batch(rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
+    """Record batch from row dicts of numpy arrays/strings; shapes and dtypes are checked
+    against the schema so a wrong row fails loudly instead of corrupting a shard."""
+    arrays = []
+    for field in schema:
+        values = [r[field.name] for r in rows]
+        if isinstance(field.type, pa.FixedShapeTensorType):
+            shape = tuple(field.type.shape)
+            dtype = _numpy_dtype(field.type.value_type)
+            stacked = []
+            for r, v in zip(rows, values):
+                v = np.asarray(v)
+                if v.shape != shape:
+                    raise ValueError(f"{r.get('uid')}: column {field.name} has shape {v.shape}, "
+                                     f"schema wants {shape}")
+                stacked.append(v.astype(dtype, copy=False))
+            arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(np.stack(stacked))))
+        else:
+            arrays.append(pa.array(values, type=field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """[rows, *shape] numpy array from a fixed_shape_tensor column (plain pyarrow)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.to_numpy_ndarray()
+
+
+def table_row(table: pa.Table, index: int = 0) -> dict:
+    """One row of a shard table as {name: numpy array | str}."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).slice(index, 1)
+        if isinstance(col.type, pa.FixedShapeTensorType):
+            out[name] = column_to_numpy(col)[0]
+        else:
+            out[name] = col[0].as_py()
+    return out
