@@ -1,0 +1,198 @@
+"""The one way a pipeline component runs a `mar3d ...` step: here, or as a Ray job.
+
+Every kfp component is a thin wrapper that builds the argv of a `mar3d` CLI command and
+hands it to :func:`run_step`. The step itself (data preparation, training, evaluation,
+promotion, generation) lives only in the `mar3d` library, so nothing is duplicated here.
+
+* ``ray_address`` empty: the command runs in this process through ``mar3d.cli.main``
+  (laptop / ``kfp.local`` runs; the step may still start a local Ray for training).
+* ``ray_address`` set (``http://<head-svc>:8265``): the command is submitted to that
+  long-lived RayCluster with ``JobSubmissionClient``, its logs are streamed into the
+  component's log while it is polled, and a failed/stopped job raises :class:`StepFailed`
+  carrying Ray's error message and the tail of the job's log.
+
+The step's structured result travels back the same way in both modes: every `mar3d`
+command accepts ``--result-json PATH`` and writes its result there. For a Ray job the
+result file is on the Ray driver's disk, so the job's entrypoint is this module's
+``__main__`` wrapper, which runs the command and prints the result on one marker line
+that :func:`run_step` reads back from the job log. That way no storage has to be shared
+between the kfp pod and the Ray pods just to pass a few strings (datasets, checkpoints
+and MLflow artifacts are on shared storage anyway).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+RESULT_MARKER = "MAR3D_STEP_RESULT_JSON: "
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class StepFailed(RuntimeError):
+    """A pipeline step whose `mar3d` command (local or Ray job) did not succeed."""
+
+
+def step_dir(workdir: str, job_id: str, step: str) -> str:
+    """Where a step of one pipeline run writes its outputs: ``<workdir>/<job id>/<step>``.
+
+    Keyed by the pipeline job id so two runs sharing a workdir never overwrite each other.
+    Plain string joining keeps ``s3://`` style roots intact."""
+    if not workdir:
+        raise ValueError("workdir must be a non-empty path or URI shared by all steps")
+    if not job_id:
+        raise ValueError("job_id must be non-empty (pass dsl.PIPELINE_JOB_ID_PLACEHOLDER)")
+    return f"{workdir.rstrip('/')}/{job_id}/{step}"
+
+
+def optional_flag(flag: str, value: str) -> list[str]:
+    """``[flag, value]`` when value is set, ``[]`` for kfp's empty-string "not given"."""
+    return [flag, value] if value else []
+
+
+def override_flags(overrides: list) -> list[str]:
+    """``--set key=value`` for each ``key=value`` config override."""
+    out: list[str] = []
+    for ov in overrides or []:
+        if not isinstance(ov, str) or "=" not in ov:
+            raise ValueError(f"config override {ov!r} must be a 'key.sub=value' string")
+        out += ["--set", ov]
+    return out
+
+
+def train_argv(stage: str, data: str, storage_path: str, config: str, overrides: list,
+               num_workers: int, use_gpu: bool, mlflow_tracking_uri: str,
+               vae_model_uri: str = "") -> list[str]:
+    """`mar3d train <stage>` for a pipeline run: the run's values go in as TrainConfig
+    overrides after the user's, so the pipeline's data/outputs/scaling always win."""
+    settings = [f"data={data}", f"storage_path={storage_path}", f"run_name={stage}",
+                f"num_workers={int(num_workers)}", f"use_gpu={'true' if use_gpu else 'false'}"]
+    if mlflow_tracking_uri:
+        settings.append(f"mlflow_uri={mlflow_tracking_uri}")
+    if vae_model_uri:
+        settings.append(f"vae_model_uri={vae_model_uri}")
+    return (["mar3d", "train", stage] + optional_flag("--config", config)
+            + override_flags(overrides) + override_flags(settings))
+
+
+def run_step(argv: list[str], ray_address: str | None, *,
+             runtime_env: dict[str, Any] | None = None,
+             poll_seconds: float = 5.0,
+             timeout_seconds: float | None = None) -> dict[str, Any]:
+    """Run ``mar3d <args>`` (``argv[0] == "mar3d"``) and return the step's result mapping."""
+    if not argv or argv[0] != "mar3d":
+        raise ValueError(f"a step command must start with 'mar3d', got {argv!r}")
+    if "--result-json" in argv:
+        raise ValueError("run_step adds --result-json itself; do not pass it")
+    if ray_address:
+        return _run_as_ray_job(argv, ray_address, runtime_env, poll_seconds, timeout_seconds)
+    return _run_in_process(argv)
+
+
+def _run_in_process(argv: list[str]) -> dict[str, Any]:
+    from mar3d.cli import main
+
+    with tempfile.TemporaryDirectory(prefix="mar3d-step-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        print("running:", shlex.join(argv), flush=True)
+        try:
+            code = main(list(argv[1:]) + ["--result-json", str(result_path)])
+        except SystemExit as exc:  # argparse errors exit instead of returning
+            code = exc.code if isinstance(exc.code, int) else 1
+        if code not in (0, None):
+            raise StepFailed(f"`{shlex.join(argv)}` exited with status {code}")
+        if not result_path.is_file():
+            raise StepFailed(f"`{shlex.join(argv)}` succeeded but wrote no --result-json file")
+        return json.loads(result_path.read_text())
+
+
+def ray_entrypoint(argv: list[str]) -> str:
+    """The shell entrypoint of the Ray job that runs ``argv`` and prints its result."""
+    return shlex.join(["python", "-m", "components._run", "--", *argv])
+
+
+def parse_result_from_logs(logs: str) -> dict[str, Any]:
+    """The result a Ray job printed on its marker line (the last one wins)."""
+    lines = [ln for ln in logs.splitlines() if ln.startswith(RESULT_MARKER)]
+    if not lines:
+        raise StepFailed("the Ray job succeeded but printed no result line "
+                         f"({RESULT_MARKER.strip()} ...); see its log above")
+    return json.loads(lines[-1][len(RESULT_MARKER):])
+
+
+def _run_as_ray_job(argv: list[str], address: str, runtime_env: dict[str, Any] | None,
+                    poll_seconds: float, timeout_seconds: float | None) -> dict[str, Any]:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    submission_id = f"mar3d-{argv[1]}-{uuid.uuid4().hex[:10]}"
+    entrypoint = ray_entrypoint(argv)
+    client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                      runtime_env=runtime_env or None,
+                      metadata={"mar3d.step": " ".join(argv[1:3])})
+    print(f"submitted Ray job {submission_id} to {address}: {entrypoint}", flush=True)
+    started = time.monotonic()
+    printed = 0
+    while True:
+        status = str(client.get_job_status(submission_id).value)
+        logs = client.get_job_logs(submission_id)
+        # Stream only the part of the log not shown yet, so the kfp UI shows progress.
+        if len(logs) > printed:
+            sys.stdout.write(logs[printed:])
+            sys.stdout.flush()
+            printed = len(logs)
+        if status in TERMINAL:
+            break
+        if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
+            client.stop_job(submission_id)
+            raise StepFailed(f"Ray job {submission_id} ran past {timeout_seconds:.0f}s and was stopped")
+        time.sleep(poll_seconds)
+    if status != "SUCCEEDED":
+        info = client.get_job_info(submission_id)
+        tail = "\n".join(logs.splitlines()[-40:])
+        raise StepFailed(f"Ray job {submission_id} {status}: {info.message or 'no message'}"
+                         f"{' (' + str(info.error_type) + ')' if info.error_type else ''}\n"
+                         f"--- last log lines ---\n{tail}")
+    return parse_result_from_logs(logs)
+
+
+def write_pointer(artifact, result: dict[str, Any], location: str) -> None:
+    """Record a step's result on a kfp output artifact.
+
+    The data itself (shards, checkpoints, meshes) stays where the step wrote it on shared
+    storage; the artifact is a small JSON pointer to it, so kfp only moves a few bytes and
+    the lineage (artifact -> location, metrics) is visible in the kfp UI."""
+    artifact.metadata["location"] = location
+    for key, value in result.items():
+        if isinstance(value, (str, int, float, bool)):
+            artifact.metadata[key] = value
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps({"location": location, **result}, indent=2))
+
+
+def read_pointer(artifact) -> dict[str, Any]:
+    """The result an upstream step recorded with :func:`write_pointer`."""
+    path = Path(artifact.path)
+    if not path.is_file():
+        raise StepFailed(f"upstream artifact {artifact.uri} has no pointer file at {path}")
+    return json.loads(path.read_text())
+
+
+def _main(args: list[str]) -> int:
+    """Ray job entrypoint: ``python -m components._run -- mar3d <args>``."""
+    if args[:1] == ["--"]:
+        args = args[1:]
+    result = _run_in_process(args)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(_main(sys.argv[1:]))

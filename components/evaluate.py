@@ -1,0 +1,35 @@
+"""evaluate: generate meshes for held-out shapes and score them via `mar3d evaluate`.
+
+Models are passed as the ``model_uri`` each training stage reported (``runs:/...``).
+The report (``report_path``, a JSON file in the step folder) is what promote attaches
+to the registered release."""
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components import MAR3D_IMAGE
+
+
+@dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
+def evaluate(dataset: Input[Dataset], vae_model: Input[Model], lr_model: Input[Model],
+             hr_model: Input[Model], workdir: str, job_id: str, config: str,
+             overrides: list, mlflow_tracking_uri: str, ray_address: str,
+             metrics: Output[Metrics], report: Output[Artifact]):
+    """Chamfer / F-score / normal consistency of the cascade against ground truth."""
+    from components._run import (optional_flag, override_flags, read_pointer, run_step,
+                                 step_dir, write_pointer)
+
+    out = step_dir(workdir, job_id, "eval")
+    argv = (["mar3d", "evaluate", "--data", read_pointer(dataset)["location"],
+             "--vae-model", read_pointer(vae_model)["model_uri"],
+             "--lr-model", read_pointer(lr_model)["model_uri"],
+             "--hr-model", read_pointer(hr_model)["model_uri"],
+             "--output", out]
+            + optional_flag("--config", config) + override_flags(overrides)
+            + optional_flag("--tracking-uri", mlflow_tracking_uri))
+    result = run_step(argv, ray_address)
+    scores = result.get("metrics")
+    if not isinstance(scores, dict) or not scores:
+        raise RuntimeError(f"`mar3d evaluate` returned no metrics: {result}")
+    for name, value in scores.items():
+        metrics.log_metric(name, float(value))
+    write_pointer(report, result, out)

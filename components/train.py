@@ -1,0 +1,53 @@
+"""train_vae / train_lr / train_hr: the three training stages via `mar3d train <stage>`.
+
+Each stage reads the prepared shards, trains with Ray Train (+ DeepSpeed) on the cluster
+or a local Ray, logs to MLflow and outputs a pointer to its exported model
+(``model_uri``: ``runs:/<run>/model``) and checkpoint. MAR-LR and MAR-HR both learn on
+latents of the frozen VAE, so both take the VAE model; HR is trained with ground-truth
+(augmented) LR latents and so needs no LR weights, but runs after LR in the DAG (one
+stage at a time on the GPU pool)."""
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components import MAR3D_IMAGE
+
+
+@dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
+def train_vae(dataset: Input[Dataset], workdir: str, job_id: str, config: str,
+              overrides: list, num_workers: int, use_gpu: bool, mlflow_tracking_uri: str,
+              ray_address: str, model: Output[Model]):
+    """Train the Pyramid VAE."""
+    from components._run import train_argv, read_pointer, run_step, step_dir, write_pointer
+
+    storage = step_dir(workdir, job_id, "train")
+    argv = train_argv("vae", read_pointer(dataset)["location"], storage, config, overrides,
+                      num_workers, use_gpu, mlflow_tracking_uri)
+    write_pointer(model, run_step(argv, ray_address), f"{storage}/vae")
+
+
+@dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
+def train_lr(dataset: Input[Dataset], vae_model: Input[Model], workdir: str, job_id: str,
+             config: str, overrides: list, num_workers: int, use_gpu: bool,
+             mlflow_tracking_uri: str, ray_address: str, model: Output[Model]):
+    """Train MAR-LR (image -> LR latent tokens of the frozen VAE)."""
+    from components._run import train_argv, read_pointer, run_step, step_dir, write_pointer
+
+    storage = step_dir(workdir, job_id, "train")
+    argv = train_argv("lr", read_pointer(dataset)["location"], storage, config, overrides,
+                      num_workers, use_gpu, mlflow_tracking_uri,
+                      vae_model_uri=read_pointer(vae_model)["model_uri"])
+    write_pointer(model, run_step(argv, ray_address), f"{storage}/lr")
+
+
+@dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
+def train_hr(dataset: Input[Dataset], vae_model: Input[Model], workdir: str, job_id: str,
+             config: str, overrides: list, num_workers: int, use_gpu: bool,
+             mlflow_tracking_uri: str, ray_address: str, model: Output[Model]):
+    """Train MAR-HR (image + LR latents -> HR latent tokens of the frozen VAE)."""
+    from components._run import train_argv, read_pointer, run_step, step_dir, write_pointer
+
+    storage = step_dir(workdir, job_id, "train")
+    argv = train_argv("hr", read_pointer(dataset)["location"], storage, config, overrides,
+                      num_workers, use_gpu, mlflow_tracking_uri,
+                      vae_model_uri=read_pointer(vae_model)["model_uri"])
+    write_pointer(model, run_step(argv, ray_address), f"{storage}/hr")
