@@ -1,0 +1,264 @@
+"""Image -> mesh inference: ``MAR3DPipeline`` in the diffusers style.
+
+    pipe = MAR3DPipeline.from_pretrained("models:/mar3d@champion")   # or a local folder
+    mesh = pipe(image, seed=0)                                         # trimesh.Trimesh
+
+The cascade: condition tokens (CLIP + DINOv2) -> MAR-LR samples LR latent tokens ->
+MAR-HR samples HR tokens conditioned on the image and the LR tokens (skipped with
+``use_hr=False``) -> the frozen Pyramid VAE decodes the tokens into an occupancy field
+-> marching cubes (hierarchical by default). Weights come only from safetensors folders
+(``mar3d.weights``); nothing is unpickled.
+
+Reproducibility: one ``torch.Generator`` seeded with ``seed`` drives all sampling of a
+call, so the same image, seed and settings give the same mesh. Batched generation seeds
+each image's own generator, so a result does not depend on what else is in the batch.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from mar3d.config import from_dict
+from mar3d.geometry.extract import ExtractionResult, extract_mesh, latent_occupancy_fn
+from mar3d.models.condition import ConditionConfig
+from mar3d.models.mar import ConditionalMAR, MARConfig
+from mar3d.models.vae import ShapeVAE, VAEConfig
+from mar3d.weights import load_model_dir, resolve_model_dir
+
+
+class InvalidImageError(ValueError):
+    """An input image that cannot be used as a condition (corrupt, tiny, wrong mode...)."""
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling and extraction settings. ``None`` means "the model's own default"."""
+    num_iters: int | None = None          # autoregressive steps (paper 64)
+    cfg: float | None = None              # final CFG scale, ramped linearly (paper 3.0)
+    temperature: float | None = None
+    diffusion_steps: int | None = None    # respaced diffusion-head sampling steps (paper 100)
+    use_hr: bool = True                   # False: LR tokens only (the --no-hr path)
+    resolution: int = 128                 # marching-cubes cells per axis
+    extraction: Literal["hierarchical", "dense"] = "hierarchical"
+    query_batch_size: int = 65536
+    remove_small_components: float | None = 0.01  # drop floaters below this face fraction
+    min_image_side: int = 32
+    max_image_pixels: int = 4096 * 4096
+
+    def validate(self) -> None:
+        if self.num_iters is not None and self.num_iters < 1:
+            raise ValueError(f"num_iters must be >= 1, got {self.num_iters}")
+        if self.cfg is not None and self.cfg < 1.0:
+            raise ValueError(f"cfg must be >= 1, got {self.cfg}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.diffusion_steps is not None and self.diffusion_steps < 1:
+            raise ValueError(f"diffusion_steps must be >= 1, got {self.diffusion_steps}")
+        if not 16 <= self.resolution <= 1024:
+            raise ValueError(f"resolution must be in [16, 1024], got {self.resolution}")
+        if self.query_batch_size < 1024:
+            raise ValueError(f"query_batch_size must be >= 1024, got {self.query_batch_size}")
+        if self.min_image_side < 1 or self.max_image_pixels < self.min_image_side ** 2:
+            raise ValueError("need 1 <= min_image_side and max_image_pixels >= min_image_side**2")
+
+
+def load_image(source: Any, cfg: GenerateConfig | None = None) -> np.ndarray:
+    """A path, bytes, PIL image or array -> RGBA uint8 [H, W, 4], validated.
+
+    Accepts 8-bit L/LA/RGB/RGBA/P images (converted to RGBA); refuses 16-bit or float
+    data, CMYK, animations, images smaller than ``min_image_side`` or larger than
+    ``max_image_pixels`` (decompression bombs), with an :class:`InvalidImageError`."""
+    from PIL import Image, UnidentifiedImageError
+
+    cfg = cfg or GenerateConfig()
+    if isinstance(source, np.ndarray) or torch.is_tensor(source):
+        arr = np.asarray(source.cpu() if torch.is_tensor(source) else source)
+        if arr.dtype != np.uint8:
+            raise InvalidImageError(f"image array must be uint8, got {arr.dtype}")
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3 + [np.full_like(arr, 255)], axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise InvalidImageError(f"image array must be [H,W], [H,W,3] or [H,W,4], got {arr.shape}")
+        if arr.shape[-1] == 3:
+            arr = np.concatenate([arr, np.full(arr.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+        _check_size(arr.shape[1], arr.shape[0], cfg)
+        return np.ascontiguousarray(arr)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidImageError(f"image file {path} does not exist")
+        data: Any = path
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = io.BytesIO(bytes(source))
+    elif isinstance(source, Image.Image):
+        data = None
+    else:
+        raise InvalidImageError(f"unsupported image input of type {type(source).__name__}")
+    Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+    try:
+        im = source if data is None else Image.open(data)
+        _check_size(im.width, im.height, cfg)
+        if getattr(im, "n_frames", 1) > 1:
+            raise InvalidImageError(f"animated image with {im.n_frames} frames; give one frame")
+        if im.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA"):
+            raise InvalidImageError(f"unsupported image mode {im.mode!r} (need 8-bit L/LA/P/RGB/RGBA; "
+                                    "16-bit, float and CMYK images are refused)")
+        im.load()
+        return np.asarray(im.convert("RGBA")).copy()
+    except InvalidImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InvalidImageError(f"image too large: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InvalidImageError(f"unreadable image: {e}") from e
+
+
+def _check_size(width: int, height: int, cfg: GenerateConfig) -> None:
+    if min(width, height) < cfg.min_image_side:
+        raise InvalidImageError(f"image is {width}x{height}; the smaller side must be at least "
+                                f"{cfg.min_image_side} px")
+    if width * height > cfg.max_image_pixels:
+        raise InvalidImageError(f"image is {width}x{height} = {width * height} px, over the "
+                                f"limit of {cfg.max_image_pixels}")
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> ShapeVAE:
+    state, doc = load_model_dir(directory, kind="vae")
+    vae = ShapeVAE(from_dict(VAEConfig, doc["model"]))
+    vae.load_state_dict(state)
+    return vae.requires_grad_(False).eval().to(device)
+
+
+def load_mar(directory: str | Path, kind: str, device: str | torch.device = "cpu") -> ConditionalMAR:
+    state, doc = load_model_dir(directory, kind=kind)
+    model_doc = doc["model"]
+    model = ConditionalMAR(from_dict(ConditionConfig, model_doc["condition"]),
+                           from_dict(MARConfig, model_doc["mar"]))
+    model.load_state_dict(state)
+    return model.requires_grad_(False).eval().to(device)
+
+
+def resolve_component_dirs(uri: str, tracking_uri: str | None = None) -> dict[str, Path]:
+    """``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` of a release, or a local folder
+    with ``vae/``, ``lr/`` and optionally ``hr/`` model folders -> component -> folder."""
+    from mar3d.registry import download_release, get_release, validate_model_uri
+
+    uri = validate_model_uri(uri)
+    if uri.startswith("models:/"):
+        return download_release(get_release(uri, tracking_uri), tracking_uri=tracking_uri)
+    if uri.startswith("runs:/"):
+        raise ValueError(f"{uri}: a run holds one component; give a release (models:/NAME@ALIAS) "
+                         "or a folder with vae/, lr/ and hr/")
+    root = Path(uri)
+    dirs = {c: root / c for c in ("vae", "lr", "hr") if (root / c).is_dir()}
+    missing = {"vae", "lr"} - set(dirs)
+    if missing:
+        raise FileNotFoundError(f"{root} is not a mar3d release folder: missing {sorted(missing)} "
+                                "(expected vae/, lr/ and optionally hr/ model folders)")
+    return dirs
+
+
+class MAR3DPipeline:
+    """The whole cascade for inference; construct with :meth:`from_pretrained`."""
+
+    def __init__(self, vae: ShapeVAE, lr: ConditionalMAR, hr: ConditionalMAR | None,
+                 config: GenerateConfig | None = None, device: str | torch.device = "cpu"):
+        self.config = config or GenerateConfig()
+        self.config.validate()
+        self.device = _device(device)
+        self.vae, self.lr, self.hr = vae.to(self.device), lr.to(self.device), hr.to(self.device) if hr else None
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        vcfg = self.vae.cfg
+        if self.lr.mar.cfg.seq_len != vcfg.lr_tokens or self.lr.mar.cfg.token_dim != vcfg.latent_channels:
+            raise ValueError(f"MAR-LR ({self.lr.mar.cfg.seq_len} x {self.lr.mar.cfg.token_dim}) does not "
+                             f"fit the VAE's LR latents ({vcfg.lr_tokens} x {vcfg.latent_channels})")
+        if self.hr is not None and (self.hr.mar.cfg.seq_len != vcfg.hr_tokens
+                                    or self.hr.mar.cfg.lr_seq_len != vcfg.lr_tokens):
+            raise ValueError("MAR-HR token counts do not fit the VAE's HR/LR latents")
+
+    @classmethod
+    def from_pretrained(cls, uri: str, config: GenerateConfig | None = None, device: str = "auto",
+                        tracking_uri: str | None = None, use_hr: bool | None = None) -> "MAR3DPipeline":
+        dirs = resolve_component_dirs(uri, tracking_uri)
+        config = config or GenerateConfig()
+        if use_hr is not None:
+            config.use_hr = use_hr
+        dev = _device(device)
+        hr = load_mar(dirs["hr"], "hr", dev) if config.use_hr and "hr" in dirs else None
+        if config.use_hr and hr is None:
+            raise FileNotFoundError(f"{uri} has no MAR-HR model; pass use_hr=False for LR-only generation")
+        return cls(load_vae(dirs["vae"], dev), load_mar(dirs["lr"], "lr", dev), hr, config, dev)
+
+    @property
+    def uses_hr(self) -> bool:
+        return self.config.use_hr and self.hr is not None
+
+    def _sampling(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        keys = ("num_iters", "cfg", "temperature", "diffusion_steps")
+        out = {k: getattr(self.config, k) for k in keys}
+        out.update({k: v for k, v in overrides.items() if k in keys and v is not None})
+        return out
+
+    @torch.no_grad()
+    def generate_tokens(self, image: Any, seed: int = 0, use_hr: bool | None = None,
+                        **sampling) -> tuple[torch.Tensor, str]:
+        """One image -> (latent tokens [1, T, C], "hr" or "lr")."""
+        rgba = torch.from_numpy(load_image(image, self.config)).unsqueeze(0).to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        kwargs = self._sampling(sampling)
+        lr_tokens = self.lr.generate(rgba, generator=gen, **kwargs)
+        hr_wanted = self.uses_hr if use_hr is None else use_hr
+        if hr_wanted:
+            if self.hr is None:
+                raise ValueError("this pipeline has no MAR-HR model")
+            return self.hr.generate(rgba, lr_tokens=lr_tokens, generator=gen, **kwargs), "hr"
+        return lr_tokens, "lr"
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, resolution: int | None = None) -> ExtractionResult:
+        kv = self.vae.decode(tokens.to(self.device).float())
+        c = self.config
+        return extract_mesh(latent_occupancy_fn(self.vae, kv), resolution=resolution or c.resolution,
+                            batch_size=c.query_batch_size, method=c.extraction,
+                            remove_small_components=c.remove_small_components)
+
+    @torch.no_grad()
+    def occupancy(self, tokens: torch.Tensor, points: np.ndarray) -> np.ndarray:
+        """Decoder logits of one shape's tokens at ``points`` [N, 3]."""
+        kv = self.vae.decode(tokens.to(self.device).float())
+        return latent_occupancy_fn(self.vae, kv)(points)
+
+    def run(self, image: Any, seed: int = 0, use_hr: bool | None = None,
+            resolution: int | None = None, **sampling) -> dict[str, Any]:
+        """Like ``__call__`` but also returns tokens and timings."""
+        t0 = time.perf_counter()
+        tokens, level = self.generate_tokens(image, seed=seed, use_hr=use_hr, **sampling)
+        t1 = time.perf_counter()
+        extraction = self.decode(tokens, resolution)
+        return {"mesh": extraction.mesh, "tokens": tokens, "level": level,
+                "sample_seconds": t1 - t0, "decode_seconds": extraction.seconds,
+                "num_queries": extraction.num_queries}
+
+    def __call__(self, image: Any, seed: int = 0, steps: int | None = None, cfg: float | None = None,
+                 temperature: float | None = None, use_hr: bool | None = None,
+                 resolution: int | None = None):
+        """One image (path, bytes, PIL or uint8 array) -> ``trimesh.Trimesh``."""
+        return self.run(image, seed=seed, use_hr=use_hr, resolution=resolution, num_iters=steps,
+                        cfg=cfg, temperature=temperature)["mesh"]
+
+    def batch(self, images: Sequence[Any], seeds: Sequence[int], **kwargs) -> list[dict[str, Any]]:
+        return [self.run(im, seed=s, **kwargs) for im, s in zip(images, seeds, strict=True)]

@@ -1,0 +1,92 @@
+import io
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from mar3d.inference import GenerateConfig, InvalidImageError, MAR3DPipeline, load_image
+
+from _tiny_release import write_tiny_release
+
+FAST = dict(num_iters=4, diffusion_steps=5, resolution=32)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return write_tiny_release(tmp_path_factory.mktemp("release"))
+
+
+def _rgba(seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (size, size, 4), dtype=np.uint8)
+    img[..., 3] = 255
+    return img
+
+
+def _pipe(release, **kw):
+    cfg = GenerateConfig(num_iters=FAST["num_iters"], diffusion_steps=FAST["diffusion_steps"],
+                         resolution=FAST["resolution"], **kw)
+    return MAR3DPipeline.from_pretrained(str(release), config=cfg, device="cpu")
+
+
+def test_pipeline_generates_mesh_reproducibly(release):
+    pipe = _pipe(release)
+    out1 = pipe.run(_rgba(), seed=3)
+    out2 = pipe.run(_rgba(), seed=3)
+    out3 = pipe.run(_rgba(), seed=4)
+    assert out1["level"] == "hr"
+    assert tuple(out1["tokens"].shape) == (1, pipe.vae.cfg.hr_tokens, pipe.vae.cfg.latent_channels)
+    assert np.array_equal(out1["tokens"].numpy(), out2["tokens"].numpy())
+    assert not np.array_equal(out1["tokens"].numpy(), out3["tokens"].numpy())
+    assert isinstance(out1["mesh"], trimesh.Trimesh)
+
+
+def test_lr_only_path(release):
+    pipe = _pipe(release, use_hr=False)
+    assert pipe.hr is None
+    tokens, level = pipe.generate_tokens(_rgba(), seed=0)
+    assert level == "lr" and tokens.shape[1] == pipe.vae.cfg.lr_tokens
+
+
+def test_release_folder_must_hold_vae_and_lr(release, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        MAR3DPipeline.from_pretrained(str(tmp_path))
+
+
+def _png_bytes(arr, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_load_image_accepts_common_modes(tmp_path):
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    assert load_image(rgb).shape == (40, 50, 4)
+    assert load_image(_png_bytes(rgb)).shape == (40, 50, 4)
+    path = tmp_path / "a.png"
+    Image.fromarray(rgb[..., 0]).save(path)
+    assert load_image(path)[..., 3].min() == 255
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n garbage"), "unreadable"),
+    (lambda p: Image.new("RGB", (1, 1)).save(p, format="PNG"), "at least"),
+    (lambda p: Image.new("CMYK", (64, 64)).save(p, format="JPEG"), "mode"),
+    (lambda p: Image.fromarray(np.zeros((64, 64), np.uint16)).save(p, format="PNG"), "mode"),
+    (lambda p: Image.new("RGB", (64, 64)).save(p, format="GIF", save_all=True,
+                                               append_images=[Image.new("RGB", (64, 64), "red")]), "animated"),
+    (lambda p: None, "does not exist"),
+])
+def test_load_image_refuses_bad_inputs(tmp_path, make, match):
+    path = tmp_path / "bad.img"
+    make(path)
+    with pytest.raises(InvalidImageError, match=match):
+        load_image(path)
+
+
+def test_decompression_bomb_refused(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("L", (300, 300)).save(path)
+    with pytest.raises(InvalidImageError, match="limit|too large"):
+        load_image(path, GenerateConfig(max_image_pixels=200 * 200))
