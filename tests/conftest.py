@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests share 2 cores with Ray workers; oversubscribed BLAS/OpenMP threads made the
+# model tests ~10x slower. Benchmarks, not tests, measure speed.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 YCB = Path(os.environ.get("MAR3D_YCB", REPO.parent / "shared" / "datasets" / "ycb"))
 
