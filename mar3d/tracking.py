@@ -1,0 +1,176 @@
+"""MLflow helpers shared by the training driver and its rank-0 worker.
+
+The driver owns the run: it checks the tracking server is reachable, creates (or, on a
+resumed training, re-opens) the run and hands the ``run_id`` to the workers. Worker
+rank 0 then logs into that run through a plain :class:`mlflow.MlflowClient` (no global
+"active run" state inside Ray actors). Only one process logs at a time: while the
+workers train, the driver waits in ``fit()``.
+
+Tracking URIs: ``http(s)://host:port`` (an ``mlflow server``, what clusters use), or a
+local ``sqlite:///path/mlflow.db`` (what a laptop run uses by default: see
+:func:`default_tracking_uri`). A server that does not answer is reported within
+``timeout_s`` seconds instead of hanging the training job in MLflow's retry loop.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+# MLflow retries HTTP calls for minutes by default; a dead tracking server should fail a
+# training job quickly and clearly instead. Set before any MLflow request is made.
+_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server cannot be used (unreachable, bad URI, missing run)."""
+
+
+def configure_http_timeouts() -> None:
+    for key, value in _HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def default_tracking_uri(storage_path: str | Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a SQLite store next to the training outputs."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = Path(storage_path).expanduser().resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Raise :class:`TrackingError` unless ``tracking_uri`` answers (HTTP) or is local."""
+    if not tracking_uri:
+        raise TrackingError("MLflow tracking URI is empty")
+    if tracking_uri.startswith(("http://", "https://")):
+        url = tracking_uri.rstrip("/") + "/health"
+        deadline = time.monotonic() + timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=min(5.0, timeout_s)) as r:
+                    if r.status == 200:
+                        return
+                    last = TrackingError(f"HTTP {r.status}")
+            except (urllib.error.URLError, OSError) as e:
+                last = e
+            time.sleep(0.5)
+        raise TrackingError(f"MLflow tracking server {tracking_uri} is not reachable "
+                            f"within {timeout_s:.0f}s ({last}); start it or set mlflow_uri")
+    if tracking_uri.startswith("sqlite:///"):
+        parent = Path(tracking_uri[len("sqlite:///"):]).parent
+        if not parent.is_dir():
+            raise TrackingError(f"SQLite tracking store folder {parent} does not exist")
+        return
+    if tracking_uri.startswith(("file:", "/", "databricks", "postgresql", "mysql")):
+        return
+    raise TrackingError(f"unsupported MLflow tracking URI {tracking_uri!r} "
+                        "(use http(s)://host:port or sqlite:///path/mlflow.db)")
+
+
+def client(tracking_uri: str):
+    configure_http_timeouts()
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str,
+                        run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """Return the id of a RUNNING run: ``run_id`` re-opened if given, else a new run."""
+    check_reachable(tracking_uri)
+    c = client(tracking_uri)
+    from mlflow.exceptions import MlflowException
+
+    if run_id:
+        try:
+            run = c.get_run(run_id)
+        except MlflowException as e:
+            raise TrackingError(f"MLflow run {run_id} to resume is not in {tracking_uri}: {e.message}") from e
+        if run.info.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow run {run_id} to resume has been deleted")
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    exp = c.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment)
+    run = c.create_run(exp_id, run_name=run_name, tags=tags or {})
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log params, skipping keys the run already has with the same value (resumed runs)."""
+    from mlflow.entities import Param
+
+    c = client(tracking_uri)
+    existing = c.get_run(run_id).data.params
+    new = [Param(k, _param_value(v)) for k, v in sorted(params.items())
+           if existing.get(k) != _param_value(v)]
+    changed = [p.key for p in new if p.key in existing]
+    if changed:
+        # MLflow params are immutable; a resumed run with a different config is a
+        # different experiment and must not silently overwrite the record.
+        raise TrackingError(f"run {run_id} already has different values for params {changed}; "
+                            "use a new run_name to train with a different config")
+    for i in range(0, len(new), 100):  # MLflow's log_batch limit
+        c.log_batch(run_id, params=new[i:i + 100])
+
+
+class MetricLogger:
+    """Buffered metric logging into one run (rank 0 of the training workers)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 50):
+        self.client = client(tracking_uri)
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self._buffer: list = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            value = float(value)
+            self._buffer.append(Metric(key, value, now, int(step)))
+            if not math.isfinite(value):
+                # MLflow stores NaN but its plots hide it; make it visible as a tag too.
+                self.client.set_tag(self.run_id, f"nonfinite.{key}", f"step {step}")
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+
+def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+    client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(tracking_uri).get_metric_history(run_id, key)]
+
+
+def list_artifacts(tracking_uri: str, run_id: str, path: str | None = None) -> Iterable[str]:
+    return [f.path for f in client(tracking_uri).list_artifacts(run_id, path)]

@@ -1,0 +1,171 @@
+"""``run_training(cfg)``: one stage trained with Ray Train + DeepSpeed, tracked in MLflow.
+
+The driver (this process):
+
+1. validates the config and the data, resolves the MLflow tracking URI and checks it
+   answers, then creates the MLflow run -- or re-opens the run recorded in
+   ``<storage_path>/<run_name>/mar3d_run.json`` when the same run is started again;
+2. logs the flattened config as params and starts a ``TorchTrainer`` whose workers run
+   :func:`mar3d.train.loop.train_loop_per_worker` (rank 0 logs metrics into the run);
+3. after ``fit()`` returns, copies the final model folder (safetensors + config.yaml +
+   MLmodel) out of the last checkpoint to ``<storage_path>/<run_name>/model`` and logs it
+   as the run's ``model`` artifact, so ``runs:/<run_id>/model`` is the model URI.
+
+Resuming: a second call with the same ``storage_path`` and ``run_name`` continues the
+previous run -- Ray Train finds the run's checkpoint state in storage and hands the
+latest checkpoint to the workers, and the same MLflow run keeps receiving metrics. Use
+a new ``run_name`` to start from scratch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mar3d.config import flatten, to_dict
+from mar3d.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+RUN_STATE = "mar3d_run.json"
+
+
+class TrainingError(RuntimeError):
+    """Training did not finish (workers failed beyond max_failures, or no model came out)."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model_uri: str                     # runs:/<run_id>/model
+    model_dir: Path                    # local copy of the final model folder
+    checkpoint_path: str               # latest Ray Train checkpoint
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tracking_uri: str = ""
+    seconds: float = 0.0
+
+
+def _storage_root(cfg: TrainConfig) -> Path:
+    if "://" in cfg.storage_path:
+        raise ValueError("run_training keeps its run state and the final model next to the "
+                         "checkpoints, so storage_path must be a (shared) filesystem path, "
+                         f"got {cfg.storage_path!r}")
+    return Path(cfg.storage_path).expanduser().resolve()
+
+
+def _worker_env(cfg: TrainConfig) -> dict[str, str]:
+    env = {k: os.environ[k] for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+           if k in os.environ}
+    if not cfg.use_gpu:
+        # Must be in the environment before DeepSpeed is imported in the worker.
+        env["DS_ACCELERATOR"] = "cpu"
+        # Fractional-CPU workers would each start one thread per core otherwise.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.cpus_per_worker))))
+    return env
+
+
+def _check_stage_inputs(cfg: TrainConfig, tracking_uri: str) -> None:
+    """Fail in the driver, before any worker starts, when the frozen VAE cannot serve
+    the MAR config (wrong token count/channels) or cannot be found."""
+    if cfg.stage == "vae":
+        return
+    from mar3d.config import from_dict
+    from mar3d.models.vae import VAEConfig
+    from mar3d.train.stages import check_vae_matches_mar
+    from mar3d.weights import load_model_dir, resolve_model_dir
+
+    _, doc = load_model_dir(resolve_model_dir(cfg.vae_model_uri, tracking_uri), kind="vae")
+    check_vae_matches_mar(from_dict(VAEConfig, doc["model"]), cfg.mar)
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg.stage``; returns the MLflow run id, model URI and final metrics."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mar3d import tracking
+    from mar3d.train.loop import MODEL_DIR, ray_datasets, train_loop_per_worker
+
+    started = time.monotonic()
+    cfg.validate()
+    cfg.check_data()
+    tracking.configure_http_timeouts()
+    root = _storage_root(cfg)
+    run_dir = root / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = cfg.mlflow_uri or tracking.default_tracking_uri(root)
+    tracking.check_reachable(tracking_uri)
+    _check_stage_inputs(cfg, tracking_uri)
+
+    state_path = run_dir / RUN_STATE
+    previous = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if previous and previous.get("tracking_uri") != tracking_uri:
+        raise ValueError(f"{run_dir} belongs to a run tracked at {previous.get('tracking_uri')}, "
+                         f"not {tracking_uri}; use the same mlflow_uri or a new run_name")
+    run_id = tracking.start_or_resume_run(
+        tracking_uri, cfg.experiment, cfg.name, run_id=previous.get("run_id"),
+        tags={"mar3d.stage": cfg.stage, "mar3d.run_dir": str(run_dir)})
+    state_path.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri,
+                                      "stage": cfg.stage}, indent=2))
+    log.info("training %s: MLflow run %s at %s, outputs in %s", cfg.stage, run_id, tracking_uri, run_dir)
+    # Fault injection is a drill knob, not part of the experiment's identity.
+    params = {k: v for k, v in flatten(cfg).items() if k not in ("fail_at_step", "fail_rank")}
+    params.update({"world_size": cfg.num_workers, "precision_resolved": cfg.resolved_precision(),
+                   "backend_resolved": cfg.resolved_backend()})
+    tracking.log_params(tracking_uri, run_id, params)
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS if set (a cluster), else a local instance
+    datasets = ray_datasets(cfg, cfg.num_workers) if cfg.data_loader == "ray" else None
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
+                           "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=str(root),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": _worker_env(cfg)}),
+        datasets=datasets,
+        # Only "train" is sharded; every worker sees the whole (small) "eval" set and
+        # keeps every world-th sample, so evaluation covers each sample exactly once.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        torch_config=TorchConfig(backend=cfg.resolved_backend()),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracking.end_run(tracking_uri, run_id, status="FAILED")
+        raise TrainingError(f"training {cfg.stage} ({cfg.name}) failed: {e}") from e
+
+    if result.checkpoint is None:
+        tracking.end_run(tracking_uri, run_id, status="FAILED")
+        raise TrainingError(f"training {cfg.name} finished without a checkpoint")
+    model_dir = run_dir / MODEL_DIR
+    with result.checkpoint.as_directory() as folder:
+        exported = Path(folder, MODEL_DIR)
+        if not exported.is_dir():
+            tracking.end_run(tracking_uri, run_id, status="FAILED")
+            raise TrainingError(f"the last checkpoint {result.checkpoint.path} holds no final "
+                                f"'{MODEL_DIR}/' folder (training stopped before step {cfg.steps}?)")
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(exported, model_dir)
+    tracking.log_artifacts(tracking_uri, run_id, model_dir, MODEL_DIR)
+    metrics = dict(result.metrics or {})
+    tracking.client(tracking_uri).set_tag(run_id, "mar3d.model_uri", f"runs:/{run_id}/{MODEL_DIR}")
+    tracking.end_run(tracking_uri, run_id, status="FINISHED")
+    return TrainResult(run_id=run_id, model_uri=f"runs:/{run_id}/{MODEL_DIR}", model_dir=model_dir,
+                       checkpoint_path=str(result.checkpoint.path), metrics=metrics,
+                       tracking_uri=tracking_uri, seconds=time.monotonic() - started)

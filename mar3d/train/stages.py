@@ -1,0 +1,206 @@
+"""Training stages: what differs between training the VAE, MAR-LR and MAR-HR.
+
+The loop (:mod:`mar3d.train.loop`) owns everything generic -- DeepSpeed, data, schedule,
+EMA, checkpoints, metrics. A stage only says which module is trained, how a batch
+becomes a loss, how to evaluate, and what goes into the saved model's config:
+
+* :class:`VAEStage` trains the shape VAE; each step uses HR or LR latents
+  (``vae_level``: alternate by default, so the one decoder learns both token counts).
+* :class:`MARStage` trains MAR-LR or MAR-HR (a :class:`ConditionalMAR`: image
+  conditioner + MAR) against latents of a **frozen** VAE, computed on the fly from the
+  batch's surface pyramid. The posterior mean is used (``sample=False``): deterministic
+  targets for the same shape, and the VAE's decoder was trained to decode them. The cost
+  of this encoding is measured and logged (``train/latent_ms``) so it can be compared
+  with a Parquet latent cache.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from mar3d.config import from_dict, to_dict
+from mar3d.models.vae import ShapeVAE, VAEConfig, occupancy_iou, surfaces_from_batch
+from mar3d.train.config import TrainConfig
+
+
+class Stage(ABC):
+    """Interface of a training stage (see the module docstring)."""
+
+    kind: str  # "vae" | "lr" | "hr": the model kind written to config.yaml
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        ...
+
+    def setup(self, device: torch.device, tracking_uri: str) -> None:
+        """Load frozen parts (another stage's model) onto ``device``; default: nothing."""
+
+    @abstractmethod
+    def loss(self, engine, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """Training loss of one batch (``"loss"`` plus scalar diagnostics)."""
+        ...
+
+    @abstractmethod
+    def tokens_per_sample(self, step: int) -> int:
+        """Latent tokens one sample of this step contributes (for tokens/s)."""
+        ...
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        """Evaluation metrics of one held-out batch (model in eval mode, no grad)."""
+        ...
+
+    @abstractmethod
+    def model_config(self) -> dict[str, Any]:
+        """Plain data that rebuilds the model (written next to the weights)."""
+        ...
+
+
+class VAEStage(Stage):
+    kind = "vae"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def build_model(self) -> nn.Module:
+        return ShapeVAE(self.cfg.vae)
+
+    def level(self, step: int) -> str:
+        if self.cfg.vae_level == "alternate":
+            return "hr" if step % 2 == 0 else "lr"
+        return self.cfg.vae_level
+
+    def loss(self, engine, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        level = self.level(step)
+        out = engine(batch, level=level, sample=True)
+        return {"loss": out["loss"], "bce": out["bce"], "kl": out["kl"], f"iou_{level}": out["iou"]}
+
+    def tokens_per_sample(self, step: int) -> int:
+        return self.cfg.vae.hr_tokens if self.level(step) == "hr" else self.cfg.vae.lr_tokens
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        labels = batch["occ_labels"]
+        metrics: dict[str, float] = {}
+        levels = ("hr", "lr") if self.cfg.vae_level == "alternate" else (self.cfg.vae_level,)
+        for level in levels:
+            out = model(batch, level=level, sample=False)
+            metrics[f"iou_{level}"] = float(out["iou"])
+            metrics[f"bce_{level}"] = float(out["bce"])
+        # Trivial baseline: predicting "inside" everywhere (IoU = inside fraction; the
+        # all-outside prediction scores 0). A VAE that learned nothing scores about this.
+        metrics["iou_all_inside"] = float(occupancy_iou(torch.ones_like(labels), labels))
+        return metrics
+
+    def model_config(self) -> dict[str, Any]:
+        return to_dict(self.cfg.vae)
+
+
+class MARStage(Stage):
+    """MAR-LR (``level="lr"``) or MAR-HR (``level="hr"``) on a frozen VAE's latents."""
+
+    def __init__(self, cfg: TrainConfig, level: str):
+        if level not in ("lr", "hr"):
+            raise ValueError(f"MARStage level must be 'lr' or 'hr', got {level!r}")
+        if cfg.mar.stage != level:
+            raise ValueError(f"training stage {level!r} needs mar.stage: {level} (got {cfg.mar.stage!r})")
+        self.cfg = cfg
+        self.kind = level
+        self.vae: ShapeVAE | None = None
+        self.latent_seconds = 0.0
+        self.latent_calls = 0
+
+    def build_model(self) -> nn.Module:
+        from mar3d.models.mar import ConditionalMAR
+
+        return ConditionalMAR(self.cfg.condition, self.cfg.mar)
+
+    def setup(self, device: torch.device, tracking_uri: str) -> None:
+        self.vae = load_frozen_vae(self.cfg.vae_model_uri, tracking_uri, device)
+        check_vae_matches_mar(self.vae.cfg, self.cfg.mar)
+
+    @torch.no_grad()
+    def latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(target tokens, LR tokens for HR or None) from the frozen VAE."""
+        if self.vae is None:
+            raise RuntimeError("MARStage.setup() must load the frozen VAE before training")
+        start = time.perf_counter()
+        surfaces = surfaces_from_batch(batch, self.vae.required_levels())
+        # Autocast off: the frozen VAE runs in its own (fp32) precision, so targets do not
+        # depend on the precision the MAR model trains in.
+        with torch.autocast(device_type=surfaces[0].device.type, enabled=False):
+            surfaces = [s.float() for s in surfaces]
+            lr = self.vae.encode(surfaces, level="lr", sample=False)
+            hr = self.vae.encode(surfaces, level="hr", sample=False) if self.kind == "hr" else None
+        self.latent_seconds += time.perf_counter() - start
+        self.latent_calls += 1
+        return (hr, lr) if self.kind == "hr" else (lr, None)
+
+    def loss(self, engine, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        tokens, lr_tokens = self.latents(batch)
+        out = engine(batch["image"], tokens, lr_tokens)
+        return {"loss": out["loss"], "mask_ratio": out["mask_ratio"].detach().float()}
+
+    def latent_ms(self) -> float:
+        """Mean wall time of the frozen-VAE encoding per batch so far (ms)."""
+        return 1000.0 * self.latent_seconds / max(1, self.latent_calls)
+
+    def tokens_per_sample(self, step: int) -> int:
+        return self.cfg.mar.seq_len
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch: dict) -> dict[str, float]:
+        # The diffusion loss on held-out shapes/views with the training masking is the
+        # cheap, comparable number; generation quality is the evaluation job's business.
+        tokens, lr_tokens = self.latents(batch)
+        out = model(batch["image"], tokens, lr_tokens)
+        return {"loss": float(out["loss"])}
+
+    def model_config(self) -> dict[str, Any]:
+        return {"mar": to_dict(self.cfg.mar), "condition": to_dict(self.cfg.condition)}
+
+
+def make_stage(cfg: TrainConfig) -> Stage:
+    if cfg.stage == "vae":
+        return VAEStage(cfg)
+    return MARStage(cfg, cfg.stage)
+
+
+def load_frozen_vae(uri: str, tracking_uri: str | None, device: torch.device | str) -> ShapeVAE:
+    """The trained VAE behind ``uri`` (folder or MLflow URI), frozen, in eval mode."""
+    from mar3d.weights import load_model_dir, resolve_model_dir
+
+    state, doc = load_model_dir(resolve_model_dir(uri, tracking_uri), kind="vae")
+    vae = ShapeVAE(from_dict(VAEConfig, doc["model"]))
+    vae.load_state_dict(state)
+    vae.requires_grad_(False)
+    return vae.eval().to(device)
+
+
+def check_vae_matches_mar(vae_cfg: VAEConfig, mar_cfg) -> None:
+    tokens = vae_cfg.hr_tokens if mar_cfg.stage == "hr" else vae_cfg.lr_tokens
+    problems = []
+    if mar_cfg.token_dim != vae_cfg.latent_channels:
+        problems.append(f"mar.token_dim={mar_cfg.token_dim} but the VAE has "
+                        f"latent_channels={vae_cfg.latent_channels}")
+    if mar_cfg.seq_len != tokens:
+        problems.append(f"mar.seq_len={mar_cfg.seq_len} but the VAE's {mar_cfg.stage} latents "
+                        f"have {tokens} tokens")
+    if mar_cfg.stage == "hr" and mar_cfg.lr_seq_len != vae_cfg.lr_tokens:
+        problems.append(f"mar.lr_seq_len={mar_cfg.lr_seq_len} but the VAE's LR latents have "
+                        f"{vae_cfg.lr_tokens} tokens")
+    if problems:
+        raise ValueError("MAR config does not fit the frozen VAE: " + "; ".join(problems))
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast for evaluation when training in bf16 (DeepSpeed's torch_autocast
+    covers the training forward); nothing in fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()

@@ -1,0 +1,185 @@
+"""Fast unit tests of the training machinery (no Ray, no DeepSpeed engine)."""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mar3d.config import ConfigError, to_dict
+from mar3d.tracking import TrackingError, check_reachable, default_tracking_uri
+from mar3d.train.config import TrainConfig, load_train_config
+from mar3d.train.loop import deepspeed_config
+from mar3d.train.optim import EMA, build_optimizer, lr_multiplier, param_groups
+from mar3d.weights import load_model_dir, resolve_model_dir, save_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- learning-rate schedule ------------------------------------------------------------
+
+def test_lr_warmup_is_linear_then_cosine_to_min():
+    warmup, total, floor = 10, 110, 0.1
+    mults = [lr_multiplier(s, warmup, total, floor) for s in range(total)]
+    assert mults[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert mults[warmup] == pytest.approx(1.0)
+    # Cosine: half way through the decay the multiplier is half way to the floor.
+    assert mults[warmup + 50] == pytest.approx(floor + (1 - floor) * 0.5)
+    decay = mults[warmup:]
+    assert all(a >= b for a, b in zip(decay, decay[1:])), "cosine part must not increase"
+    assert lr_multiplier(total, warmup, total, floor) == pytest.approx(floor)
+    assert lr_multiplier(10 * total, warmup, total, floor) == pytest.approx(floor)
+
+
+def test_scheduler_drives_optimizer_lr():
+    model = torch.nn.Linear(3, 2)
+    opt, sched = build_optimizer(model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
+                                 warmup_steps=4, total_steps=20, min_lr_ratio=0.0)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(1e-3 / 4)
+    assert seen[3] == pytest.approx(1e-3)
+    assert seen[-1] < 1e-4
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99)
+
+
+def test_weight_decay_only_on_matrices():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    groups = param_groups(model, 0.05)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}
+
+
+# --- EMA ----------------------------------------------------------------------------------
+
+def test_ema_tracks_parameters_and_roundtrips():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    ema = EMA(model, decay=0.9)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    d = ema.current_decay()  # warm-up: min(0.9, 1/10) = 0.1 on the first update
+    assert d == pytest.approx(0.1)
+    ema.update(model)
+    for n, p in model.named_parameters():
+        expected = d * start[n] + (1 - d) * p.detach()
+        assert torch.allclose(ema.shadow[n], expected)
+    for _ in range(200):
+        ema.update(model)
+    for n, p in model.named_parameters():
+        assert torch.allclose(ema.shadow[n], p.detach(), atol=1e-4), "EMA converges to constant weights"
+    restored = EMA(model, decay=0.9)
+    restored.load_tensors(ema.tensors())
+    assert restored.num_updates == ema.num_updates == 201
+    state = restored.state_dict_for(model)
+    assert set(state) == set(model.state_dict())
+    with pytest.raises(ValueError):
+        EMA(model, decay=1.0)
+
+
+# --- weights folder -----------------------------------------------------------------------
+
+def test_model_dir_roundtrip_is_safetensors_and_yaml(tmp_path):
+    from mar3d.models.vae import ShapeVAE, VAEConfig
+
+    cfg = VAEConfig.tiny()
+    model = ShapeVAE(cfg)
+    save_model_dir(tmp_path / "m", model.state_dict(), to_dict(cfg), "vae", extra={"global_step": 7})
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == ["MLmodel", "config.yaml", "model.safetensors"]
+    assert yaml.safe_load((tmp_path / "m" / "MLmodel").read_text())["flavors"]["mar3d"]["kind"] == "vae"
+    state, doc = load_model_dir(tmp_path / "m", kind="vae")
+    assert doc["extra"] == {"global_step": 7} and doc["model"] == to_dict(cfg)
+    reference = model.state_dict()
+    assert set(state) == set(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    with pytest.raises(ValueError, match="holds a 'vae' model"):
+        load_model_dir(tmp_path / "m", kind="lr")
+    with pytest.raises(FileNotFoundError):
+        load_model_dir(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown model kind"):
+        save_model_dir(tmp_path / "x", {}, {}, "gan")
+    with pytest.raises(FileNotFoundError):
+        resolve_model_dir(str(tmp_path / "nope"))
+
+
+# --- config -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("num_workers=0", "num_workers"),
+    ("zero_stage=3", "zero_stage"),
+    ("precision=bf16", "GPU"),
+    ("backend=nccl", "nccl"),
+    ("warmup_steps=5000", "warmup_steps"),
+    ("ema_decay=1.5", "ema_decay"),
+    ("betas=[0.9,1.0]", "betas"),
+    ("grad_clip=-1", "grad_clip"),
+    ("run_name=a/b", "run_name"),
+    ("fail_at_step=3", "fail_rank"),  # fail_rank 1 needs >= 2 workers ...
+])
+def test_config_validation_errors(override, message):
+    overrides = [override] + (["num_workers=1"] if override.startswith("fail_at") else [])
+    with pytest.raises(ValueError, match=message):
+        load_train_config("vae", None, overrides)
+
+
+def test_config_unknown_key_and_stage_mismatch(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_train_config("vae", None, ["learning_rate=1e-3"])
+    with pytest.raises(ValueError, match="vae_model_uri"):
+        load_train_config("lr", None, ["mar.stage=lr"])
+    with pytest.raises(ValueError, match="for stage 'vae'"):
+        load_train_config("lr", REPO / "configs" / "train_vae_tiny.yaml")
+    with pytest.raises(ValueError, match="contradicts"):
+        load_train_config("vae", None, ["stage=hr"])
+
+
+def test_tiny_configs_load():
+    cfg = load_train_config("vae", REPO / "configs" / "train_vae_tiny.yaml")
+    assert cfg.stage == "vae" and cfg.vae.width == 64 and cfg.num_workers == 2
+    assert cfg.resolved_precision() == "fp32" and cfg.resolved_backend() == "gloo"
+    for stage in ("lr", "hr"):
+        path = REPO / "configs" / f"train_{stage}_tiny.yaml"
+        cfg = load_train_config(stage, path, ["vae_model_uri=/some/vae"])
+        assert cfg.stage == stage and cfg.mar.stage == stage and cfg.condition.tiny
+
+
+def test_deepspeed_config_follows_train_config():
+    cfg = TrainConfig(batch_size=3, zero_stage=2, grad_clip=0.5)
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 6 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 0.5
+    assert not ds["torch_autocast"]["enabled"]
+    gpu = TrainConfig(use_gpu=True)
+    assert gpu.resolved_precision() == "bf16" and gpu.resolved_backend() == "nccl"
+    assert deepspeed_config(gpu, 8)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+
+
+# --- tracking -----------------------------------------------------------------------------
+
+def test_unreachable_tracking_server_fails_fast():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match="not reachable"):
+        check_reachable(f"http://127.0.0.1:{port}", timeout_s=2)
+    assert time.monotonic() - start < 10
+    with pytest.raises(TrackingError, match="unsupported"):
+        check_reachable("ftp://example")
+
+
+def test_default_tracking_uri_is_sqlite_next_to_outputs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = default_tracking_uri(tmp_path / "train")
+    assert uri == f"sqlite:///{(tmp_path / 'train' / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert default_tracking_uri(tmp_path) == "http://mlflow:5000"
