@@ -106,7 +106,8 @@ def _run_in_process(argv: list[str]) -> dict[str, Any]:
         except SystemExit as exc:  # argparse errors exit instead of returning
             code = exc.code if isinstance(exc.code, int) else 1
         if code not in (0, None):
-            raise StepFailed(f"`{shlex.join(argv)}` exited with status {code}")
+            detail = f"; its result: {result_path.read_text()}" if result_path.is_file() else ""
+            raise StepFailed(f"`{shlex.join(argv)}` exited with status {code}{detail}")
         if not result_path.is_file():
             raise StepFailed(f"`{shlex.join(argv)}` succeeded but wrote no --result-json file")
         return json.loads(result_path.read_text())

@@ -71,6 +71,87 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from mar3d.registry import (PromoteConfig, find_release, get_release, promote,
+                                read_eval_report, record_metrics, register_release)
+
+    cfg = load_config(PromoteConfig, args.config, args.overrides)
+    if args.release:
+        if any([args.vae_model, args.lr_model, args.hr_model, args.eval_report]):
+            raise ValueError("give either --release or --vae-model/--lr-model/--hr-model, not both")
+        release = get_release(args.release, args.tracking_uri)
+        if args.eval_report:
+            release = record_metrics(release, read_eval_report(args.eval_report), tracking_uri=args.tracking_uri)
+    else:
+        if not (args.vae_model and args.lr_model and args.eval_report):
+            raise ValueError("registering a new release needs --vae-model, --lr-model "
+                             "(optionally --hr-model) and --eval-report")
+        metrics = read_eval_report(args.eval_report)  # fail before registering anything
+        uris = {"vae": args.vae_model, "lr": args.lr_model}
+        if args.hr_model:
+            uris["hr"] = args.hr_model
+        release = register_release(uris, cfg=cfg.registry, tracking_uri=args.tracking_uri)
+        release = record_metrics(release, metrics, tracking_uri=args.tracking_uri)
+    decision = promote(release.uri, gate=cfg.gate, cfg=cfg.registry,
+                       reason=args.reason or cfg.reason, tracking_uri=args.tracking_uri)
+    champion = find_release(release.name, cfg.registry.champion_alias, args.tracking_uri)
+    out = {"promoted": decision.passed, "release_uri": release.uri,
+           "champion_uri": champion.uri if champion else None, "gate": decision.table(),
+           "metrics": release.metrics}
+    print(decision.table())
+    print(f"{release.uri}: {'PROMOTED to ' + cfg.registry.champion_alias if decision.passed else 'REFUSED'}"
+          f" (champion now {out['champion_uri']})")
+    _write_result(args, out)
+    return 0 if decision.passed else 1
+
+
+def _cmd_pipeline_compile(args: argparse.Namespace) -> int:
+    from mar3d.orchestrate import compile_pipeline
+
+    path = compile_pipeline(args.output)
+    print(f"compiled pipeline IR: {path}")
+    _write_result(args, {"path": str(path)})
+    return 0
+
+
+def _cmd_pipeline_run(args: argparse.Namespace) -> int:
+    from mar3d.orchestrate import run_local
+
+    if not args.local:
+        raise ValueError("`mar3d pipeline run` runs on this machine and needs --local; "
+                         "use `mar3d pipeline submit --host URL` for a Kubeflow cluster")
+    result = run_local(args.dataset, args.workdir, mlflow_uri=args.mlflow_uri, preset=args.preset,
+                       model_name=args.model_name, gate_max_chamfer=args.gate_max_chamfer,
+                       gate_min_fscore=args.gate_min_fscore)
+    print(result.summary())
+    _write_result(args, result.to_dict())
+    return 0
+
+
+def _cmd_pipeline_submit(args: argparse.Namespace) -> int:
+    from mar3d.orchestrate import parse_pipeline_arguments, submit_pipeline
+
+    run_id = submit_pipeline(args.host, parse_pipeline_arguments(args.arg), experiment=args.experiment,
+                             package=args.package, namespace=args.namespace)
+    print(f"submitted pipeline run {run_id} to {args.host}")
+    _write_result(args, {"run_id": run_id})
+    return 0
+
+
+def _cmd_ray_submit(args: argparse.Namespace) -> int:
+    from mar3d.orchestrate import submit_ray_stage
+
+    argv = list(args.command_argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise ValueError("give the stage to run after --, e.g. -- mar3d train vae --config ...")
+    result = submit_ray_stage(args.address, argv)
+    print(json.dumps(result, indent=2, default=str))
+    _write_result(args, result)
+    return 0
+
+
 def _config_classes() -> dict[str, tuple[str, str]]:
     # name -> (module, class); resolved lazily so one missing optional stage
     # does not break `config show` for the others.
@@ -80,6 +161,7 @@ def _config_classes() -> dict[str, tuple[str, str]]:
         "mar": ("mar3d.models.mar", "MARConfig"),
         "condition": ("mar3d.models.condition", "ConditionConfig"),
         "train": ("mar3d.train.config", "TrainConfig"),
+        "promote": ("mar3d.registry", "PromoteConfig"),
     }
 
 
@@ -91,6 +173,12 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     cfg = load_config(cls, args.config, args.overrides)
     sys.stdout.write(dump_yaml(cfg))
     return 0
+
+
+def _default_ycb() -> str | None:
+    # The checkout's sibling ../shared/datasets/ycb: the real meshes of the local demo.
+    path = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ycb"
+    return str(path) if path.is_dir() else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +224,83 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.set_defaults(func=_cmd_train)
 
+    prom = sub.add_parser(
+        "promote", help="register a release and move the champion alias if it passes the gate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Promote a release (VAE + MAR-LR + MAR-HR versions that belong together) "
+                    "to the champion alias, only if its evaluation metrics are no worse than "
+                    "the current champion's (within gate.rel_tolerance) and within the absolute "
+                    "gate.minimums/maximums. Every decision is logged as an MLflow run in the "
+                    "'mar3d-promotions' experiment. Exit status 1 when the gate refuses.",
+        epilog="examples:\n"
+               "  mar3d promote --release models:/mar3d@candidate\n"
+               "  mar3d promote --vae-model runs:/ID/model --lr-model runs:/ID/model \\\n"
+               "      --hr-model runs:/ID/model --eval-report outputs/eval/report.json \\\n"
+               "      --set gate.rel_tolerance=0.02 --set gate.minimums.f_score=0.3")
+    prom.add_argument("--release", help="an existing release: models:/NAME@ALIAS or models:/NAME/VERSION")
+    prom.add_argument("--vae-model", help="VAE model (runs:/RUN_ID/model) of a new release")
+    prom.add_argument("--lr-model", help="MAR-LR model of a new release")
+    prom.add_argument("--hr-model", help="MAR-HR model of a new release (optional)")
+    prom.add_argument("--eval-report", help="report.json written by `mar3d evaluate` (its metrics feed the gate)")
+    prom.add_argument("--reason", default="", help="why this promotion is attempted (logged)")
+    prom.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    _add_config_args(prom)
+    prom.set_defaults(func=_cmd_promote)
+
+    pipe = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit",
+                          description="prepare -> train_vae -> train_lr -> train_hr -> evaluate -> "
+                                      "promote -> batch_generate, as a kfp v2 pipeline.")
+    pipe_sub = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="SUBCOMMAND")
+    comp = pipe_sub.add_parser("compile", help="write the pipeline IR YAML")
+    comp.add_argument("--output", type=Path, default=None,
+                      help="where to write it (default: pipelines/mar3d_pipeline.yaml)")
+    comp.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
+    comp.set_defaults(func=_cmd_pipeline_compile)
+    run = pipe_sub.add_parser(
+        "run", help="run the whole pipeline on this machine (kfp local runner, local Ray, MLflow)",
+        description="Run the same pipeline a cluster runs, with kfp's SubprocessRunner: local Ray "
+                    "for the heavy steps, MLflow in WORKDIR/mlflow.db (or --mlflow-uri), tiny "
+                    "randomly initialised image encoders (no pretrained weights are downloaded).")
+    run.add_argument("--local", action="store_true", help="required: run here (not on a cluster)")
+    ycb = _default_ycb()
+    run.add_argument("--dataset", default=ycb, required=ycb is None,
+                     help="folder of meshes or a manifest (default: ../shared/datasets/ycb next to "
+                          "the checkout, when present)")
+    run.add_argument("--workdir", default="outputs/pipeline", help="where everything is written")
+    run.add_argument("--mlflow-uri", default=None,
+                     help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
+    run.add_argument("--preset", default="tiny", choices=["tiny", "smoke"],
+                     help="tiny: the local demo (minutes on 2 cores); smoke: the smallest run (CI)")
+    run.add_argument("--model-name", default="mar3d", help="registered release name")
+    run.add_argument("--gate-max-chamfer", type=float, default=1.0,
+                     help="promotion gate: largest acceptable Chamfer distance")
+    run.add_argument("--gate-min-fscore", type=float, default=0.0,
+                     help="promotion gate: smallest acceptable F-score")
+    run.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
+    run.set_defaults(func=_cmd_pipeline_run)
+    submit = pipe_sub.add_parser("submit", help="submit the compiled pipeline to Kubeflow Pipelines")
+    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
+    submit.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                        help="pipeline parameter (JSON values allowed); repeatable, "
+                             "e.g. --arg dataset_uri=s3://bucket/meshes --arg workdir=/mnt/mar3d --arg use_gpu=true")
+    submit.add_argument("--experiment", default="mar3d")
+    submit.add_argument("--namespace", default=None)
+    submit.add_argument("--package", type=Path, default=None, help="compiled IR YAML (default: compile now)")
+    submit.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
+    submit.set_defaults(func=_cmd_pipeline_submit)
+
+    ray = sub.add_parser("ray", help="submit a single stage to a Ray cluster")
+    ray_sub = ray.add_subparsers(dest="ray_command", required=True, metavar="SUBCOMMAND")
+    rs = ray_sub.add_parser("submit", help="run one `mar3d ...` stage as a Ray job and wait",
+                            description="Submit one stage to a Ray cluster's job server "
+                                        "(JobSubmissionClient), stream its log, fail with its error.",
+                            epilog="example: mar3d ray submit --address http://ray-head:8265 -- "
+                                   "mar3d train vae --config configs/train_vae_paper.yaml")
+    rs.add_argument("--address", required=True, help="Ray dashboard/job address, http://HOST:8265")
+    rs.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
+    rs.add_argument("command_argv", nargs=argparse.REMAINDER, help="-- mar3d <stage> ...")
+    rs.set_defaults(func=_cmd_ray_submit)
+
     config = sub.add_parser("config", help="inspect configs",
                             description="Print a resolved config as YAML.")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -159,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"mar3d: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # Library errors with a message meant for the user (registry refusals, failed
+        # training runs, failed pipeline steps); anything else keeps its traceback.
+        if type(e).__name__ not in {"RegistryError", "TrainingError", "StepFailed"}:
+            raise
+        print(f"mar3d: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -86,6 +86,14 @@ class GateConfig:
 
 
 @dataclass
+class PromoteConfig:
+    """What `mar3d promote` reads from --config / --set (registry names + gate rules)."""
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    reason: str = ""
+
+
+@dataclass
 class GateCheck:
     metric: str
     direction: str
@@ -376,6 +384,20 @@ def _restore_component_aliases(client, candidate: Release, champion: Release | N
                 client.delete_registered_model_alias(name, alias)
         except Exception as e:  # the release alias is what consumers use; keep going
             log.error("could not restore alias %s on %s: %s", alias, name, e)
+
+
+def read_eval_report(path: str | Path) -> dict[str, float]:
+    """The aggregated metrics of a `mar3d evaluate` report.json."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation report {path} does not exist")
+    doc = json.loads(path.read_text())
+    metrics = doc.get("metrics") if isinstance(doc, dict) else None
+    if not isinstance(metrics, dict) or not metrics:
+        raise ValueError(f"{path}: no 'metrics' mapping in the evaluation report")
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def describe(release: Release) -> dict[str, Any]:

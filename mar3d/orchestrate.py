@@ -1,0 +1,148 @@
+"""Run the Kubeflow pipeline: compile it, run it locally with kfp's local runner, or
+submit it to a Kubeflow Pipelines endpoint; submit single stages to a Ray cluster.
+
+``run_local`` executes *the same* pipeline as a cluster does (``pipelines/``), with
+``kfp.local.SubprocessRunner(use_venv=False)``: every component runs as a subprocess of
+this Python environment, the heavy steps start a local Ray, and MLflow is a SQLite file
+in the work folder unless ``mlflow_uri`` names a server.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# Config files per pipeline step for each size preset ("" = the library default).
+PRESETS = {
+    "tiny": {"data_config": "data_local.yaml", "vae_config": "train_vae_tiny.yaml",
+             "lr_config": "train_lr_tiny.yaml", "hr_config": "train_hr_tiny.yaml",
+             "eval_config": "eval_tiny.yaml", "generate_config": "generate_tiny.yaml"},
+    "smoke": {"data_config": "data_smoke.yaml", "vae_config": "train_vae_tiny.yaml",
+              "lr_config": "train_lr_tiny.yaml", "hr_config": "train_hr_tiny.yaml",
+              "eval_config": "eval_tiny.yaml", "generate_config": "generate_tiny.yaml"},
+}
+# Extra overrides of the smallest preset, used by CI: few steps, small everything.
+SMOKE_OVERRIDES = {
+    "vae_overrides": ["steps=60", "checkpoint_every=30", "eval_every=0", "log_every=10"],
+    "lr_overrides": ["steps=30", "checkpoint_every=30", "eval_every=0", "log_every=10"],
+    "hr_overrides": ["steps=30", "checkpoint_every=30", "eval_every=0", "log_every=10"],
+}
+
+
+@dataclass
+class LocalRunResult:
+    workdir: Path
+    mlflow_uri: str
+    seconds: float
+    meshes: list[Path]
+    results_path: Path | None
+
+    def summary(self) -> str:
+        lines = [f"local pipeline finished in {self.seconds / 60:.1f} min",
+                 f"  work folder: {self.workdir}",
+                 f"  meshes:      {len(self.meshes)} files"
+                 + (f" under {self.meshes[0].parent}" if self.meshes else ""),
+                 f"  results:     {self.results_path}",
+                 f"  MLflow:      {self.mlflow_uri}"]
+        if self.mlflow_uri.startswith("sqlite:///"):
+            lines.append(f"  browse runs and registered models: mlflow ui --backend-store-uri {self.mlflow_uri}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"workdir": str(self.workdir), "mlflow_uri": self.mlflow_uri,
+                "seconds": round(self.seconds, 1), "num_meshes": len(self.meshes),
+                "results_path": str(self.results_path) if self.results_path else None}
+
+
+def compile_pipeline(path: str | Path | None = None) -> Path:
+    from pipelines.mar3d_pipeline import COMPILED, compile_pipeline as _compile
+
+    return _compile(path or COMPILED)
+
+
+def _preset_args(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    args = {k: str(CONFIGS / v) for k, v in PRESETS[preset].items()}
+    for path in args.values():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"preset config {path} is missing (run from a mar3d source checkout)")
+    if preset == "smoke":
+        args.update({k: list(v) for k, v in SMOKE_OVERRIDES.items()})
+    return args
+
+
+def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None = None,
+              preset: str = "tiny", model_name: str = "mar3d", gate_max_chamfer: float = 1.0,
+              gate_min_fscore: float = 0.0, extra: dict | None = None) -> LocalRunResult:
+    """Run the whole pipeline on this machine and return where its outputs are."""
+    import kfp.local
+
+    from pipelines.mar3d_pipeline import mar3d_pipeline
+
+    dataset = Path(dataset).resolve()
+    if not dataset.exists():
+        raise FileNotFoundError(f"dataset {dataset} does not exist")
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    mlflow_uri = mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    args = _preset_args(preset)
+    args.update(extra or {})
+    # Components are subprocesses: they find MLflow and the thread budget through the env.
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
+                   pipeline_root=str(workdir / "kfp"), raise_on_error=True)
+    start = time.perf_counter()
+    mar3d_pipeline(dataset_uri=str(dataset), workdir=str(workdir / "runs"),
+                   mlflow_tracking_uri=mlflow_uri, model_name=model_name,
+                   gate_max_chamfer=gate_max_chamfer, gate_min_fscore=gate_min_fscore, **args)
+    seconds = time.perf_counter() - start
+    results = sorted((workdir / "runs").glob("*/generate/results.parquet"), key=lambda p: p.stat().st_mtime)
+    latest = results[-1] if results else None
+    meshes = sorted(latest.parent.rglob("*.glb")) if latest else []
+    return LocalRunResult(workdir, mlflow_uri, seconds, meshes, latest)
+
+
+def submit_pipeline(host: str, arguments: dict, experiment: str = "mar3d",
+                    package: str | Path | None = None, namespace: str | None = None) -> str:
+    """Submit the compiled pipeline to a Kubeflow Pipelines endpoint; returns the run id."""
+    import kfp
+
+    package = Path(package) if package else compile_pipeline()
+    client = kfp.Client(host=host, namespace=namespace)
+    run = client.create_run_from_pipeline_package(str(package), arguments=arguments,
+                                                  experiment_name=experiment)
+    return run.run_id
+
+
+def submit_ray_stage(address: str, argv: list[str]) -> dict:
+    """Run one `mar3d ...` stage as a Ray job on ``address`` and wait for its result."""
+    from components._run import run_step
+
+    if not argv or argv[0] != "mar3d":
+        argv = ["mar3d", *argv]
+    log.info("submitting %s to %s", shlex.join(argv), address)
+    return run_step(argv, address)
+
+
+def parse_pipeline_arguments(pairs: list[str]) -> dict:
+    """``name=value`` pairs (values as JSON when they parse, else strings)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"pipeline argument {pair!r} must look like name=value")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
