@@ -71,6 +71,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mar3d.evaluate import EvalConfig, evaluate, evaluate_components
+
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    components = [args.vae_model, args.lr_model, args.hr_model]
+    if args.model and any(components):
+        raise ValueError("give either --model or --vae-model/--lr-model[/--hr-model], not both")
+    if args.model:
+        # Scores of a registered release are attached to it, so `mar3d promote` can gate on them.
+        release = args.model if args.model.startswith("models:/") and not args.no_record else None
+        result = evaluate(args.model, args.dataset, args.output, cfg, tracking_uri=args.tracking_uri,
+                          release_uri=release, progress=not args.no_progress)
+    elif args.vae_model and args.lr_model:
+        result = evaluate_components(args.vae_model, args.lr_model, args.hr_model, args.dataset,
+                                     args.output, cfg, tracking_uri=args.tracking_uri,
+                                     progress=not args.no_progress)
+    else:
+        raise ValueError("give --model (a release URI or a folder with vae/ lr/ hr/) or "
+                         "--vae-model and --lr-model (and optionally --hr-model)")
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    print(json.dumps(metrics, indent=2))
+    print(f"report: {result.report_path}  MLflow run: {result.run_id}  "
+          f"failed objects: {len(result.failed)}")
+    _write_result(args, {"metrics": metrics, "report_path": str(result.report_path),
+                         "run_id": result.run_id, "num_failed": len(result.failed)})
+    return 0
+
+
 def _cmd_promote(args: argparse.Namespace) -> int:
     from mar3d.registry import (PromoteConfig, find_release, get_release, promote,
                                 read_eval_report, record_metrics, register_release)
@@ -162,6 +190,7 @@ def _config_classes() -> dict[str, tuple[str, str]]:
         "condition": ("mar3d.models.condition", "ConditionConfig"),
         "train": ("mar3d.train.config", "TrainConfig"),
         "promote": ("mar3d.registry", "PromoteConfig"),
+        "evaluate": ("mar3d.evaluate", "EvalConfig"),
     }
 
 
@@ -223,6 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
                             "hr: MAR-HR (image + LR tokens -> HR tokens)")
     _add_config_args(train)
     train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser(
+        "evaluate", help="generate a mesh per held-out object view and score it (CD, F, NC, IoU)",
+        description="Generate a mesh from one condition view of every object of a prepared "
+                    "dataset, score it against the ground truth (normalized by the GT bounding "
+                    "box; see mar3d/metrics.py) and log metrics, a per-object table and "
+                    "normal-map previews to MLflow. Writes OUTPUT/report.json.")
+    ev.add_argument("--model", help="release (models:/NAME@ALIAS, models:/NAME/VERSION) or a folder with vae/ lr/ [hr/]")
+    ev.add_argument("--vae-model", help="VAE (runs:/ID/model, models:/..., or a folder), with --lr-model")
+    ev.add_argument("--lr-model", help="MAR-LR model")
+    ev.add_argument("--hr-model", help="MAR-HR model (optional: LR-only without it)")
+    ev.add_argument("--dataset", "--data", dest="dataset", required=True,
+                    help="prepared dataset (output of `mar3d data prepare`)")
+    ev.add_argument("--output", required=True, help="folder for report.json, per_object.csv, previews/")
+    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    ev.add_argument("--no-record", action="store_true",
+                    help="do not attach the metrics to the release given by --model")
+    ev.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    _add_config_args(ev)
+    ev.set_defaults(func=_cmd_evaluate)
 
     prom = sub.add_parser(
         "promote", help="register a release and move the champion alias if it passes the gate",

@@ -15,6 +15,7 @@ each image's own generator, so a result does not depend on what else is in the b
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ def load_image(source: Any, cfg: GenerateConfig | None = None) -> np.ndarray:
         if arr.shape[-1] == 3:
             arr = np.concatenate([arr, np.full(arr.shape[:2] + (1,), 255, np.uint8)], axis=-1)
         _check_size(arr.shape[1], arr.shape[0], cfg)
-        return np.ascontiguousarray(arr)
+        return np.array(arr, copy=True, order="C")  # writable: torch.from_numpy needs it
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -194,7 +195,7 @@ class MAR3DPipeline:
     def from_pretrained(cls, uri: str, config: GenerateConfig | None = None, device: str = "auto",
                         tracking_uri: str | None = None, use_hr: bool | None = None) -> "MAR3DPipeline":
         dirs = resolve_component_dirs(uri, tracking_uri)
-        config = config or GenerateConfig()
+        config = dataclasses.replace(config) if config else GenerateConfig()  # never mutate the caller's
         if use_hr is not None:
             config.use_hr = use_hr
         dev = _device(device)
