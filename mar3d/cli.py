@@ -99,6 +99,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mar3d.generate import BatchGenerateConfig, batch_generate
+
+    cfg = load_config(BatchGenerateConfig, args.config, args.overrides)
+    result = batch_generate(args.images, args.model, args.output, cfg,
+                            tracking_uri=args.tracking_uri, progress=not args.no_progress)
+    print(result.summary())
+    _write_result(args, result.to_dict())
+    if args.fail_on_errors and result.failed:
+        return 3
+    return 0
+
+
 def _cmd_promote(args: argparse.Namespace) -> int:
     from mar3d.registry import (PromoteConfig, find_release, get_release, promote,
                                 read_eval_report, record_metrics, register_release)
@@ -191,6 +204,7 @@ def _config_classes() -> dict[str, tuple[str, str]]:
         "train": ("mar3d.train.config", "TrainConfig"),
         "promote": ("mar3d.registry", "PromoteConfig"),
         "evaluate": ("mar3d.evaluate", "EvalConfig"),
+        "generate": ("mar3d.generate", "BatchGenerateConfig"),
     }
 
 
@@ -272,6 +286,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     _add_config_args(ev)
     ev.set_defaults(func=_cmd_evaluate)
+
+    gen = sub.add_parser(
+        "generate", help="batch image -> mesh generation over a dataset (Ray Data actor pool)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate a mesh per input image with a release. Models load once per Ray "
+                    "actor; every input ends as a row of OUTPUT/results.parquet (status ok with "
+                    "mesh paths, or error with a reason); re-runs skip finished items.",
+        epilog="inputs: a folder of images (png/jpg/webp/bmp/gif/tif; other files get error rows),\n"
+               "a Parquet file/folder with a binary 'image' column (+ optional 'id'), or a\n"
+               "dataset written by `mar3d data prepare` (one item per object, view view_index).")
+    gen.add_argument("--images", "--input", dest="images", required=True,
+                     help="image folder, Parquet file/folder, or prepared dataset")
+    gen.add_argument("--model", "--model-uri", dest="model", default="models:/mar3d@champion",
+                     help="release URI or folder with vae/ lr/ [hr/] (default: models:/mar3d@champion)")
+    gen.add_argument("--output", required=True, help="folder for meshes and results.parquet")
+    gen.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    gen.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    gen.add_argument("--fail-on-errors", action="store_true",
+                     help="exit with status 3 if any input got an error row")
+    _add_config_args(gen)
+    gen.set_defaults(func=_cmd_generate)
 
     prom = sub.add_parser(
         "promote", help="register a release and move the champion alias if it passes the gate",
