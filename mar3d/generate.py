@@ -1,0 +1,674 @@
+"""Batch generation: a dataset of images -> meshes + ``results.parquet``, as a Ray Data job.
+
+    mar3d generate --images DIR|PARQUET --model models:/mar3d@champion --output DIR
+
+Inputs (see :func:`list_inputs`):
+
+- a folder of images (recursive; .png .jpg .jpeg .webp .bmp .gif .tif .tiff). Any other
+  file in it becomes an error row ``not_image``: nothing is silently ignored. Item id =
+  the path relative to the folder (``sub/cat.png`` -> ``sub__cat.png``);
+- one Parquet file, or a folder holding only Parquet files, with a binary ``image``
+  column (encoded image bytes, or a Hugging Face ``{bytes, path}`` struct) and an
+  optional ``id`` column; default id ``<file stem>-<row>``;
+- a mar3d shard dataset (``manifest.json`` + ``shards/``): item ``<uid>_v<view>`` is one
+  stored condition view (``view_index``, or every view with ``all_views``);
+- a single image file.
+
+Ids are made safe as file names (characters outside ``[A-Za-z0-9._-]`` -> ``_``, folders
+joined with ``__``); ids with ``..``/``.``/empty path parts or absolute paths are refused
+(``unsafe_id``), and a second item with the same id gets a ``duplicate_id`` row.
+
+The job: the driver lists items (cheap: paths and row numbers, no pixels) and hands the
+ones still to do to ``ray.data.from_items(...).map_batches(_GeneratorActor, ...)``: an
+actor pool of ``num_actors`` actors that each load the model once, read their items'
+pixels themselves (image files, Parquet row groups, shard rows) and turn each item into
+one result row inside a try/except, so one bad image or one failed extraction is an
+error row, never a dead job. Meshes are written by the actors, atomically (temporary
+file + rename), as ``OUTPUT/meshes/<id>.<fmt>``. The driver streams result rows into a
+progress bar and into ``OUTPUT/results.parquet`` (atomic replace, merged with earlier
+runs, checkpointed every few seconds so an interrupted job keeps its progress).
+
+Re-runs: an item is skipped when its input is unchanged (file size and mtime, and row /
+view, as recorded in ``fingerprint``) and either its previous row is ``ok`` with all
+requested mesh files present, or its previous error is deterministic (``not_image``,
+``invalid_image``, ``missing_image``, ``no_surface``..., see ``DETERMINISTIC_REASONS``) and
+``retry_errors`` is off. Other errors (``internal_error``, ``write_error``: out of memory,
+full disk...) are retried. Rows of items that are no longer in the input are kept. An output folder is bound to one
+model and one set of generation settings (``generate.json``); reusing it with others is
+refused, so one results table never mixes models. ``models:/NAME@ALIAS`` is pinned to the
+alias's current version once, in the driver, so an alias moving during the job cannot
+mix two models either.
+
+Seeds: item seed = ``base_seed`` + a stable 32-bit hash of the item id (mod 2^32), so a
+re-run, a re-ordering or a different batch split gives every image the same seed.
+
+One job per output folder at a time. On a cluster, the model folder (for a local-folder
+URI), the input and the output must be on storage every node sees; registry URIs are
+downloaded by each actor. The pool is capped at the actors the cluster can hold when the
+job starts (a warning says so), so it never waits for CPUs or GPUs that do not exist.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mar3d.config import from_dict, to_dict
+from mar3d.inference import GenerateConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MESH_FORMATS = ("glb", "obj", "ply")
+RESULTS = "results.parquet"
+SETTINGS = "generate.json"
+MESHES = "meshes"
+
+# Errors that the same input, model and settings reproduce exactly: a re-run skips them
+# (unless ``retry_errors``). Anything else (``internal_error``, ``write_error``) is retried.
+DETERMINISTIC_REASONS = frozenset({"not_image", "invalid_image", "missing_image", "unsafe_id",
+                                   "duplicate_id", "no_surface"})
+
+RESULTS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("input", pa.string()),            # path, or path#row=N (Parquet), or path#uid=U&view=V
+    ("status", pa.string()),           # "ok" | "error"
+    ("reason", pa.string()),           # null when ok; a short code otherwise (see module doc)
+    ("error", pa.string()),            # human-readable message; null when ok
+    ("seed", pa.int64()),
+    ("outputs", pa.list_(pa.string())),  # mesh files relative to the output folder
+    ("level", pa.string()),            # "hr" | "lr": which token level was decoded
+    ("num_vertices", pa.int64()),
+    ("num_faces", pa.int64()),
+    ("load_seconds", pa.float64()),    # reading + validating the image
+    ("sample_seconds", pa.float64()),  # MAR-LR (+ MAR-HR) token sampling
+    ("decode_seconds", pa.float64()),  # VAE decoding + marching cubes
+    ("write_seconds", pa.float64()),
+    ("seconds", pa.float64()),         # whole item
+    ("model", pa.string()),            # resolved model URI (alias pinned to a version)
+    ("worker", pa.string()),           # host:pid of the actor (or "driver")
+    ("fingerprint", pa.string()),      # input file size:mtime[:row[:view]] when processed
+    ("finished_at", pa.string()),      # UTC ISO time
+])
+
+# Item fields passed through Ray (plain strings and ints: cheap to ship, no pixels).
+ITEM_FIELDS = ("id", "kind", "source", "row", "view", "column", "input", "fingerprint", "seed")
+
+
+@dataclass
+class BatchGenerateConfig:
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    num_actors: int = 2
+    cpus_per_actor: float = 1.0           # fractional values let several actors share a core
+    gpus_per_actor: float | None = None   # None (auto): 1, or a share when actors > GPUs; 0 without GPUs
+    use_gpu: bool = True
+    batch_size: int = 4                   # items per actor call (and per Ray block)
+    formats: tuple[str, ...] = ("glb",)   # any of glb / obj / ply
+    base_seed: int = 0
+    view_index: int = 0                   # shard datasets: which stored view to condition on
+    all_views: bool = False               # shard datasets: one item per stored view
+    max_items: int | None = None          # only the first N listed items (sorted by id)
+    retry_errors: bool = False            # also redo items with deterministic errors
+    checkpoint_seconds: float = 10.0      # rewrite results.parquet at least this often
+
+    def validate(self) -> None:
+        self.generate.validate()
+        if self.num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.cpus_per_actor <= 0:
+            raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor must be >= 0 (or null for auto), got {self.gpus_per_actor}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.formats:
+            raise ValueError(f"formats must name at least one of {MESH_FORMATS}")
+        bad = [f for f in self.formats if f not in MESH_FORMATS]
+        if bad or len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"formats must be distinct values from {MESH_FORMATS}, got {list(self.formats)}")
+        if not 0 <= self.base_seed < 2 ** 32:
+            raise ValueError(f"base_seed must be in [0, 2^32), got {self.base_seed}")
+        if self.view_index < 0:
+            raise ValueError(f"view_index must be >= 0, got {self.view_index}")
+        if self.max_items is not None and self.max_items < 1:
+            raise ValueError(f"max_items must be >= 1 (or null for all), got {self.max_items}")
+        if self.checkpoint_seconds <= 0:
+            raise ValueError(f"checkpoint_seconds must be > 0, got {self.checkpoint_seconds}")
+
+
+@dataclass
+class BatchGenerateResult:
+    output: Path
+    total: int           # items listed (after max_items), good and bad
+    succeeded: int       # new meshes written by this run
+    failed: int          # new error rows recorded by this run
+    skipped: int         # items already finished (ok or deterministic error) before this run
+    results_path: Path
+    seconds: float
+    model: str = ""      # resolved model URI
+    reasons: dict[str, int] = field(default_factory=dict)  # this run's error reasons
+
+    @property
+    def shapes_per_second(self) -> float:
+        return self.succeeded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.output), "total": self.total, "succeeded": self.succeeded,
+                "failed": self.failed, "skipped": self.skipped, "results_path": str(self.results_path),
+                "seconds": round(self.seconds, 3), "shapes_per_second": round(self.shapes_per_second, 4),
+                "model": self.model, "reasons": dict(self.reasons)}
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
+        return (f"{self.total} items: {self.succeeded} meshes, {self.failed} errors"
+                f"{f' ({reasons})' if reasons else ''}, {self.skipped} already done; "
+                f"{self.seconds:.1f} s ({self.shapes_per_second:.2f} shapes/s); results in {self.results_path}")
+
+
+# ------------------------------------------------------------------------------ items
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_ID = 160
+
+
+def safe_item_id(raw: str) -> str:
+    """A file-name-safe id for ``raw``; raises ValueError for path traversal / empty parts."""
+    parts = str(raw).replace("\\", "/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"id {raw!r} is empty, absolute or has '.'/'..' path parts")
+    out = "__".join(_UNSAFE_CHARS.sub("_", p) for p in parts)
+    if out.startswith("."):  # no hidden mesh files
+        out = "_" + out[1:]
+    if len(out) > _MAX_ID:  # keep file names short; the hash keeps long ids distinct
+        out = out[:_MAX_ID - 17] + "-" + hashlib.sha256(str(raw).encode()).hexdigest()[:16]
+    return out
+
+
+def item_seed(item_id: str, base_seed: int = 0) -> int:
+    """Per-item seed: ``base_seed`` + stable 32-bit hash of the id, mod 2^32."""
+    h = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:4], "big")
+    return (base_seed + h) % 2 ** 32
+
+
+def _fingerprint(path: Path, *extra: int) -> str:
+    st = path.stat()
+    return ":".join([str(st.st_size), str(st.st_mtime_ns), *map(str, extra)])
+
+
+def _item(raw_id: str, kind: str, source: Path, input_desc: str, fingerprint: str,
+          row: int = -1, view: int = -1, column: str = "") -> dict:
+    return {"raw_id": raw_id, "kind": kind, "source": str(source), "row": row, "view": view,
+            "column": column, "input": input_desc, "fingerprint": fingerprint}
+
+
+def _image_column(schema: pa.Schema, path: Path) -> str:
+    if "image" not in schema.names:
+        raise ValueError(f"{path}: Parquet input needs an 'image' column (encoded image bytes); "
+                         f"columns are {schema.names}")
+    t = schema.field("image").type
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "image"
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
+        return "image.bytes"  # Hugging Face datasets' Image feature
+    raise ValueError(f"{path}: column 'image' must be binary (encoded bytes) or a struct with "
+                     f"'bytes', got {t}")
+
+
+def _list_parquet(files: list[Path], root: Path) -> list[dict]:
+    items = []
+    for path in files:
+        pf = pq.ParquetFile(path)
+        column = _image_column(pf.schema_arrow, path)
+        ids: list[Any] = [None] * pf.metadata.num_rows
+        if "id" in pf.schema_arrow.names:
+            ids = pf.read(columns=["id"]).column("id").to_pylist()
+        stem = path.relative_to(root).with_suffix("").as_posix() if path != root else path.stem
+        for row, given in enumerate(ids):
+            raw = str(given) if given is not None else f"{stem}-{row:06d}"
+            items.append(_item(raw, "parquet", path, f"{path}#row={row}", _fingerprint(path, row),
+                               row=row, column=column))
+    return items
+
+
+def _list_shards(root: Path, cfg: BatchGenerateConfig) -> list[dict]:
+    from mar3d.data.prepare import complete_shards, load_manifest
+
+    manifest = load_manifest(root)
+    num_views = int(manifest["config"]["render_views"])
+    if not cfg.all_views and cfg.view_index >= num_views:
+        raise ValueError(f"view_index {cfg.view_index} is outside the {num_views} views stored in {root}")
+    views = range(num_views) if cfg.all_views else [cfg.view_index]
+    items = []
+    for entry in complete_shards(root, manifest, verify=False):
+        path = root / entry["file"]
+        uids = pq.read_table(path, columns=["uid"]).column("uid").to_pylist()
+        for row, uid in enumerate(uids):  # shards hold one row per row group
+            for v in views:
+                items.append(_item(f"{uid}_v{v}", "shard", path, f"{path}#uid={uid}&view={v}",
+                                   _fingerprint(path, row, v), row=row, view=v, column="images"))
+    return items
+
+
+def _walk_files(root: Path, exclude: Path | None) -> list[Path]:
+    """Every file under ``root`` (following links), sorted; ``exclude`` (an output folder
+    inside the input folder) is not input."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        if exclude is not None:
+            dirnames[:] = [d for d in dirnames if (here / d).resolve() != exclude]
+        found.extend(here / name for name in filenames)
+    return sorted(found)
+
+
+def _list_folder(root: Path, files: list[Path]) -> list[dict]:
+    items = []
+    for path in files:
+        kind = "file" if path.suffix.lower() in IMAGE_SUFFIXES else "not_image"
+        try:
+            fp = _fingerprint(path)
+        except OSError:  # a dangling link: still one row (the actor reports it missing)
+            fp = "missing"
+        items.append(_item(path.relative_to(root).as_posix(), kind, path.absolute(),
+                           str(path.absolute()), fp))
+    return items
+
+
+def list_inputs(images: str | Path, cfg: BatchGenerateConfig, exclude: str | Path | None = None) -> list[dict]:
+    """Items (sorted by id, before ``max_items``) of a folder, Parquet file/folder, shard
+    dataset or single image. Each is a dict with ``id`` (safe, or None when refused),
+    ``id_error``, ``kind`` ('file', 'parquet', 'shard' or 'not_image'), ``source``,
+    ``row``, ``view``, ``column``, ``input``, ``fingerprint``, ``seed``."""
+    root = Path(images)
+    excl = Path(exclude).resolve() if exclude is not None else None
+    if root.is_dir():
+        if (root / "manifest.json").is_file() and (root / "shards").is_dir():
+            raw = _list_shards(root, cfg)
+        else:
+            files = _walk_files(root, excl)
+            if files and all(p.suffix.lower() == ".parquet" for p in files):
+                raw = _list_parquet(files, root)
+            else:
+                raw = _list_folder(root, files)
+    elif root.is_file():
+        if root.suffix.lower() == ".parquet":
+            raw = _list_parquet([root], root)
+        elif root.suffix.lower() in IMAGE_SUFFIXES:
+            raw = [_item(root.name, "file", root.absolute(), str(root.absolute()), _fingerprint(root))]
+        else:
+            raise ValueError(f"{root} is neither an image, a Parquet file nor a folder")
+    else:
+        raise FileNotFoundError(f"image input {root} does not exist")
+    items = []
+    for it in raw:
+        try:
+            item_id, id_error = safe_item_id(it["raw_id"]), ""
+        except ValueError as e:
+            item_id, id_error = None, str(e)
+        items.append({**it, "id": item_id, "id_error": id_error,
+                      "seed": item_seed(item_id, cfg.base_seed) if item_id else -1})
+    # Refused ids sort by their raw text, after the good ones.
+    items.sort(key=lambda it: (it["id"] is None, it["id"] or it["raw_id"], it["input"]))
+    return items[:cfg.max_items] if cfg.max_items else items
+
+
+# ------------------------------------------------------------------------------ rows
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _result_row(item: dict, status: str, *, reason: str | None = None, error: str | None = None,
+                outputs: Iterable[str] = (), model: str = "", worker: str = "driver",
+                **extra: Any) -> dict:
+    row = {name: None for name in RESULTS_SCHEMA.names}
+    row.update({"id": item["id"] if item.get("id") is not None else item.get("raw_id"),
+                "input": item["input"], "status": status, "reason": reason, "error": error,
+                "seed": item["seed"] if item.get("seed", -1) >= 0 else None, "outputs": list(outputs),
+                "model": model, "worker": worker, "fingerprint": item["fingerprint"],
+                "finished_at": _now()})
+    row.update(extra)
+    return row
+
+
+def mesh_paths(item_id: str, formats: Iterable[str]) -> list[str]:
+    """Output-relative mesh paths of one item."""
+    return [f"{MESHES}/{item_id}.{fmt}" for fmt in formats]
+
+
+def _write_mesh_atomic(mesh, path: Path) -> None:
+    from mar3d.geometry.extract import save_mesh
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: same format
+    try:
+        save_mesh(mesh, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _GeneratorActor:
+    """Ray Data callable class: loads the model once, then item batch -> result batch."""
+
+    def __init__(self, model_uri: str, generate: dict, output: str, formats: list[str],
+                 tracking_uri: str | None, use_gpu: bool, num_cpus: float):
+        import torch
+
+        from mar3d.inference import MAR3DPipeline
+
+        if not use_gpu:
+            # Match torch's intra-op threads to the actor's CPU share, so that N actors on
+            # N cores do not oversubscribe them.
+            torch.set_num_threads(max(1, int(num_cpus)))
+        self.output = Path(output)
+        self.formats = list(formats)
+        self.model_uri = model_uri
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.pipe = MAR3DPipeline.from_pretrained(model_uri, config=from_dict(GenerateConfig, generate),
+                                                  device="cuda" if use_gpu else "cpu",
+                                                  tracking_uri=tracking_uri)
+        self._file_cache: tuple[str, pq.ParquetFile, list[int]] | None = None
+        self._group_cache: tuple[tuple[str, int, str], pa.Table] | None = None
+
+    # -- reading pixels by reference, in the actor (the driver never holds them)
+    def _row_group_table(self, source: str, row: int, column: str) -> tuple[pa.Table, int]:
+        """The row group holding ``row`` (one column) and the row's offset in it. The last
+        file and row group are cached: consecutive items usually share them."""
+        if self._file_cache is None or self._file_cache[0] != source:
+            pf = pq.ParquetFile(source)
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            self._file_cache = (source, pf, sizes)
+        _, pf, sizes = self._file_cache
+        start = 0
+        for g, n in enumerate(sizes):
+            if row < start + n:
+                key = (source, g, column)
+                if self._group_cache is None or self._group_cache[0] != key:
+                    self._group_cache = (key, pf.read_row_group(g, columns=[column.split(".")[0]]))
+                return self._group_cache[1], row - start
+            start += n
+        raise IndexError(f"{source} has {start} rows, no row {row}")
+
+    def _read_image(self, item: dict):
+        from mar3d.data.schema import column_to_numpy
+        from mar3d.inference import InvalidImageError
+
+        kind = item["kind"]
+        if kind == "file":
+            if not Path(item["source"]).is_file():
+                raise FileNotFoundError(f"image file {item['source']} does not exist (or is a dangling link)")
+            return item["source"]  # load_image reads and validates the file
+        table, offset = self._row_group_table(item["source"], item["row"], item["column"])
+        if kind == "parquet":
+            value = table.column(0)[offset].as_py()
+            if isinstance(value, dict):
+                value = value.get("bytes")
+            if not value:
+                raise InvalidImageError("row has no image bytes (null or empty)")
+            return value
+        images = column_to_numpy(table.column(0).slice(offset, 1))[0]  # [V, H, W, 4]
+        return images[item["view"]]
+
+    def _process(self, item: dict) -> dict:
+        from mar3d.inference import InvalidImageError, load_image
+
+        t0 = time.perf_counter()
+        timings = {"load_seconds": 0.0, "sample_seconds": 0.0, "decode_seconds": 0.0, "write_seconds": 0.0}
+        common = {"model": self.model_uri, "worker": self.worker}
+        try:
+            try:
+                rgba = load_image(self._read_image(item), self.pipe.config)
+            except (InvalidImageError, FileNotFoundError) as e:
+                reason = "invalid_image" if isinstance(e, InvalidImageError) else "missing_image"
+                return _result_row(item, "error", reason=reason, error=str(e), **common, **timings,
+                                   seconds=time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            timings["load_seconds"] = t1 - t0
+            out = self.pipe.run(rgba, seed=int(item["seed"]))
+            mesh = out["mesh"]
+            timings["sample_seconds"] = out["sample_seconds"]
+            timings["decode_seconds"] = out["decode_seconds"]
+            if len(mesh.faces) == 0:
+                # extract_mesh returns an empty mesh when the field never crosses the level.
+                return _result_row(item, "error", reason="no_surface", level=out["level"],
+                                   error=f"the decoded occupancy field has no surface (no sign change "
+                                         f"on the {self.pipe.config.resolution}^3 grid: all inside or all "
+                                         f"outside)", **common, **timings, seconds=time.perf_counter() - t0)
+            t2 = time.perf_counter()
+            rel = mesh_paths(item["id"], self.formats)
+            try:
+                for r in rel:
+                    path = self.output / r
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _write_mesh_atomic(mesh, path)
+            except OSError as e:
+                return _result_row(item, "error", reason="write_error", error=f"{type(e).__name__}: {e}",
+                                   level=out["level"], **common, **timings, seconds=time.perf_counter() - t0)
+            timings["write_seconds"] = time.perf_counter() - t2
+            return _result_row(item, "ok", outputs=rel, level=out["level"],
+                               num_vertices=len(mesh.vertices), num_faces=len(mesh.faces),
+                               **common, **timings, seconds=time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - one item must never kill the job
+            tb = traceback.format_exc(limit=4)
+            if self.pipe.device.type == "cuda" and "out of memory" in str(e):
+                import torch
+
+                torch.cuda.empty_cache()  # let the next item start from a clean allocator
+            return _result_row(item, "error", reason="internal_error",
+                               error=f"{type(e).__name__}: {e}\n{tb}"[:4000], **common, **timings,
+                               seconds=time.perf_counter() - t0)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self._process(item) for item in batch.to_pylist()]
+        return pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+
+
+# ------------------------------------------------------------------------------ state
+def read_results(output: str | Path) -> pa.Table:
+    path = Path(output) / RESULTS
+    if not path.is_file():
+        return RESULTS_SCHEMA.empty_table()
+    return pq.read_table(path).cast(RESULTS_SCHEMA)
+
+
+def _write_results(output: Path, rows: dict[str, dict]) -> None:
+    from mar3d.data.prepare import _write_parquet_atomic
+
+    table = pa.Table.from_pylist(sorted(rows.values(), key=lambda r: r["id"]), schema=RESULTS_SCHEMA)
+    _write_parquet_atomic(table, output / RESULTS, row_group_size=65536)
+
+
+def _finished(prev: dict | None, item: dict, cfg: BatchGenerateConfig, output: Path) -> bool:
+    if prev is None or prev["fingerprint"] != item["fingerprint"]:  # new or changed input
+        return False
+    if prev["status"] == "ok":
+        return all((output / p).is_file() for p in mesh_paths(item["id"], cfg.formats))
+    return not cfg.retry_errors and prev["reason"] in DETERMINISTIC_REASONS
+
+
+def _resolve_model(model_uri: str, tracking_uri: str | None) -> str:
+    """Validated URI; an alias is pinned to its current release version."""
+    from mar3d.inference import resolve_component_dirs
+    from mar3d.registry import get_release, validate_model_uri
+
+    uri = validate_model_uri(model_uri)
+    if uri.startswith("models:/"):
+        return get_release(uri, tracking_uri).uri
+    if uri.startswith("runs:/"):
+        raise ValueError(f"{uri}: a run holds one component; give a release (models:/NAME@ALIAS) "
+                         "or a folder with vae/, lr/ and hr/")
+    resolve_component_dirs(uri)  # fails fast on a folder that is not a release
+    return uri
+
+
+def _check_settings(output: Path, settings: dict) -> None:
+    path = output / SETTINGS
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        diff = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(f"{output} holds results of other settings ({', '.join(diff)} differ: "
+                             f"{ {k: previous.get(k) for k in diff} } vs { {k: settings.get(k) for k in diff} }); "
+                             "use a new output folder")
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, path)
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (a cluster) if set, else a local instance.
+        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+
+
+def _gpus_per_actor(cfg: BatchGenerateConfig) -> float:
+    import ray
+
+    if not cfg.use_gpu:
+        return 0.0
+    if cfg.gpus_per_actor is not None:
+        return cfg.gpus_per_actor
+    # One GPU per actor when there are enough; otherwise the actors share them (inference
+    # of one shape rarely fills a GPU), so the pool never waits for GPUs that do not exist.
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return min(1.0, gpus / cfg.num_actors) if gpus > 0 else 0.0
+
+
+def _fit_actors(wanted: int, cpus: float, gpus: float) -> int:
+    """Actors that the Ray cluster can hold now; fewer than wanted is logged, none is an error
+    (otherwise the pool would wait for resources that do not exist)."""
+    import ray
+
+    have = ray.cluster_resources()
+    fit = int(have.get("CPU", 0) // cpus)
+    if gpus > 0:
+        fit = min(fit, int(have.get("GPU", 0) // gpus))
+    if fit < 1:
+        raise ValueError(f"the Ray cluster ({have.get('CPU', 0)} CPUs, {have.get('GPU', 0)} GPUs) cannot "
+                         f"hold one actor with {cpus} CPUs and {gpus} GPUs; lower cpus_per_actor / "
+                         "gpus_per_actor or set use_gpu=false")
+    if fit < wanted:
+        log.warning("the Ray cluster holds %d actors of %s CPUs / %s GPUs, not %d: using %d",
+                    fit, cpus, gpus, wanted, fit)
+    return min(fit, wanted)
+
+
+# ------------------------------------------------------------------------------ job
+def batch_generate(images: str | Path, model_uri: str, output: str | Path,
+                   cfg: BatchGenerateConfig | None = None, tracking_uri: str | None = None,
+                   progress: bool = True) -> BatchGenerateResult:
+    """Run the batch generation job (see module docstring)."""
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    cfg = cfg or BatchGenerateConfig()
+    cfg.validate()
+    start = time.perf_counter()
+    output = Path(output).absolute()
+    if output.resolve() == Path(images).resolve() or Path(images).resolve().is_relative_to(output.resolve()):
+        raise ValueError(f"output {output} must not be the image input {images} or contain it")
+    model = _resolve_model(model_uri, tracking_uri)
+    items = list_inputs(images, cfg, exclude=output)
+    (output / MESHES).mkdir(parents=True, exist_ok=True)
+    _check_settings(output, {"model": model, "generate": to_dict(cfg.generate), "base_seed": cfg.base_seed})
+
+    rows = {r["id"]: r for r in read_results(output).to_pylist()}
+    new_rows: dict[str, dict] = {}
+    todo, skipped, seen = [], 0, set()
+    for it in items:
+        if it["id"] is None:
+            row = _result_row({**it, "id": it["raw_id"]}, "error", reason="unsafe_id",
+                              error=f"refused id: {it['id_error']}", model=model)
+        elif it["id"] in seen:
+            row = _result_row(it, "error", reason="duplicate_id", model=model,
+                              error=f"id {it['id']!r} is already used by another input; "
+                                    "ids must be unique (after making them file-name safe)")
+        else:
+            seen.add(it["id"])
+            if it["kind"] == "not_image":
+                row = _result_row(it, "error", reason="not_image", model=model,
+                                  error=f"not an image file (suffix {Path(it['source']).suffix or 'none'!r}; "
+                                        f"expected one of {', '.join(IMAGE_SUFFIXES)})")
+            elif _finished(rows.get(it["id"]), it, cfg, output):
+                skipped += 1
+                continue
+            else:
+                todo.append(it)
+                continue
+        if row["id"] in new_rows or (row["reason"] != "not_image" and row["id"] in seen):
+            # Keep the row of the input that owns the id; this one gets its own key.
+            row["id"] = f"{row['id']}#{hashlib.sha256(it['input'].encode()).hexdigest()[:12]}"
+        # Rows decided in the driver are recorded once; an identical one on a re-run is skipped.
+        prev = rows.get(row["id"])
+        if prev is not None and prev["reason"] == row["reason"] and prev["fingerprint"] == row["fingerprint"]:
+            skipped += 1
+        else:
+            new_rows[row["id"]] = row
+
+    succeeded = generation_failed = 0
+    reasons: dict[str, int] = {}
+    for r in new_rows.values():
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    rows.update(new_rows)
+    _write_results(output, rows)
+
+    bar = tqdm(total=len(todo), desc="generate", unit="shape", disable=not progress)
+    if todo:
+        _init_ray()
+        num_gpus = _gpus_per_actor(cfg)
+        use_gpu = num_gpus > 0
+        actors = _fit_actors(min(cfg.num_actors, len(todo)), cfg.cpus_per_actor, num_gpus)
+        ray_items = [{k: it[k] for k in ITEM_FIELDS} for it in todo]
+        ctx = ray.data.DataContext.get_current()
+        old_bar = ctx.enable_progress_bars
+        ctx.enable_progress_bars = False  # our bar counts shapes, not blocks
+        last_save = time.monotonic()
+        try:
+            # Blocks of at most batch_size items, and at least two per actor, so every actor
+            # gets work and a slow item does not leave the others idle at the end.
+            blocks = min(len(todo), max(-(-len(todo) // cfg.batch_size), 2 * actors))
+            ds = ray.data.from_items(ray_items, override_num_blocks=blocks)
+            ds = ds.map_batches(
+                _GeneratorActor, batch_size=cfg.batch_size, batch_format="pyarrow",
+                fn_constructor_kwargs={"model_uri": model, "generate": to_dict(cfg.generate),
+                                       "output": str(output), "formats": list(cfg.formats),
+                                       "tracking_uri": tracking_uri, "use_gpu": use_gpu,
+                                       "num_cpus": cfg.cpus_per_actor},
+                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
+                num_gpus=num_gpus)
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for row in batch.to_pylist():
+                    rows[row["id"]] = row
+                    if row["status"] == "ok":
+                        succeeded += 1
+                    else:
+                        generation_failed += 1
+                        reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+                    bar.update(1)
+                bar.set_postfix(ok=succeeded, failed=generation_failed)
+                if time.monotonic() - last_save > cfg.checkpoint_seconds:
+                    _write_results(output, rows)
+                    last_save = time.monotonic()
+        finally:
+            ctx.enable_progress_bars = old_bar
+            _write_results(output, rows)  # also on interruption: finished items stay finished
+    bar.close()
+    return BatchGenerateResult(output=output, total=len(items), succeeded=succeeded,
+                               failed=len(new_rows) + generation_failed,
+                               skipped=skipped, results_path=output / RESULTS,
+                               seconds=time.perf_counter() - start, model=model, reasons=reasons)
