@@ -163,7 +163,7 @@ def _cmd_pipeline_run(args: argparse.Namespace) -> int:
                          "use `mar3d pipeline submit --host URL` for a Kubeflow cluster")
     result = run_local(args.dataset, args.workdir, mlflow_uri=args.mlflow_uri, preset=args.preset,
                        model_name=args.model_name, gate_max_chamfer=args.gate_max_chamfer,
-                       gate_min_fscore=args.gate_min_fscore)
+                       gate_min_fscore=args.gate_min_fscore, num_workers=args.num_workers)
     print(result.summary())
     _write_result(args, result.to_dict())
     return 0
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
     run.add_argument("--preset", default="tiny", choices=["tiny", "smoke"],
                      help="tiny: the local demo (minutes on 2 cores); smoke: the smallest run (CI)")
+    run.add_argument("--num-workers", type=int, default=2,
+                     help="Ray Train workers per training stage (fractional CPUs each, so 2 fit on 2 cores)")
     run.add_argument("--model-name", default="mar3d", help="registered release name")
     run.add_argument("--gate-max-chamfer", type=float, default=1.0,
                      help="promotion gate: largest acceptable Chamfer distance")

@@ -83,7 +83,8 @@ def _preset_args(preset: str) -> dict:
 
 def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None = None,
               preset: str = "tiny", model_name: str = "mar3d", gate_max_chamfer: float = 1.0,
-              gate_min_fscore: float = 0.0, extra: dict | None = None) -> LocalRunResult:
+              gate_min_fscore: float = 0.0, num_workers: int = 2,
+              extra: dict | None = None) -> LocalRunResult:
     """Run the whole pipeline on this machine and return where its outputs are."""
     import kfp.local
 
@@ -104,7 +105,8 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
     start = time.perf_counter()
     mar3d_pipeline(dataset_uri=str(dataset), workdir=str(workdir / "runs"),
                    mlflow_tracking_uri=mlflow_uri, model_name=model_name,
-                   gate_max_chamfer=gate_max_chamfer, gate_min_fscore=gate_min_fscore, **args)
+                   gate_max_chamfer=gate_max_chamfer, gate_min_fscore=gate_min_fscore,
+                   num_workers=num_workers, **args)
     seconds = time.perf_counter() - start
     results = sorted((workdir / "runs").glob("*/generate/results.parquet"), key=lambda p: p.stat().st_mtime)
     latest = results[-1] if results else None
