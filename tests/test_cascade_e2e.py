@@ -16,7 +16,7 @@ generator is working towards) and how many rows the diagonal wins (chance: 1 in 
 
 Measured on 2 shared cores: shards ~17 s, training ~280 s (VAE 300 + LR 300 + HR 300
 steps), generation and scoring ~40 s. Across training runs the pooled own/others ratio
-was 0.45-0.53 for LR only and 0.54-0.78 for LR+HR, and the diagonal won 4-12 of 16 rows:
+was 0.32-0.53 for LR only and 0.26-0.78 for LR+HR, and the diagonal won 4-15 of 16 rows:
 a 300-step tiny HR stage is the weakest link, and the thin scissors are the shape most
 often generated nearer another object.
 """
@@ -36,7 +36,7 @@ SEED = 0
 RESOLUTION = 64
 # The issue's criterion, pooled over views and sampling seeds: generated shapes are closer
 # to their own ground truth than to the other objects' on average. Measured pooled ratios
-# own/others after 300 steps per stage: LR only 0.45-0.53, LR+HR 0.54-0.78 (the HR stage
+# own/others after 300 steps per stage: LR only 0.32-0.53, LR+HR 0.26-0.78 (the HR stage
 # is the least trained); single draws vary more, so no single draw is asserted on.
 VIEWS = (0, 1)
 NUM_SEEDS = 2
