@@ -59,6 +59,21 @@ def _nearest(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.nda
     return distances, indices
 
 
+def _precision_recall_f(d_pred: np.ndarray, d_gt: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    if threshold <= 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    precision = float((d_pred < threshold).mean())
+    recall = float((d_gt < threshold).mean())
+    f = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    return f, precision, recall
+
+
+def _mean_abs_cos(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True).clip(1e-12)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True).clip(1e-12)
+    return float(np.abs((a * b).sum(-1)).mean())
+
+
 def chamfer_distance(pred_points: np.ndarray, gt_points: np.ndarray) -> float:
     """Symmetric mean of unsquared nearest-neighbour distances (see module doc)."""
     d_pred, _ = _nearest(pred_points, gt_points)
@@ -73,22 +88,16 @@ def f_score(pred_points: np.ndarray, gt_points: np.ndarray,
         raise ValueError(f"threshold must be > 0, got {threshold}")
     d_pred, _ = _nearest(pred_points, gt_points)
     d_gt, _ = _nearest(gt_points, pred_points)
-    precision = float((d_pred < threshold).mean())
-    recall = float((d_gt < threshold).mean())
-    f = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-    return f, precision, recall
+    return _precision_recall_f(d_pred, d_gt, threshold)
 
 
 def normal_consistency(pred_points: np.ndarray, pred_normals: np.ndarray,
                        gt_points: np.ndarray, gt_normals: np.ndarray) -> float:
     """Mean |cos| between normals of nearest neighbours, averaged over both directions."""
-    def one_way(src_p, src_n, dst_p, dst_n):
-        _, idx = _nearest(src_p, dst_p)
-        a = src_n / np.linalg.norm(src_n, axis=-1, keepdims=True).clip(1e-12)
-        b = dst_n[idx] / np.linalg.norm(dst_n[idx], axis=-1, keepdims=True).clip(1e-12)
-        return np.abs((a * b).sum(-1)).mean()
-    return float(0.5 * (one_way(pred_points, pred_normals, gt_points, gt_normals)
-                        + one_way(gt_points, gt_normals, pred_points, pred_normals)))
+    _, i_pred = _nearest(pred_points, gt_points)
+    _, i_gt = _nearest(gt_points, pred_points)
+    return 0.5 * (_mean_abs_cos(pred_normals, gt_normals[i_pred])
+                  + _mean_abs_cos(gt_normals, pred_normals[i_gt]))
 
 
 def point_metrics(pred_points: np.ndarray, pred_normals: np.ndarray, gt_points: np.ndarray,
@@ -98,19 +107,12 @@ def point_metrics(pred_points: np.ndarray, pred_normals: np.ndarray, gt_points: 
         raise ValueError(f"threshold must be > 0, got {threshold}")
     d_pred, i_pred = _nearest(pred_points, gt_points)
     d_gt, i_gt = _nearest(gt_points, pred_points)
-    precision = float((d_pred < threshold).mean())
-    recall = float((d_gt < threshold).mean())
-
-    def abs_cos(a, b):
-        a = a / np.linalg.norm(a, axis=-1, keepdims=True).clip(1e-12)
-        b = b / np.linalg.norm(b, axis=-1, keepdims=True).clip(1e-12)
-        return np.abs((a * b).sum(-1)).mean()
+    f, precision, recall = _precision_recall_f(d_pred, d_gt, threshold)
     return {
         "chamfer": float(0.5 * (d_pred.mean() + d_gt.mean())),
-        "f_score": 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall),
-        "precision": precision, "recall": recall,
-        "normal_consistency": float(0.5 * (abs_cos(pred_normals, gt_normals[i_pred])
-                                           + abs_cos(gt_normals, pred_normals[i_gt]))),
+        "f_score": f, "precision": precision, "recall": recall,
+        "normal_consistency": 0.5 * (_mean_abs_cos(pred_normals, gt_normals[i_pred])
+                                     + _mean_abs_cos(gt_normals, pred_normals[i_gt])),
     }
 
 
