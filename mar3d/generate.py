@@ -67,6 +67,7 @@ import pyarrow.parquet as pq
 
 from mar3d.config import from_dict, to_dict
 from mar3d.inference import GenerateConfig
+from mar3d.ray_runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -526,15 +527,6 @@ def _check_settings(output: Path, settings: dict) -> None:
     os.replace(tmp, path)
 
 
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS (a cluster) if set, else a local instance.
-        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-
-
 def _gpus_per_actor(cfg: BatchGenerateConfig) -> float:
     import ray
 
@@ -629,7 +621,7 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
 
     bar = tqdm(total=len(todo), desc="generate", unit="shape", disable=not progress)
     if todo:
-        _init_ray()
+        ensure_ray()
         num_gpus = _gpus_per_actor(cfg)
         use_gpu = num_gpus > 0
         actors = _fit_actors(min(cfg.num_actors, len(todo)), cfg.cpus_per_actor, num_gpus)

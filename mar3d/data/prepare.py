@@ -41,6 +41,7 @@ from .mesh_io import MeshError, load_mesh, make_uid, sha256_file
 from .render import render_views
 from .sampling import sample_occupancy, sharp_edges, surface_pyramid
 from .schema import ERRORS_SCHEMA, rows_to_batch, shard_schema
+from ..ray_runtime import ensure_ray
 from .watertight import make_watertight
 
 MANIFEST = "manifest.json"
@@ -350,9 +351,7 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
 
     paths, discovery_errors = discover_inputs(input)
     schema = shard_schema(cfg)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ensure_ray()
 
     # Stage 1: content hashes (uids) in parallel, so finished inputs are skipped cheaply.
     hashed = []
