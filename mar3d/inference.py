@@ -10,8 +10,8 @@ MAR-HR samples HR tokens conditioned on the image and the LR tokens (skipped wit
 (``mar3d.weights``); nothing is unpickled.
 
 Reproducibility: one ``torch.Generator`` seeded with ``seed`` drives all sampling of a
-call, so the same image, seed and settings give the same mesh. Batched generation seeds
-each image's own generator, so a result does not depend on what else is in the batch.
+call, so the same image, seed and settings give the same mesh, whatever else is generated
+in the same process.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from mar3d.geometry.extract import ExtractionResult, extract_mesh, latent_occupa
 from mar3d.models.condition import ConditionConfig
 from mar3d.models.mar import ConditionalMAR, MARConfig
 from mar3d.models.vae import ShapeVAE, VAEConfig
-from mar3d.weights import load_model_dir, resolve_model_dir
+from mar3d.weights import load_model_dir
 
 
 class InvalidImageError(ValueError):
@@ -260,6 +260,3 @@ class MAR3DPipeline:
         """One image (path, bytes, PIL or uint8 array) -> ``trimesh.Trimesh``."""
         return self.run(image, seed=seed, use_hr=use_hr, resolution=resolution, num_iters=steps,
                         cfg=cfg, temperature=temperature)["mesh"]
-
-    def batch(self, images: Sequence[Any], seeds: Sequence[int], **kwargs) -> list[dict[str, Any]]:
-        return [self.run(im, seed=s, **kwargs) for im, s in zip(images, seeds, strict=True)]

@@ -25,7 +25,6 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -398,8 +397,3 @@ def read_eval_report(path: str | Path) -> dict[str, float]:
     if not isinstance(metrics, dict) or not metrics:
         raise ValueError(f"{path}: no 'metrics' mapping in the evaluation report")
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-def describe(release: Release) -> dict[str, Any]:
-    return {"uri": release.uri, "components": {c: f"{n}/{v}" for c, (n, v) in release.components.items()},
-            "metrics": release.metrics}
