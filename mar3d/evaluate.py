@@ -393,12 +393,10 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         report_path.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
         write_table(per_object, output / TABLE_FILE)
 
-        logger = tracking.MetricLogger(tracking_uri, run_id)
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        logger.log(finite, step=0)
-        logger.flush()
         # MLflow stores +inf as the largest float; a tag says what it means instead.
-        logger.set_tags({f"nonfinite.{k}": v for k, v in metrics.items() if k not in finite})
+        tracking.log_metrics(tracking_uri, run_id, finite, step=0,
+                             tags={f"nonfinite.{k}": v for k, v in metrics.items() if k not in finite})
         client = tracking.client(tracking_uri)
         client.log_table(run_id, data={k: [_json_safe(r[k]) for r in per_object] for k in per_object[0]},
                          artifact_file="per_object_table.json")

@@ -312,13 +312,18 @@ def download_release(release: Release, dest: str | Path | None = None,
 
 
 def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: RegistryConfig | None = None,
-            reason: str = "", tracking_uri: str | None = None,
-            _fail_after_components: bool = False) -> GateDecision:
+            reason: str = "", tracking_uri: str | None = None) -> GateDecision:
     """Move the champion alias to the candidate release if it passes the gate.
 
     Every decision, promoted or refused, is logged as a run in the
     ``mar3d-promotions`` experiment with who/what/why. A refusal raises nothing;
     callers inspect ``decision.passed`` (the CLI turns it into exit status 1).
+
+    Order makes an interrupted promotion safe: the component aliases move first and the
+    release alias -- the one consumers resolve -- last, so until that single call the
+    champion is the previous release. An exception in between puts the component
+    aliases back; a killed process cannot, so every promotion first re-points the
+    component aliases at the current champion release (:func:`reconcile_component_aliases`).
     """
     import mlflow
 
@@ -327,6 +332,7 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
     cfg = cfg or RegistryConfig()
     cfg.validate()
     candidate = get_release(candidate_uri, tracking_uri)
+    reconcile_component_aliases(candidate.name, cfg, tracking_uri)
     champion = find_release(candidate.name, cfg.champion_alias, tracking_uri)
     if champion is not None and champion.version == candidate.version:
         raise RegistryError(f"{candidate.uri} already holds alias {cfg.champion_alias!r}")
@@ -357,8 +363,6 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
             try:
                 for comp, (name, version) in candidate.components.items():
                     client.set_registered_model_alias(name, cfg.champion_alias, version)
-                if _fail_after_components:  # used by the reliability tests
-                    raise RuntimeError("injected failure between component and release alias moves")
                 client.set_registered_model_alias(candidate.name, cfg.champion_alias, candidate.version)
             except BaseException:
                 mlflow.set_tag("decision", "interrupted")
@@ -371,6 +375,33 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
         else:
             log.warning("refused to promote %s:\n%s", candidate.uri, decision.table())
     return decision
+
+
+def reconcile_component_aliases(name: str, cfg: RegistryConfig | None = None,
+                                tracking_uri: str | None = None) -> list[str]:
+    """Point each component model's champion alias at the version the champion release
+    ``name`` pins (repairs a promotion killed between its alias moves); returns the
+    component models whose alias was moved."""
+    cfg = cfg or RegistryConfig()
+    champion = find_release(name, cfg.champion_alias, tracking_uri)
+    if champion is None:
+        return []
+    client = _client(tracking_uri)
+    from mlflow.exceptions import MlflowException
+
+    moved = []
+    for comp, (model, version) in champion.components.items():
+        try:
+            current = client.get_model_version_by_alias(model, cfg.champion_alias).version
+        except MlflowException:
+            current = None
+        if str(current) != str(version):
+            client.set_registered_model_alias(model, cfg.champion_alias, version)
+            moved.append(model)
+    if moved:
+        log.warning("re-pointed alias %r of %s at the versions pinned by %s (an earlier promotion "
+                    "was interrupted)", cfg.champion_alias, ", ".join(moved), champion.uri)
+    return moved
 
 
 def _restore_component_aliases(client, candidate: Release, champion: Release | None, alias: str) -> None:

@@ -13,6 +13,8 @@ local ``sqlite:///path/mlflow.db`` (what a laptop run uses by default: see
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import time
@@ -20,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
 
 # MLflow retries HTTP calls for minutes by default; a dead tracking server should fail a
 # training job quickly and clearly instead. Set before any MLflow request is made.
@@ -132,36 +136,143 @@ def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=new[i:i + 100])
 
 
-class MetricLogger:
-    """Buffered metric logging into one run (rank 0 of the training workers)."""
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0,
+                tags: dict[str, Any] | None = None) -> None:
+    """Log metrics (and tags) now; an unreachable server raises (short jobs: evaluation)."""
+    now = int(time.time() * 1000)
+    records = [{"type": "metric", "key": k, "value": float(v), "timestamp": now, "step": int(step)}
+               for k, v in metrics.items()]
+    records += [{"type": "tag", "key": k, "value": str(v)} for k, v in (tags or {}).items()]
+    _send(client(tracking_uri), run_id, records)
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 50):
+
+def is_outage(error: BaseException) -> bool:
+    """True when ``error`` means the tracking server could not be reached or failed
+    (connection refused, timeout, HTTP 5xx), as opposed to a request it refused (4xx)."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(error, RestException):
+        return error.get_http_status_code() >= 500
+    return isinstance(error, (MlflowException, OSError, ConnectionError, TimeoutError))
+
+
+class MetricLogger:
+    """Metric and tag logging into one run (rank 0 of the training workers) that survives
+    tracking-server outages without losing a record or stopping training.
+
+    Records are sent in batches. When a send fails because the server is unreachable
+    (:func:`is_outage`), the records are appended to ``backlog`` (JSON lines, in the run
+    folder next to the checkpoints), a warning is logged once per outage, and training
+    goes on; the server is tried again at most every ``retry_interval_s`` seconds, so a
+    dead server costs one timed-out request per interval, not one per step. Once it
+    answers, the backlog is replayed in order and removed. Whatever is still waiting when
+    training ends is replayed by the driver (:func:`replay_backlog`), or by the next run of
+    the same command if the server is still down then. A request the server *refuses*
+    (4xx: a bad key, a deleted run) is a bug, not an outage, and raises.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, backlog: str | Path, flush_every: int = 50,
+                 retry_interval_s: float = 30.0):
         self.client = client(tracking_uri)
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.backlog = Path(backlog)
         self.flush_every = flush_every
-        self._buffer: list = []
+        self.retry_interval_s = retry_interval_s
+        self._buffer: list[dict] = []
+        self._down_since: float | None = None
+        self._next_try = 0.0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         for key, value in metrics.items():
             value = float(value)
-            self._buffer.append(Metric(key, value, now, int(step)))
+            self._buffer.append({"type": "metric", "key": key, "value": value, "timestamp": now,
+                                 "step": int(step)})
             if not math.isfinite(value):
                 # MLflow stores NaN but its plots hide it; make it visible as a tag too.
-                self.client.set_tag(self.run_id, f"nonfinite.{key}", f"step {step}")
+                self._buffer.append({"type": "tag", "key": f"nonfinite.{key}", "value": f"step {step}"})
         if len(self._buffer) >= self.flush_every:
             self.flush()
 
-    def flush(self) -> None:
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk)
-
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self._buffer.extend({"type": "tag", "key": k, "value": str(v)} for k, v in tags.items())
+
+    @property
+    def outage(self) -> bool:
+        return self._down_since is not None
+
+    def flush(self) -> None:
+        if not self._buffer and not self.backlog.is_file():
+            return
+        if self.outage and time.monotonic() < self._next_try:
+            self._spill()
+            return
+        try:
+            replay_backlog(self.client, self.run_id, self.backlog)
+            _send(self.client, self.run_id, self._buffer)
+            self._buffer = []
+        except Exception as e:  # noqa: BLE001 - classified right below
+            if not is_outage(e):
+                raise
+            self._spill()
+            if not self.outage:
+                self._down_since = time.monotonic()
+                log.warning("MLflow server %s unreachable (%s); training goes on and metrics wait in %s "
+                            "until it answers", self.tracking_uri, str(e).splitlines()[0][:300], self.backlog)
+            self._next_try = time.monotonic() + self.retry_interval_s
+            return
+        if self.outage:
+            log.warning("MLflow server %s answers again after %.0f s; backlog replayed",
+                        self.tracking_uri, time.monotonic() - self._down_since)
+            self._down_since = None
+
+    def _spill(self) -> None:
+        if not self._buffer:
+            return
+        self.backlog.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.backlog, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self._buffer)
+            f.flush()
+            os.fsync(f.fileno())
+        self._buffer = []
+
+
+def _send(c, run_id: str, records: list[dict]) -> None:
+    from mlflow.entities import Metric
+
+    metrics = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in records if r["type"] == "metric"]
+    for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+        c.log_batch(run_id, metrics=metrics[i:i + 1000])
+    for r in records:
+        if r["type"] == "tag":
+            c.set_tag(run_id, r["key"], r["value"])
+
+
+def replay_backlog(c, run_id: str, backlog: str | Path) -> int:
+    """Send the records waiting in ``backlog`` (see :class:`MetricLogger`) in order and
+    remove it; returns how many were sent. After each sent chunk the file is rewritten
+    with the rest, so an interrupted replay never sends a record twice."""
+    backlog = Path(backlog)
+    if not backlog.is_file():
+        return 0
+    records = [json.loads(line) for line in backlog.read_text().splitlines() if line.strip()]
+    sent = 0
+    while sent < len(records):
+        chunk = records[sent:sent + 1000]
+        _send(c, run_id, chunk)
+        sent += len(chunk)
+        rest = records[sent:]
+        tmp = backlog.with_name(backlog.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rest))
+        os.replace(tmp, backlog)
+    backlog.unlink()
+    return sent
+
+
+def backlog_size(backlog: str | Path) -> int:
+    backlog = Path(backlog)
+    return sum(1 for line in backlog.read_text().splitlines() if line.strip()) if backlog.is_file() else 0
 
 
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str) -> None:

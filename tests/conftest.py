@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from _services import start_mlflow_server, stop_mlflow_server
 
 # Tests share 2 cores with Ray workers; oversubscribed BLAS/OpenMP threads made the
 # model tests ~10x slower. Benchmarks, not tests, measure speed.
@@ -47,6 +43,14 @@ def ycb_small_dir(tmp_path_factory, ycb_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ycb_small_shards(tmp_path_factory, ycb_small_dir, ray_local) -> Path:
+    """The YCB_SMALL objects prepared once per session (tiny data config, 4 rows)."""
+    from _shards import make_small_shards
+
+    return make_small_shards(ycb_small_dir, tmp_path_factory.mktemp("small_shards") / "data")
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (fractional CPUs let 2 train workers fit)."""
     import ray
@@ -60,41 +64,9 @@ def ray_local():
     ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and local artifact store."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [exe, "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not become healthy in 120 s")
+    uri, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_mlflow_server(proc)

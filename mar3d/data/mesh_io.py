@@ -17,16 +17,19 @@ from .config import MESH_SUFFIXES
 REASONS = {
     "not_found": "the input path does not exist or is not a file",
     "path_outside_root": "a manifest entry escapes the manifest's root directory",
+    "invalid_path": "a manifest entry is not a usable path (NUL byte, name too long)",
     "unsupported_format": "the file suffix is not a supported mesh format",
     "file_too_large": "the file is larger than DataConfig.max_file_bytes",
     "unreadable": "the mesh loader raised (truncated, corrupt or not a mesh file)",
     "empty": "no triangles after flattening the scene",
     "nonfinite_vertices": "vertices contain NaN or Inf",
     "invalid_faces": "face indices out of range",
+    "unsafe_reference": "the file references a file outside its folder (../, absolute path, URL)",
     "too_many_faces": "more triangles than DataConfig.max_faces",
     "degenerate": "zero extent or zero surface area",
     "watertight_failed": "the watertight conversion produced no closed surface",
-    "duplicate": "another input in the same run has the same content and name (same uid)",
+    "duplicate": "another input of the run has the same content and name (same uid), "
+                 "or the manifest lists the same file twice",
     "internal_error": "an unexpected exception (a bug): see the message",
 }
 
@@ -123,8 +126,11 @@ def normalization_transform(vertices: np.ndarray, extent: float) -> np.ndarray:
 
 def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
               normalize_extent: float = 1.0) -> LoadedMesh:
+    from .preflight import preflight
+
     path = Path(path)
     check_file(path, max_file_bytes)
+    preflight(path, max_faces)
     try:
         # process=False keeps UV seams and NaNs as they are, so validation sees the raw data.
         loaded = trimesh.load(str(path), process=False)
@@ -150,7 +156,11 @@ def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
     faces = np.concatenate([np.asarray(p.faces, np.int64) + o for p, o in zip(parts, offsets)])
     # Only referenced vertices define the extent (stray unreferenced points are common).
     used = vertices[np.unique(faces)]
-    extent = used.max(0) - used.min(0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        extent = used.max(0) - used.min(0)
+    if not np.isfinite(extent).all():
+        raise MeshError("nonfinite_vertices", f"the bounding box extent {extent.tolist()} overflows "
+                                              "float64 (coordinates near +-1.8e308)")
     if not float(extent.max()) > 1e-9:
         raise MeshError("degenerate", f"bounding box extent {extent.tolist()} is zero")
     transform = normalization_transform(used, normalize_extent)

@@ -184,12 +184,21 @@ def _read_manifest(path: Path) -> tuple[list[str], list[dict]]:
     found, errors = set(), []
     for raw in _manifest_entries(path):
         candidate = Path(raw)
-        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        try:
+            resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+            is_file = resolved.is_file()
+        except (OSError, ValueError) as e:  # NUL bytes, names longer than the OS allows
+            shown = raw if len(raw) <= 200 else raw[:200] + f"... ({len(raw)} characters)"
+            errors.append(error_record(raw, "invalid_path", f"{shown!r}: {type(e).__name__}: {e}"))
+            continue
         if not resolved.is_relative_to(root):
             errors.append(error_record(raw, "path_outside_root",
                                        f"{raw!r} resolves to {resolved}, outside the manifest root {root}"))
-        elif not resolved.is_file():
-            errors.append(error_record(str(resolved), "not_found", f"{raw!r} does not exist"))
+        elif not is_file:
+            errors.append(error_record(str(resolved), "not_found", f"{raw!r} does not exist or is not a file"))
+        elif str(resolved) in found:
+            errors.append(error_record(raw, "duplicate", f"{raw!r} names {resolved}, which the manifest "
+                                                         "already lists (processed once)"))
         else:
             found.add(str(resolved))
     return sorted(found), errors

@@ -90,7 +90,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mar3d import tracking
-    from mar3d.train.loop import MODEL_DIR, ray_datasets, train_loop_per_worker
+    from mar3d.train.loop import MODEL_DIR, TRACKING_BACKLOG, ray_datasets, train_loop_per_worker
 
     started = time.monotonic()
     cfg.validate()
@@ -114,8 +114,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     state_path.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri,
                                       "stage": cfg.stage}, indent=2))
     log.info("training %s: MLflow run %s at %s, outputs in %s", cfg.stage, run_id, tracking_uri, run_dir)
-    # Fault injection is a drill knob, not part of the experiment's identity.
-    params = {k: v for k, v in flatten(cfg).items() if k not in ("fail_at_step", "fail_rank")}
+    # How often a dead tracking server is retried is operations, not the experiment.
+    params = {k: v for k, v in flatten(cfg).items() if k != "tracking_retry_s"}
     params.update({"world_size": cfg.num_workers, "precision_resolved": cfg.resolved_precision(),
                    "backend_resolved": cfg.resolved_backend()})
     tracking.log_params(tracking_uri, run_id, params)
@@ -146,26 +146,53 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     try:
         result = trainer.fit()
     except Exception as e:
-        tracking.end_run(tracking_uri, run_id, status="FAILED")
+        _end_run_quietly(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training {cfg.stage} ({cfg.name}) failed: {e}") from e
 
     if result.checkpoint is None:
-        tracking.end_run(tracking_uri, run_id, status="FAILED")
+        _end_run_quietly(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training {cfg.name} finished without a checkpoint")
     model_dir = run_dir / MODEL_DIR
     with result.checkpoint.as_directory() as folder:
         exported = Path(folder, MODEL_DIR)
         if not exported.is_dir():
-            tracking.end_run(tracking_uri, run_id, status="FAILED")
+            _end_run_quietly(tracking_uri, run_id, "FAILED")
             raise TrainingError(f"the last checkpoint {result.checkpoint.path} holds no final "
                                 f"'{MODEL_DIR}/' folder (training stopped before step {cfg.steps}?)")
         if model_dir.exists():
             shutil.rmtree(model_dir)
         shutil.copytree(exported, model_dir)
-    tracking.log_artifacts(tracking_uri, run_id, model_dir, MODEL_DIR)
+    backlog = run_dir / TRACKING_BACKLOG
+    try:
+        c = tracking.client(tracking_uri)
+        replayed = tracking.replay_backlog(c, run_id, backlog)
+        if replayed:
+            log.warning("uploaded %d metric/tag records that waited in %s during a tracking outage",
+                        replayed, backlog)
+        tracking.log_artifacts(tracking_uri, run_id, model_dir, MODEL_DIR)
+        c.set_tag(run_id, "mar3d.model_uri", f"runs:/{run_id}/{MODEL_DIR}")
+        tracking.end_run(tracking_uri, run_id, status="FINISHED")
+    except Exception as e:
+        if not tracking.is_outage(e):
+            raise
+        raise tracking.TrackingError(
+            f"training {cfg.name} finished and nothing is lost, but MLflow at {tracking_uri} is "
+            f"unreachable ({str(e).splitlines()[0][:200]}). The final model is in {model_dir}, the last "
+            f"checkpoint in {result.checkpoint.path}, and {tracking.backlog_size(backlog)} metric/tag "
+            f"records wait in {backlog}. Run the same command again once the server answers: it "
+            "re-opens the finished run without training, uploads them and the model, and marks "
+            "the run FINISHED.") from e
     metrics = dict(result.metrics or {})
-    tracking.client(tracking_uri).set_tag(run_id, "mar3d.model_uri", f"runs:/{run_id}/{MODEL_DIR}")
-    tracking.end_run(tracking_uri, run_id, status="FINISHED")
     return TrainResult(run_id=run_id, model_uri=f"runs:/{run_id}/{MODEL_DIR}", model_dir=model_dir,
                        checkpoint_path=str(result.checkpoint.path), metrics=metrics,
                        tracking_uri=tracking_uri, seconds=time.monotonic() - started)
+
+
+def _end_run_quietly(tracking_uri: str, run_id: str, status: str) -> None:
+    """Mark the run; a tracking outage must not hide the training error being raised."""
+    from mar3d import tracking
+
+    try:
+        tracking.end_run(tracking_uri, run_id, status=status)
+    except Exception as e:  # noqa: BLE001 - the caller raises the real error next
+        log.error("could not mark MLflow run %s %s: %s", run_id, status, str(e).splitlines()[0][:200])

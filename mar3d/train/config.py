@@ -83,6 +83,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0                  # 0: evaluate only at the end
     num_eval_samples: int = 4            # per worker
+    # While the MLflow server is unreachable, metrics wait in the run folder and the
+    # server is retried at most this often (seconds); training never stops for it.
+    tracking_retry_s: float = 30.0
 
     # --- stage specific --------------------------------------------------------------------
     vae_level: Literal["alternate", "hr", "lr"] = "alternate"  # VAE: which latent set per step
@@ -90,11 +93,6 @@ class TrainConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     mar: MARConfig = field(default_factory=MARConfig)
     condition: ConditionConfig = field(default_factory=ConditionConfig)
-
-    # --- fault injection (tests / drills): rank ``fail_rank`` raises once after step
-    # ``fail_at_step``; a marker file in the run folder makes it fire only once. 0 = off.
-    fail_at_step: int = 0
-    fail_rank: int = 1
 
     @property
     def name(self) -> str:
@@ -134,7 +132,7 @@ class TrainConfig:
                      "num_occ", "num_eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "fail_at_step"):
+        for name in ("warmup_steps", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps >= self.steps and self.steps > 1:
@@ -155,8 +153,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
         if any(n < 1 for n in self.surface_sizes):
             raise ValueError(f"TrainConfig.surface_sizes must be positive, got {self.surface_sizes}")
-        if self.fail_at_step and not 0 <= self.fail_rank < self.num_workers:
-            raise ValueError(f"TrainConfig.fail_rank must be a worker rank < {self.num_workers}")
+        if not self.tracking_retry_s > 0:
+            raise ValueError(f"TrainConfig.tracking_retry_s must be > 0, got {self.tracking_retry_s}")
         if self.stage in ("lr", "hr") and not self.vae_model_uri:
             raise ValueError(f"stage {self.stage!r} needs vae_model_uri (the trained VAE: "
                              "runs:/RUN_ID/model, models:/NAME@ALIAS or a local model folder)")

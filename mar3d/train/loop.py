@@ -35,7 +35,8 @@ DEEPSPEED_TAG = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 MODEL_DIR = "model"
-FAULT_MARKER = ".fault_injected"
+# Metrics rank 0 could not send while the tracking server was down (see MetricLogger).
+TRACKING_BACKLOG = "tracking_backlog.jsonl"
 # Rows per Ray Data pass are repeated up to this many batches per worker: with a handful
 # of shapes an epoch is one step, and restarting the streaming executor every step would
 # cost more than the step itself.
@@ -299,17 +300,6 @@ def _restore(engine, ema, device) -> int:
     return int(client_state["global_step"])
 
 
-def _maybe_inject_failure(cfg, step: int, rank: int, run_dir: str) -> None:
-    if not cfg.fail_at_step or step != cfg.fail_at_step or rank != cfg.fail_rank:
-        return
-    marker = Path(run_dir, FAULT_MARKER)
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"failure injected on rank {rank} after step {step}\n")
-    raise RuntimeError(f"injected worker failure (fail_at_step={step}, rank {rank})")
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config``: {"train": TrainConfig as dict, "run_id",
     "tracking_uri", "run_dir"} (built by :func:`mar3d.train.api.run_training`)."""
@@ -349,7 +339,8 @@ def train_loop_per_worker(config: dict) -> None:
     # Different random streams per rank and per attempt (dropout, masks, noise).
     torch.manual_seed(cfg.seed + 1 + rank + 7919 * start_step)
 
-    logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    logger = (MetricLogger(config["tracking_uri"], config["run_id"], Path(config["run_dir"]) / TRACKING_BACKLOG,
+                           retry_interval_s=cfg.tracking_retry_s) if rank == 0 else None)
     if logger is not None:
         logger.log({"train/start_step": start_step, "train/world_size": world}, step=start_step)
         logger.set_tags({"mar3d.last_attempt_start_step": start_step})
@@ -380,8 +371,6 @@ def train_loop_per_worker(config: dict) -> None:
         batch_size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
         window_samples += batch_size
         window_tokens += batch_size * stage.tokens_per_sample(step)
-
-        _maybe_inject_failure(cfg, global_step, rank, config["run_dir"])
 
         last = global_step == cfg.steps
         do_log = global_step % cfg.log_every == 0 or last

@@ -1,0 +1,60 @@
+"""Real local services for tests: an `mlflow server` on 127.0.0.1 that a test can start,
+stop (to simulate an outage) and start again on the same port and database."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend + local artifact store under
+    ``root``), healthy when this returns; its own process group, so it can be stopped
+    with all its workers (:func:`stop_mlflow_server`)."""
+    port = port or _free_port()
+    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    log = open(root / "server.log", "a")
+    proc = subprocess.Popen(
+        [exe, "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return uri, proc
+        except OSError:
+            time.sleep(0.5)
+    stop_mlflow_server(proc)
+    raise RuntimeError("mlflow server did not become healthy in 120 s")
+
+
+def stop_mlflow_server(proc: subprocess.Popen, timeout: float = 20) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
