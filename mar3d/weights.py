@@ -93,6 +93,8 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path
     """A local folder for ``uri``: an existing directory, or an MLflow
     ``runs:/RUN_ID/PATH`` / ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS`` URI that is
     downloaded (to ``dst`` or a temporary folder)."""
+    from mar3d.registry import validate_model_uri
+
     if not uri:
         raise ValueError("model URI is empty")
     path = Path(uri)
@@ -100,6 +102,8 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path
         if not path.is_dir():
             raise FileNotFoundError(f"model folder {uri} does not exist")
         return path
+    # Only registry and run URIs of a known shape: never file://, http(s)://, s3://, ...
+    uri = validate_model_uri(uri)
     import mlflow
 
     if tracking_uri:

@@ -11,6 +11,13 @@ The driver (this process):
    MLmodel) out of the last checkpoint to ``<storage_path>/<run_name>/model`` and logs it
    as the run's ``model`` artifact, so ``runs:/<run_id>/model`` is the model URI.
 
+Tracking outages: if the MLflow server stops answering during training, rank 0 keeps
+training and appends metrics to ``<run_dir>/tracking_backlog.jsonl`` (retrying the server
+every ``tracking_retry_s``); the backlog is replayed when it answers again. If it is still
+down when training ends, the model and checkpoint are on disk and a ``TrackingError``
+says where; running the same command again later uploads everything. A server that is
+down when training *starts* is a clear error before any worker starts.
+
 Resuming: a second call with the same ``storage_path`` and ``run_name`` continues the
 previous run -- Ray Train finds the run's checkpoint state in storage and hands the
 latest checkpoint to the workers, and the same MLflow run keeps receiving metrics. Use

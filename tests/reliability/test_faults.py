@@ -20,16 +20,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import mlflow
-import psutil
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
+from _faults import Background, processes, wait_for
 from _registry_helpers import make_release
 from _services import start_mlflow_server, stop_mlflow_server
 from _shards import small_data_config
@@ -45,29 +44,6 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 
-def _processes(fragment: str) -> list[psutil.Process]:
-    """Live processes whose command line (Ray sets it to ``ray::<task or actor>``)
-    contains ``fragment``."""
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if fragment in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def _wait_for(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _logged_steps(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
     return sorted({m.step for m in client.get_metric_history(run_id, key)})
 
@@ -78,27 +54,6 @@ def _latest_run_id(client: MlflowClient, experiment: str, run_name: str) -> str 
         return None
     runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{run_name}'")
     return runs[0].info.run_id if runs else None
-
-
-class _Background:
-    """Run ``fn`` in a thread; ``join()`` returns its result or re-raises its error."""
-
-    def __init__(self, fn):
-        self.result, self.error = None, None
-
-        def target():
-            try:
-                self.result = fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the test thread
-                self.error = e
-
-        self.thread = threading.Thread(target=target, daemon=True)
-        self.thread.start()
-
-    def join(self, timeout: float):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"still running after {timeout:.0f} s"
-        return self.result
 
 
 def _registered_step(run_dir: Path) -> int:
@@ -123,14 +78,14 @@ def test_training_worker_killed_resumes_from_checkpoint(ycb_small_shards, mlflow
                                                         reliability_report):
     cfg = _train_cfg(ycb_small_shards, tmp_path, mlflow_server, "vae-sigkill", "max_failures=2")
     client = MlflowClient(tracking_uri=mlflow_server)
-    job = _Background(lambda: run_training(cfg))
+    job = Background(lambda: run_training(cfg))
 
-    run_id = _wait_for(lambda: _latest_run_id(client, "test-reliability", "vae-sigkill"), 120, "the run")
+    run_id = wait_for(lambda: _latest_run_id(client, "test-reliability", "vae-sigkill"), 120, "the run")
     # Kill once Ray Train has registered a checkpoint (a checkpoint folder written but not
     # yet registered by the controller is not a restore point) and training is past it.
-    registered = _wait_for(lambda: _registered_step(tmp_path / "vae-sigkill"), 300, "a registered checkpoint")
-    _wait_for(lambda: max(_logged_steps(client, run_id), default=0) > registered, 300, "a step past it")
-    victims = _processes("RayTrainWorker")
+    registered = wait_for(lambda: _registered_step(tmp_path / "vae-sigkill"), 300, "a registered checkpoint")
+    wait_for(lambda: max(_logged_steps(client, run_id), default=0) > registered, 300, "a step past it")
+    victims = processes("RayTrainWorker")
     assert victims, "no Ray Train worker process found"
     killed_at = max(_logged_steps(client, run_id))
     victim = max(victims, key=lambda p: p.pid)
@@ -146,7 +101,7 @@ def test_training_worker_killed_resumes_from_checkpoint(ycb_small_shards, mlflow
     assert resumed % 10 == 0 and registered <= resumed <= killed_at + 5, (starts, registered, killed_at)
     assert _logged_steps(client, run_id) == list(range(5, 61, 5))
     assert client.get_run(run_id).info.status == "FINISHED"
-    reliability_report.add("faults", fault="SIGKILL a Ray Train worker (pid) mid-training",
+    reliability_report.add("faults", fault="SIGKILL a Ray Train worker mid-training",
                            at=f"step ~{killed_at}", outcome=f"resumed at checkpoint step {resumed}, "
                            "finished step 60", lost="0 steps (all 12 log points in MLflow)")
 
@@ -174,8 +129,8 @@ def _uids(out: Path) -> list[str]:
 def test_data_worker_killed_mid_job_is_retried(clean_prepare, ycb_small_dir, tmp_path, reliability_report):
     reference, ref_uids = clean_prepare
     out = tmp_path / "data"
-    job = _Background(lambda: prepare_dataset(ycb_small_dir, out, _one_row_shards(), progress=False))
-    victims = _wait_for(lambda: _processes("_process_item"), 120, "a Ray task running _process_item",
+    job = Background(lambda: prepare_dataset(ycb_small_dir, out, _one_row_shards(), progress=False))
+    victims = wait_for(lambda: processes("_process_item"), 120, "a Ray task running _process_item",
                         interval=0.05)
     victims[0].send_signal(signal.SIGKILL)
     result = job.join(600)
@@ -198,7 +153,7 @@ def test_data_driver_killed_leaves_no_partial_shard_and_rerun_completes(
                              "--output", str(out), "--config", str(config), "--no-progress"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: (load_manifest(out) or {}).get("shards"), 300, "the first complete shard",
+        wait_for(lambda: (load_manifest(out) or {}).get("shards"), 300, "the first complete shard",
                   interval=0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -236,9 +191,9 @@ def test_mlflow_outage_during_training_loses_nothing(ycb_small_shards, tmp_path,
                      "tracking_retry_s=2")
     client = MlflowClient(tracking_uri=uri)
     try:
-        job = _Background(lambda: run_training(cfg))
-        run_id = _wait_for(lambda: _latest_run_id(client, "test-reliability", "vae-outage"), 120, "the run")
-        _wait_for(lambda: max(_logged_steps(client, run_id), default=0) >= 10, 300, "step 10")
+        job = Background(lambda: run_training(cfg))
+        run_id = wait_for(lambda: _latest_run_id(client, "test-reliability", "vae-outage"), 120, "the run")
+        wait_for(lambda: max(_logged_steps(client, run_id), default=0) >= 10, 300, "step 10")
         stopped_after = max(_logged_steps(client, run_id))
         stop_mlflow_server(server)
 
