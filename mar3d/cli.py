@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         # Library errors with a message meant for the user (registry refusals, failed
         # training runs, failed pipeline steps); anything else keeps its traceback.
-        if type(e).__name__ not in {"RegistryError", "TrainingError", "StepFailed"}:
+        if type(e).__name__ not in {"RegistryError", "TrainingError", "TrackingError", "StepFailed"}:
             raise
         print(f"mar3d: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -7,23 +7,12 @@ from pathlib import Path
 import pytest
 
 from _services import start_mlflow_server, stop_mlflow_server
+from _ycb import YCB, YCB_SMALL
 
 # Tests share 2 cores with Ray workers; oversubscribed BLAS/OpenMP threads made the
 # model tests ~10x slower. Benchmarks, not tests, measure speed.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-YCB = Path(os.environ.get("MAR3D_YCB", REPO.parent / "shared" / "datasets" / "ycb"))
-
-# A handful of small, varied real objects keeps unit tests fast.
-YCB_SMALL = ["013_apple", "025_mug", "037_scissors", "077_rubiks_cube"]
-
-
-def ycb_mesh(name: str) -> Path:
-    path = YCB / name / "textured.obj"
-    if not path.is_file():
-        pytest.skip(f"YCB dataset not found at {YCB} (set MAR3D_YCB)")
-    return path
 
 
 @pytest.fixture(scope="session")

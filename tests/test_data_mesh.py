@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import trimesh
 
-from conftest import ycb_mesh
+from _ycb import ycb_mesh
 from mar3d.data import DataConfig, MeshError, process_mesh
 from mar3d.data.config import small_test_config
 from mar3d.data.inside import embree_inside, naive_inside, winding_inside

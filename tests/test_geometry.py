@@ -8,7 +8,7 @@ import pytest
 import torch
 import trimesh
 
-from conftest import ycb_mesh
+from _ycb import ycb_mesh
 from mar3d.geometry import extract_mesh, keep_large_components, save_mesh
 from mar3d.geometry.analytic import (box_sdf, sdf_occupancy_fn, sphere_sdf, torus_sdf,
                                      winding_number_occupancy_fn)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from conftest import ycb_mesh
+from _ycb import ycb_mesh
 from mar3d.metrics import (chamfer_distance, f_score, mesh_metrics, normal_consistency,
                            normalization_transform, sample_surface, volume_iou)
 
