@@ -8,8 +8,10 @@ workers train, the driver waits in ``fit()``.
 
 Tracking URIs: ``http(s)://host:port`` (an ``mlflow server``, what clusters use), or a
 local ``sqlite:///path/mlflow.db`` (what a laptop run uses by default: see
-:func:`default_tracking_uri`). A server that does not answer is reported within
-``timeout_s`` seconds instead of hanging the training job in MLflow's retry loop.
+:func:`default_tracking_uri`). A server that does not answer when a job starts is
+reported within ``timeout_s`` seconds instead of hanging in MLflow's retry loop; one that
+stops answering *during* training does not stop it: :class:`MetricLogger` keeps the
+records in an on-disk backlog and replays them when the server is back.
 """
 from __future__ import annotations
 
