@@ -332,15 +332,15 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
     cfg = cfg or RegistryConfig()
     cfg.validate()
     candidate = get_release(candidate_uri, tracking_uri)
-    reconcile_component_aliases(candidate.name, cfg, tracking_uri)
     champion = find_release(candidate.name, cfg.champion_alias, tracking_uri)
+    client = _client(tracking_uri)
+    _align_component_aliases(client, candidate.name, champion, cfg.champion_alias, best_effort=False)
     if champion is not None and champion.version == candidate.version:
         raise RegistryError(f"{candidate.uri} already holds alias {cfg.champion_alias!r}")
     if not candidate.metrics:
         raise RegistryError(f"{candidate.uri} has no evaluation metrics; run `mar3d evaluate` first")
     decision = evaluate_gate(candidate.metrics, champion.metrics if champion else None, gate)
 
-    client = _client(tracking_uri)
     mlflow.set_experiment(PROMOTION_EXPERIMENT)
     with mlflow.start_run(run_name=f"promote-{candidate.name}-v{candidate.version}"):
         mlflow.set_tags({
@@ -366,7 +366,8 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
                 client.set_registered_model_alias(candidate.name, cfg.champion_alias, candidate.version)
             except BaseException:
                 mlflow.set_tag("decision", "interrupted")
-                _restore_component_aliases(client, candidate, champion, cfg.champion_alias)
+                _align_component_aliases(client, candidate.name, champion, cfg.champion_alias,
+                                         best_effort=True)
                 raise
             if champion:
                 client.set_registered_model_alias(candidate.name, "previous", champion.version)
@@ -379,41 +380,46 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
 
 def reconcile_component_aliases(name: str, cfg: RegistryConfig | None = None,
                                 tracking_uri: str | None = None) -> list[str]:
-    """Point each component model's champion alias at the version the champion release
-    ``name`` pins (repairs a promotion killed between its alias moves); returns the
-    component models whose alias was moved."""
+    """Make the component models' champion aliases agree with the champion release
+    ``name`` (repairs a promotion killed between its alias moves); returns the component
+    models whose alias changed. :func:`promote` does this first, every time."""
     cfg = cfg or RegistryConfig()
     champion = find_release(name, cfg.champion_alias, tracking_uri)
-    if champion is None:
-        return []
-    client = _client(tracking_uri)
+    return _align_component_aliases(_client(tracking_uri), name, champion, cfg.champion_alias,
+                                    best_effort=False)
+
+
+def _align_component_aliases(client, release_name: str, champion: Release | None, alias: str,
+                             best_effort: bool) -> list[str]:
+    """Point each component model's ``alias`` at the version ``champion`` pins for it, or
+    remove it where the champion pins none (no champion yet). ``best_effort`` (used while
+    another error is being raised) logs a failing component and goes on to the next."""
     from mlflow.exceptions import MlflowException
 
     moved = []
-    for comp, (model, version) in champion.components.items():
+    for comp in COMPONENTS:
+        pinned = champion.components.get(comp) if champion else None
+        model, want = pinned or (RegistryConfig(name=release_name).component_name(comp), None)
         try:
-            current = client.get_model_version_by_alias(model, cfg.champion_alias).version
-        except MlflowException:
-            current = None
-        if str(current) != str(version):
-            client.set_registered_model_alias(model, cfg.champion_alias, version)
-            moved.append(model)
-    if moved:
-        log.warning("re-pointed alias %r of %s at the versions pinned by %s (an earlier promotion "
-                    "was interrupted)", cfg.champion_alias, ", ".join(moved), champion.uri)
-    return moved
-
-
-def _restore_component_aliases(client, candidate: Release, champion: Release | None, alias: str) -> None:
-    """Best effort: put component aliases back to the champion's pinned versions."""
-    for comp, (name, _) in candidate.components.items():
-        try:
-            if champion and comp in champion.components:
-                client.set_registered_model_alias(name, alias, champion.components[comp][1])
+            try:
+                current = client.get_model_version_by_alias(model, alias).version
+            except MlflowException:
+                current = None  # no such alias, or no such component model
+            if (current is None and want is None) or str(current) == str(want):
+                continue
+            if want is None:
+                client.delete_registered_model_alias(model, alias)
             else:
-                client.delete_registered_model_alias(name, alias)
-        except Exception as e:  # the release alias is what consumers use; keep going
-            log.error("could not restore alias %s on %s: %s", alias, name, e)
+                client.set_registered_model_alias(model, alias, want)
+            moved.append(model)
+        except Exception as e:
+            if not best_effort:
+                raise
+            log.error("could not restore alias %s on %s: %s", alias, model, e)
+    if moved:
+        log.warning("alias %r of %s now agrees with champion release %s (a promotion was interrupted)",
+                    alias, ", ".join(moved), champion.uri if champion else f"{release_name}: none")
+    return moved
 
 
 def read_eval_report(path: str | Path) -> dict[str, float]:
