@@ -155,7 +155,7 @@ def is_outage(error: BaseException) -> bool:
 
     if isinstance(error, RestException):
         return error.get_http_status_code() >= 500
-    return isinstance(error, (MlflowException, OSError, ConnectionError, TimeoutError))
+    return isinstance(error, (MlflowException, OSError))  # OSError: ConnectionError, TimeoutError
 
 
 class MetricLogger:
@@ -254,7 +254,7 @@ def _send(c, run_id: str, records: list[dict]) -> None:
 def replay_backlog(c, run_id: str, backlog: str | Path) -> int:
     """Send the records waiting in ``backlog`` (see :class:`MetricLogger`) in order and
     remove it; returns how many were sent. After each sent chunk the file is rewritten
-    with the rest, so an interrupted replay never sends a record twice."""
+    with the rest, so an interrupted replay sends again at most the chunk in flight."""
     backlog = Path(backlog)
     if not backlog.is_file():
         return 0
