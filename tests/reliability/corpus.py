@@ -60,14 +60,20 @@ def _triangle_gltf(buffer_uri: str) -> dict:
             "buffers": [{"byteLength": 36, "uri": buffer_uri}]}
 
 
-def _ply_binary(vertices: np.ndarray, faces: np.ndarray) -> bytes:
-    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(vertices)}\n"
-              "property float x\nproperty float y\nproperty float z\n"
-              f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n")
-    face_dtype = np.dtype([("n", "u1"), ("idx", "<i4", (3,))])
-    packed = np.empty(len(faces), face_dtype)
+def _ply_header(num_vertices: int, num_faces: int) -> bytes:
+    return (f"ply\nformat binary_little_endian 1.0\nelement vertex {num_vertices}\n"
+            "property float x\nproperty float y\nproperty float z\n"
+            f"element face {num_faces}\nproperty list uchar int vertex_indices\nend_header\n").encode()
+
+
+def _ply_faces(faces) -> bytes:
+    packed = np.empty(len(faces), np.dtype([("n", "u1"), ("idx", "<i4", (3,))]))
     packed["n"], packed["idx"] = 3, faces
-    return header.encode() + vertices.astype("<f4").tobytes() + packed.tobytes()
+    return packed.tobytes()
+
+
+def _ply_binary(vertices: np.ndarray, faces: np.ndarray) -> bytes:
+    return _ply_header(len(vertices), len(faces)) + vertices.astype("<f4").tobytes() + _ply_faces(faces)
 
 
 def _stl_binary(triangles: np.ndarray) -> bytes:
@@ -78,17 +84,12 @@ def _stl_binary(triangles: np.ndarray) -> bytes:
 
 def _write_10m_face_ply(path: Path) -> None:
     """A real binary PLY with 10M triangles (all on four vertices), streamed to disk."""
-    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex 4\n"
-              "property float x\nproperty float y\nproperty float z\n"
-              f"element face {TEN_MILLION}\nproperty list uchar int vertex_indices\nend_header\n")
-    face_dtype = np.dtype([("n", "u1"), ("idx", "<i4", (3,))])
-    chunk = np.empty(1_000_000, face_dtype)
-    chunk["n"], chunk["idx"] = 3, (0, 1, 2)
+    chunk = _ply_faces(np.broadcast_to([0, 1, 2], (1_000_000, 3)))
     with open(path, "wb") as f:
-        f.write(header.encode())
+        f.write(_ply_header(4, TEN_MILLION))
         f.write(np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], "<f4").tobytes())
-        for _ in range(TEN_MILLION // len(chunk)):
-            f.write(chunk.tobytes())
+        for _ in range(TEN_MILLION // 1_000_000):
+            f.write(chunk)
 
 
 def _write_sparse_10m_face_stl(path: Path) -> None:
