@@ -213,3 +213,24 @@ def test_ray_dataset_rows_match_reader(prepared):
     assert first["uid"] == expected["uid"]
     assert np.array_equal(first["surface_1"], expected["surface_1"])
     assert first["image"].shape == (64, 64, 4)
+
+
+def test_splits_keep_validation_objects_and_the_held_out_view_from_training(prepared):
+    """3 rows: 1 validation object (at most half), 2 training objects whose random views
+    never include the held-out view (the last of 2). Decoded rows are cached per reader
+    and a reader without occupancy/image never decodes those columns."""
+    _, out, _, _ = prepared
+    every = ShapeDataset(out, num_occ=256, seed=None)
+    split = every.split_info
+    assert split.holdout_view == 1 and len(split.val) == 1 and len(split.train) == 2
+    train = ShapeDataset(out, num_occ=256, seed=None, split="train", cache_rows=8)
+    val = ShapeDataset(out, num_occ=256, seed=0, split="val")
+    assert sorted(train.uids) == sorted(split.train) and val.uids == sorted(split.val)
+    assert {int(train[i % 2]["view_index"]) for i in range(40)} == {0}
+    assert {int(every[i % 3]["view_index"]) for i in range(60)} == {0, 1}
+    assert len(train._cache) == 2 and train.read_row(0) is train.read_row(0)
+    lean = ShapeDataset(out, num_occ=256, split="train", with_occupancy=False, with_image=False)
+    item = lean[0]
+    assert "occ_points" not in item and "image" not in item and "surface_0" in item
+    with pytest.raises(ValueError, match="split"):
+        ShapeDataset(out, split="test")

@@ -72,6 +72,16 @@ class DataConfig:
     max_faces: int = 2_000_000
     max_file_bytes: int = 512 * 1024 * 1024
 
+    # --- splits (mar3d/data/splits.py): read from the manifest by training and evaluation
+    # Objects whose uid hashes below the fraction are validation objects (at least
+    # split_min_val_objects of them, at most half the dataset); training never sees them.
+    split_val_fraction: float = 0.1
+    split_min_val_objects: int = 4
+    # The view of every training object that training never sees (-1 = the last view;
+    # null = none): evaluation scores seen objects from this unseen view.
+    split_holdout_view: int | None = -1
+    split_salt: str = "mar3d-split-v1"
+
     # --- job layout ---------------------------------------------------------------------
     shard_size: int = 64
     num_workers: int = 2
@@ -141,6 +151,14 @@ class DataConfig:
         if self.num_workers < 1:
             raise ValueError(f"DataConfig.num_workers must be >= 1, got {self.num_workers}")
         positive("cpus_per_task", self.cpus_per_task)
+        if not 0.0 <= self.split_val_fraction < 1.0:
+            raise ValueError(f"DataConfig.split_val_fraction must be in [0, 1), got {self.split_val_fraction}")
+        if self.split_min_val_objects < 0:
+            raise ValueError(f"DataConfig.split_min_val_objects must be >= 0, got {self.split_min_val_objects}")
+        if self.split_holdout_view is not None:
+            from .splits import resolve_holdout_view
+
+            resolve_holdout_view(self.split_holdout_view, self.render_views)
 
     # Derived views used by several modules.
     @property

@@ -6,6 +6,16 @@ Each item holds random subsets of the stored samples (fresh per item and epoch):
 ``image`` uint8 [H,W,4] (one view: random unless ``view_index`` is fixed) with its
 ``view_index``; ``rotation`` float32 [3,3]; ``uid``.
 
+``split`` selects objects and views (:mod:`mar3d.data.splits`): ``"train"`` gives the
+training objects and draws their random views among the training views only (never the
+held-out view); ``"val"`` the held-out objects; ``"all"`` (default) everything.
+
+``with_occupancy`` / ``with_image`` drop what a consumer does not read (MAR training needs
+no occupancy, VAE training no image), so those columns are never decoded.
+``cache_rows`` keeps that many decoded rows per reader (least recently used first out):
+a small dataset is then decoded once per reader process instead of once per sample,
+which on CPUs is what limits the training step rate.
+
 Rotation augmentation applies one uniform random rotation to surface points, their
 normals and the occupancy points alike, so labels stay valid; the rotated shape is then
 uniformly rescaled (if needed) to fit back into [-1,1]^3, which also keeps labels valid.
@@ -13,6 +23,7 @@ Images are not rotated: the camera poses of the stored views describe them.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +32,7 @@ import torch
 
 from .prepare import complete_shards, load_manifest
 from .schema import column_to_numpy
+from .splits import SPLITS, split_from_manifest
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -35,7 +47,11 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
 class ShapeDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, surface_sizes: tuple[int, ...] | None = None,
                  num_occ: int = 8192, near_fraction: float = 0.25, rotate: bool = False,
-                 seed: int | None = 0, view_index: int | None = None, rescale_rotated: bool = True):
+                 seed: int | None = 0, view_index: int | None = None, rescale_rotated: bool = True,
+                 split: str = "all", with_occupancy: bool = True, with_image: bool = True,
+                 cache_rows: int = 0):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.root = Path(root)
         manifest = load_manifest(self.root)
         if manifest is None:
@@ -43,6 +59,7 @@ class ShapeDataset(torch.utils.data.Dataset):
         # Size checks only: hashing every shard on each open would be slow for big datasets.
         shards = complete_shards(self.root, manifest, verify=False)
         self.index: list[tuple[Path, int]] = []  # (shard path, row group) per row
+        self.uids: list[str] = []
         for s in shards:
             path = self.root / s["file"]
             meta = pq.ParquetFile(path).metadata
@@ -51,7 +68,14 @@ class ShapeDataset(torch.utils.data.Dataset):
                     raise ValueError(f"{path}: row group {g} holds {meta.row_group(g).num_rows} rows; "
                                      "shards must have one row per row group")
                 self.index.append((path, g))
+            self.uids += pq.read_table(path, columns=["uid"]).column("uid").to_pylist()
         cfg = manifest["config"]
+        self.split_info = split_from_manifest(manifest, self.uids)
+        self.split = split
+        if split != "all":
+            keep = self.split_info.uids(split)
+            pairs = [(i, u) for i, u in zip(self.index, self.uids) if u in keep]
+            self.index, self.uids = [i for i, _ in pairs], [u for _, u in pairs]
         stored = tuple(cfg["surface_sizes"])
         self.surface_sizes = tuple(surface_sizes) if surface_sizes is not None else stored
         if len(self.surface_sizes) > len(stored) or any(
@@ -67,11 +91,20 @@ class ShapeDataset(torch.utils.data.Dataset):
         if view_index is not None and not 0 <= view_index < cfg["render_views"]:
             raise ValueError(f"view_index {view_index} outside [0, {cfg['render_views']})")
         self.num_views = cfg["render_views"]
+        # Random views of training objects come from the training views only.
+        self.views = (self.split_info.training_views() if split == "train"
+                      else list(range(self.num_views)))
         self.extent = float(cfg["normalize_extent"])
+        self.up_axis = cfg.get("render_up_axis", "y")  # world up of the stored cameras
         self.rotate, self.seed, self.view_index = rotate, seed, view_index
         self.rescale_rotated = rescale_rotated
+        self.with_occupancy, self.with_image = with_occupancy, with_image
+        if cache_rows < 0:
+            raise ValueError(f"cache_rows must be >= 0, got {cache_rows}")
+        self.cache_rows = cache_rows
         self.epoch = 0
         self._files: dict[Path, pq.ParquetFile] = {}
+        self._cache: OrderedDict[int, dict] = OrderedDict()
 
     def set_epoch(self, epoch: int) -> None:
         """Different random subsets / rotations per epoch with a fixed seed."""
@@ -83,14 +116,22 @@ class ShapeDataset(torch.utils.data.Dataset):
     def __getstate__(self):  # open file handles stay in their process
         state = self.__dict__.copy()
         state["_files"] = {}
+        state["_cache"] = OrderedDict()
         return state
 
     def _columns(self) -> list[str]:
-        return ["uid", "vol_points", "vol_labels", "near_points", "near_labels", "images"] + [
-            f"surface_{k}" for k in range(len(self.surface_sizes))]
+        columns = ["uid"] + [f"surface_{k}" for k in range(len(self.surface_sizes))]
+        if self.with_occupancy:
+            columns += ["vol_points", "vol_labels", "near_points", "near_labels"]
+        if self.with_image:
+            columns.append("images")
+        return columns
 
     def read_row(self, idx: int) -> dict:
         """The stored row ``idx`` (all samples, no augmentation) as numpy arrays."""
+        if idx in self._cache:
+            self._cache.move_to_end(idx)
+            return self._cache[idx]
         path, group = self.index[idx]
         if path not in self._files:
             self._files[path] = pq.ParquetFile(path)
@@ -98,6 +139,10 @@ class ShapeDataset(torch.utils.data.Dataset):
         row = {"uid": table.column("uid")[0].as_py()}
         for name in table.column_names[1:]:
             row[name] = column_to_numpy(table.column(name))[0]
+        if self.cache_rows:
+            self._cache[idx] = row
+            while len(self._cache) > self.cache_rows:
+                self._cache.popitem(last=False)
         return row
 
     def sample(self, idx: int) -> dict:
@@ -111,10 +156,12 @@ class ShapeDataset(torch.utils.data.Dataset):
         for k, n in enumerate(self.surface_sizes):
             level = row[f"surface_{k}"]
             out[f"surface_{k}"] = level[rng.choice(len(level), n, replace=False)]
-        vol = rng.choice(len(row["vol_points"]), self.num_vol, replace=False)
-        near = rng.choice(len(row["near_points"]), self.num_near, replace=False)
-        out["occ_points"] = np.concatenate([row["vol_points"][vol], row["near_points"][near]])
-        out["occ_labels"] = np.concatenate([row["vol_labels"][vol], row["near_labels"][near]]).astype(np.float32)
+        if self.with_occupancy:
+            vol = rng.choice(len(row["vol_points"]), self.num_vol, replace=False)
+            near = rng.choice(len(row["near_points"]), self.num_near, replace=False)
+            out["occ_points"] = np.concatenate([row["vol_points"][vol], row["near_points"][near]])
+            out["occ_labels"] = np.concatenate([row["vol_labels"][vol],
+                                                row["near_labels"][near]]).astype(np.float32)
         rotation = np.eye(3)
         if self.rotate:
             rotation = random_rotation(rng)
@@ -123,17 +170,20 @@ class ShapeDataset(torch.utils.data.Dataset):
                 s = out[f"surface_{k}"]
                 xyz, normals = s[:, :3] @ rotation.T, s[:, 3:] @ rotation.T
                 out[f"surface_{k}"] = np.concatenate([xyz, normals], 1)
-            out["occ_points"] = out["occ_points"] @ rotation.T
+            if self.with_occupancy:
+                out["occ_points"] = out["occ_points"] @ rotation.T
             if self.rescale_rotated:
                 reach = np.abs(out["surface_0"][:, :3]).max()
                 scale = min(1.0, self.extent / reach) if reach > 0 else 1.0
             if scale < 1.0:
                 for k in range(len(self.surface_sizes)):
                     out[f"surface_{k}"][:, :3] *= scale
-                out["occ_points"] = out["occ_points"] * scale
+                if self.with_occupancy:
+                    out["occ_points"] = out["occ_points"] * scale
             rotation = rotation * scale
-        view = self.view_index if self.view_index is not None else int(rng.integers(self.num_views))
-        out["image"] = row["images"][view]
+        view = self.view_index if self.view_index is not None else self.views[int(rng.integers(len(self.views)))]
+        if self.with_image:
+            out["image"] = row["images"][view]
         out["view_index"] = np.int64(view)
         out["rotation"] = rotation
         for key, value in out.items():
@@ -157,6 +207,14 @@ def _ray_sample(item: dict, root: str, kwargs: tuple) -> dict:
     if key not in _READERS:  # one reader (and its open files) per Ray worker process
         _READERS[key] = ShapeDataset(root, **dict(kwargs))
     return _READERS[key].sample(int(item["index"]))
+
+
+def representative_order(dataset: ShapeDataset) -> list[int]:
+    """Row indices in the split's stable hash order: the first N rows are a fixed,
+    unbiased sample of the objects (dataset order is by name, i.e. by category)."""
+    from .splits import split_score
+
+    return sorted(range(len(dataset)), key=lambda i: (split_score(dataset.uids[i]), dataset.uids[i]))
 
 
 def ray_dataset(root: str | Path, **kwargs):
