@@ -44,6 +44,7 @@ class GenerateConfig:
     cfg: float | None = None              # final CFG scale, ramped linearly (paper 3.0)
     temperature: float | None = None
     diffusion_steps: int | None = None    # respaced diffusion-head sampling steps (paper 100)
+    timestep_spacing: str | None = None   # "leading" | "linspace" (MAR's); None: the model's
     use_hr: bool = True                   # False: LR tokens only (the --no-hr path)
     resolution: int = 128                 # marching-cubes cells per axis
     extraction: Literal["hierarchical", "dense"] = "hierarchical"
@@ -61,6 +62,8 @@ class GenerateConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.diffusion_steps is not None and self.diffusion_steps < 1:
             raise ValueError(f"diffusion_steps must be >= 1, got {self.diffusion_steps}")
+        if self.timestep_spacing not in (None, "leading", "linspace"):
+            raise ValueError(f"timestep_spacing must be leading, linspace or null, got {self.timestep_spacing!r}")
         if not 16 <= self.resolution <= 1024:
             raise ValueError(f"resolution must be in [16, 1024], got {self.resolution}")
         if self.query_batch_size < 1024:
@@ -135,11 +138,13 @@ def _device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> ShapeVAE:
+def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ShapeVAE, dict[str, Any]]:
+    """The VAE of a model folder, frozen and in eval mode, and the ``extra`` data saved
+    with it (``latent_stats``, the ``surface_sizes`` it was trained on, ...)."""
     state, doc = load_model_dir(directory, kind="vae")
     vae = ShapeVAE(from_dict(VAEConfig, doc["model"]))
     vae.load_state_dict(state)
-    return vae.requires_grad_(False).eval().to(device)
+    return vae.requires_grad_(False).eval().to(device), dict(doc.get("extra") or {})
 
 
 def load_mar(directory: str | Path, kind: str, device: str | torch.device = "cpu") -> ConditionalMAR:
@@ -175,10 +180,14 @@ class MAR3DPipeline:
     """The whole cascade for inference; construct with :meth:`from_pretrained`."""
 
     def __init__(self, vae: ShapeVAE, lr: ConditionalMAR, hr: ConditionalMAR | None,
-                 config: GenerateConfig | None = None, device: str | torch.device = "cpu"):
+                 config: GenerateConfig | None = None, device: str | torch.device = "cpu",
+                 vae_surface_sizes: list[int] | None = None):
         self.config = config or GenerateConfig()
         self.config.validate()
         self.device = _device(device)
+        # Points per pyramid level the VAE was trained on (None: unknown); encoding a
+        # ground-truth surface for reconstruction uses subsets of these sizes.
+        self.vae_surface_sizes = list(vae_surface_sizes) if vae_surface_sizes else None
         self.vae, self.lr, self.hr = vae.to(self.device), lr.to(self.device), hr.to(self.device) if hr else None
         self._check_shapes()
 
@@ -202,14 +211,16 @@ class MAR3DPipeline:
         hr = load_mar(dirs["hr"], "hr", dev) if config.use_hr and "hr" in dirs else None
         if config.use_hr and hr is None:
             raise FileNotFoundError(f"{uri} has no MAR-HR model; pass use_hr=False for LR-only generation")
-        return cls(load_vae(dirs["vae"], dev), load_mar(dirs["lr"], "lr", dev), hr, config, dev)
+        vae, vae_extra = load_vae(dirs["vae"], dev)
+        return cls(vae, load_mar(dirs["lr"], "lr", dev), hr, config, dev,
+                   vae_surface_sizes=vae_extra.get("surface_sizes"))
 
     @property
     def uses_hr(self) -> bool:
         return self.config.use_hr and self.hr is not None
 
     def _sampling(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        keys = ("num_iters", "cfg", "temperature", "diffusion_steps")
+        keys = ("num_iters", "cfg", "temperature", "diffusion_steps", "timestep_spacing")
         out = {k: getattr(self.config, k) for k in keys}
         out.update({k: v for k, v in overrides.items() if k in keys and v is not None})
         return out
@@ -217,17 +228,34 @@ class MAR3DPipeline:
     @torch.no_grad()
     def generate_tokens(self, image: Any, seed: int = 0, use_hr: bool | None = None,
                         **sampling) -> tuple[torch.Tensor, str]:
-        """One image -> (latent tokens [1, T, C], "hr" or "lr")."""
+        """One image -> (VAE latents [1, T, C], "hr" or "lr").
+
+        Each MAR model generates in its own normalized token space; the tokens are mapped
+        back to VAE latents with the statistics stored in its config (and, for MAR-HR,
+        the LR latents into its prefix space)."""
         rgba = torch.from_numpy(load_image(image, self.config)).unsqueeze(0).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        kwargs = self._sampling(sampling)
-        lr_tokens = self.lr.generate(rgba, generator=gen, **kwargs)
+        lr_latents = self.generate_lr(rgba, gen, **sampling)
         hr_wanted = self.uses_hr if use_hr is None else use_hr
         if hr_wanted:
-            if self.hr is None:
-                raise ValueError("this pipeline has no MAR-HR model")
-            return self.hr.generate(rgba, lr_tokens=lr_tokens, generator=gen, **kwargs), "hr"
-        return lr_tokens, "lr"
+            return self.generate_hr(rgba, lr_latents, gen, **sampling), "hr"
+        return lr_latents, "lr"
+
+    @torch.no_grad()
+    def generate_lr(self, rgba: torch.Tensor, generator: torch.Generator, **sampling) -> torch.Tensor:
+        """MAR-LR: RGBA uint8 [B, H, W, 4] -> LR VAE latents."""
+        tokens = self.lr.generate(rgba, generator=generator, **self._sampling(sampling))
+        return self.lr.mar.denormalize(tokens)
+
+    @torch.no_grad()
+    def generate_hr(self, rgba: torch.Tensor, lr_latents: torch.Tensor, generator: torch.Generator,
+                    **sampling) -> torch.Tensor:
+        """MAR-HR: RGBA uint8 images + LR VAE latents -> HR VAE latents."""
+        if self.hr is None:
+            raise ValueError("this pipeline has no MAR-HR model")
+        tokens = self.hr.generate(rgba, lr_tokens=self.hr.mar.normalize_lr(lr_latents),
+                                  generator=generator, **self._sampling(sampling))
+        return self.hr.mar.denormalize(tokens)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, resolution: int | None = None) -> ExtractionResult:

@@ -55,7 +55,10 @@ def train_cascade(shards: Path, storage: Path, mlflow_uri: str, steps: dict[str,
         common = [f"data={shards}", f"storage_path={storage}", f"mlflow_uri={mlflow_uri}",
                   f"run_name={stage}-cascade", f"experiment={experiment}", f"steps={n}",
                   f"warmup_steps={min(20, n // 10)}", f"checkpoint_every={n}",
-                  "eval_every=0", "max_failures=0", "log_every=50"]
+                  "eval_every=0", "max_failures=0", "log_every=50", "batch_size=2",
+                  # A conditioning test on 4 objects: train on every object and view (the
+                  # held-out split is what the pipeline's evaluation tests).
+                  "split=all"]
         if stage != "vae":
             common += [f"vae_model_uri={results['vae'].model_uri}", *SMALL_CONDITION]
         cfg = load_train_config(stage, CONFIGS / f"train_{stage}_tiny.yaml",

@@ -42,6 +42,18 @@ def test_cosine_schedule_shape_and_range():
     assert abs(ac[499].item() - 0.5) < 0.02
 
 
+def test_respaced_timesteps_linspace_is_guided_diffusions_spacing():
+    """MAR samples with guided-diffusion's space_timesteps(1000, "100"): round(i * 999 / 99)."""
+    ts = respaced_timesteps(1000, 100, "linspace")
+    assert ts[0] == 0 and ts[-1] == 999 and len(set(ts.tolist())) == 100
+    assert ts[:4].tolist() == [0, 10, 20, 30] and ts[50].item() == round(50 * 999 / 99)
+    assert respaced_timesteps(1000, 1, "linspace").tolist() == [999]
+    with pytest.raises(ValueError, match="spacing"):
+        respaced_timesteps(1000, 10, "trailing")
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        DiffusionConfig(timestep_spacing="trailing").validate()
+
+
 def test_respaced_timesteps_leading_spacing():
     ts = respaced_timesteps(1000, 100)
     assert ts.tolist() == list(range(0, 1000, 10))

@@ -281,7 +281,10 @@ def test_tiny_lr_model_overfits_two_conditions():
     """Sanity: two conditions, two fixed token sets; after training each generation lands on
     its own target (well below the distance to the other one)."""
     torch.manual_seed(0)
+    # Deterministic targets: the robust "leading" spacing (MAR's "linspace" starts at
+    # alpha_bar ~ 2e-9, where a briefly trained head's errors on a point mass blow up).
     cfg = MARConfig.tiny("lr", seq_len=16, token_dim=4, enc_layers=1, dec_layers=1, cfg_dropout=0.0,
+                         diffusion=DiffusionConfig(width=64, depth=2, timestep_spacing="leading"),
                          sampling=SamplingConfig(num_iters=4, cfg=1.0, diffusion_steps=25))
     model = MAR(cfg, cond_dim=8, cond_len=2)
     targets, conds = randn(2, 16, 4, seed=0), randn(2, 2, 8, seed=1)
@@ -330,3 +333,29 @@ def test_bad_configs_are_rejected(override, match):
 def test_unknown_keys_are_rejected():
     with pytest.raises(ConfigError, match="unknown"):
         load_config(GeneratorConfig, CONFIGS / "mar_tiny.yaml", ["lr.mask_ratio=0.5"])
+
+
+def test_latent_normalization_roundtrip_and_stats_from_the_vae():
+    """MAR works on (z - shift) / scale with the frozen VAE's measured statistics of its
+    training target; the saved config carries them, so generated tokens map back."""
+    from mar3d.train.stages import apply_latent_stats
+
+    stats = {"hr": {"shift": 0.2, "std_mean": 1.5, "std_sample": 1.9},
+             "lr": {"shift": 0.1, "std_mean": 1.4, "std_sample": 1.8}, "num_shapes": 8}
+    cfg = small_cfg("hr")
+    apply_latent_stats(cfg, stats, "sample", "vae-folder")
+    assert (cfg.latent_shift, cfg.latent_scale) == (0.2, 1.9)
+    assert (cfg.lr_latent_shift, cfg.lr_latent_scale) == (0.1, 1.8)
+    lr_cfg = small_cfg("lr")
+    apply_latent_stats(lr_cfg, stats, "mean", "vae-folder")
+    assert (lr_cfg.latent_shift, lr_cfg.latent_scale) == (0.1, 1.4)
+    model = MAR(cfg, cond_dim=COND_DIM, cond_len=COND_LEN)
+    z = randn(2, cfg.seq_len, cfg.token_dim) * 1.9 + 0.2
+    x = model.normalize(z)
+    assert torch.allclose(model.denormalize(x), z, atol=1e-6)
+    assert x.std().item() == pytest.approx(1.0, abs=0.1) and abs(x.mean().item()) < 0.1
+    assert torch.allclose(model.normalize_lr(torch.full((1, 2), 1.9)), torch.full((1, 2), 1.0))
+    with pytest.raises(ValueError, match="latent_stats"):
+        apply_latent_stats(small_cfg("lr"), None, "sample", "old-vae")
+    with pytest.raises(ValueError, match="latent_scale"):
+        small_cfg("lr", latent_scale=0.0)

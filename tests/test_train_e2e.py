@@ -31,7 +31,11 @@ def trained_vae(shards, mlflow_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("train_vae")
     cfg = load_train_config("vae", REPO / "configs" / "train_vae_tiny.yaml", [
         f"data={shards}", f"storage_path={out}", f"mlflow_uri={mlflow_server}",
-        "run_name=vae-e2e", "experiment=test-train", "max_failures=0"])
+        "run_name=vae-e2e", "experiment=test-train", "max_failures=0",
+        # Mechanics on 4 objects: 2 workers x batch 2 need them all (no held-out split),
+        # 300 steps (a third of the demo's) are enough to beat the all-inside baseline.
+        "split=all", "batch_size=2", "steps=300", "warmup_steps=20", "checkpoint_every=100",
+        "eval_every=100", "num_eval_samples=4"])
     return cfg, run_training(cfg)
 
 
@@ -119,6 +123,7 @@ def test_train_mar_stage_on_frozen_vae(stage, trained_vae, shards, mlflow_server
         f"data={shards}", f"storage_path={tmp_path}", f"mlflow_uri={mlflow_server}",
         f"vae_model_uri={vae.model_uri}", f"run_name={stage}-e2e", "experiment=test-train",
         "steps=20", "warmup_steps=2", "checkpoint_every=10", "log_every=5", "eval_every=10",
+        "split=all", "batch_size=2", "num_eval_samples=4",
         # 64 px condition renders: smaller tiny encoders keep the CPU test fast.
         "condition.image_size=64", "condition.tiny_clip_patch=16", "condition.tiny_dino_patch=16",
         # HR covers the other data path: per-worker DataLoader + DistributedSampler.

@@ -56,6 +56,51 @@ def test_weight_decay_only_on_matrices():
     assert decayed == {id(model[0].weight)}
 
 
+def _no_decay_matrices(model) -> set[str]:
+    """Trainable parameters of >= 2 dims that are exempt from decay (1-D ones always are)."""
+    from mar3d.train.optim import no_decay_reason
+
+    return {n for n, p in model.named_parameters()
+            if p.requires_grad and p.ndim >= 2 and no_decay_reason(n, p)}
+
+
+def _diffusion_matrices(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if ".diffusion." in f".{n}" and p.ndim >= 2}
+
+
+@pytest.mark.parametrize("size", ["tiny", "paper"])
+def test_weight_decay_exempts_embeddings_tokens_queries_and_the_diffusion_head(size):
+    """The decay groups of the real models: every positional embedding, learned token and
+    VAE query set, and the whole diffusion head (as MAR exempts ``diffloss``) are exempt;
+    every other weight matrix is decayed. The paper models are built on the meta device."""
+    from mar3d.config import load_config
+    from mar3d.models.condition import ConditionConfig
+    from mar3d.models.mar import ConditionalMAR, MARConfig
+    from mar3d.models.vae import ShapeVAE, VAEConfig
+    from mar3d.train.optim import no_decay_reason
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with torch.device("meta" if size == "paper" else "cpu"):
+        vae = ShapeVAE(load_config(VAEConfig, configs / f"vae_{size}.yaml", ["query_mode=learnable"]))
+        cond = load_config(ConditionConfig, configs / f"mar_{size}.yaml", ["train_encoders=true"],
+                           section="condition")
+        hr = ConditionalMAR(cond, load_config(MARConfig, configs / f"mar_{size}.yaml", section="hr"))
+    assert _no_decay_matrices(vae) == {"encoder.queries.hr", "encoder.queries.lr"}
+    embeddings = {"mar.fake_cond", "mar.fake_lr", "mar.enc_pos", "mar.mask_token", "mar.dec_pos",
+                  "mar.diff_pos", "conditioner.clip.positional_embedding",
+                  "conditioner.dino.pos_embed", "conditioner.dino.cls_token"}
+    head = _diffusion_matrices(hr)
+    assert len(head) >= 10 and all(n.startswith("mar.diffusion.head.") for n in head)
+    assert _no_decay_matrices(hr) == embeddings | head
+    decayed = {n for n, p in hr.named_parameters() if not no_decay_reason(n, p)}
+    assert {"mar.cond_proj.weight", "mar.enc_blocks.0.attn.qkv.weight",
+            "conditioner.clip_proj.weight", "conditioner.dino.blocks.0.mlp.fc1.weight"} <= decayed
+    assert not any(".diffusion." in f".{n}" or n.endswith("_pos") for n in decayed)
+    groups = param_groups(hr, 0.05)
+    exempt = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {id(p) for n, p in hr.named_parameters() if n in head | embeddings} <= exempt
+
+
 # --- EMA ----------------------------------------------------------------------------------
 
 def test_ema_tracks_parameters_and_roundtrips():

@@ -60,6 +60,7 @@ def tiny(**kw) -> VAEConfig:
 def test_config_files_load_and_validate():
     tiny_cfg = load_config(VAEConfig, REPO / "configs" / "vae_tiny.yaml")
     assert tiny_cfg.width == 64 and tiny_cfg.kind == "pyramid"
+    assert tiny_cfg == VAEConfig.tiny()
     paper = load_config(VAEConfig, REPO / "configs" / "vae_paper.yaml")
     assert (paper.width, paper.heads, paper.enc_layers, paper.dec_layers) == (768, 12, 8, 16)
     assert (paper.latent_channels, paper.lr_tokens, paper.hr_tokens) == (64, 256, 1024)
@@ -180,8 +181,14 @@ def test_farthest_point_sampling_spreads_points():
     line = torch.linspace(0, 1, 101).view(1, -1, 1) * torch.tensor([1.0, 0, 0])
     idx = farthest_point_sample(line.expand(2, -1, -1), 3)
     assert idx.tolist() == [[0, 100, 50], [0, 100, 50]]
-    idx = farthest_point_sample(torch.rand(3, 200, 3), 50, random_start=True)
+    idx = farthest_point_sample(torch.rand(3, 200, 3), 50, start="random")
     assert all(len(set(row.tolist())) == 50 for row in idx)
+    # Canonical start: the same order whatever the listing of the points.
+    cloud = torch.rand(1, 300, 3)
+    perm = torch.randperm(300)
+    a = farthest_point_sample(cloud, 20, start="canonical")[0]
+    b = farthest_point_sample(cloud[:, perm], 20, start="canonical")[0]
+    assert torch.equal(cloud[0, a], cloud[0, perm][b])
 
 
 def test_tiny_vae_overfits_one_shape_and_extracts_its_mesh(torus):
@@ -217,3 +224,41 @@ def test_tiny_vae_overfits_one_shape_and_extracts_its_mesh(torus):
     assert fast.num_queries < dense.num_queries
     # a torus: genus 1, volume near 2 pi^2 R r^2
     assert math.isclose(fast.mesh.volume, 2 * math.pi ** 2 * 0.55 * 0.25 ** 2, rel_tol=0.25)
+
+
+def test_logvar_init_sets_the_initial_posterior_spread(batch):
+    surfaces = [batch[f"surface_{k}"] for k in range(3)]
+    torch.manual_seed(0)
+    default = ShapeVAE(tiny(logvar_init=0.0)).encode_posterior(surfaces)
+    torch.manual_seed(0)
+    tight = ShapeVAE(tiny(logvar_init=-4.0)).encode_posterior(surfaces)
+    assert abs(default.logvar.mean().item()) < 1.0  # PyTorch's default bias init: about 0
+    assert tight.logvar.mean().item() == pytest.approx(-4.0, abs=1.0)
+    with pytest.raises(ValueError, match="logvar_init"):
+        tiny(logvar_init=-40.0)
+
+
+def test_latent_stats_are_summable_across_batches_and_ranks(batch):
+    """Sums of two halves (as two ranks would all-reduce them) give the statistics of the
+    whole; shift/std match a direct computation on the same posterior samples."""
+    from mar3d.models.vae import latent_stats_from_sums, latent_sums
+
+    vae = ShapeVAE(tiny()).eval()
+    surfaces = [batch[f"surface_{k}"] for k in range(3)]
+    halves = [[s[:1] for s in surfaces], [s[1:] for s in surfaces]]
+    torch.manual_seed(0)
+    parts = [latent_sums(vae, h, "hr") for h in halves]
+    torch.manual_seed(0)
+    means, samples = [], []
+    for h in halves:
+        post = vae.encode_posterior(h, "hr")
+        means.append(post.mean.double())
+        samples.append(post.sample().double())
+    stats = latent_stats_from_sums(parts[0] + parts[1])
+    mean, sample = torch.cat(means), torch.cat(samples)
+    assert stats["shift"] == pytest.approx(mean.mean().item(), rel=1e-6)
+    assert stats["std_mean"] == pytest.approx(mean.std(unbiased=False).item(), rel=1e-5)
+    assert stats["std_sample"] == pytest.approx((sample - mean.mean()).pow(2).mean().sqrt().item(), rel=1e-5)
+    assert stats["std_sample"] > stats["std_mean"]  # samples add the posterior's own spread
+    with pytest.raises(ValueError, match="no latents"):
+        latent_stats_from_sums(torch.zeros(5, dtype=torch.float64))

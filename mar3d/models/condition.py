@@ -104,14 +104,17 @@ def build_clip_visual(cfg: ConditionConfig) -> nn.Module:
             layers=cfg.tiny_layers, heads=cfg.tiny_heads, mlp_ratio=4.0, output_dim=cfg.tiny_width)
     pretrained = cfg.clip_pretrained
     tags = open_clip.list_pretrained_tags_by_model(cfg.clip_model)
+    # open_clip moves the model to a device itself: keep it on the current default device
+    # (e.g. "meta" to size a paper-scale model without allocating it).
+    device = torch.empty(0).device
     if pretrained is None:
-        model = open_clip.create_model(cfg.clip_model, pretrained=None)
+        model = open_clip.create_model(cfg.clip_model, pretrained=None, device=device)
     elif pretrained in tags:
-        model = open_clip.create_model(cfg.clip_model, pretrained=pretrained)
+        model = open_clip.create_model(cfg.clip_model, pretrained=pretrained, device=device)
     else:
         path = _require_file(pretrained, "condition.clip_pretrained",
                              f" and is not an open_clip tag of {cfg.clip_model} {tags}")
-        model = open_clip.create_model(cfg.clip_model, pretrained=None)
+        model = open_clip.create_model(cfg.clip_model, pretrained=None, device=device)
         # open_clip's loader: safetensors, or torch.load(weights_only=True); converts known
         # third-party layouts and resizes position embeddings.
         open_clip.load_checkpoint(model, str(path), weights_only=True)

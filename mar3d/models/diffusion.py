@@ -9,12 +9,13 @@ needed: the "loss" of a token is the diffusion loss of its denoiser.
   interpolation weight for the variance when ``learn_sigma`` is on.
 * ``GaussianDiffusion``: cosine noise schedule (Nichol & Dhariwal 2021) with 1000 training
   steps, epsilon-prediction MSE loss, and DDPM ancestral sampling on an evenly respaced
-  subset of steps (100 by default; "leading" spacing, see ``respaced_timesteps``), with
-  temperature and classifier-free guidance.
+  subset of steps (100 by default; "leading" or MAR's "linspace" spacing, see
+  ``respaced_timesteps``), with temperature and classifier-free guidance.
 
-Learned variance (``learn_sigma``, used by the MAR/MAR-3D code) is optional and off by
-default: with only 100 sampling steps the fixed posterior variance works well for
-continuous latents and the loss stays a plain MSE. When on, the head's second half of
+Learned variance (``learn_sigma``, used by the MAR/MAR-3D code and by
+``configs/mar_paper.yaml``) is off in the dataclass default and the tiny configs: for the
+tiny CPU models it measured the same as the fixed posterior variance (README) and the
+loss stays a plain MSE. When on, the head's second half of
 outputs sets log-variance between log(beta_tilde) and log(beta) and a variational-bound
 term (computed with a stopped-gradient mean, as in improved DDPM) is added. At t = 0 the
 decoder term is a continuous Gaussian NLL, since latent tokens are not 8-bit pixels.
@@ -37,6 +38,10 @@ class DiffusionConfig:
     train_steps: int = 1000            # diffusion steps of the training schedule
     batch_mul: int = 4                 # noise draws per token per training step
     learn_sigma: bool = False          # see module docstring
+    # Which training timesteps a respaced sampler visits (see ``respaced_timesteps``):
+    # "linspace" = MAR's / guided-diffusion's even spacing including T-1; "leading" =
+    # floor(i * T / n), which stops at T - T/n.
+    timestep_spacing: str = "leading"
 
     def validate(self) -> None:
         if self.width < 1 or self.depth < 1:
@@ -45,6 +50,9 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.train_steps must be >= 2, got {self.train_steps}")
         if self.batch_mul < 1:
             raise ValueError(f"diffusion.batch_mul must be >= 1, got {self.batch_mul}")
+        if self.timestep_spacing not in SPACINGS:
+            raise ValueError(f"diffusion.timestep_spacing must be one of {SPACINGS}, got "
+                             f"{self.timestep_spacing!r}")
 
 
 def gaussian_noise(shape: tuple[int, ...], generator: torch.Generator | None,
@@ -151,17 +159,35 @@ def cosine_betas(num_steps: int, max_beta: float = 0.999, s: float = 0.008) -> t
     return torch.tensor(betas, dtype=torch.float64)
 
 
-def respaced_timesteps(train_steps: int, sample_steps: int) -> torch.Tensor:
-    """``sample_steps`` evenly spaced training timesteps ``floor(i * T / n)``, i = 0..n-1.
+SPACINGS = ("leading", "linspace")
 
-    "Leading" spacing: it starts at T - T/n, not at T - 1. The cosine schedule clips the
-    last beta to 0.999, so alpha_bar(T-1) ~ 2e-9 and a first reverse step from T-1 amplifies
-    epsilon-prediction errors ~500x (guided-diffusion's spacing, used by MAR, includes T-1
-    and relies on a very well-trained head; a briefly trained head diverges). At T - T/n
-    alpha_bar is ~8e-4 (n = 100): x_T ~ N(0, I) is still an accurate start.
+
+def respaced_timesteps(train_steps: int, sample_steps: int, spacing: str = "leading") -> torch.Tensor:
+    """``sample_steps`` of the ``train_steps`` training timesteps, ascending.
+
+    * ``"leading"``: ``floor(i * T / n)``, i = 0..n-1; it ends at T - T/n, not at T - 1.
+    * ``"linspace"``: ``round(i * (T - 1) / (n - 1))``, the even spacing of
+      guided-diffusion's ``space_timesteps(T, "n")`` that MAR samples with; it includes
+      T - 1.
+
+    The cosine schedule clips the last beta to 0.999, so alpha_bar(T-1) ~ 2e-9 and a first
+    reverse step from T-1 amplifies epsilon-prediction errors ~500x: on *unnormalized*
+    VAE latents (std ~2) a briefly trained head diverged there, which is why "leading"
+    exists (at T - T/n alpha_bar is ~8e-4 for n = 100), and the tests' toy heads trained
+    on deterministic targets still diverge there. On VAE latents normalized to unit spread
+    (``MARConfig.latent_scale``, as MAR scales its latents) MAR's spacing was as good or
+    better for the tiny CPU models, with fixed or learned variance (README): the tiny and
+    paper configs use it; "leading" stays the dataclass default as the robust choice.
     """
     if not 1 <= sample_steps <= train_steps:
         raise ValueError(f"sample_steps must be in [1, {train_steps}], got {sample_steps}")
+    if spacing == "linspace":
+        if sample_steps == 1:
+            return torch.tensor([train_steps - 1])
+        return torch.round(torch.arange(sample_steps, dtype=torch.float64) * (train_steps - 1)
+                           / (sample_steps - 1)).long()
+    if spacing != "leading":
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     return torch.div(torch.arange(sample_steps) * train_steps, sample_steps, rounding_mode="floor")
 
 
@@ -215,14 +241,14 @@ class GaussianDiffusion(nn.Module):
         self.head = DiffusionHead(token_dim, cond_dim, cfg.width, cfg.depth, cfg.learn_sigma)
         betas = cosine_betas(cfg.train_steps)
         self.train_schedule = _Schedule(torch.cumprod(1 - betas, 0), torch.arange(cfg.train_steps))
-        self._sample_schedules: dict[int, _Schedule] = {}
+        self._sample_schedules: dict[tuple[int, str], _Schedule] = {}
 
-    def sample_schedule(self, num_steps: int) -> _Schedule:
-        if num_steps not in self._sample_schedules:
-            timesteps = respaced_timesteps(self.cfg.train_steps, num_steps)
-            self._sample_schedules[num_steps] = _Schedule(
-                self.train_schedule.alphas_cumprod[timesteps], timesteps)
-        return self._sample_schedules[num_steps]
+    def sample_schedule(self, num_steps: int, spacing: str | None = None) -> _Schedule:
+        key = (num_steps, spacing or self.cfg.timestep_spacing)
+        if key not in self._sample_schedules:
+            timesteps = respaced_timesteps(self.cfg.train_steps, *key)
+            self._sample_schedules[key] = _Schedule(self.train_schedule.alphas_cumprod[timesteps], timesteps)
+        return self._sample_schedules[key]
 
     # ------------------------------------------------------------------ training
     def training_loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,
@@ -314,7 +340,7 @@ class GaussianDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, num_steps: int = 100, temperature: float = 1.0,
                cfg: torch.Tensor | float | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, spacing: str | None = None) -> torch.Tensor:
         """Sample tokens [N, C] for conditions ``z`` [N, D] by ancestral DDPM sampling.
 
         ``temperature`` scales the noise added at each step (not the initial noise), as in
@@ -325,7 +351,7 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"z must be [N, D], got {tuple(z.shape)}")
         if cfg is not None and z.shape[0] % 2:
             raise ValueError("with cfg, z must stack conditional and unconditional halves (even N)")
-        sched = self.sample_schedule(num_steps)
+        sched = self.sample_schedule(num_steps, spacing)
         n = z.shape[0]
         like = z.float()  # the chain runs in float32 whatever the head's precision
         if cfg is None:

@@ -87,6 +87,13 @@ class MARConfig:
     cond_aug_t_max: float = 0.6
     cond_aug_t_infer: float = 0.5      # HR condition augmentation at inference
     grad_checkpointing: bool = False
+    # The model works on normalized latents x = (z - shift) / scale (MAR scales its VAE
+    # latents the same way); the training stage fills these from the frozen VAE's measured
+    # statistics, so a saved model knows how to map its tokens back to the VAE.
+    latent_shift: float = 0.0
+    latent_scale: float = 1.0
+    lr_latent_shift: float = 0.0       # HR: the same for the LR tokens of its prefix
+    lr_latent_scale: float = 1.0
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -114,6 +121,9 @@ class MARConfig:
                              f"{self.cond_aug_t_min}, {self.cond_aug_t_max}")
         if not 0.0 <= self.cond_aug_t_infer <= 1.0:
             raise ValueError(f"mar.cond_aug_t_infer must be in [0, 1], got {self.cond_aug_t_infer}")
+        if not (self.latent_scale > 0 and self.lr_latent_scale > 0):
+            raise ValueError(f"mar.latent_scale and lr_latent_scale must be > 0, got "
+                             f"{self.latent_scale}, {self.lr_latent_scale}")
         self.diffusion.validate()
         self.sampling.validate()
         if self.sampling.num_iters > self.seq_len:
@@ -238,6 +248,19 @@ class MAR(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    # ------------------------------------------------------------------ latent space
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the tokens this model generates."""
+        return (z - self.cfg.latent_shift) / self.cfg.latent_scale
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated tokens -> VAE latents (what the VAE decoder takes)."""
+        return x * self.cfg.latent_scale + self.cfg.latent_shift
+
+    def normalize_lr(self, z_lr: torch.Tensor) -> torch.Tensor:
+        """HR: VAE LR latents -> the LR tokens of this model's prefix."""
+        return (z_lr - self.cfg.lr_latent_shift) / self.cfg.lr_latent_scale
+
     # ------------------------------------------------------------------ pieces
     def _check_inputs(self, cond: torch.Tensor, lr_tokens: torch.Tensor | None,
                       tokens: torch.Tensor | None = None) -> None:
@@ -349,9 +372,10 @@ class MAR(nn.Module):
     def generate(self, cond: torch.Tensor, num_iters: int | None = None, cfg: float | None = None,
                  temperature: float | None = None, diffusion_steps: int | None = None,
                  lr_tokens: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 aug_t: float | None = None) -> torch.Tensor:
+                 aug_t: float | None = None, timestep_spacing: str | None = None) -> torch.Tensor:
         """Sample tokens [B, T, C]. Arguments left None come from ``cfg.sampling`` (and
-        ``aug_t`` from ``cond_aug_t_infer``). Same ``generator`` state -> same tokens."""
+        ``aug_t`` from ``cond_aug_t_infer``, ``timestep_spacing`` from ``cfg.diffusion``).
+        Same ``generator`` state -> same tokens."""
         self._check_inputs(cond, lr_tokens)
         s = self.cfg.sampling
         num_iters = s.num_iters if num_iters is None else num_iters
@@ -364,12 +388,13 @@ class MAR(nn.Module):
         self.eval()
         try:
             return self._generate(cond, num_iters, cfg, temperature, diffusion_steps, lr_tokens,
-                                  generator, self.cfg.cond_aug_t_infer if aug_t is None else aug_t)
+                                  generator, self.cfg.cond_aug_t_infer if aug_t is None else aug_t,
+                                  timestep_spacing)
         finally:
             self.train(was_training)
 
     def _generate(self, cond, num_iters, cfg, temperature, diffusion_steps, lr_tokens, generator,
-                  aug_t) -> torch.Tensor:
+                  aug_t, timestep_spacing=None) -> torch.Tensor:
         b, device = cond.shape[0], cond.device
         seq_len, c = self.cfg.seq_len, self.cfg.token_dim
         if self.is_hr:
@@ -395,7 +420,8 @@ class MAR(nn.Module):
             # Boolean indexing is batch-major: with guidance the rows are [cond; uncond].
             rows = torch.cat([to_predict, to_predict]) if guided else to_predict
             scale = cfg_scale(cfg, seq_len - masked, seq_len) if guided else None
-            sampled = self.diffusion.sample(z[rows], diffusion_steps, temperature, scale, generator)
+            sampled = self.diffusion.sample(z[rows], diffusion_steps, temperature, scale, generator,
+                                            spacing=timestep_spacing)
             tokens[to_predict] = sampled[: b * reveal].to(tokens.dtype)
             mask = next_mask
         return tokens.float()

@@ -72,7 +72,7 @@ def _worker_env(cfg: TrainConfig) -> dict[str, str]:
         # Must be in the environment before DeepSpeed is imported in the worker.
         env["DS_ACCELERATOR"] = "cpu"
         # Fractional-CPU workers would each start one thread per core otherwise.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.cpus_per_worker))))
+        env["OMP_NUM_THREADS"] = str(cfg.cpu_threads())
     return env
 
 
@@ -145,8 +145,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": _worker_env(cfg)}),
         datasets=datasets,
-        # Only "train" is sharded; every worker sees the whole (small) "eval" set and
-        # keeps every world-th sample, so evaluation covers each sample exactly once.
         dataset_config=DataConfig(datasets_to_split=["train"]),
         torch_config=TorchConfig(backend=cfg.resolved_backend()),
     )

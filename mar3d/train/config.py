@@ -51,6 +51,10 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5         # fractional so 2 workers fit on a 2-core laptop
+    # CPU training: torch threads per worker (0 = int(cpus_per_worker), at least 1). Ray's
+    # CPU count is scheduling, not a thread limit: one worker may reserve 1 CPU (leaving
+    # one for the data tasks) and still compute on 2 threads.
+    threads_per_worker: int = 0
     gpus_per_worker: float = 1.0         # only used when use_gpu
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
 
@@ -71,7 +75,11 @@ class TrainConfig:
     seed: int = 0
 
     # --- data loading ----------------------------------------------------------------------
+    # "train": the dataset's training objects and training views only (mar3d/data/splits.py);
+    # "all": every object and view (no held-out evaluation is then honest).
+    split: Literal["train", "all"] = "train"
     data_loader: Literal["ray", "torch"] = "ray"  # Ray Data shards, or per-worker DataLoader
+    cache_rows: int = 128                # decoded dataset rows kept per reader process (LRU)
     num_occ: int = 2048                  # occupancy supervision points per sample
     surface_sizes: tuple[int, ...] = ()  # points per pyramid level; () = as stored
     rotate: bool = False                 # random rotation augmentation (view-aligned frame)
@@ -90,6 +98,14 @@ class TrainConfig:
     # --- stage specific --------------------------------------------------------------------
     vae_level: Literal["alternate", "hr", "lr"] = "alternate"  # VAE: which latent set per step
     vae_model_uri: str = ""              # lr/hr: frozen VAE (runs:/.., models:/.., or a folder)
+    # VAE: after training, the latent statistics (shift, scale) are measured on this many
+    # training shapes and stored with the weights; MAR stages normalize with them.
+    latent_stats_shapes: int = 64
+    # lr/hr: MAR targets are posterior samples of the frozen VAE ("sample", as the MAR-3D
+    # authors) or posterior means ("mean"); latent_norm: train on (z - shift) / scale
+    # with the VAE's measured statistics (as MAR scales its latents), else on raw z.
+    latent_target: Literal["sample", "mean"] = "sample"
+    latent_norm: bool = True
     vae: VAEConfig = field(default_factory=VAEConfig)
     mar: MARConfig = field(default_factory=MARConfig)
     condition: ConditionConfig = field(default_factory=ConditionConfig)
@@ -102,6 +118,10 @@ class TrainConfig:
         if self.precision == "auto":
             return "bf16" if self.use_gpu else "fp32"
         return self.precision
+
+    def cpu_threads(self) -> int:
+        """Torch threads of one CPU training worker."""
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
     def resolved_backend(self) -> str:
         if self.backend == "auto":
@@ -117,6 +137,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"TrainConfig.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.threads_per_worker < 0:
+            raise ValueError(f"TrainConfig.threads_per_worker must be >= 0, got {self.threads_per_worker}")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ValueError(f"TrainConfig.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
         if self.backend == "nccl" and not self.use_gpu:
@@ -129,10 +151,10 @@ class TrainConfig:
             raise ValueError("TrainConfig.precision 'bf16' is for GPU training; CPU runs use fp32 "
                              "(precision: auto picks the right one)")
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "num_occ", "num_eval_samples"):
+                     "num_occ", "num_eval_samples", "latent_stats_shapes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every"):
+        for name in ("warmup_steps", "eval_every", "cache_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps >= self.steps and self.steps > 1:

@@ -76,11 +76,40 @@ def _collate(items: list[dict]) -> dict:
     return {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "uid"}
 
 
-def _dataset_kwargs(cfg, seed: int | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"num_occ": cfg.num_occ, "rotate": cfg.rotate, "seed": seed}
+def _dataset_kwargs(cfg, seed: int | None, split: str | None = None) -> dict[str, Any]:
+    # The VAE learns occupancy from surfaces; MAR maps an image to the surfaces' latents.
+    kwargs: dict[str, Any] = {"num_occ": cfg.num_occ, "rotate": cfg.rotate, "seed": seed,
+                              "split": split or cfg.split, "with_occupancy": cfg.stage == "vae",
+                              "with_image": cfg.stage != "vae", "cache_rows": cfg.cache_rows}
     if cfg.surface_sizes:
         kwargs["surface_sizes"] = tuple(cfg.surface_sizes)
     return kwargs
+
+
+def _eval_sources(cfg) -> dict[str, tuple[str, dict[str, Any], list[int]]]:
+    """Evaluation during training, on fixed samples (same points and views every time):
+
+    * ``"eval"``: training objects seen from their held-out view (VAE: reconstruction of
+      training shapes; MAR: a view it never trained on);
+    * ``"val"``: held-out objects (``eval_data`` if given, else the dataset's val split).
+
+    Returns name -> (dataset root, ShapeDataset kwargs, rows) for the sets that exist;
+    rows are the first ``num_eval_samples`` in the split's hash order (a fixed unbiased
+    sample, not the first objects by name). Occupancy is scored on uniform volume points
+    only (near_fraction 0), the usual definition of a VAE's volume IoU."""
+    from mar3d.data.dataset import ShapeDataset, representative_order
+
+    seed = cfg.seed + 7919
+    seen = {**_dataset_kwargs(cfg, seed, "train"), "near_fraction": 0.0, "rotate": False}
+    seen["view_index"] = ShapeDataset(cfg.data, **seen).split_info.evaluation_view()
+    heldout = {**_dataset_kwargs(cfg, seed, "all" if cfg.eval_data else "val"),
+               "near_fraction": 0.0, "rotate": False}
+    sources = {}
+    for name, root, kwargs in (("eval", cfg.data, seen), ("val", cfg.eval_data or cfg.data, heldout)):
+        dataset = ShapeDataset(root, **kwargs)
+        if len(dataset):
+            sources[name] = (str(root), kwargs, representative_order(dataset)[: cfg.num_eval_samples])
+    return sources
 
 
 _READERS: dict[tuple, Any] = {}
@@ -99,7 +128,8 @@ def _sample_row(item: dict, root: str, kwargs: tuple, rows: int) -> dict:
 
 
 def ray_datasets(cfg, world_size: int) -> dict[str, Any]:
-    """Driver side: the Ray Data datasets ("train" split across workers, "eval" not).
+    """Driver side: the Ray Data training dataset (split across workers); the small fixed
+    evaluation sets are read by each worker itself (:func:`_eval_batches`).
 
     The training set is ``mar3d.data.dataset.ShapeDataset`` sampling as a Ray Data map,
     with each shape listed ``repeats`` times per pass so that one pass gives every worker
@@ -110,7 +140,7 @@ def ray_datasets(cfg, world_size: int) -> dict[str, Any]:
     """
     import ray.data
 
-    from mar3d.data.dataset import ShapeDataset, ray_dataset
+    from mar3d.data.dataset import ShapeDataset
 
     kwargs = _dataset_kwargs(cfg, None)
     rows = len(ShapeDataset(cfg.data, **kwargs))  # validates the arguments up front
@@ -122,12 +152,8 @@ def ray_datasets(cfg, world_size: int) -> dict[str, Any]:
     train = ray.data.range(rows * repeats).random_shuffle().map(
         _sample_row, fn_kwargs={"root": str(cfg.data), "kwargs": tuple(sorted(kwargs.items())),
                                 "rows": rows})
-    # Fixed seed: the same eval samples (points, view) at every evaluation.
-    evaluation = ray_dataset(cfg.eval_data or cfg.data, **_dataset_kwargs(cfg, cfg.seed + 7919))
-    evaluation = evaluation.limit(cfg.num_eval_samples).drop_columns(["uid"])
-    for ds in (train, evaluation):
-        ds.context.enable_progress_bars = False
-    return {"train": train, "eval": evaluation}
+    train.context.enable_progress_bars = False
+    return {"train": train}
 
 
 def _ray_train_stream(cfg, device) -> Iterator[dict]:
@@ -172,24 +198,18 @@ def _torch_train_stream(cfg, rank: int, world: int, device, start_step: int) -> 
         epoch += 1
 
 
-def _eval_batches(cfg, rank: int, world: int, device) -> list[dict]:
-    """This rank's share (every world-th sample) of the first num_eval_samples samples."""
-    mine: list[dict] = []
-    if cfg.data_loader == "ray":
-        import ray.train
+def _eval_batches(cfg, rank: int, world: int, device) -> dict[str, list[dict]]:
+    """Per evaluation set: this rank's share (every world-th sample) of its fixed samples,
+    read directly from the shards (a few rows: a Ray Data job per set would cost more
+    than reading them)."""
+    from mar3d.data.dataset import ShapeDataset
 
-        rows = ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=1, device=device)
-        for i, row in enumerate(rows):
-            if i % world == rank:
-                mine.append(row)
-    else:
-        from mar3d.data.dataset import ShapeDataset
-
-        dataset = ShapeDataset(cfg.eval_data or cfg.data, **_dataset_kwargs(cfg, cfg.seed + 7919))
-        for i in range(min(cfg.num_eval_samples, len(dataset))):
-            if i % world == rank:
-                mine.append(_to_device(_collate([dataset[i]]), device))
-    return mine
+    out: dict[str, list[dict]] = {}
+    for name, (root, kwargs, rows) in _eval_sources(cfg).items():
+        dataset = ShapeDataset(root, **kwargs)
+        out[name] = [_to_device(_collate([dataset[i]]), device)
+                     for k, i in enumerate(rows) if k % world == rank]
+    return out
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -250,7 +270,8 @@ def _all_reduce_means_all_keys(sums, counts, device) -> dict[str, float]:
 
 
 def _save_checkpoint(engine, ema, stage, cfg, step: int, rank: int, final: bool,
-                     metrics: dict[str, float], attempt_start: int) -> None:
+                     metrics: dict[str, float], attempt_start: int,
+                     export_extra: dict[str, Any] | None = None) -> None:
     import ray.train
     from ray.train import Checkpoint
     from safetensors.torch import save_file
@@ -272,7 +293,8 @@ def _save_checkpoint(engine, ema, stage, cfg, step: int, rank: int, final: bool,
                 save_model_dir(Path(tmp, MODEL_DIR), weights, stage.model_config(), stage.kind,
                                extra={"global_step": step, "weights": "ema" if ema else "raw",
                                       "train_stage": cfg.stage,
-                                      "vae_model_uri": cfg.vae_model_uri or None})
+                                      "vae_model_uri": cfg.vae_model_uri or None,
+                                      **(export_extra or {})})
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -319,6 +341,8 @@ def train_loop_per_worker(config: dict) -> None:
     from mar3d.train.optim import EMA, build_optimizer
     from mar3d.train.stages import make_stage
 
+    if not cfg.use_gpu:
+        torch.set_num_threads(cfg.cpu_threads())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
@@ -356,14 +380,21 @@ def train_loop_per_worker(config: dict) -> None:
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+    # Where a step's time goes (waiting for data vs computing), logged as train/data_ms
+    # and train/compute_ms: on small CPU machines data loading is often the limit.
+    data_seconds = compute_seconds = 0.0
     engine.train()
     for step in range(start_step, cfg.steps):
+        tick = time.perf_counter()
         batch = next(stream)
+        tock = time.perf_counter()
         out = stage.loss(engine, batch, step)
         engine.backward(out["loss"])
         engine.step()
         if ema is not None:
             ema.update(engine.module)
+        data_seconds += tock - tick
+        compute_seconds += time.perf_counter() - tock
         global_step = step + 1
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -387,18 +418,25 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["train/samples_per_s"] = samples / elapsed
             metrics["train/tokens_per_s"] = tokens / elapsed
             metrics["train/lr"] = scheduler.get_last_lr()[0]
+            steps_in_window = max(1.0, counts.get("loss", 1.0))  # this rank's steps since the last log
+            metrics["train/data_ms"] = 1000.0 * data_seconds / steps_in_window
+            metrics["train/compute_ms"] = 1000.0 * compute_seconds / steps_in_window
+            data_seconds = compute_seconds = 0.0
             if hasattr(stage, "latent_ms"):
                 metrics["train/latent_ms"] = stage.latent_ms()
             sums, counts = {}, {}
         if do_eval:
-            metrics.update({f"eval/{k}": v for k, v in
-                            _evaluate(stage, engine, eval_batches, device, precision).items()})
+            for name, batches in eval_batches.items():
+                metrics.update({f"{name}/{k}": v for k, v in
+                                _evaluate(stage, engine, batches, device, precision).items()})
         metrics["step"] = global_step
         if logger is not None:
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step=global_step)
             logger.flush()
         if do_ckpt:
-            _save_checkpoint(engine, ema, stage, cfg, global_step, rank, last, metrics, start_step)
+            extra = stage.export_extra(engine.module, ema, rank, world, device) if last else None
+            _save_checkpoint(engine, ema, stage, cfg, global_step, rank, last, metrics, start_step,
+                             extra)
         else:
             ray.train.report(metrics)
         if do_log:

@@ -1,7 +1,8 @@
 """Optimizer, learning-rate schedule and EMA: small pure pieces of the training loop.
 
-* AdamW with weight decay on matrices only (nanoGPT / MAE convention: biases, norms,
-  positional embeddings and other 1-D parameters are not decayed).
+* AdamW with weight decay on weight matrices only (:func:`no_decay_reason`): biases and
+  norms (1-D), positional embeddings, learned tokens and VAE query sets, and the whole
+  per-token diffusion head (MAR exempts its ``diffloss`` the same way) are not decayed.
 * Linear warm-up to the base LR, then half-cosine to ``min_lr_ratio * lr`` at the last
   step (MAR-3D: 5000-step warm-up then cosine). Expressed as a multiplier for
   ``torch.optim.lr_scheduler.LambdaLR`` so DeepSpeed checkpoints it with the optimizer.
@@ -10,9 +11,29 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
+
+# Learned embeddings and tokens (position embeddings, CLS/mask/"fake" condition tokens,
+# VAE query sets): decaying them pulls positions and tokens towards zero, i.e. towards
+# each other, which is never what weight decay is for.
+_EMBEDDING = re.compile(r"(^|\.)(enc_pos|dec_pos|diff_pos|pos_embed|positional_embedding|"
+                        r"class_embedding|cls_token|reg_token|mask_token|fake_cond|fake_lr)$"
+                        r"|(^|\.)queries\.")
+_DIFFUSION_HEAD = re.compile(r"(^|\.)diffusion\.")
+
+
+def no_decay_reason(name: str, param: torch.Tensor) -> str | None:
+    """Why parameter ``name`` is exempt from weight decay, or None when it is decayed."""
+    if param.ndim < 2:
+        return "bias or norm"
+    if _EMBEDDING.search(name):
+        return "embedding or learned token"
+    if _DIFFUSION_HEAD.search(name):
+        return "diffusion head"
+    return None
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -26,11 +47,12 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: decayed, and exempt (see :func:`no_decay_reason`)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "pos_embed" not in name else no_decay).append(p)
+        (no_decay if no_decay_reason(name, p) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
@@ -78,6 +100,14 @@ class EMA:
         for n, t in model.state_dict().items():
             out[n] = self.shadow[n].to(t.dtype) if n in self.shadow else t
         return out
+
+    def averaged_copy(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` holding the averaged weights (``model`` is left as it is)."""
+        import copy
+
+        averaged = copy.deepcopy(model)
+        averaged.load_state_dict(self.state_dict_for(model))
+        return averaged
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to restore the EMA (for a safetensors checkpoint file)."""

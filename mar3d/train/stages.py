@@ -8,10 +8,15 @@ becomes a loss, how to evaluate, and what goes into the saved model's config:
   (``vae_level``: alternate by default, so the one decoder learns both token counts).
 * :class:`MARStage` trains MAR-LR or MAR-HR (a :class:`ConditionalMAR`: image
   conditioner + MAR) against latents of a **frozen** VAE, computed on the fly from the
-  batch's surface pyramid. The posterior mean is used (``sample=False``): deterministic
-  targets for the same shape, and the VAE's decoder was trained to decode them. The cost
+  batch's surface pyramid: posterior samples (``latent_target: sample``, as the MAR-3D
+  authors) or means, normalized with the statistics the VAE stage measured
+  (``latent_norm``; the values used are written into the MAR model's config). The cost
   of this encoding is measured and logged (``train/latent_ms``) so it can be compared
   with a Parquet latent cache.
+
+After the last step every rank calls :meth:`Stage.export_extra` (collective): the VAE
+stage measures its latent statistics on ``latent_stats_shapes`` training shapes there,
+and they are saved with its weights (``extra.latent_stats`` in config.yaml).
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mar3d.config import from_dict, to_dict
-from mar3d.models.vae import ShapeVAE, VAEConfig, occupancy_iou, surfaces_from_batch
+from mar3d.config import to_dict
+from mar3d.models.vae import (ShapeVAE, VAEConfig, latent_stats_from_sums, latent_sums,
+                              occupancy_iou, surfaces_from_batch)
 from mar3d.train.config import TrainConfig
 
 
@@ -59,6 +65,12 @@ class Stage(ABC):
     def model_config(self) -> dict[str, Any]:
         """Plain data that rebuilds the model (written next to the weights)."""
         ...
+
+    def export_extra(self, model: nn.Module, ema, rank: int, world: int,
+                     device: torch.device) -> dict[str, Any]:
+        """Extra plain data saved with the final weights (``model``'s, or their average
+        when ``ema`` is kept); called on every rank, may use collectives. Default: nothing."""
+        return {}
 
 
 class VAEStage(Stage):
@@ -100,6 +112,36 @@ class VAEStage(Stage):
     def model_config(self) -> dict[str, Any]:
         return to_dict(self.cfg.vae)
 
+    @torch.no_grad()
+    def export_extra(self, model: nn.Module, ema, rank: int, world: int,
+                     device: torch.device) -> dict[str, Any]:
+        """``latent_stats``: shift and spread of the HR and LR latents on training shapes
+        (of the exported weights), and the ``surface_sizes`` the VAE was trained on."""
+        from mar3d.data.dataset import ShapeDataset
+        from mar3d.train.loop import _all_reduce_sum, _dataset_kwargs
+
+        cfg = self.cfg
+        model = ema.averaged_copy(model) if ema is not None else model
+        dataset = ShapeDataset(cfg.data, **{**_dataset_kwargs(cfg, cfg.seed + 104729), "rotate": False})
+        count = min(cfg.latent_stats_shapes, len(dataset))
+        was_training = model.training
+        model.eval()
+        sums = {level: torch.zeros(5, dtype=torch.float64, device=device) for level in ("hr", "lr")}
+        try:
+            torch.manual_seed(cfg.seed + 104729 + rank)  # posterior samples; eval-mode FPS is fixed
+            for i in range(rank, count, world):
+                item = dataset[i]
+                surfaces = [item[f"surface_{k}"].unsqueeze(0).to(device)
+                            for k in range(model.required_levels())]
+                for level in sums:
+                    sums[level] += latent_sums(model, surfaces, level)
+        finally:
+            model.train(was_training)
+        stats = {level: latent_stats_from_sums(torch.tensor(_all_reduce_sum(v.tolist(), device)))
+                 for level, v in sums.items()}
+        return {"latent_stats": {**stats, "num_shapes": count},
+                "surface_sizes": list(dataset.surface_sizes)}
+
 
 class MARStage(Stage):
     """MAR-LR (``level="lr"``) or MAR-HR (``level="hr"``) on a frozen VAE's latents."""
@@ -121,28 +163,35 @@ class MARStage(Stage):
         return ConditionalMAR(self.cfg.condition, self.cfg.mar)
 
     def setup(self, device: torch.device, tracking_uri: str) -> None:
-        self.vae = load_frozen_vae(self.cfg.vae_model_uri, tracking_uri, device)
+        self.vae, extra = load_frozen_vae(self.cfg.vae_model_uri, tracking_uri, device)
         check_vae_matches_mar(self.vae.cfg, self.cfg.mar)
+        if self.cfg.latent_norm:
+            # Before the model is built: the normalization becomes part of its config.
+            apply_latent_stats(self.cfg.mar, extra.get("latent_stats"), self.cfg.latent_target,
+                               self.cfg.vae_model_uri)
 
     @torch.no_grad()
-    def latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(target tokens, LR tokens for HR or None) from the frozen VAE."""
+    def latents(self, batch: dict, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(target tokens, LR tokens for HR or None): frozen-VAE latents of the batch's
+        shapes, in ``model``'s normalized token space."""
         if self.vae is None:
             raise RuntimeError("MARStage.setup() must load the frozen VAE before training")
         start = time.perf_counter()
         surfaces = surfaces_from_batch(batch, self.vae.required_levels())
+        sample = self.cfg.latent_target == "sample"
         # Autocast off: the frozen VAE runs in its own (fp32) precision, so targets do not
         # depend on the precision the MAR model trains in.
         with torch.autocast(device_type=surfaces[0].device.type, enabled=False):
             surfaces = [s.float() for s in surfaces]
-            lr = self.vae.encode(surfaces, level="lr", sample=False)
-            hr = self.vae.encode(surfaces, level="hr", sample=False) if self.kind == "hr" else None
+            lr = self.vae.encode(surfaces, level="lr", sample=sample)
+            hr = self.vae.encode(surfaces, level="hr", sample=sample) if self.kind == "hr" else None
         self.latent_seconds += time.perf_counter() - start
         self.latent_calls += 1
-        return (hr, lr) if self.kind == "hr" else (lr, None)
+        mar = model.mar
+        return (mar.normalize(hr), mar.normalize_lr(lr)) if self.kind == "hr" else (mar.normalize(lr), None)
 
     def loss(self, engine, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        tokens, lr_tokens = self.latents(batch)
+        tokens, lr_tokens = self.latents(batch, engine.module)
         out = engine(batch["image"], tokens, lr_tokens)
         return {"loss": out["loss"], "mask_ratio": out["mask_ratio"].detach().float()}
 
@@ -157,7 +206,7 @@ class MARStage(Stage):
     def evaluate(self, model: nn.Module, batch: dict) -> dict[str, float]:
         # The diffusion loss on held-out shapes/views with the training masking is the
         # cheap, comparable number; generation quality is the evaluation job's business.
-        tokens, lr_tokens = self.latents(batch)
+        tokens, lr_tokens = self.latents(batch, model)
         out = model(batch["image"], tokens, lr_tokens)
         return {"loss": float(out["loss"])}
 
@@ -171,15 +220,30 @@ def make_stage(cfg: TrainConfig) -> Stage:
     return MARStage(cfg, cfg.stage)
 
 
-def load_frozen_vae(uri: str, tracking_uri: str | None, device: torch.device | str) -> ShapeVAE:
-    """The trained VAE behind ``uri`` (folder or MLflow URI), frozen, in eval mode."""
-    from mar3d.weights import load_model_dir, resolve_model_dir
+def load_frozen_vae(uri: str, tracking_uri: str | None,
+                    device: torch.device | str) -> tuple[ShapeVAE, dict[str, Any]]:
+    """The trained VAE behind ``uri`` (folder or MLflow URI), frozen, in eval mode, and
+    the ``extra`` data saved with it (e.g. ``latent_stats``)."""
+    from mar3d.inference import load_vae
+    from mar3d.weights import resolve_model_dir
 
-    state, doc = load_model_dir(resolve_model_dir(uri, tracking_uri), kind="vae")
-    vae = ShapeVAE(from_dict(VAEConfig, doc["model"]))
-    vae.load_state_dict(state)
-    vae.requires_grad_(False)
-    return vae.eval().to(device)
+    return load_vae(resolve_model_dir(uri, tracking_uri), device)
+
+
+def apply_latent_stats(mar_cfg, stats: dict | None, target: str, vae_uri: str) -> None:
+    """Fill ``mar_cfg``'s latent normalization from a VAE's measured ``latent_stats``:
+    the spread of what the model is trained on (posterior samples or means)."""
+    if not stats:
+        raise ValueError(f"the VAE {vae_uri} carries no latent_stats (it was saved before the VAE "
+                         "stage measured them): retrain it, or set latent_norm=false to train "
+                         "MAR on unnormalized latents")
+    spread = f"std_{target}"
+    own = stats[mar_cfg.stage]
+    mar_cfg.latent_shift, mar_cfg.latent_scale = float(own["shift"]), float(own[spread])
+    if mar_cfg.stage == "hr":
+        mar_cfg.lr_latent_shift = float(stats["lr"]["shift"])
+        mar_cfg.lr_latent_scale = float(stats["lr"][spread])
+    mar_cfg.validate()
 
 
 def check_vae_matches_mar(vae_cfg: VAEConfig, mar_cfg) -> None:

@@ -70,7 +70,7 @@ def _train_cfg(shards: Path, storage: Path, tracking_uri: str, run_name: str, *e
     return load_train_config("vae", REPO / "configs" / "train_vae_tiny.yaml", [
         f"data={shards}", f"storage_path={storage}", f"mlflow_uri={tracking_uri}",
         f"run_name={run_name}", "experiment=test-reliability", "steps=60", "warmup_steps=5",
-        "checkpoint_every=10", "log_every=5", "eval_every=0", *extra])
+        "checkpoint_every=10", "log_every=5", "eval_every=0", "split=all", "batch_size=2", *extra])
 
 
 # ------------------------------------------------------------------- training: SIGKILL
@@ -251,7 +251,7 @@ KILL_DURING_PROMOTION = textwrap.dedent("""
         return move_alias(self, model, alias, version)
 
     MlflowClient.set_registered_model_alias = die_before_release_alias
-    promote(candidate, gate=GateConfig(metrics={"f_score": "max"}), cfg=RegistryConfig(name=name),
+    promote(candidate, gate=GateConfig(metrics={"f_score": "max"}, group=""), cfg=RegistryConfig(name=name),
             tracking_uri=uri)
 """)
 
@@ -262,7 +262,7 @@ def test_interrupted_promotion_keeps_previous_champion(mlflow_server, tmp_path, 
     mlflow.set_experiment("test-reliability-registry")
     name = "mar3d-interrupted"
     cfg = RegistryConfig(name=name)
-    gate = GateConfig(metrics={"f_score": "max"})
+    gate = GateConfig(metrics={"f_score": "max"}, group="")
     client = MlflowClient()
 
     def component_aliases():
