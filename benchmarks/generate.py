@@ -209,11 +209,11 @@ def generate_one(pipe, image: np.ndarray, seed: int, use_hr: bool, sampling: dic
         gen = torch.Generator(device=pipe.device).manual_seed(seed)
         sync()
         t0 = time.perf_counter()
-        tokens = pipe.lr.generate(rgba, generator=gen, **sampling)
+        tokens = pipe.generate_lr(rgba, gen, **sampling)
         sync()
         t1 = time.perf_counter()
         if use_hr:
-            tokens = pipe.hr.generate(rgba, lr_tokens=tokens, generator=gen, **sampling)
+            tokens = pipe.generate_hr(rgba, tokens, gen, **sampling)
         sync()
         t2 = time.perf_counter()
         extraction = pipe.decode(tokens)

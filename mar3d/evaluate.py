@@ -1,44 +1,66 @@
-"""Evaluation of generated shapes against held-out ground truth, logged to MLflow.
+"""Evaluation of generated shapes on held-out views and held-out objects, logged to MLflow.
 
-    result = evaluate("models:/mar3d@candidate", "data/heldout", "out/eval", EvalConfig())
+    result = evaluate("models:/mar3d@candidate", "data/ycb", "out/eval", EvalConfig())
 
-For every object of a prepared dataset (``mar3d data prepare`` shards), the condition
-image of view ``view_index`` goes through :class:`~mar3d.inference.MAR3DPipeline`; the
-generated mesh is scored against the object's stored ground truth.
+The prepared dataset carries its own split (:mod:`mar3d.data.splits`): training objects
+(each with one rendered view training never saw) and validation objects training never
+saw at all. Evaluation scores **groups** of objects, each reported on its own:
+
+* ``seen_view`` -- training objects, conditioned on their held-out view: does the model
+  recognise an object it learned from a view it was not shown? With
+  ``distinct_families`` one object per shape family (YCB's ``065-a`` .. ``065-j`` cups
+  are one family), so the group is not a set of near-duplicates.
+* ``heldout_objects`` -- validation objects (same view): does it generalise?
+* ``all_objects`` -- every object of the dataset (for a dataset that is held out as a
+  whole, e.g. another collection).
+
+Objects are taken in the split's stable hash order, at most ``max_objects`` per group.
+
+For every object the condition image goes through
+:class:`~mar3d.inference.MAR3DPipeline` and the generated mesh is scored against the
+stored ground truth. Per group, next to the model ("candidate"):
+
+* **Baseline** ``baseline``: a constant "mean shape" prediction, the same for every
+  input -- the training object whose surface is nearest (Chamfer) to all other training
+  objects on average (the medoid of at most ``baseline_pool`` of them). A model that
+  ignores its input and outputs one shape cannot beat the best constant shape by much,
+  so this is the line a model must clear to show that it uses its image.
+* **Condition following**: the Chamfer distance of every generated mesh to every ground
+  truth of its group. ``retrieval_top1`` = fraction of objects whose own ground truth is
+  the nearest (chance 1/N); ``diversity_ratio`` = mean pairwise Chamfer among the
+  generated meshes / among their ground truths (0 for a constant output, about 1 when
+  outputs differ as much as the objects do).
+* **Champion** (``compare_to``): the current champion release, generated and scored on
+  the same objects with the same settings, so the promotion gate compares like with like.
 
 Protocol:
 
-* **Frame, no alignment search.** The models are trained on the dataset's canonical
+* **Frame, no alignment search.** The models are trained in the dataset's canonical
   frame (every mesh centred and scaled into [-1, 1]^3, never rotated to the view), so a
   generated shape lives in the same frame as its ground truth and is compared as is.
-  Both are then normalized by the ground truth's bounding box, as
-  :func:`mar3d.metrics.mesh_metrics` documents (centre at 0, longest side 2).
+  Per-object scores normalize both by the ground truth's bounding box
+  (:func:`mar3d.metrics.mesh_metrics`); the cross-object Chamfer matrices use the
+  dataset frame itself (already normalized), so that every row compares distances in
+  one frame.
 * **Ground truth** is the stored ``surface_0`` points and normals (sampled from the
-  watertight mesh the VAE learned from), used as they are; ``num_points`` points are
-  sampled from the generated mesh. Chamfer distance (unsquared, mean of both
-  directions), F-score at ``fscore_threshold`` and normal consistency follow
-  :mod:`mar3d.metrics`.
-* **IoU** is measured on the stored uniform ``vol_points`` / ``vol_labels``: the
-  decoder's occupancy of the generated latents (logit > 0) against the labels. It
-  needs no inside test on the extracted mesh and is exact for the field the mesh is
-  extracted from.
+  watertight mesh the VAE learned from); ``num_points`` points are sampled from the
+  generated mesh. Chamfer distance (unsquared, mean of both directions), F-score at
+  ``fscore_threshold`` and normal consistency follow :mod:`mar3d.metrics`.
+* **IoU** on the stored uniform ``vol_points`` / ``vol_labels``: the decoder's occupancy
+  of the generated latents (logit > 0). ``vae_iou`` is the same for the VAE's own
+  reconstruction of the ground-truth surface: the ceiling the generator can reach.
 * **Failures** are results. An object whose generation raises, whose mesh is empty or
   whose metrics are not finite is recorded with ``status="failed"`` and the reason in
-  ``error``; its row holds F-score = normal consistency = IoU = precision = recall = 0
-  and no chamfer distance. Aggregates: ``f_score``, ``normal_consistency``, ``iou``,
-  ``precision`` and ``recall`` are means over *all* objects (failures count as 0, so
-  failing on hard objects cannot improve a score); ``chamfer`` is the mean over the
-  ``num_scored`` successful objects only (a failure has no finite distance), +inf when
-  none succeeded. ``num_objects``, ``num_scored``, ``num_failed`` and ``failure_rate``
-  are always reported next to them.
+  ``error``; it counts 0 in the F-score / normal consistency / IoU / precision / recall
+  means and as a retrieval miss, and is left out of the Chamfer mean (reported with
+  ``num_scored`` / ``num_failed`` / ``failure_rate``).
 
-Results go to ``output/`` (``report.json``, ``per_object.csv``, ``previews/*.png``) and
-to one MLflow run in ``cfg.experiment``: params (flattened config, model URI, dataset
-path and content hash), the aggregate metrics, the per-object table (``log_table``, so
-the MLflow UI shows it, plus the CSV), previews (input | generated | ground-truth
-normal maps from the input's camera, see :mod:`mar3d.preview`) and the report. With
-``release_uri`` the aggregates are also attached to that registry release, where the
-promotion gate reads them.
+Results go to ``output/`` (``report.json``, ``per_object.csv``, ``contact_sheets/<group>.png``,
+``previews/*.png``, ``chamfer_<group>.csv``) and to one MLflow run in ``cfg.experiment``:
+params (flattened config, model URI, dataset path and content hash), metrics named
+``<group>/<metric>``, ``<group>/baseline/<metric>``, ``<group>/champion/<metric>``,
+the per-object table and every file above. With ``release_uri`` the metrics are also
+attached to that registry release, where the promotion gate reads them.
 """
 from __future__ import annotations
 
@@ -59,13 +81,20 @@ import numpy as np
 
 from mar3d.config import flatten, to_dict
 from mar3d.inference import GenerateConfig, MAR3DPipeline
-from mar3d.metrics import DEFAULT_THRESHOLD, mesh_metrics
+from mar3d.metrics import DEFAULT_THRESHOLD, mesh_metrics, normalized_point_metrics
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 TABLE_FILE = "per_object.csv"
 PREVIEW_DIR = "previews"
+SHEET_DIR = "contact_sheets"
+GROUPS = ("seen_view", "heldout_objects", "all_objects")
+GROUP_DESCRIPTIONS = {
+    "seen_view": "training objects, seen from the view training never showed",
+    "heldout_objects": "objects training never saw",
+    "all_objects": "every object of the dataset",
+}
 SCORE_KEYS = ("chamfer", "f_score", "precision", "recall", "normal_consistency", "iou")
 # Failed objects enter the all-object means with these values (see the module doc).
 FAILED_SCORES = {"chamfer": None, "f_score": 0.0, "precision": 0.0, "recall": 0.0,
@@ -77,32 +106,47 @@ _SHARD_COLUMNS = ["uid", "surface_0", "vol_points", "vol_labels", "images",
 @dataclass
 class EvalConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    view_index: int = 0                  # which stored condition view is the input image
-    max_objects: int | None = None       # first N objects in dataset order; None = all
+    groups: tuple[str, ...] = ("seen_view", "heldout_objects")
+    view_index: int | None = None        # condition view; None = the dataset's held-out view
+    max_objects: int | None = None       # per group, in the split's hash order; None = all
+    distinct_families: bool = True       # seen_view: one object per shape family
     seed: int = 0                        # sampling seed, the same for every object
     num_points: int = 50_000             # points sampled from each generated mesh
     fscore_threshold: float = DEFAULT_THRESHOLD
     with_iou: bool = True
-    previews: int = 8                    # preview images for the first N objects
+    with_vae_iou: bool = True            # also score the VAE's reconstruction (the ceiling)
+    baseline: bool = True                # the constant mean-shape prediction, per group
+    baseline_pool: int = 256             # training objects the mean shape is chosen among
+    retrieval_points: int = 4096         # points per shape in the cross-object Chamfer matrices
+    previews: int = 4                    # detailed preview images for the first N of each group
     preview_resolution: int = 256
+    contact_sheet: bool = True           # one PNG grid per group (input | generated | truth)
+    contact_sheet_resolution: int = 128
     experiment: str = "mar3d-eval"
     run_name: str = ""                   # "" = "eval-<dataset folder name>"
     device: str = "auto"                 # "auto" | "cpu" | "cuda" | "cuda:N"
 
     def validate(self) -> None:
         self.generate.validate()
-        if self.view_index < 0:
-            raise ValueError(f"view_index must be >= 0, got {self.view_index}")
+        if not self.groups or len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"groups must list distinct values of {GROUPS}, got {list(self.groups)}")
+        bad = [g for g in self.groups if g not in GROUPS]
+        if bad:
+            raise ValueError(f"unknown evaluation groups {bad}; choose from {GROUPS}")
+        if self.view_index is not None and self.view_index < 0:
+            raise ValueError(f"view_index must be >= 0 or null, got {self.view_index}")
         if self.max_objects is not None and self.max_objects < 1:
             raise ValueError(f"max_objects must be >= 1 or null, got {self.max_objects}")
-        if self.num_points < 1:
-            raise ValueError(f"num_points must be >= 1, got {self.num_points}")
+        for name in ("num_points", "baseline_pool", "retrieval_points"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.fscore_threshold) and self.fscore_threshold > 0):
             raise ValueError(f"fscore_threshold must be > 0, got {self.fscore_threshold}")
         if self.previews < 0:
             raise ValueError(f"previews must be >= 0, got {self.previews}")
-        if not 32 <= self.preview_resolution <= 2048:
-            raise ValueError(f"preview_resolution must be in [32, 2048], got {self.preview_resolution}")
+        for name in ("preview_resolution", "contact_sheet_resolution"):
+            if not 32 <= getattr(self, name) <= 2048:
+                raise ValueError(f"{name} must be in [32, 2048], got {getattr(self, name)}")
         if not self.experiment:
             raise ValueError("experiment must be a non-empty MLflow experiment name")
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
@@ -111,12 +155,13 @@ class EvalConfig:
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]
-    per_object: list[dict[str, Any]]
+    metrics: dict[str, float]            # flat: "<group>/<metric>", "<group>/baseline/<metric>", ...
+    per_object: list[dict[str, Any]]     # the candidate's rows of every group
     report_path: Path
     run_id: str
-    failed: list[dict[str, Any]]  # the per-object rows with status "failed"
+    failed: list[dict[str, Any]]         # the per-object rows with status "failed"
     tracking_uri: str = ""
+    contact_sheets: dict[str, Path] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ models
@@ -163,41 +208,66 @@ def dataset_fingerprint(root: str | Path) -> dict[str, Any]:
             "schema_version": manifest.get("schema_version")}
 
 
+@dataclass
+class EvalGroup:
+    name: str
+    view: int
+    indices: list[int]                   # rows of the dataset reader
+    uids: list[str]
+    view_seen_in_training: bool = False  # true only for a dataset without a held-out view
+
+
+def select_groups(reader, cfg: EvalConfig) -> list[EvalGroup]:
+    """The objects of each group (see the module doc), from a split-"all" ShapeDataset."""
+    from mar3d.data.splits import shape_family, split_score
+
+    split = reader.split_info
+    view = split.evaluation_view() if cfg.view_index is None else cfg.view_index
+    if not 0 <= view < split.num_views:
+        raise ValueError(f"view_index {view} outside the dataset's {split.num_views} views")
+    position = {uid: i for i, uid in enumerate(reader.uids)}
+    pools = {"seen_view": split.train, "heldout_objects": split.val,
+             "all_objects": split.train | split.val}
+    groups = []
+    for name in cfg.groups:
+        ordered = sorted(pools[name], key=lambda u: (split_score(u), u))
+        if name == "seen_view" and cfg.distinct_families:
+            seen: set[str] = set()
+            ordered = [u for u in ordered if not (shape_family(u) in seen or seen.add(shape_family(u)))]
+        chosen = ordered[: cfg.max_objects] if cfg.max_objects else ordered
+        groups.append(EvalGroup(name, view, [position[u] for u in chosen], chosen,
+                                view_seen_in_training=name == "seen_view" and split.holdout_view != view))
+    if not any(g.indices for g in groups):
+        raise ValueError(f"no objects to evaluate in groups {list(cfg.groups)} "
+                         f"({len(split.train)} training / {len(split.val)} validation objects)")
+    return groups
+
+
 class EvalRows:
-    """The stored rows of a prepared dataset that evaluation needs, in dataset order."""
+    """The stored rows evaluation needs, by dataset row and view."""
 
-    def __init__(self, root: str | Path, view_index: int, max_objects: int | None = None):
-        from mar3d.data.dataset import ShapeDataset
-
-        # ShapeDataset validates the manifest, the shards and the view index and gives
-        # the row order; its random sub-sampling is not used (num_occ is a placeholder).
-        reader = ShapeDataset(root, num_occ=1, near_fraction=0.0, view_index=view_index)
-        if len(reader) == 0:
-            raise ValueError(f"{root} has no complete shard rows to evaluate")
-        self.index = reader.index[:max_objects] if max_objects else reader.index
-        self.view_index = view_index
+    def __init__(self, reader):
+        self.reader = reader
         self._files: dict[Path, Any] = {}
 
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def get(self, index: int, view: int) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
         from mar3d.data.schema import column_to_numpy
 
-        path, group = self.index[i]
+        path, group = self.reader.index[index]
         if path not in self._files:
             self._files[path] = pq.ParquetFile(path)
-        table = self._files[path].read_row_group(group, columns=_SHARD_COLUMNS)
+        levels = [f"surface_{k}" for k in range(1, len(self.reader.surface_sizes))]
+        table = self._files[path].read_row_group(group, columns=_SHARD_COLUMNS + levels)
         row = {"uid": table.column("uid")[0].as_py()}
-        for name in _SHARD_COLUMNS[1:]:
+        for name in table.column_names[1:]:
             row[name] = column_to_numpy(table.column(name))[0]
-        v = self.view_index
         # np.array copies: slices of Arrow buffers are read-only, torch wants writable memory.
         return {"uid": row["uid"], "surface": row["surface_0"], "vol_points": row["vol_points"],
-                "vol_labels": row["vol_labels"], "image": np.array(row["images"][v]),
-                "world_to_cam": row["cam_world_to_cam"][v], "intrinsics": row["cam_intrinsics"][v]}
+                "vol_labels": row["vol_labels"], "image": np.array(row["images"][view]),
+                "world_to_cam": row["cam_world_to_cam"][view], "intrinsics": row["cam_intrinsics"][view],
+                "surfaces": [row["surface_0"]] + [row[name] for name in levels]}
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -217,11 +287,18 @@ def _failed(record: dict[str, Any], reason: str) -> dict[str, Any]:
     return record
 
 
+def strided(points: np.ndarray, count: int) -> np.ndarray:
+    """An evenly strided, deterministic subset of at most ``count`` rows."""
+    if len(points) <= count:
+        return points
+    return points[np.linspace(0, len(points) - 1, count).round().astype(int)]
+
+
 def evaluate_object(pipe: MAR3DPipeline, row: dict[str, Any], cfg: EvalConfig,
                     index: int = 0) -> tuple[dict[str, Any], Any]:
     """Generate and score one object; returns (per-object record, mesh or None)."""
     record: dict[str, Any] = {
-        "index": index, "uid": row["uid"], "view": cfg.view_index, "level": "", "seconds": 0.0,
+        "index": index, "uid": row["uid"], "view": None, "level": "", "seconds": 0.0,
         "sample_seconds": 0.0, "decode_seconds": 0.0, "num_vertices": 0, "num_faces": 0,
         **{k: None for k in SCORE_KEYS}, "status": "ok", "error": ""}
     if not cfg.with_iou:
@@ -256,6 +333,21 @@ def evaluate_object(pipe: MAR3DPipeline, row: dict[str, Any], cfg: EvalConfig,
     return record, mesh
 
 
+def vae_reconstruction_iou(pipe: MAR3DPipeline, row: dict[str, Any]) -> float:
+    """IoU of the VAE's reconstruction of the ground-truth surface (posterior mean at the
+    pipeline's level), on the stored uniform points: what a perfect generator reaches."""
+    import torch
+
+    vae, level = pipe.vae, "hr" if pipe.uses_hr else "lr"
+    sizes = pipe.vae_surface_sizes or [len(s) for s in row["surfaces"]]
+    surfaces = [torch.from_numpy(np.ascontiguousarray(strided(s, n), np.float32)).unsqueeze(0).to(pipe.device)
+                for s, n in zip(row["surfaces"][: vae.required_levels()], sizes)]
+    with torch.no_grad():
+        latents = vae.encode(surfaces, level=level, sample=False)
+    logits = pipe.occupancy(latents, np.array(row["vol_points"], np.float32))
+    return occupancy_iou(np.asarray(logits), row["vol_labels"])
+
+
 def aggregate(per_object: list[dict[str, Any]]) -> dict[str, float]:
     """Aggregate metrics under the failure rule of the module doc."""
     n = len(per_object)
@@ -266,11 +358,88 @@ def aggregate(per_object: list[dict[str, Any]]) -> dict[str, float]:
                              "num_failed": float(n - len(scored)),
                              "failure_rate": (n - len(scored)) / n}
     out["chamfer"] = float(np.mean([r["chamfer"] for r in scored])) if scored else math.inf
-    for key in ("f_score", "precision", "recall", "normal_consistency", "iou"):
-        if key in per_object[0]:
-            out[key] = float(np.mean([r[key] for r in per_object]))
-    out["seconds_per_object"] = float(np.mean([r["seconds"] for r in per_object]))
+    for key in ("f_score", "precision", "recall", "normal_consistency", "iou", "vae_iou"):
+        values = [r.get(key) for r in per_object]
+        if all(v is not None for v in values):  # absent where not measured (e.g. with_iou off)
+            out[key] = float(np.mean(values))
+    if "seconds" in per_object[0]:
+        out["seconds_per_object"] = float(np.mean([r["seconds"] for r in per_object]))
     return out
+
+
+def cross_chamfer(predictions: list[np.ndarray | None], truths: list[np.ndarray]) -> np.ndarray:
+    """[N, M] Chamfer distance (as :func:`mar3d.metrics.chamfer_distance`) of every
+    prediction (points, or None for a failure: a row of +inf) to every ground truth.
+    One KD-tree per point set, so N x M costs N x M queries, not N x M tree builds."""
+    from scipy.spatial import cKDTree
+
+    matrix = np.full((len(predictions), len(truths)), math.inf)
+    ok = [i for i, p in enumerate(predictions) if p is not None and len(p)]
+    if not ok or not truths:
+        return matrix
+    truth_trees = [cKDTree(t) for t in truths]
+    for i in ok:
+        tree = cKDTree(predictions[i])
+        for j, truth in enumerate(truths):
+            to_truth = truth_trees[j].query(predictions[i], k=1, workers=-1)[0].mean()
+            to_pred = tree.query(truth, k=1, workers=-1)[0].mean()
+            matrix[i, j] = 0.5 * (to_truth + to_pred)
+    return matrix
+
+
+def following_metrics(matrix: np.ndarray, predictions: list[np.ndarray | None],
+                      truths: list[np.ndarray]) -> dict[str, float | None]:
+    """Top-1 retrieval from a square prediction x truth Chamfer matrix, and the diversity
+    ratio over the objects whose prediction exists (None below two of them)."""
+    n = len(truths)
+    hits = sum(bool(np.isfinite(matrix[i]).any()) and int(np.argmin(matrix[i])) == i for i in range(n))
+    ok = [i for i in range(n) if predictions[i] is not None and len(predictions[i])]
+    diversity = None
+    if len(ok) >= 2:
+        upper = np.triu_indices(len(ok), k=1)
+        generated = cross_chamfer([predictions[i] for i in ok], [predictions[i] for i in ok])[upper].mean()
+        spread = cross_chamfer([truths[i] for i in ok], [truths[i] for i in ok])[upper].mean()
+        diversity = float(generated / spread) if spread > 0 else None
+    return {"retrieval_hits": float(hits), "retrieval_top1": hits / n if n else 0.0,
+            "retrieval_chance": 1.0 / n if n else 0.0, "diversity_ratio": diversity}
+
+
+# --------------------------------------------------------------------------- baseline
+@dataclass
+class MeanShape:
+    """The constant baseline prediction: one training object's surface for every input."""
+    uid: str
+    points: np.ndarray
+    normals: np.ndarray
+    pool: int
+    mean_chamfer: float
+
+
+def mean_shape(reader, cfg: EvalConfig) -> MeanShape | None:
+    """The medoid (by Chamfer) of at most ``baseline_pool`` training objects."""
+    from mar3d.data.splits import split_score
+
+    train = sorted(reader.split_info.train, key=lambda u: (split_score(u), u))[: cfg.baseline_pool]
+    if not train:
+        return None
+    position = {uid: i for i, uid in enumerate(reader.uids)}
+    surfaces = [np.asarray(reader.read_row(position[u])["surface_0"], np.float64) for u in train]
+    points = [strided(s[:, :3], cfg.retrieval_points) for s in surfaces]
+    if len(train) == 1:
+        best, mean = 0, 0.0
+    else:
+        matrix = cross_chamfer(points, points)
+        np.fill_diagonal(matrix, 0.0)
+        means = matrix.sum(1) / (len(train) - 1)
+        best, mean = int(np.argmin(means)), float(means.min())
+    return MeanShape(train[best], surfaces[best][:, :3], surfaces[best][:, 3:], len(train), mean)
+
+
+def baseline_record(shape: MeanShape, row: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
+    surface = np.asarray(row["surface"], np.float64)
+    scores = normalized_point_metrics(shape.points, shape.normals, surface[:, :3], surface[:, 3:],
+                                      cfg.fscore_threshold)
+    return {"uid": row["uid"], "status": "ok", "error": "", **{k: float(v) for k, v in scores.items()}}
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -290,8 +459,11 @@ def _safe_name(text: str) -> str:
 
 
 def write_table(per_object: list[dict[str, Any]], path: Path) -> None:
+    columns: list[str] = []
+    for r in per_object:
+        columns += [k for k in r if k not in columns]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(per_object[0]))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(per_object)
 
@@ -314,6 +486,14 @@ def _preview(row: dict[str, Any], record: dict[str, Any], mesh, cfg: EvalConfig,
     Image.fromarray(image).save(path)
 
 
+def _sheet_caption(record: dict[str, Any], nearest: str | None) -> str:
+    name = record["uid"][17:] if re.match(r"^[0-9a-f]{16}-", record["uid"]) else record["uid"]
+    if record["status"] != "ok":
+        return f"{name}: FAILED {record['error'][:70]}"
+    mark = "own GT nearest" if nearest == record["uid"] else f"nearest GT: {(nearest or '-')[17:]}"
+    return f"{name}  CD {record['chamfer']:.3f}  F {record['f_score']:.2f}  ({mark})"
+
+
 def _check_release_matches(model: str, release, tracking_uri: str) -> None:
     """Metrics of one model must not be attached to another release."""
     from mar3d.registry import get_release
@@ -325,16 +505,57 @@ def _check_release_matches(model: str, release, tracking_uri: str) -> None:
                              "refusing to record its metrics on another release")
 
 
+def protocol_fingerprint(group: EvalGroup, dataset_hash: str, cfg: EvalConfig) -> str:
+    """Identity of "the same objects, scored the same way": two evaluations with equal
+    fingerprints are comparable metric by metric (the promotion gate relies on it)."""
+    doc = {"dataset": dataset_hash, "group": group.name, "uids": group.uids, "view": group.view,
+           "generate": to_dict(cfg.generate), "seed": cfg.seed, "num_points": cfg.num_points,
+           "threshold": cfg.fscore_threshold}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # ------------------------------------------------------------------------------- main
+@dataclass
+class _Scored:
+    records: list[dict[str, Any]]
+    meshes: list[Any]
+    points: list[np.ndarray | None]
+
+
+def _score_group(pipe: MAR3DPipeline, group: EvalGroup, group_rows: list[dict[str, Any]],
+                 cfg: EvalConfig, bar, label: str) -> _Scored:
+    from mar3d.metrics import sample_surface
+
+    records, meshes, points = [], [], []
+    for i, row in enumerate(group_rows):
+        record, mesh = evaluate_object(pipe, row, cfg, index=i)
+        record.update(group=group.name, view=group.view, model=label)
+        if cfg.with_vae_iou:
+            record["vae_iou"] = vae_reconstruction_iou(pipe, row)
+        ok = record["status"] == "ok"
+        points.append(sample_surface(mesh, cfg.retrieval_points, seed=cfg.seed)[0] if ok else None)
+        records.append(record)
+        meshes.append(mesh if ok else None)
+        bar.update(1)
+        bar.set_postfix(group=group.name, model=label,
+                        failed=sum(r["status"] != "ok" for r in records))
+    return _Scored(records, meshes, points)
+
+
 def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfig | None = None,
              tracking_uri: str | None = None, release_uri: str | None = None,
-             progress: bool = True, extra_params: dict[str, Any] | None = None) -> EvalResult:
+             progress: bool = True, extra_params: dict[str, Any] | None = None,
+             compare_to: str | None = None) -> EvalResult:
     """Evaluate ``model`` (a release URI or a folder with vae/ lr/ [hr/]) on the prepared
-    dataset at ``dataset``; see the module doc for the protocol and where results go.
+    dataset at ``dataset``; see the module doc for groups, protocol and outputs.
+    ``compare_to`` (e.g. ``models:/mar3d@champion``) is scored on the same objects too.
     ``extra_params`` are logged as MLflow params next to the config."""
+    from PIL import Image
     from tqdm import tqdm
 
     from mar3d import tracking
+    from mar3d.data.dataset import ShapeDataset
+    from mar3d.preview import contact_sheet, contact_sheet_row
     from mar3d.registry import get_release, record_metrics
 
     cfg = cfg or EvalConfig()
@@ -346,66 +567,153 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
 
     # Everything that can fail for reasons other than the model fails before the run.
     fingerprint = dataset_fingerprint(dataset)
-    rows = EvalRows(dataset, cfg.view_index, cfg.max_objects)
+    reader = ShapeDataset(dataset, num_occ=1, near_fraction=0.0, with_image=False, cache_rows=0)
+    if len(reader) == 0:
+        raise ValueError(f"{dataset} has no complete shard rows to evaluate")
+    groups = select_groups(reader, cfg)
+    rows = EvalRows(reader)
+    up_axis = reader.up_axis
     release = get_release(release_uri, tracking_uri) if release_uri else None
     if release is not None:
         _check_release_matches(model, release, tracking_uri)
+    champion = get_release(compare_to, tracking_uri) if compare_to else None
     pipe = MAR3DPipeline.from_pretrained(model, config=copy.deepcopy(cfg.generate), device=cfg.device,
                                          tracking_uri=tracking_uri)
+    champion_pipe = (MAR3DPipeline.from_pretrained(champion.uri, config=copy.deepcopy(cfg.generate),
+                                                   device=cfg.device, tracking_uri=tracking_uri)
+                     if champion else None)
+    baseline = mean_shape(reader, cfg) if cfg.baseline else None
 
     run_id = tracking.start_or_resume_run(
         tracking_uri, cfg.experiment, cfg.run_name or f"eval-{Path(dataset).resolve().name}",
         tags={"mar3d.kind": "eval", "mar3d.model": model,
-              **({"mar3d.release": release.uri} if release else {})})
+              **({"mar3d.release": release.uri} if release else {}),
+              **({"mar3d.champion": champion.uri} if champion else {})})
     try:
         params = {f"eval.{k}": v for k, v in flatten(cfg).items()}
         params.update({"model": model, "dataset.path": str(Path(dataset).resolve()),
                        "dataset.hash": fingerprint["hash"], "dataset.rows": fingerprint["rows"],
-                       "num_objects": len(rows), "pipeline.level": "hr" if pipe.uses_hr else "lr",
-                       "device": str(pipe.device), **(extra_params or {})})
+                       "pipeline.level": "hr" if pipe.uses_hr else "lr", "device": str(pipe.device),
+                       "compare_to": champion.uri if champion else "",
+                       "baseline.uid": baseline.uid if baseline else "",
+                       **{f"group.{g.name}.objects": len(g.indices) for g in groups},
+                       **(extra_params or {})})
         tracking.log_params(tracking_uri, run_id, params)
 
-        preview_dir = output / PREVIEW_DIR
-        preview_dir.mkdir(exist_ok=True)
+        for folder in (PREVIEW_DIR, SHEET_DIR):
+            (output / folder).mkdir(exist_ok=True)
+        total = sum(len(g.indices) for g in groups) * (2 if champion_pipe else 1)
+        bar = tqdm(total=total, desc="evaluate", unit="object", disable=not progress)
+        metrics: dict[str, float] = {}
         per_object: list[dict[str, Any]] = []
-        bar = tqdm(range(len(rows)), desc="evaluate", unit="object", disable=not progress)
-        for i in bar:
-            row = rows[i]
-            record, mesh = evaluate_object(pipe, row, cfg, index=i)
-            record["preview"] = ""
-            if i < cfg.previews:
-                name = f"{i:04d}_{_safe_name(row['uid'])}.png"
-                _preview(row, record, mesh, cfg, preview_dir / name)
-                record["preview"] = f"{PREVIEW_DIR}/{name}"
-            per_object.append(record)
-            bar.set_postfix(failed=sum(r["status"] != "ok" for r in per_object))
+        champion_rows: list[dict[str, Any]] = []
+        report_groups: dict[str, Any] = {}
+        sheets: dict[str, Path] = {}
+        tags: dict[str, str] = {}
+        for group in groups:
+            doc: dict[str, Any] = {"description": GROUP_DESCRIPTIONS[group.name], "view": group.view,
+                                   "view_seen_in_training": group.view_seen_in_training,
+                                   "objects": group.uids}
+            report_groups[group.name] = doc
+            if not group.indices:
+                log.warning("evaluation group %s has no objects in %s", group.name, dataset)
+                doc["candidate"] = None
+                continue
+            doc["protocol"] = protocol_fingerprint(group, fingerprint["hash"], cfg)
+            tags[f"eval.{group.name}.protocol"] = doc["protocol"]
+            group_rows = [rows.get(i, group.view) for i in group.indices]
+            truths = [strided(np.asarray(r["surface"], np.float64)[:, :3], cfg.retrieval_points)
+                      for r in group_rows]
+            scored = _score_group(pipe, group, group_rows, cfg, bar, "candidate")
+            matrix = cross_chamfer(scored.points, truths)
+            candidate = {**aggregate(scored.records), **following_metrics(matrix, scored.points, truths)}
+            nearest = [group.uids[int(np.argmin(r))] if np.isfinite(r).any() else None for r in matrix]
+            for record, near in zip(scored.records, nearest):
+                record["nearest_gt"] = near
+                record["retrieved"] = near == record["uid"]
+            doc["candidate"] = candidate
+            per_object += scored.records
+            _write_matrix(output / f"chamfer_{group.name}.csv", group.uids, matrix)
 
-        metrics = aggregate(per_object)
+            if baseline is not None:
+                base_rows = [baseline_record(baseline, r, cfg) for r in group_rows]
+                constant = [strided(baseline.points, cfg.retrieval_points)] * len(truths)
+                base_matrix = cross_chamfer(constant, truths)
+                doc["baseline"] = {"uid": baseline.uid, "pool": baseline.pool,
+                                   **aggregate(base_rows), **following_metrics(base_matrix, constant, truths)}
+                doc["baseline"].pop("seconds_per_object", None)
+            if champion_pipe is not None:
+                champ = _score_group(champion_pipe, group, group_rows, cfg, bar, "champion")
+                champ_matrix = cross_chamfer(champ.points, truths)
+                doc["champion"] = {"release": champion.uri, **aggregate(champ.records),
+                                   **following_metrics(champ_matrix, champ.points, truths)}
+                champion_rows += champ.records
+                tags[f"eval.{group.name}.champion"] = champion.uri
+
+            for prefix, values in (("", candidate), ("baseline/", doc.get("baseline")),
+                                   ("champion/", doc.get("champion"))):
+                for k, v in (values or {}).items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        metrics[f"{group.name}/{prefix}{k}"] = float(v)
+
+            for i, (row, record, mesh) in enumerate(zip(group_rows, scored.records, scored.meshes)):
+                if i < cfg.previews:
+                    name = f"{group.name}_{i:04d}_{_safe_name(record['uid'])}.png"
+                    _preview(row, record, mesh, cfg, output / PREVIEW_DIR / name)
+                    record["preview"] = f"{PREVIEW_DIR}/{name}"
+            if cfg.contact_sheet:
+                sheet_rows = []
+                for row, record, mesh, near in zip(group_rows, scored.records, scored.meshes, nearest):
+                    surface = np.asarray(row["surface"], np.float64)
+                    sheet_rows.append(contact_sheet_row(
+                        row["image"], mesh, (surface[:, :3], surface[:, 3:]), row["world_to_cam"],
+                        row["intrinsics"], up_axis, cfg.contact_sheet_resolution,
+                        caption=_sheet_caption(record, near)))
+                base = doc.get("baseline") or {}
+                title = (f"{group.name} ({GROUP_DESCRIPTIONS[group.name]}), view {group.view}: "
+                         f"F {candidate['f_score']:.3f} vs mean-shape {base.get('f_score', float('nan')):.3f}, "
+                         f"retrieval {int(candidate['retrieval_hits'])}/{len(group.indices)}, "
+                         f"diversity {candidate['diversity_ratio'] or 0:.2f}")
+                path = output / SHEET_DIR / f"{group.name}.png"
+                Image.fromarray(contact_sheet(sheet_rows, title=title, columns=2)).save(path)
+                sheets[group.name] = path
+        bar.close()
+
         failed = [r for r in per_object if r["status"] != "ok"]
         report = {"model": model, "dataset": str(Path(dataset).resolve()), "dataset_fingerprint": fingerprint,
                   "config": to_dict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
-                  "release": release.uri if release else None, "metrics": metrics,
-                  "per_object": per_object,
-                  "protocol": ("canonical frame, no alignment; normalized by the GT bounding box "
-                               "(mar3d.metrics); failed objects count 0 in f_score/normal_consistency/"
-                               "iou/precision/recall means and are excluded from the chamfer mean")}
+                  "release": release.uri if release else None,
+                  "champion": champion.uri if champion else None,
+                  "baseline": ({"uid": baseline.uid, "pool": baseline.pool,
+                                "mean_chamfer_to_pool": baseline.mean_chamfer} if baseline else None),
+                  "groups": report_groups, "metrics": metrics, "per_object": per_object,
+                  "champion_per_object": champion_rows,
+                  "contact_sheets": {g: str(p.relative_to(output)) for g, p in sheets.items()},
+                  "protocol": ("canonical frame, no alignment; per-object scores normalized by the GT "
+                               "bounding box (mar3d.metrics), Chamfer matrices in the dataset frame; "
+                               "failed objects count 0 in f_score/normal_consistency/iou/precision/"
+                               "recall means and as retrieval misses, and are excluded from the "
+                               "chamfer mean")}
         report_path = output / REPORT_FILE
         report_path.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
-        write_table(per_object, output / TABLE_FILE)
+        write_table(per_object + champion_rows, output / TABLE_FILE)
 
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
         # MLflow stores +inf as the largest float; a tag says what it means instead.
         tracking.log_metrics(tracking_uri, run_id, finite, step=0,
                              tags={f"nonfinite.{k}": v for k, v in metrics.items() if k not in finite})
         client = tracking.client(tracking_uri)
-        client.log_table(run_id, data={k: [_json_safe(r[k]) for r in per_object] for k in per_object[0]},
-                         artifact_file="per_object_table.json")
-        client.log_artifact(run_id, str(report_path))
-        client.log_artifact(run_id, str(output / TABLE_FILE))
-        if any(preview_dir.iterdir()):
-            client.log_artifacts(run_id, str(preview_dir), PREVIEW_DIR)
+        if per_object:
+            columns = list(dict.fromkeys(k for r in per_object for k in r))
+            client.log_table(run_id, data={k: [_json_safe(r.get(k)) for r in per_object] for k in columns},
+                             artifact_file="per_object_table.json")
+        for path in [report_path, output / TABLE_FILE, *output.glob("chamfer_*.csv")]:
+            client.log_artifact(run_id, str(path))
+        for folder in (PREVIEW_DIR, SHEET_DIR):
+            if any((output / folder).iterdir()):
+                client.log_artifacts(run_id, str(output / folder), folder)
         if release is not None:
-            record_metrics(release, metrics, run_id, tracking_uri=tracking_uri)
+            record_metrics(release, metrics, run_id, tracking_uri=tracking_uri, tags=tags)
     except BaseException:
         tracking.end_run(tracking_uri, run_id, status="FAILED")
         raise
@@ -414,12 +722,51 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         log.warning("%d of %d objects failed: %s", len(failed), len(per_object),
                     "; ".join(f"{r['uid']}: {r['error']}" for r in failed[:5]))
     return EvalResult(metrics=metrics, per_object=per_object, report_path=report_path, run_id=run_id,
-                      failed=failed, tracking_uri=tracking_uri)
+                      failed=failed, tracking_uri=tracking_uri, contact_sheets=sheets)
+
+
+def _write_matrix(path: Path, uids: list[str], matrix: np.ndarray) -> None:
+    """Rows: generated mesh of each object; columns: ground truths; +inf for a failure."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["generated \\ ground truth", *uids])
+        for uid, row in zip(uids, matrix):
+            writer.writerow([uid, *(f"{v:.6f}" if math.isfinite(v) else "inf" for v in row)])
+
+
+TABLE_METRICS = (("f_score", "F-score@{t} ↑"), ("chamfer", "Chamfer ↓"), ("normal_consistency", "normal cons. ↑"),
+                 ("iou", "volume IoU ↑"), ("retrieval_top1", "top-1 retrieval ↑"),
+                 ("diversity_ratio", "diversity ratio"), ("vae_iou", "VAE recon. IoU (ceiling)"))
+
+
+def evaluation_table(result: EvalResult | dict[str, float], threshold: float = DEFAULT_THRESHOLD) -> str:
+    """Markdown table of every group: candidate next to its baseline (and champion)."""
+    metrics = result.metrics if isinstance(result, EvalResult) else result
+    groups = [g for g in GROUPS if f"{g}/num_objects" in metrics]
+    lines = []
+    for group in groups:
+        n = int(metrics[f"{group}/num_objects"])
+        columns = [("candidate", ""), ("mean-shape baseline", "baseline/"), ("champion", "champion/")]
+        columns = [(name, p) for name, p in columns if f"{group}/{p}num_objects" in metrics]
+        lines += [f"{group} ({GROUP_DESCRIPTIONS[group]}, {n} objects, chance retrieval 1/{n})",
+                  "| metric | " + " | ".join(name for name, _ in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for key, label in TABLE_METRICS:
+            values = [metrics.get(f"{group}/{p}{key}") for _, p in columns]
+            if all(v is None for v in values):
+                continue
+            cells = ["-" if v is None else (f"{int(metrics[f'{group}/{p}retrieval_hits'])}/{n}"
+                                            if key == "retrieval_top1" else f"{v:.4f}")
+                     for v, (_, p) in zip(values, columns)]
+            lines.append(f"| {label.format(t=threshold)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def evaluate_components(vae_uri: str, lr_uri: str, hr_uri: str | None, dataset: str | Path,
                         output: str | Path, cfg: EvalConfig | None = None,
-                        tracking_uri: str | None = None, progress: bool = True) -> EvalResult:
+                        tracking_uri: str | None = None, progress: bool = True,
+                        compare_to: str | None = None) -> EvalResult:
     """:func:`evaluate` for three separately given components (no registered release)."""
     from mar3d.tracking import default_tracking_uri
 
@@ -431,8 +778,10 @@ def evaluate_components(vae_uri: str, lr_uri: str, hr_uri: str | None, dataset: 
     with tempfile.TemporaryDirectory(prefix="mar3d-eval-release-") as tmp:
         release_dir = assemble_release_dir(vae_uri, lr_uri, hr_uri, tmp, tracking_uri=tracking_uri)
         return evaluate(str(release_dir), dataset, output, cfg, tracking_uri=tracking_uri,
-                        progress=progress, extra_params=components)
+                        progress=progress, extra_params=components, compare_to=compare_to)
 
 
-__all__ = ["EvalConfig", "EvalResult", "aggregate", "assemble_release_dir", "dataset_fingerprint",
-           "evaluate", "evaluate_components", "evaluate_object", "occupancy_iou"]
+__all__ = ["EvalConfig", "EvalGroup", "EvalResult", "GROUPS", "aggregate", "assemble_release_dir",
+           "cross_chamfer", "dataset_fingerprint", "evaluate", "evaluate_components",
+           "evaluate_object", "evaluation_table", "following_metrics", "mean_shape", "occupancy_iou",
+           "select_groups"]

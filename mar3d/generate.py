@@ -76,6 +76,7 @@ MESH_FORMATS = ("glb", "obj", "ply")
 RESULTS = "results.parquet"
 SETTINGS = "generate.json"
 MESHES = "meshes"
+CONTACT_SHEET = "contact_sheet.png"
 
 # Errors that the same input, model and settings reproduce exactly: a re-run skips them
 # (unless ``retry_errors``). Anything else (``internal_error``, ``write_error``) is retried.
@@ -123,6 +124,13 @@ class BatchGenerateConfig:
     max_items: int | None = None          # only the first N listed items (sorted by id)
     retry_errors: bool = False            # also redo items with deterministic errors
     checkpoint_seconds: float = 10.0      # rewrite results.parquet at least this often
+    # contact_sheet.png: input | generated | ground truth (shard inputs) for the first N
+    # items (0: none); logged to MLflow with the job's counts in ``experiment``.
+    contact_sheet_items: int = 48
+    contact_sheet_resolution: int = 128
+    up_axis: str = "auto"                 # world up of the shapes for the sheet's side view:
+                                          # auto = the dataset's (shard inputs), else "y"
+    experiment: str = "mar3d-generate"
 
     def validate(self) -> None:
         self.generate.validate()
@@ -147,6 +155,14 @@ class BatchGenerateConfig:
             raise ValueError(f"max_items must be >= 1 (or null for all), got {self.max_items}")
         if self.checkpoint_seconds <= 0:
             raise ValueError(f"checkpoint_seconds must be > 0, got {self.checkpoint_seconds}")
+        if self.contact_sheet_items < 0:
+            raise ValueError(f"contact_sheet_items must be >= 0, got {self.contact_sheet_items}")
+        if not 32 <= self.contact_sheet_resolution <= 1024:
+            raise ValueError(f"contact_sheet_resolution must be in [32, 1024], got {self.contact_sheet_resolution}")
+        if self.up_axis not in ("auto", "y", "z"):
+            raise ValueError(f"up_axis must be auto, y or z, got {self.up_axis!r}")
+        if not self.experiment:
+            raise ValueError("experiment must be a non-empty MLflow experiment name")
 
 
 @dataclass
@@ -160,6 +176,8 @@ class BatchGenerateResult:
     seconds: float
     model: str = ""      # resolved model URI
     reasons: dict[str, int] = field(default_factory=dict)  # this run's error reasons
+    contact_sheet: Path | None = None
+    run_id: str = ""     # the MLflow run holding the job's counts and contact sheet
 
     @property
     def shapes_per_second(self) -> float:
@@ -169,13 +187,16 @@ class BatchGenerateResult:
         return {"output": str(self.output), "total": self.total, "succeeded": self.succeeded,
                 "failed": self.failed, "skipped": self.skipped, "results_path": str(self.results_path),
                 "seconds": round(self.seconds, 3), "shapes_per_second": round(self.shapes_per_second, 4),
-                "model": self.model, "reasons": dict(self.reasons)}
+                "model": self.model, "reasons": dict(self.reasons),
+                "contact_sheet": str(self.contact_sheet) if self.contact_sheet else None,
+                "run_id": self.run_id}
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
         return (f"{self.total} items: {self.succeeded} meshes, {self.failed} errors"
                 f"{f' ({reasons})' if reasons else ''}, {self.skipped} already done; "
-                f"{self.seconds:.1f} s ({self.shapes_per_second:.2f} shapes/s); results in {self.results_path}")
+                f"{self.seconds:.1f} s ({self.shapes_per_second:.2f} shapes/s); results in {self.results_path}"
+                + (f"; contact sheet {self.contact_sheet}" if self.contact_sheet else ""))
 
 
 # ------------------------------------------------------------------------------ items
@@ -358,6 +379,105 @@ def _write_mesh_atomic(mesh, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class ItemReader:
+    """Reads an item's pixels (and, for shard items, its ground truth) by reference. The
+    last file and row group are cached: consecutive items usually share them."""
+
+    def __init__(self):
+        self._file_cache: tuple[str, pq.ParquetFile, list[int]] | None = None
+        self._group_cache: tuple[tuple[str, int, tuple[str, ...]], pa.Table] | None = None
+
+    def row_group_table(self, source: str, row: int, columns: list[str]) -> tuple[pa.Table, int]:
+        """The row group holding ``row`` (those columns) and the row's offset in it."""
+        if self._file_cache is None or self._file_cache[0] != source:
+            pf = pq.ParquetFile(source)
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            self._file_cache = (source, pf, sizes)
+        _, pf, sizes = self._file_cache
+        start = 0
+        for g, n in enumerate(sizes):
+            if row < start + n:
+                key = (source, g, tuple(columns))
+                if self._group_cache is None or self._group_cache[0] != key:
+                    self._group_cache = (key, pf.read_row_group(g, columns=list(columns)))
+                return self._group_cache[1], row - start
+            start += n
+        raise IndexError(f"{source} has {start} rows, no row {row}")
+
+    def image(self, item: dict):
+        """What :func:`mar3d.inference.load_image` takes: a path, encoded bytes or RGBA pixels."""
+        from mar3d.data.schema import column_to_numpy
+        from mar3d.inference import InvalidImageError
+
+        kind = item["kind"]
+        if kind == "file":
+            if not Path(item["source"]).is_file():
+                raise FileNotFoundError(f"image file {item['source']} does not exist (or is a dangling link)")
+            return item["source"]  # load_image reads and validates the file
+        table, offset = self.row_group_table(item["source"], item["row"], [item["column"].split(".")[0]])
+        if kind == "parquet":
+            value = table.column(0)[offset].as_py()
+            if isinstance(value, dict):
+                value = value.get("bytes")
+            if not value:
+                raise InvalidImageError("row has no image bytes (null or empty)")
+            return value
+        images = column_to_numpy(table.column(0).slice(offset, 1))[0]  # [V, H, W, 4]
+        return images[item["view"]]
+
+    def truth(self, item: dict) -> dict | None:
+        """A shard item's ground-truth surface and the camera of its view; None otherwise."""
+        from mar3d.data.schema import column_to_numpy
+
+        if item["kind"] != "shard":
+            return None
+        columns = ["surface_0", "cam_world_to_cam", "cam_intrinsics"]
+        table, offset = self.row_group_table(item["source"], item["row"], columns)
+        row = {c: column_to_numpy(table.column(c).slice(offset, 1))[0] for c in columns}
+        return {"surface": row["surface_0"], "world_to_cam": row["cam_world_to_cam"][item["view"]],
+                "intrinsics": row["cam_intrinsics"][item["view"]]}
+
+
+def write_contact_sheet(output: Path, rows: dict[str, dict], items: list[dict],
+                        cfg: BatchGenerateConfig, up_axis: str = "y") -> Path | None:
+    """``OUTPUT/contact_sheet.png``: input | generated mesh (from the input's camera when
+    the input is a dataset view, else a default one, and turned 90 degrees) | ground truth
+    when known, for the first ``contact_sheet_items`` listed items (errors included, with
+    their reason). Returns the path, or None when there is nothing to show."""
+    import numpy as np
+    import trimesh
+    from PIL import Image
+
+    from mar3d.inference import load_image
+    from mar3d.preview import contact_sheet, contact_sheet_row
+
+    reader = ItemReader()
+    shown = [it for it in items if it.get("id") in rows][: cfg.contact_sheet_items]
+    sheet_rows = []
+    for it in shown:
+        row = rows[it["id"]]
+        try:
+            rgba = load_image(reader.image(it), cfg.generate)
+        except Exception:  # noqa: BLE001 - an unreadable input is shown as an empty panel
+            rgba = np.full((64, 64, 4), 255, np.uint8)
+        mesh = None
+        if row["status"] == "ok":
+            mesh_file = next((output / p for p in row["outputs"] if (output / p).is_file()), None)
+            mesh = trimesh.load(mesh_file, force="mesh") if mesh_file else None
+        truth = reader.truth(it)
+        gt = None if truth is None else (truth["surface"][:, :3], truth["surface"][:, 3:])
+        caption = it["id"] if row["status"] == "ok" else f"{it['id']}: {row['reason']}"
+        sheet_rows.append(contact_sheet_row(
+            rgba, mesh, gt, truth and truth["world_to_cam"], truth and truth["intrinsics"], up_axis,
+            cfg.contact_sheet_resolution, caption=caption[:90]))
+    if not sheet_rows:
+        return None
+    path = output / CONTACT_SHEET
+    title = f"{len(shown)} of {len(items)} items, model {rows[shown[0]['id']].get('model') or ''}"
+    Image.fromarray(contact_sheet(sheet_rows, title=title, columns=3)).save(path)
+    return path
+
+
 class _GeneratorActor:
     """Ray Data callable class: loads the model once, then item batch -> result batch."""
 
@@ -378,47 +498,8 @@ class _GeneratorActor:
         self.pipe = MAR3DPipeline.from_pretrained(model_uri, config=from_dict(GenerateConfig, generate),
                                                   device="cuda" if use_gpu else "cpu",
                                                   tracking_uri=tracking_uri)
-        self._file_cache: tuple[str, pq.ParquetFile, list[int]] | None = None
-        self._group_cache: tuple[tuple[str, int, str], pa.Table] | None = None
-
-    # -- reading pixels by reference, in the actor (the driver never holds them)
-    def _row_group_table(self, source: str, row: int, column: str) -> tuple[pa.Table, int]:
-        """The row group holding ``row`` (one column) and the row's offset in it. The last
-        file and row group are cached: consecutive items usually share them."""
-        if self._file_cache is None or self._file_cache[0] != source:
-            pf = pq.ParquetFile(source)
-            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
-            self._file_cache = (source, pf, sizes)
-        _, pf, sizes = self._file_cache
-        start = 0
-        for g, n in enumerate(sizes):
-            if row < start + n:
-                key = (source, g, column)
-                if self._group_cache is None or self._group_cache[0] != key:
-                    self._group_cache = (key, pf.read_row_group(g, columns=[column.split(".")[0]]))
-                return self._group_cache[1], row - start
-            start += n
-        raise IndexError(f"{source} has {start} rows, no row {row}")
-
-    def _read_image(self, item: dict):
-        from mar3d.data.schema import column_to_numpy
-        from mar3d.inference import InvalidImageError
-
-        kind = item["kind"]
-        if kind == "file":
-            if not Path(item["source"]).is_file():
-                raise FileNotFoundError(f"image file {item['source']} does not exist (or is a dangling link)")
-            return item["source"]  # load_image reads and validates the file
-        table, offset = self._row_group_table(item["source"], item["row"], item["column"])
-        if kind == "parquet":
-            value = table.column(0)[offset].as_py()
-            if isinstance(value, dict):
-                value = value.get("bytes")
-            if not value:
-                raise InvalidImageError("row has no image bytes (null or empty)")
-            return value
-        images = column_to_numpy(table.column(0).slice(offset, 1))[0]  # [V, H, W, 4]
-        return images[item["view"]]
+        # Pixels are read by reference, in the actor (the driver never holds them).
+        self.reader = ItemReader()
 
     def _process(self, item: dict) -> dict:
         from mar3d.inference import InvalidImageError, load_image
@@ -428,7 +509,7 @@ class _GeneratorActor:
         common = {"model": self.model_uri, "worker": self.worker}
         try:
             try:
-                rgba = load_image(self._read_image(item), self.pipe.config)
+                rgba = load_image(self.reader.image(item), self.pipe.config)
             except (InvalidImageError, FileNotFoundError) as e:
                 reason = "invalid_image" if isinstance(e, InvalidImageError) else "missing_image"
                 return _result_row(item, "error", reason=reason, error=str(e), **common, **timings,
@@ -660,7 +741,48 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
             ctx.enable_progress_bars = old_bar
             _write_results(output, rows)  # also on interruption: finished items stay finished
     bar.close()
-    return BatchGenerateResult(output=output, total=len(items), succeeded=succeeded,
-                               failed=len(new_rows) + generation_failed,
-                               skipped=skipped, results_path=output / RESULTS,
-                               seconds=time.perf_counter() - start, model=model, reasons=reasons)
+    result = BatchGenerateResult(output=output, total=len(items), succeeded=succeeded,
+                                 failed=len(new_rows) + generation_failed,
+                                 skipped=skipped, results_path=output / RESULTS,
+                                 seconds=time.perf_counter() - start, model=model, reasons=reasons)
+    if cfg.contact_sheet_items:
+        result.contact_sheet = write_contact_sheet(output, rows, items, cfg, _up_axis(images, cfg))
+    result.run_id = _track(result, images, cfg, tracking_uri)
+    return result
+
+
+def _up_axis(images: str | Path, cfg: BatchGenerateConfig) -> str:
+    from mar3d.data.prepare import load_manifest
+
+    if cfg.up_axis != "auto":
+        return cfg.up_axis
+    manifest = load_manifest(images) if Path(images).is_dir() else None
+    return (manifest or {}).get("config", {}).get("render_up_axis", "y")
+
+
+def _track(result: BatchGenerateResult, images: str | Path, cfg: BatchGenerateConfig,
+           tracking_uri: str | None) -> str:
+    """One MLflow run per job: settings, counts, throughput and the contact sheet."""
+    from mar3d import tracking
+    from mar3d.config import flatten
+
+    uri = tracking_uri or tracking.default_tracking_uri(result.output)
+    run_id = tracking.start_or_resume_run(uri, cfg.experiment, f"generate-{result.output.name}",
+                                          tags={"mar3d.kind": "generate", "mar3d.model": result.model})
+    try:
+        tracking.log_params(uri, run_id, {"model": result.model, "input": str(Path(images).resolve()),
+                                          "output": str(result.output),
+                                          **{f"generate.{k}": v for k, v in flatten(cfg).items()}})
+        tracking.log_metrics(uri, run_id, {"items": result.total, "succeeded": result.succeeded,
+                                           "failed": result.failed, "skipped": result.skipped,
+                                           "seconds": result.seconds,
+                                           "shapes_per_second": result.shapes_per_second}, step=0)
+        client = tracking.client(uri)
+        for path in (result.contact_sheet, result.output / SETTINGS):
+            if path is not None and path.is_file():
+                client.log_artifact(run_id, str(path))
+    except BaseException:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise
+    tracking.end_run(uri, run_id, status="FINISHED")
+    return run_id

@@ -116,6 +116,15 @@ def point_metrics(pred_points: np.ndarray, pred_normals: np.ndarray, gt_points: 
     }
 
 
+def normalized_point_metrics(pred_points: np.ndarray, pred_normals: np.ndarray, gt_points: np.ndarray,
+                             gt_normals: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
+    """:func:`point_metrics` after the GT-bounding-box normalization of the module doc
+    (for predictions that are point sets already, e.g. a baseline shape's samples)."""
+    t = normalization_transform(np.stack([gt_points.min(0), gt_points.max(0)]))
+    move = lambda p: np.asarray(p, np.float64) @ t[:3, :3].T + t[:3, 3]  # noqa: E731
+    return point_metrics(move(pred_points), pred_normals, move(gt_points), gt_normals, threshold)
+
+
 def inside_mask(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
     """Inside test by generalized winding number (> 1/2), robust to small holes."""
     import igl

@@ -206,3 +206,78 @@ def comparison_preview(condition_rgba: np.ndarray, generated: trimesh.Trimesh | 
     gt = render_points_normal_map(gt_points, gt_normals, world_to_cam, k, resolution)
     return side_by_side([("input", condition_rgba), ("generated", gen), ("ground truth", gt)],
                         resolution, caption=caption)
+
+
+# ---------------------------------------------------------------------- contact sheets
+def orbit(world_to_cam: np.ndarray, degrees: float, up_axis: str = "y") -> np.ndarray:
+    """The same camera after the object turned ``degrees`` about the world up axis
+    through the origin: a second look at the shape from the side."""
+    a = np.radians(degrees)
+    c, s = np.cos(a), np.sin(a)
+    turn = np.eye(4)
+    if up_axis == "y":
+        turn[[0, 0, 2, 2], [0, 2, 0, 2]] = [c, s, -s, c]
+    elif up_axis == "z":
+        turn[[0, 0, 1, 1], [0, 1, 0, 1]] = [c, -s, s, c]
+    else:
+        raise ValueError(f"up_axis must be 'y' or 'z', got {up_axis!r}")
+    return np.asarray(world_to_cam, np.float64) @ turn
+
+
+def default_camera(resolution: int, up_axis: str = "y", elevation_deg: float = 20.0,
+                   fov_deg: float = 40.0) -> tuple[np.ndarray, np.ndarray]:
+    """(world_to_cam, intrinsics) framing the normalized cube [-1, 1]^3, for shapes whose
+    input image has no stored camera (e.g. user photos in batch generation)."""
+    from mar3d.data.render import intrinsics_matrix, look_at
+
+    distance = np.sqrt(3.0) / np.sin(np.radians(fov_deg) / 2.0)
+    return look_at(elevation_deg, 0.0, distance, up_axis), intrinsics_matrix(resolution, fov_deg)
+
+
+def contact_sheet_row(image_rgba: np.ndarray, generated: trimesh.Trimesh | None,
+                      gt: tuple[np.ndarray, np.ndarray] | None, world_to_cam: np.ndarray | None,
+                      intrinsics: np.ndarray | None, up_axis: str = "y", resolution: int = 160,
+                      caption: str | None = None, side_degrees: float = 90.0) -> np.ndarray:
+    """One row: input | generated | generated turned ``side_degrees`` | ground truth |
+    ground truth turned (the last two only with ``gt`` = (points, normals)).
+
+    The front panels use the input's own camera (``intrinsics`` for the input's pixel size),
+    or :func:`default_camera` when the input has none. ``generated=None`` (a failure)
+    leaves its panels empty."""
+    if world_to_cam is None or intrinsics is None:
+        w2c, k = default_camera(resolution, up_axis)
+    else:
+        w2c = np.asarray(world_to_cam, np.float64)
+        k = scaled_intrinsics(intrinsics, image_rgba.shape[1], resolution)
+    side = orbit(w2c, side_degrees, up_axis)
+    empty = np.zeros((resolution, resolution, 4), np.uint8)
+    panels = [("input", image_rgba)]
+    for label, cam in (("generated", w2c), (f"generated +{side_degrees:g}deg", side)):
+        panels.append((label, empty if generated is None or len(generated.faces) == 0
+                       else render_mesh_normal_map(generated, cam, k, resolution)))
+    if gt is not None:
+        points, normals = gt
+        for label, cam in (("ground truth", w2c), (f"ground truth +{side_degrees:g}deg", side)):
+            panels.append((label, render_points_normal_map(points, normals, cam, k, resolution)))
+    return side_by_side(panels, resolution, caption=caption)
+
+
+def contact_sheet(rows: list[np.ndarray], title: str | None = None, columns: int = 1) -> np.ndarray:
+    """Stack rows made by :func:`contact_sheet_row` into one RGB image, ``columns`` rows
+    side by side (narrower rows are padded white), with an optional title line."""
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        raise ValueError("a contact sheet needs at least one row")
+    columns = max(1, min(columns, len(rows)))
+    height = max(r.shape[0] for r in rows)
+    width = max(r.shape[1] for r in rows)
+    title_height = 20 if title else 0
+    per_column = -(-len(rows) // columns)
+    canvas = Image.new("RGB", (width * columns, title_height + height * per_column), (255, 255, 255))
+    for i, row in enumerate(rows):
+        col, line = divmod(i, per_column)
+        canvas.paste(Image.fromarray(np.ascontiguousarray(row)), (col * width, title_height + line * height))
+    if title:
+        ImageDraw.Draw(canvas).text((4, 4), title, fill=(0, 0, 0))
+    return np.asarray(canvas)

@@ -63,16 +63,27 @@ class RegistryConfig:
 class GateConfig:
     """Candidate must be no worse than the champion on every metric, within tolerance.
 
-    ``metrics`` maps a metric name to ``"max"`` (higher is better) or ``"min"``.
+    The metrics are those of one evaluation ``group`` (``mar3d.evaluate``; default the
+    held-out objects): ``metrics`` maps a metric name to ``"max"`` (higher is better) or
+    ``"min"``, read as ``<group>/<metric>`` (``group: ""`` reads plain names).
+    The champion's values must come from the **same objects scored the same way**: the
+    champion scored inside the candidate's own evaluation (``mar3d evaluate
+    --compare-to``, which the pipeline does), or the champion's own evaluation when its
+    protocol fingerprint for the group equals the candidate's. Otherwise the gate refuses
+    instead of comparing numbers measured on different objects.
     ``rel_tolerance`` is relative to the champion's value (0.05 = may be 5% worse).
     ``minimums``/``maximums`` are absolute floors/ceilings that apply even when there is
     no champion yet (the first release must still be a sane model).
     """
     metrics: dict[str, str] = field(default_factory=lambda: {
         "f_score": "max", "chamfer": "min", "normal_consistency": "max"})
+    group: str = "heldout_objects"
     rel_tolerance: float = 0.05
     minimums: dict[str, float] = field(default_factory=dict)
     maximums: dict[str, float] = field(default_factory=dict)
+
+    def key(self, metric: str) -> str:
+        return f"{self.group}/{metric}" if self.group else metric
 
     def validate(self) -> None:
         if not self.metrics:
@@ -149,25 +160,31 @@ def validate_model_uri(uri: str) -> str:
 
 
 def evaluate_gate(candidate: dict[str, float], champion: dict[str, float] | None,
-                  gate: GateConfig) -> GateDecision:
-    """Pure decision function: compare metric dicts under the gate's rules."""
+                  gate: GateConfig, champion_missing: str | None = None) -> GateDecision:
+    """Pure decision function: compare metric dicts (``<group>/<metric>`` keys, see
+    :meth:`GateConfig.key`) under the gate's rules. ``champion_missing``: a champion
+    exists but has no comparable numbers (the reason) -- every check fails."""
     checks: list[GateCheck] = []
     for metric, direction in gate.metrics.items():
-        cand = candidate.get(metric)
-        champ = None if champion is None else champion.get(metric)
+        cand = candidate.get(gate.key(metric))
+        champ = None if champion is None else champion.get(gate.key(metric))
+        if champion_missing:
+            checks.append(GateCheck(gate.key(metric), direction, cand, None, None, False, champion_missing))
+            continue
+        name = gate.key(metric)
         if cand is None or not math.isfinite(cand):
-            checks.append(GateCheck(metric, direction, cand, champ, None, False,
+            checks.append(GateCheck(name, direction, cand, champ, None, False,
                                     "candidate has no finite value"))
             continue
         floor, ceil = gate.minimums.get(metric), gate.maximums.get(metric)
         if floor is not None and cand < floor:
-            checks.append(GateCheck(metric, direction, cand, champ, floor, False, f"below minimum {floor}"))
+            checks.append(GateCheck(name, direction, cand, champ, floor, False, f"below minimum {floor}"))
             continue
         if ceil is not None and cand > ceil:
-            checks.append(GateCheck(metric, direction, cand, champ, ceil, False, f"above maximum {ceil}"))
+            checks.append(GateCheck(name, direction, cand, champ, ceil, False, f"above maximum {ceil}"))
             continue
         if champ is None or not math.isfinite(champ):
-            checks.append(GateCheck(metric, direction, cand, champ, None, True, "no champion value"))
+            checks.append(GateCheck(name, direction, cand, champ, None, True, "no champion value"))
             continue
         slack = gate.rel_tolerance * abs(champ)
         if direction == "max":
@@ -177,7 +194,7 @@ def evaluate_gate(candidate: dict[str, float], champion: dict[str, float] | None
             limit = champ + slack
             ok = cand <= limit
         why = "within tolerance of champion" if ok else "worse than champion beyond tolerance"
-        checks.append(GateCheck(metric, direction, cand, champ, limit, ok, why))
+        checks.append(GateCheck(name, direction, cand, champ, limit, ok, why))
     return GateDecision(all(c.passed for c in checks), checks)
 
 
@@ -286,14 +303,37 @@ def find_release(name: str, alias: str, tracking_uri: str | None = None) -> Rele
 
 
 def record_metrics(release: Release, metrics: dict[str, float], eval_run_id: str | None = None,
-                   tracking_uri: str | None = None) -> Release:
-    """Attach evaluation results to a release version (the gate reads them from here)."""
+                   tracking_uri: str | None = None, tags: dict[str, str] | None = None) -> Release:
+    """Attach evaluation results to a release version (the gate reads them from here):
+    ``metric.<name>`` tags, plus ``tags`` as given (an evaluation's protocol fingerprints
+    ``eval.<group>.protocol`` and the champion it scored, ``eval.<group>.champion``)."""
     client = _client(tracking_uri)
     for k, v in metrics.items():
         client.set_model_version_tag(release.name, release.version, f"metric.{k}", repr(float(v)))
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(release.name, release.version, k, str(v))
     if eval_run_id:
         client.set_model_version_tag(release.name, release.version, "eval_run_id", eval_run_id)
     return get_release(release.uri, tracking_uri)
+
+
+def comparable_champion_metrics(candidate: Release, champion: Release,
+                                gate: GateConfig) -> tuple[dict[str, float] | None, str]:
+    """The champion's metrics on the candidate's objects, and where they come from; None
+    (with the reason) when no comparable numbers exist (see :class:`GateConfig`)."""
+    group = gate.group
+    if not group:
+        return champion.metrics, "the champion's own evaluation (no group: not checked for same objects)"
+    if candidate.tags.get(f"eval.{group}.champion") == champion.uri:
+        prefix = f"{group}/champion/"
+        return ({f"{group}/{k[len(prefix):]}": v for k, v in candidate.metrics.items()
+                 if k.startswith(prefix)}, f"{champion.uri} scored in the candidate's evaluation")
+    mine, theirs = (r.tags.get(f"eval.{group}.protocol") for r in (candidate, champion))
+    if mine and mine == theirs:
+        return champion.metrics, f"{champion.uri}'s own evaluation (same objects and protocol {mine})"
+    return None, (f"{champion.uri} was not scored on the candidate's {group} objects (protocol "
+                  f"{mine or 'unknown'} vs {theirs or 'unknown'}): re-run `mar3d evaluate` with "
+                  f"--compare-to {champion.uri}")
 
 
 def download_release(release: Release, dest: str | Path | None = None,
@@ -339,7 +379,10 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
         raise RegistryError(f"{candidate.uri} already holds alias {cfg.champion_alias!r}")
     if not candidate.metrics:
         raise RegistryError(f"{candidate.uri} has no evaluation metrics; run `mar3d evaluate` first")
-    decision = evaluate_gate(candidate.metrics, champion.metrics if champion else None, gate)
+    champion_metrics, source = (comparable_champion_metrics(candidate, champion, gate)
+                                if champion else (None, "no champion yet"))
+    decision = evaluate_gate(candidate.metrics, champion_metrics, gate,
+                             champion_missing=source if champion and champion_metrics is None else None)
 
     mlflow.set_experiment(PROMOTION_EXPERIMENT)
     with mlflow.start_run(run_name=f"promote-{candidate.name}-v{candidate.version}"):
@@ -350,12 +393,14 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
             "reason": reason or "-",
             "candidate": candidate.uri,
             "champion_before": champion.uri if champion else "none",
+            "gate_group": gate.group or "-",
+            "champion_metrics_source": source,
         })
         mlflow.log_params({"rel_tolerance": gate.rel_tolerance,
                            "gate_metrics": json.dumps(gate.metrics, sort_keys=True)})
         mlflow.log_metrics({f"candidate.{k}": v for k, v in candidate.metrics.items()})
-        if champion:
-            mlflow.log_metrics({f"champion.{k}": v for k, v in champion.metrics.items()})
+        if champion_metrics:
+            mlflow.log_metrics({f"champion.{k}": v for k, v in champion_metrics.items()})
         mlflow.log_text(decision.table(), "gate.md")
         mlflow.log_dict({"passed": decision.passed,
                          "checks": [dataclasses.asdict(c) for c in decision.checks]}, "gate.json")

@@ -77,8 +77,8 @@ def mar3d_pipeline(
     hr_model = hr_task.outputs["model"]
     eval_task = evaluate(dataset=shards, vae_model=vae_model, lr_model=lr_model,
                          hr_model=hr_model, workdir=workdir, job_id=job_id, config=eval_config,
-                         overrides=eval_overrides, mlflow_tracking_uri=mlflow_tracking_uri,
-                         ray_address=ray_address)
+                         overrides=eval_overrides, model_name=model_name,
+                         mlflow_tracking_uri=mlflow_tracking_uri, ray_address=ray_address)
     promote_task = promote(vae_model=vae_model, lr_model=lr_model, hr_model=hr_model,
                            report=eval_task.outputs["report"],
                            model_name=model_name, gate_max_chamfer=gate_max_chamfer,

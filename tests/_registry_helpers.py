@@ -18,7 +18,11 @@ def log_component(tmp_path, name: str, value: float) -> str:
     return f"runs:/{run.info.run_id}/model"
 
 
-def make_release(tmp_path, tag: str, metrics: dict, cfg: RegistryConfig):
+def make_release(tmp_path, tag: str, metrics: dict, cfg: RegistryConfig, tags: dict | None = None):
+    """A release with evaluation ``metrics``; ``tags`` default to one evaluation protocol
+    shared by every release made here (so the gate may compare them)."""
     uris = {c: log_component(tmp_path / tag, c, i) for i, c in enumerate(["vae", "lr", "hr"])}
     rel = register_release(uris, cfg=cfg)
-    return record_metrics(rel, metrics)
+    if tags is None:
+        tags = {f"eval.{g}.protocol": "same-objects" for g in ("seen_view", "heldout_objects")}
+    return record_metrics(rel, metrics, tags=tags)

@@ -122,14 +122,16 @@ def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_serv
     shards, results, _ = cascade
     mlflow.set_tracking_uri(mlflow_server)
     registry = RegistryConfig(name="mar3d-e2e")
-    gate = GateConfig(rel_tolerance=0.05)
-    eval_cfg = EvalConfig(generate=GenerateConfig(resolution=RESOLUTION), previews=2, num_points=20000)
+    # The cascade trained on all 4 objects (split=all): gate on the "all_objects" group.
+    gate = GateConfig(rel_tolerance=0.05, group="all_objects")
+    eval_cfg = EvalConfig(generate=GenerateConfig(resolution=RESOLUTION), groups=("all_objects",),
+                          previews=2, num_points=20000)
 
     good = register_release({s: results[s].model_uri for s in ("vae", "lr", "hr")}, cfg=registry,
                             tracking_uri=mlflow_server)
     good_eval = evaluate(good.uri, shards, tmp_path / "eval-good", eval_cfg,
                          tracking_uri=mlflow_server, release_uri=good.uri, progress=False)
-    assert good_eval.metrics["num_scored"] == 4, good_eval.per_object
+    assert good_eval.metrics["all_objects/num_scored"] == 4, good_eval.per_object
     assert promote(good.uri, gate=gate, cfg=registry, tracking_uri=mlflow_server).passed
     assert get_release("models:/mar3d-e2e@champion", mlflow_server).version == good.version
 

@@ -8,8 +8,9 @@ import trimesh
 
 from mar3d.config import ConfigError, load_config
 from mar3d.data.render import intrinsics_matrix, look_at
-from mar3d.evaluate import (EvalConfig, aggregate, assemble_release_dir, dataset_fingerprint, evaluate,
-                            evaluate_components, occupancy_iou)
+from mar3d.evaluate import (EvalConfig, aggregate, assemble_release_dir, cross_chamfer,
+                            dataset_fingerprint, evaluate, evaluate_components, evaluation_table,
+                            following_metrics, occupancy_iou)
 from mar3d.inference import GenerateConfig
 from mar3d.preview import (comparison_preview, mesh_normals, render_mesh_normal_map,
                            render_points_normal_map, splat_normals)
@@ -96,6 +97,60 @@ def test_aggregate_counts_failures_as_zero_and_excludes_them_from_chamfer():
         aggregate([])
 
 
+def _shapes(n: int = 5, points: int = 1500) -> list[np.ndarray]:
+    """Spheres and boxes of different sizes: distinct shapes as point sets."""
+    out = []
+    for i in range(n):
+        mesh = (trimesh.creation.icosphere(subdivisions=3, radius=0.3 + 0.15 * i) if i % 2 == 0
+                else trimesh.creation.box(extents=(0.4 + 0.2 * i, 0.5, 0.3 + 0.1 * i)))
+        out.append(np.asarray(trimesh.sample.sample_surface(mesh, points, seed=i)[0]))
+    return out
+
+
+def test_retrieval_and_diversity_tell_a_conditioned_model_from_a_constant_one():
+    truths = _shapes()
+    n = len(truths)
+    faithful = [t + 0.01 for t in truths]                # each output near its own object
+    constant = [truths[2]] * n                           # one shape for every input
+    swapped = [truths[(i + 1) % n] for i in range(n)]    # diverse, but never the right one
+    m = following_metrics(cross_chamfer(faithful, truths), faithful, truths)
+    assert m["retrieval_hits"] == n and m["retrieval_top1"] == 1.0
+    assert m["diversity_ratio"] == pytest.approx(1.0, abs=0.1) and m["retrieval_chance"] == 1 / n
+    c = following_metrics(cross_chamfer(constant, truths), constant, truths)
+    assert c["retrieval_hits"] <= 1 and c["diversity_ratio"] == 0.0
+    w = following_metrics(cross_chamfer(swapped, truths), swapped, truths)
+    assert w["retrieval_hits"] == 0 and w["diversity_ratio"] > 0.5
+    failed = following_metrics(cross_chamfer([None] + faithful[1:], truths), [None] + faithful[1:], truths)
+    assert failed["retrieval_hits"] == n - 1  # a failure is a miss, never skipped
+
+
+def test_mean_shape_baseline_is_the_best_constant_prediction():
+    """The baseline is the training shape nearest to all others on average: no other
+    constant output (any training shape, for every input) has a lower mean Chamfer to the
+    pool, and any constant output retrieves at most one object and has no diversity."""
+    pool = _shapes(6)
+    matrix = cross_chamfer(pool, pool)
+    np.fill_diagonal(matrix, 0.0)
+    means = matrix.sum(1) / (len(pool) - 1)
+    medoid = int(np.argmin(means))
+    for c in range(len(pool)):
+        constant = [pool[c]] * len(pool)
+        row = cross_chamfer([pool[c]], pool)[0]
+        assert row.mean() >= cross_chamfer([pool[medoid]], pool)[0].mean() - 1e-12
+        m = following_metrics(cross_chamfer(constant, pool), constant, pool)
+        assert m["retrieval_hits"] <= 1 and m["diversity_ratio"] == 0.0
+
+
+def test_evaluation_table_puts_candidate_next_to_baseline():
+    metrics = {"seen_view/num_objects": 4.0, "seen_view/f_score": 0.5, "seen_view/retrieval_top1": 0.75,
+               "seen_view/retrieval_hits": 3.0, "seen_view/baseline/num_objects": 4.0,
+               "seen_view/baseline/f_score": 0.2, "seen_view/baseline/retrieval_top1": 0.25,
+               "seen_view/baseline/retrieval_hits": 1.0}
+    table = evaluation_table(metrics)
+    assert "| candidate | mean-shape baseline |" in table
+    assert "| top-1 retrieval ↑ | 3/4 | 1/4 |" in table and "0.5000 | 0.2000" in table
+
+
 def test_occupancy_iou():
     labels = np.array([1, 1, 0, 0], np.uint8)
     assert occupancy_iou(np.array([2.0, -1.0, 3.0, -2.0]), labels) == pytest.approx(1 / 3)
@@ -107,8 +162,10 @@ def test_occupancy_iou():
 def test_eval_config_loads_nested_and_validates(tmp_path):
     cfg = load_config(EvalConfig, None, ["generate.resolution=32", "max_objects=2", "previews=0"])
     assert cfg.generate.resolution == 32 and cfg.max_objects == 2
+    assert cfg.groups == ("seen_view", "heldout_objects") and cfg.view_index is None
     for bad in (["num_points=0"], ["fscore_threshold=0"], ["preview_resolution=8"],
-                ["max_objects=0"], ["generate.resolution=4"], ["device=tpu"]):
+                ["max_objects=0"], ["generate.resolution=4"], ["device=tpu"], ["groups=[]"],
+                ["groups=[seen_view, seen_view]"], ["groups=[train]"], ["retrieval_points=0"]):
         with pytest.raises((ValueError, ConfigError)):
             load_config(EvalConfig, None, bad)
     with pytest.raises(ConfigError, match="unknown"):
@@ -160,16 +217,22 @@ def test_evaluate_release_logs_to_mlflow_and_registry(eval_shards, mlflow_server
     from mar3d.registry import get_release
 
     release_uri = _registered_tiny_release(mlflow_server, tmp_path / "release")
-    cfg = EvalConfig(generate=GenerateConfig(**TINY), num_points=4000, previews=2,
-                     preview_resolution=64, device="cpu", experiment="test-eval")
+    cfg = EvalConfig(generate=GenerateConfig(**TINY), num_points=4000, previews=1,
+                     preview_resolution=64, contact_sheet_resolution=64, device="cpu",
+                     experiment="test-eval")
     result = evaluate(release_uri, str(eval_shards), tmp_path / "out", cfg, tracking_uri=mlflow_server,
                       release_uri=release_uri, progress=False)
 
+    # Two objects: one training object (scored from its held-out view 1), one held out.
     report = json.loads(result.report_path.read_text())
     assert len(report["per_object"]) == 2 == len(result.per_object)
     assert report["dataset_fingerprint"]["hash"] == dataset_fingerprint(eval_shards)["hash"]
+    groups = report["groups"]
+    assert set(groups) == {"seen_view", "heldout_objects"}
+    assert not set(groups["seen_view"]["objects"]) & set(groups["heldout_objects"]["objects"])
     for row in result.per_object:
-        assert row["level"] == "hr" and row["view"] == 0
+        assert row["level"] == "hr" and row["view"] == 1 and row["group"] in groups
+        assert 0 <= row["vae_iou"] <= 1
         if row["status"] == "ok":
             for key in ("chamfer", "f_score", "normal_consistency", "iou"):
                 assert math.isfinite(row[key]), (key, row)
@@ -177,40 +240,56 @@ def test_evaluate_release_logs_to_mlflow_and_registry(eval_shards, mlflow_server
         else:
             assert row["error"] and row["f_score"] == 0.0
     m = result.metrics
-    assert m["num_objects"] == 2 and m["num_scored"] + m["num_failed"] == 2
-    assert len(result.failed) == m["num_failed"]
+    for group in groups:
+        assert m[f"{group}/num_objects"] == 1 and m[f"{group}/num_scored"] + m[f"{group}/num_failed"] == 1
+        # The baseline (the one training object's own surface) is scored on the same object.
+        assert groups[group]["baseline"]["uid"] == groups["seen_view"]["objects"][0]
+        assert f"{group}/baseline/f_score" in m and f"{group}/retrieval_top1" in m
+    assert m["seen_view/baseline/chamfer"] == pytest.approx(0.0, abs=1e-9)  # its own surface
+    assert len(result.failed) == sum(m[f"{g}/num_failed"] for g in groups)
+    assert set(result.contact_sheets) == set(groups)
+    for path in result.contact_sheets.values():
+        from PIL import Image
+
+        assert Image.open(path).size[0] >= 5 * 64  # input | generated x2 | ground truth x2
 
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["f_score"] == pytest.approx(m["f_score"])
-    assert run.data.metrics["num_objects"] == 2
+    assert run.data.metrics["seen_view/f_score"] == pytest.approx(m["seen_view/f_score"])
+    assert run.data.metrics["heldout_objects/num_objects"] == 1
     assert run.data.params["model"] == release_uri and run.data.params["eval.generate.resolution"] == "32"
     assert run.data.params["dataset.hash"] == report["dataset_fingerprint"]["hash"]
     artifacts = {f.path for f in client.list_artifacts(result.run_id)}
-    assert {"report.json", "per_object.csv", "per_object_table.json", "previews"} <= artifacts
+    assert {"report.json", "per_object.csv", "per_object_table.json", "previews",
+            "contact_sheets", "chamfer_seen_view.csv"} <= artifacts
+    sheets = [f.path for f in client.list_artifacts(result.run_id, "contact_sheets")]
+    assert sorted(sheets) == ["contact_sheets/heldout_objects.png", "contact_sheets/seen_view.png"]
     previews = [f.path for f in client.list_artifacts(result.run_id, "previews")]
     assert len(previews) == 2 and all(p.endswith(".png") for p in previews)
     table = json.loads(open(client.download_artifacts(result.run_id, "per_object_table.json",
                                                       str(tmp_path))).read())
     assert len(table["data"]) == 2 and "chamfer" in table["columns"]
 
-    # The promotion gate reads the metrics from the release itself.
+    # The promotion gate reads the metrics (and the protocol of each group) from the release.
     rel = get_release(release_uri, mlflow_server)
     assert rel.tags["eval_run_id"] == result.run_id
-    assert rel.metrics["f_score"] == pytest.approx(m["f_score"])
+    assert rel.metrics["heldout_objects/f_score"] == pytest.approx(m["heldout_objects/f_score"])
+    assert rel.tags["eval.heldout_objects.protocol"] == groups["heldout_objects"]["protocol"]
 
 
 @pytest.mark.e2e
 def test_evaluate_components_lr_only(eval_shards, tmp_path):
     release = write_tiny_release(tmp_path / "release")
     cfg = EvalConfig(generate=GenerateConfig(use_hr=False, **TINY), num_points=2000, previews=0,
-                     with_iou=False, max_objects=1, device="cpu")
+                     with_iou=False, max_objects=1, device="cpu", contact_sheet=False,
+                     groups=("all_objects",))
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = evaluate_components(str(release / "vae"), str(release / "lr"), None, eval_shards,
                                  tmp_path / "out", cfg, tracking_uri=tracking_uri, progress=False)
     assert len(result.per_object) == 1 and result.per_object[0]["level"] == "lr"
-    assert "iou" not in result.per_object[0] and "iou" not in result.metrics
+    assert "iou" not in result.per_object[0] and "all_objects/iou" not in result.metrics
+    assert result.metrics["all_objects/num_objects"] == 1 and not result.contact_sheets
     from mlflow import MlflowClient
 
     params = MlflowClient(tracking_uri=tracking_uri).get_run(result.run_id).data.params
@@ -228,17 +307,21 @@ def test_failed_objects_are_recorded_not_skipped(eval_shards, tmp_path):
 
     release = write_tiny_release(tmp_path / "release")
     cfg = EvalConfig(generate=GenerateConfig(min_image_side=128, **TINY), previews=1,
-                     preview_resolution=64, device="cpu")
+                     preview_resolution=64, contact_sheet_resolution=64, device="cpu")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = evaluate(str(release), eval_shards, tmp_path / "out", cfg, tracking_uri=tracking_uri,
                       progress=False)
     assert len(result.failed) == 2 == len(result.per_object)
     assert all("InvalidImageError" in r["error"] for r in result.failed)
-    assert result.metrics["num_failed"] == 2 and result.metrics["f_score"] == 0.0
-    assert result.metrics["chamfer"] == math.inf
+    for group in ("seen_view", "heldout_objects"):
+        assert result.metrics[f"{group}/num_failed"] == 1 and result.metrics[f"{group}/f_score"] == 0.0
+        assert result.metrics[f"{group}/chamfer"] == math.inf
+        assert result.metrics[f"{group}/retrieval_hits"] == 0  # a failure is a miss
     report = json.loads(result.report_path.read_text())  # strict JSON: inf is written as null
-    assert report["metrics"]["chamfer"] is None and report["per_object"][0]["status"] == "failed"
-    assert len(list((tmp_path / "out" / "previews").glob("0000_*.png"))) == 1
+    assert report["metrics"]["seen_view/chamfer"] is None and report["per_object"][0]["status"] == "failed"
+    assert len(list((tmp_path / "out" / "previews").glob("*_0000_*.png"))) == 2
+    assert set(result.contact_sheets) == {"seen_view", "heldout_objects"}  # failures are shown too
     run = MlflowClient(tracking_uri=tracking_uri).get_run(result.run_id)
-    assert "chamfer" not in run.data.metrics and run.data.tags["nonfinite.chamfer"] == "inf"
-    assert run.data.metrics["num_failed"] == 2 and run.info.status == "FINISHED"
+    assert "seen_view/chamfer" not in run.data.metrics
+    assert run.data.tags["nonfinite.seen_view/chamfer"] == "inf"
+    assert run.data.metrics["seen_view/num_failed"] == 1 and run.info.status == "FINISHED"

@@ -255,6 +255,17 @@ def test_shard_dataset_job(ray_local, release, shard_dataset, tmp_path):
     rows = read_results(tmp_path / "out").to_pylist()
     assert sorted(r["id"][-3:] for r in rows) == ["_v0", "_v1"]
     assert all("#uid=" in r["input"] and (tmp_path / "out" / r["outputs"][0]).is_file() for r in rows)
+    # Dataset inputs know their ground truth: input | generated x2 | ground truth x2 per row.
+    sheet = Image.open(result.contact_sheet)
+    assert result.contact_sheet == tmp_path / "out" / "contact_sheet.png"
+    assert sheet.size[0] >= 2 * 5 * 128  # 2 rows side by side (3 columns max), 5 panels each
+    from mar3d import tracking
+
+    # No tracking URI given: the job's default (MLFLOW_TRACKING_URI, else beside its output).
+    client = tracking.client(tracking.default_tracking_uri(tmp_path / "out"))
+    run = client.get_run(result.run_id)
+    assert run.data.metrics["succeeded"] == 2 and run.data.tags["mar3d.kind"] == "generate"
+    assert {f.path for f in client.list_artifacts(result.run_id)} >= {"contact_sheet.png", "generate.json"}
 
 
 @pytest.mark.e2e
@@ -281,6 +292,13 @@ def test_registry_alias_is_pinned_to_a_version(ray_local, release, mlflow_server
                             _cfg(num_actors=1), tracking_uri=mlflow_server, progress=False)
     assert result.model == f"models:/mar3d-gen-test/{rel.version}"
     assert (result.succeeded, result.failed) == (2, 0)
+    # Plain images have no stored camera or ground truth: input | generated x2 per row.
+    from mlflow import MlflowClient
+
+    assert Image.open(result.contact_sheet).size[0] == 2 * 3 * 128
+    client = MlflowClient(tracking_uri=mlflow_server)
+    assert "contact_sheet.png" in {f.path for f in client.list_artifacts(result.run_id)}
+    assert client.get_run(result.run_id).data.params["model"] == result.model
     rows = read_results(tmp_path / "out").to_pylist()
     assert {r["model"] for r in rows} == {result.model}
 

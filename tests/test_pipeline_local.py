@@ -41,7 +41,9 @@ def test_local_pipeline_end_to_end(tmp_path, ycb_small_dir):
     champion = client.get_model_version_by_alias("mar3d", "champion")
     for comp in ("vae", "lr", "hr"):
         assert champion.tags[f"component.{comp}"].startswith(f"mar3d-{comp}/")
-    assert "metric.f_score" in champion.tags
+    # The gate's group (held-out objects) next to its mean-shape baseline, both groups logged.
+    assert {"metric.heldout_objects/f_score", "metric.heldout_objects/baseline/f_score",
+            "metric.seen_view/f_score", "metric.seen_view/retrieval_top1"} <= set(champion.tags)
     train_runs = client.search_runs([client.get_experiment_by_name("mar3d").experiment_id])
     assert {r.data.tags.get("mar3d.stage") for r in train_runs} == {"vae", "lr", "hr"}
     eval_exp = client.get_experiment_by_name("mar3d-eval")

@@ -6,13 +6,13 @@ import pytest
 from mlflow import MlflowClient
 
 from mar3d.registry import (GateConfig, RegistryConfig, RegistryError, download_release,
-                            evaluate_gate, get_release, promote, validate_model_uri)
+                            evaluate_gate, get_release, promote, record_metrics, validate_model_uri)
 
 from _registry_helpers import make_release
 
 
 def test_gate_passes_within_tolerance_and_refuses_beyond():
-    gate = GateConfig(metrics={"f_score": "max", "chamfer": "min"}, rel_tolerance=0.1)
+    gate = GateConfig(metrics={"f_score": "max", "chamfer": "min"}, rel_tolerance=0.1, group="")
     champ = {"f_score": 0.8, "chamfer": 0.1}
     ok = evaluate_gate({"f_score": 0.75, "chamfer": 0.105}, champ, gate)
     assert ok.passed, ok.table()
@@ -24,11 +24,22 @@ def test_gate_passes_within_tolerance_and_refuses_beyond():
 
 
 def test_gate_without_champion_applies_absolute_floors():
-    gate = GateConfig(metrics={"f_score": "max"}, minimums={"f_score": 0.2})
+    gate = GateConfig(metrics={"f_score": "max"}, minimums={"f_score": 0.2}, group="")
     assert evaluate_gate({"f_score": 0.3}, None, gate).passed
     assert not evaluate_gate({"f_score": 0.1}, None, gate).passed
     assert not evaluate_gate({"f_score": float("nan")}, None, gate).passed
     assert not evaluate_gate({}, None, gate).passed
+
+
+def test_gate_reads_its_group_and_refuses_without_comparable_champion():
+    gate = GateConfig(metrics={"f_score": "max"}, rel_tolerance=0.0)  # group: heldout_objects
+    cand = {"heldout_objects/f_score": 0.4, "seen_view/f_score": 0.9}
+    assert evaluate_gate(cand, {"heldout_objects/f_score": 0.5}, gate).passed is False
+    assert evaluate_gate(cand, {"heldout_objects/f_score": 0.3, "seen_view/f_score": 0.99}, gate).passed
+    seen = GateConfig(metrics={"f_score": "max"}, rel_tolerance=0.0, group="seen_view")
+    assert not evaluate_gate(cand, {"seen_view/f_score": 0.95}, seen).passed
+    missing = evaluate_gate(cand, None, gate, champion_missing="not scored on the same objects")
+    assert not missing.passed and "same objects" in missing.table()
 
 
 @pytest.mark.parametrize("uri", ["models:/x@../../etc", "file:///etc/passwd", "runs:/abc/model",
@@ -55,7 +66,7 @@ def test_register_promote_and_refuse(mlflow_server, tmp_path):
     gate = GateConfig(metrics={"f_score": "max", "chamfer": "min"}, rel_tolerance=0.05)
     client = MlflowClient()
 
-    a = make_release(tmp_path, "a", {"f_score": 0.6, "chamfer": 0.2}, cfg)
+    a = make_release(tmp_path, "a", {"heldout_objects/f_score": 0.6, "heldout_objects/chamfer": 0.2}, cfg)
     assert get_release("models:/mar3d-test@candidate").version == a.version
     dirs = download_release(a, tmp_path / "dl")
     assert set(dirs) == {"vae", "lr", "hr"}
@@ -66,17 +77,29 @@ def test_register_promote_and_refuse(mlflow_server, tmp_path):
     assert get_release("models:/mar3d-test@champion").version == a.version
     assert client.get_model_version_by_alias("mar3d-test-vae", "champion").version == a.components["vae"][1]
 
-    b = make_release(tmp_path, "b", {"f_score": 0.4, "chamfer": 0.2}, cfg)
+    b = make_release(tmp_path, "b", {"heldout_objects/f_score": 0.4, "heldout_objects/chamfer": 0.2}, cfg)
     refused = promote(b.uri, gate=gate, cfg=cfg, reason="worse model")
     assert not refused.passed
-    assert "f_score" in refused.table() and "NO" in refused.table()
+    assert "heldout_objects/f_score" in refused.table() and "NO" in refused.table()
+    assert "worse than champion" in refused.table()
     assert get_release("models:/mar3d-test@champion").version == a.version
+
+    # Better numbers measured on other objects are not comparable: refused, with the reason.
+    c = make_release(tmp_path, "c", {"heldout_objects/f_score": 0.9, "heldout_objects/chamfer": 0.1}, cfg,
+                     tags={"eval.heldout_objects.protocol": "other-objects"})
+    other = promote(c.uri, gate=gate, cfg=cfg, reason="evaluated elsewhere")
+    assert not other.passed and "--compare-to" in other.table()
+    # The champion scored inside the candidate's own evaluation is what the gate uses.
+    c = record_metrics(c, {"heldout_objects/champion/f_score": 0.5, "heldout_objects/champion/chamfer": 0.3},
+                       tags={"eval.heldout_objects.champion": f"models:/mar3d-test/{a.version}"})
+    assert promote(c.uri, gate=gate, cfg=cfg, reason="better on the same objects").passed
+    assert get_release("models:/mar3d-test@champion").version == c.version
 
     exp = client.get_experiment_by_name("mar3d-promotions")
     runs = [r for r in client.search_runs([exp.experiment_id], "tags.`mar3d.kind` = 'promotion'")
             if r.data.tags["candidate"].startswith("models:/mar3d-test/")]  # server is shared
     decisions = sorted(r.data.tags["decision"] for r in runs)
-    assert decisions == ["promoted", "refused"]
+    assert decisions == ["promoted", "promoted", "refused", "refused"]
     assert all(r.data.tags["actor"] for r in runs)
 
     with pytest.raises(RegistryError, match="not found"):
