@@ -13,7 +13,7 @@ import logging
 import os
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,20 +22,35 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 # Config files per pipeline step for each size preset ("" = the library default).
+_TINY = {"data_config": "data_local.yaml", "vae_config": "train_vae_tiny.yaml",
+         "lr_config": "train_lr_tiny.yaml", "hr_config": "train_hr_tiny.yaml",
+         "eval_config": "eval_tiny.yaml", "generate_config": "generate_tiny.yaml"}
 PRESETS = {
-    "tiny": {"data_config": "data_local.yaml", "vae_config": "train_vae_tiny.yaml",
-             "lr_config": "train_lr_tiny.yaml", "hr_config": "train_hr_tiny.yaml",
-             "eval_config": "eval_tiny.yaml", "generate_config": "generate_tiny.yaml"},
-    "smoke": {"data_config": "data_smoke.yaml", "vae_config": "train_vae_tiny.yaml",
-              "lr_config": "train_lr_tiny.yaml", "hr_config": "train_hr_tiny.yaml",
-              "eval_config": "eval_tiny.yaml", "generate_config": "generate_tiny.yaml"},
+    "tiny": _TINY,
+    "small": _TINY,
+    "smoke": {**_TINY, "data_config": "data_smoke.yaml"},
 }
-# Extra overrides of the smallest preset, used by CI: few steps, small everything.
-SMOKE_OVERRIDES = {
-    "vae_overrides": ["steps=60", "checkpoint_every=30", "eval_every=0", "log_every=10"],
-    "lr_overrides": ["steps=30", "checkpoint_every=30", "eval_every=0", "log_every=10"],
-    "hr_overrides": ["steps=30", "checkpoint_every=30", "eval_every=0", "log_every=10"],
+# Overrides on top of a preset's files.
+#   small: the tiny models trained SMALL_FACTOR x longer (see scaled_steps).
+#   smoke: CI's smallest run; batch 1 so that 2 workers train on the 2 training objects
+#          of a 4-object dataset (the other 2 are held out).
+SMALL_FACTOR = 3.5
+PRESET_OVERRIDES = {
+    "smoke": {f"{stage}_overrides": [f"steps={steps}", "checkpoint_every=30", "eval_every=0",
+                                     "log_every=10", "batch_size=1", "warmup_steps=5"]
+              for stage, steps in (("vae", 60), ("lr", 30), ("hr", 30))},
 }
+# Training-length keys of TrainConfig that scale together with a budget.
+SCALED_KEYS = ("steps", "warmup_steps", "checkpoint_every", "eval_every")
+
+
+def scaled_steps(config_path: str | Path, factor: float) -> list[str]:
+    """Overrides that train ``config_path``'s run ``factor`` x as long (intervals keep
+    their share of the run)."""
+    import yaml
+
+    doc = yaml.safe_load(Path(config_path).read_text()) or {}
+    return [f"{key}={max(1, round(doc[key] * factor))}" for key in SCALED_KEYS if doc.get(key)]
 
 
 @dataclass
@@ -45,6 +60,8 @@ class LocalRunResult:
     seconds: float
     meshes: list[Path]
     results_path: Path | None
+    contact_sheets: list[Path] = field(default_factory=list)  # evaluation groups, then generation
+    evaluation: str = ""                                       # the evaluation's side-by-side table
 
     def summary(self) -> str:
         lines = [f"local pipeline finished in {self.seconds / 60:.1f} min",
@@ -53,14 +70,18 @@ class LocalRunResult:
                  + (f" under {self.meshes[0].parent}" if self.meshes else ""),
                  f"  results:     {self.results_path}",
                  f"  MLflow:      {self.mlflow_uri}"]
+        lines += [f"  contact sheet: {p}" for p in self.contact_sheets]
         if self.mlflow_uri.startswith("sqlite:///"):
             lines.append(f"  browse runs and registered models: mlflow ui --backend-store-uri {self.mlflow_uri}")
+        if self.evaluation:
+            lines += ["", self.evaluation]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"workdir": str(self.workdir), "mlflow_uri": self.mlflow_uri,
                 "seconds": round(self.seconds, 1), "num_meshes": len(self.meshes),
-                "results_path": str(self.results_path) if self.results_path else None}
+                "results_path": str(self.results_path) if self.results_path else None,
+                "contact_sheets": [str(p) for p in self.contact_sheets]}
 
 
 def compile_pipeline(path: str | Path | None = None) -> Path:
@@ -69,15 +90,18 @@ def compile_pipeline(path: str | Path | None = None) -> Path:
     return _compile(path or COMPILED)
 
 
-def _preset_args(preset: str) -> dict:
+def preset_args(preset: str) -> dict:
+    """The pipeline arguments of a size preset: config files and their overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     args = {k: str(CONFIGS / v) for k, v in PRESETS[preset].items()}
     for path in args.values():
         if not Path(path).is_file():
             raise FileNotFoundError(f"preset config {path} is missing (run from a mar3d source checkout)")
-    if preset == "smoke":
-        args.update({k: list(v) for k, v in SMOKE_OVERRIDES.items()})
+    args.update({k: list(v) for k, v in PRESET_OVERRIDES.get(preset, {}).items()})
+    if preset == "small":
+        for stage in ("vae", "lr", "hr"):
+            args[f"{stage}_overrides"] = scaled_steps(args[f"{stage}_config"], SMALL_FACTOR)
     return args
 
 
@@ -96,7 +120,7 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     mlflow_uri = mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-    args = _preset_args(preset)
+    args = preset_args(preset)
     args.update(extra or {})
     # Components are subprocesses: they find MLflow and the thread budget through the env.
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
@@ -111,7 +135,17 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
     results = sorted((workdir / "runs").glob("*/generate/results.parquet"), key=lambda p: p.stat().st_mtime)
     latest = results[-1] if results else None
     meshes = sorted(latest.parent.rglob("*.glb")) if latest else []
-    return LocalRunResult(workdir, mlflow_uri, seconds, meshes, latest)
+    sheets, table = [], ""
+    if latest is not None:
+        from mar3d.evaluate import evaluation_table
+
+        run = latest.parent.parent
+        sheets = sorted((run / "eval" / "contact_sheets").glob("*.png"))
+        sheets += [p for p in [latest.parent / "contact_sheet.png"] if p.is_file()]
+        report = run / "eval" / "report.json"
+        if report.is_file():
+            table = evaluation_table(json.loads(report.read_text())["metrics"])
+    return LocalRunResult(workdir, mlflow_uri, seconds, meshes, latest, sheets, table)
 
 
 def submit_pipeline(host: str, arguments: dict, experiment: str = "mar3d",

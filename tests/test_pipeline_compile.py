@@ -206,3 +206,22 @@ def test_pointer_artifacts_round_trip(tmp_path):
     missing.path = str(tmp_path / "nope")
     with pytest.raises(_run.StepFailed, match="no pointer file"):
         _run.read_pointer(missing)
+
+
+def test_presets_scale_training_and_keep_the_same_models():
+    from mar3d.orchestrate import SMALL_FACTOR, preset_args
+    from mar3d.train import load_train_config
+
+    tiny, small, smoke = (preset_args(p) for p in ("tiny", "small", "smoke"))
+    assert {k: v for k, v in small.items() if k.endswith("_config")} == tiny
+    for stage in ("vae", "lr", "hr"):
+        vae = [] if stage == "vae" else ["vae_model_uri=/path/to/vae"]  # required, unused here
+        base = load_train_config(stage, tiny[f"{stage}_config"], vae)
+        longer = load_train_config(stage, small[f"{stage}_config"], [*small[f"{stage}_overrides"], *vae])
+        assert longer.steps == round(base.steps * SMALL_FACTOR)
+        assert longer.warmup_steps == round(base.warmup_steps * SMALL_FACTOR)
+        # Same models: only the training length differs.
+        assert longer.vae == base.vae and (stage == "vae" or longer.mar == base.mar)
+        assert "batch_size=1" in smoke[f"{stage}_overrides"]
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_args("huge")
