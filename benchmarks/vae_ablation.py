@@ -76,7 +76,7 @@ def small_data_config(num_workers: int):
     cfg = DataConfig(watertight_resolution=128, surface_sizes=(8192, 2048, 512),
                      num_vol=8192, num_near=8192, render_views=1, render_resolution=64,
                      render_up_axis="z", shard_size=16, num_workers=num_workers,
-                     cpus_per_task=1.0)
+                     cpus_per_task=1.0, split_holdout_view=None)
     cfg.validate()
     return cfg
 
@@ -145,7 +145,9 @@ def train_config(args, kind: str, data: Path, eval_data: Path | None, tracking_u
     overrides = [f"data={data}", f"storage_path={args.workdir / 'train'}", f"mlflow_uri={tracking_uri}",
                  f"experiment={args.experiment}", f"steps={args.steps}", f"seed={args.seed}",
                  f"num_workers={args.num_workers}", f"vae_level={args.vae_level}",
-                 f"vae.hr_tokens={args.tokens}", *args.set, f"vae.kind={kind}"]
+                 f"vae.hr_tokens={args.tokens}", *args.set, f"vae.kind={kind}",
+                 # The ablation holds shapes out itself (--hold-out): train on every object.
+                 "split=all"]
     if eval_data is not None:
         overrides.append(f"eval_data={eval_data}")
     cfg = load_train_config("vae", args.config, overrides)
@@ -374,7 +376,7 @@ def main(argv=None) -> dict:
     sizes = tuple(cfgs["pyramid"].surface_sizes) or stored
 
     torch.manual_seed(args.seed)
-    models = {kind: load_vae(m.model_dir) for kind, m in trained.items()}
+    models = {kind: load_vae(m.model_dir)[0] for kind, m in trained.items()}
     eval_started = time.perf_counter()
     rows = {"train": reconstruct(models, data, sizes, args, "train")}
     if eval_data is not None:
