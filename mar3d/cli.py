@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
     run.add_argument("--preset", default="tiny", choices=["tiny", "small", "smoke"],
                      help="tiny: the local demo (22 min measured on 2 cores); small: the same models "
-                          "trained 3.5x longer (~1 h estimated); smoke: the smallest run (CI)")
+                          "trained 3.5x longer (~45 min); smoke: the smallest run (CI)")
     run.add_argument("--num-workers", type=int, default=2,
                      help="Ray Train workers per training stage (fractional CPUs each, so 2 fit on 2 cores)")
     run.add_argument("--model-name", default="mar3d", help="registered release name")
