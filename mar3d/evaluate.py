@@ -387,6 +387,20 @@ def cross_chamfer(predictions: list[np.ndarray | None], truths: list[np.ndarray]
     return matrix
 
 
+def pairwise_chamfer(points: list[np.ndarray]) -> np.ndarray:
+    """[N, N] Chamfer distance among one list of point sets (as :func:`cross_chamfer` of
+    the list with itself): the distance is symmetric, so each pair is computed once."""
+    from scipy.spatial import cKDTree
+
+    trees = [cKDTree(p) for p in points]
+    matrix = np.zeros((len(points), len(points)))
+    for i, j in zip(*np.triu_indices(len(points), k=1)):
+        to_j = trees[j].query(points[i], k=1, workers=-1)[0].mean()
+        to_i = trees[i].query(points[j], k=1, workers=-1)[0].mean()
+        matrix[i, j] = matrix[j, i] = 0.5 * (to_j + to_i)
+    return matrix
+
+
 def following_metrics(matrix: np.ndarray, predictions: list[np.ndarray | None],
                       truths: list[np.ndarray]) -> dict[str, float | None]:
     """Top-1 retrieval from a square prediction x truth Chamfer matrix, and the diversity
@@ -397,8 +411,8 @@ def following_metrics(matrix: np.ndarray, predictions: list[np.ndarray | None],
     diversity = None
     if len(ok) >= 2:
         upper = np.triu_indices(len(ok), k=1)
-        generated = cross_chamfer([predictions[i] for i in ok], [predictions[i] for i in ok])[upper].mean()
-        spread = cross_chamfer([truths[i] for i in ok], [truths[i] for i in ok])[upper].mean()
+        generated = pairwise_chamfer([predictions[i] for i in ok])[upper].mean()
+        spread = pairwise_chamfer([truths[i] for i in ok])[upper].mean()
         diversity = float(generated / spread) if spread > 0 else None
     return {"retrieval_hits": float(hits), "retrieval_top1": hits / n if n else 0.0,
             "retrieval_chance": 1.0 / n if n else 0.0, "diversity_ratio": diversity}
@@ -428,9 +442,7 @@ def mean_shape(reader, cfg: EvalConfig) -> MeanShape | None:
     if len(train) == 1:
         best, mean = 0, 0.0
     else:
-        matrix = cross_chamfer(points, points)
-        np.fill_diagonal(matrix, 0.0)
-        means = matrix.sum(1) / (len(train) - 1)
+        means = pairwise_chamfer(points).sum(1) / (len(train) - 1)
         best, mean = int(np.argmin(means)), float(means.min())
     return MeanShape(train[best], surfaces[best][:, :3], surfaces[best][:, 3:], len(train), mean)
 
@@ -782,6 +794,6 @@ def evaluate_components(vae_uri: str, lr_uri: str, hr_uri: str | None, dataset: 
 
 
 __all__ = ["EvalConfig", "EvalGroup", "EvalResult", "GROUPS", "aggregate", "assemble_release_dir",
-           "cross_chamfer", "dataset_fingerprint", "evaluate", "evaluate_components",
+           "cross_chamfer", "pairwise_chamfer", "dataset_fingerprint", "evaluate", "evaluate_components",
            "evaluate_object", "evaluation_table", "following_metrics", "mean_shape", "occupancy_iou",
            "select_groups"]

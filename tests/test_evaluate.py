@@ -8,7 +8,7 @@ import trimesh
 
 from mar3d.config import ConfigError, load_config
 from mar3d.data.render import intrinsics_matrix, look_at
-from mar3d.evaluate import (EvalConfig, aggregate, assemble_release_dir, cross_chamfer,
+from mar3d.evaluate import (EvalConfig, aggregate, assemble_release_dir, cross_chamfer, pairwise_chamfer,
                             dataset_fingerprint, evaluate, evaluate_components, evaluation_table,
                             following_metrics, occupancy_iou)
 from mar3d.inference import GenerateConfig
@@ -105,6 +105,12 @@ def _shapes(n: int = 5, points: int = 1500) -> list[np.ndarray]:
                 else trimesh.creation.box(extents=(0.4 + 0.2 * i, 0.5, 0.3 + 0.1 * i)))
         out.append(np.asarray(trimesh.sample.sample_surface(mesh, points, seed=i)[0]))
     return out
+
+
+def test_pairwise_chamfer_is_the_cross_matrix_of_a_list_with_itself():
+    shapes = _shapes(4, 400)
+    assert np.array_equal(pairwise_chamfer(shapes), cross_chamfer(shapes, shapes))
+    assert pairwise_chamfer(shapes[:1]).tolist() == [[0.0]]
 
 
 def test_retrieval_and_diversity_tell_a_conditioned_model_from_a_constant_one():
