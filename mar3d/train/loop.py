@@ -86,14 +86,14 @@ def _dataset_kwargs(cfg, seed: int | None, split: str | None = None) -> dict[str
     return kwargs
 
 
-def _eval_sources(cfg) -> dict[str, tuple[str, dict[str, Any], list[int]]]:
+def _eval_sources(cfg) -> dict[str, tuple[Any, list[int]]]:
     """Evaluation during training, on fixed samples (same points and views every time):
 
     * ``"eval"``: training objects seen from their held-out view (VAE: reconstruction of
       training shapes; MAR: a view it never trained on);
     * ``"val"``: held-out objects (``eval_data`` if given, else the dataset's val split).
 
-    Returns name -> (dataset root, ShapeDataset kwargs, rows) for the sets that exist;
+    Returns name -> (ShapeDataset, rows) for the sets that exist;
     rows are the first ``num_eval_samples`` in the split's hash order (a fixed unbiased
     sample, not the first objects by name). Occupancy is scored on uniform volume points
     only (near_fraction 0), the usual definition of a VAE's volume IoU."""
@@ -108,7 +108,7 @@ def _eval_sources(cfg) -> dict[str, tuple[str, dict[str, Any], list[int]]]:
     for name, root, kwargs in (("eval", cfg.data, seen), ("val", cfg.eval_data or cfg.data, heldout)):
         dataset = ShapeDataset(root, **kwargs)
         if len(dataset):
-            sources[name] = (str(root), kwargs, representative_order(dataset)[: cfg.num_eval_samples])
+            sources[name] = (dataset, representative_order(dataset)[: cfg.num_eval_samples])
     return sources
 
 
@@ -202,14 +202,8 @@ def _eval_batches(cfg, rank: int, world: int, device) -> dict[str, list[dict]]:
     """Per evaluation set: this rank's share (every world-th sample) of its fixed samples,
     read directly from the shards (a few rows: a Ray Data job per set would cost more
     than reading them)."""
-    from mar3d.data.dataset import ShapeDataset
-
-    out: dict[str, list[dict]] = {}
-    for name, (root, kwargs, rows) in _eval_sources(cfg).items():
-        dataset = ShapeDataset(root, **kwargs)
-        out[name] = [_to_device(_collate([dataset[i]]), device)
-                     for k, i in enumerate(rows) if k % world == rank]
-    return out
+    return {name: [_to_device(_collate([dataset[i]]), device) for k, i in enumerate(rows) if k % world == rank]
+            for name, (dataset, rows) in _eval_sources(cfg).items()}
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
