@@ -7,9 +7,10 @@ promotion, generation) lives only in the `mar3d` library, so nothing is duplicat
 * ``ray_address`` empty: the command runs in this process through ``mar3d.cli.main``
   (laptop / ``kfp.local`` runs; the step may still start a local Ray for training).
 * ``ray_address`` set (``http://<head-svc>:8265``): the command is submitted to that
-  long-lived RayCluster with ``JobSubmissionClient``, its logs are streamed into the
-  component's log while it is polled, and a failed/stopped job raises :class:`StepFailed`
-  carrying Ray's error message and the tail of the job's log.
+  long-lived RayCluster with ``JobSubmissionClient``; its log is streamed into the
+  component's log as it is written (``tail_job_logs``), SIGINT/SIGTERM of the component
+  stops the Ray job, and a failed/stopped job raises :class:`StepFailed` carrying Ray's
+  error message and the last lines of the job's log.
 
 The step's structured result travels back the same way in both modes: every `mar3d`
 command accepts ``--result-json PATH`` and writes its result there. For a Ray job the
@@ -21,11 +22,15 @@ and MLflow artifacts are on shared storage anyway).
 """
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -83,16 +88,45 @@ def train_argv(stage: str, data: str, storage_path: str, config: str, overrides:
 
 def run_step(argv: list[str], ray_address: str | None, *,
              runtime_env: dict[str, Any] | None = None,
-             poll_seconds: float = 5.0,
+             poll_seconds: float = 2.0,
              timeout_seconds: float | None = None) -> dict[str, Any]:
     """Run ``mar3d <args>`` (``argv[0] == "mar3d"``) and return the step's result mapping."""
     if not argv or argv[0] != "mar3d":
         raise ValueError(f"a step command must start with 'mar3d', got {argv!r}")
     if "--result-json" in argv:
         raise ValueError("run_step adds --result-json itself; do not pass it")
-    if ray_address:
-        return _run_as_ray_job(argv, ray_address, runtime_env, poll_seconds, timeout_seconds)
-    return _run_in_process(argv)
+    try:
+        if ray_address:
+            return _run_as_ray_job(argv, ray_address, runtime_env, poll_seconds, timeout_seconds)
+        return _run_in_process(argv)
+    except StepFailed as exc:
+        record_failure(argv, str(exc))
+        raise
+
+
+FAILURES_ENV = "MAR3D_STEP_FAILURES"
+
+
+def record_failure(argv: list[str], message: str) -> Path | None:
+    """Leave a failed step's message where the pipeline's launcher can find it.
+
+    kfp's local runner reports only "Inner task failed: <name>"; the launcher
+    (:func:`mar3d.orchestrate.run_local`) points ``MAR3D_STEP_FAILURES`` at a folder and
+    puts the newest message found there into its own error."""
+    folder = os.environ.get(FAILURES_ENV)
+    if not folder:
+        return None
+    path = Path(folder) / f"{time.time_ns()}-{step_name(argv).replace(' ', '-')}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"`mar3d {step_name(argv)}` failed: {message}")
+    return path
+
+
+def step_failed(argv: list[str], message: str) -> StepFailed:
+    """A :class:`StepFailed` for a step whose command ran but whose result is refused
+    (no rows, gate not passed), recorded like a failed command."""
+    record_failure(argv, message)
+    return StepFailed(message)
 
 
 def _run_in_process(argv: list[str]) -> dict[str, Any]:
@@ -113,6 +147,12 @@ def _run_in_process(argv: list[str]) -> dict[str, Any]:
         return json.loads(result_path.read_text())
 
 
+def step_name(argv: list[str]) -> str:
+    """``data prepare``, ``train vae``, ``evaluate``, ...: the command without its options."""
+    words = [argv[1]] + ([argv[2]] if len(argv) > 2 and not argv[2].startswith("-") else [])
+    return " ".join(words)
+
+
 def ray_entrypoint(argv: list[str]) -> str:
     """The shell entrypoint of the Ray job that runs ``argv`` and prints its result."""
     return shlex.join(["python", "-m", "components._run", "--", *argv])
@@ -120,47 +160,124 @@ def ray_entrypoint(argv: list[str]) -> str:
 
 def parse_result_from_logs(logs: str) -> dict[str, Any]:
     """The result a Ray job printed on its marker line (the last one wins)."""
-    lines = [ln for ln in logs.splitlines() if ln.startswith(RESULT_MARKER)]
-    if not lines:
-        raise StepFailed("the Ray job succeeded but printed no result line "
-                         f"({RESULT_MARKER.strip()} ...); see its log above")
-    return json.loads(lines[-1][len(RESULT_MARKER):])
+    return json.loads(_result_line(logs)[len(RESULT_MARKER):])
+
+
+class _LogFollower:
+    """Streams a Ray job's log into this process's stdout as the driver writes it (Ray's
+    ``tail_job_logs`` websocket, in a thread of its own) and keeps what the step needs
+    afterwards: the last lines for a failure message, and the result marker line."""
+
+    def __init__(self, client, submission_id: str, keep_lines: int = 40):
+        self.client, self.submission_id = client, submission_id
+        self.tail: collections.deque[str] = collections.deque(maxlen=keep_lines)
+        self.result_line: str | None = None
+        self.error: str | None = None
+        self._partial = ""
+        self._thread = threading.Thread(target=self._run, name=f"logs-{submission_id}", daemon=True)
+
+    def start(self) -> "_LogFollower":
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._follow())
+        except Exception as exc:  # noqa: BLE001 - the status poll decides the outcome
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    async def _follow(self) -> None:
+        async for chunk in self.client.tail_job_logs(self.submission_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+            self._keep(chunk)
+        self._keep("\n")
+
+    def _keep(self, chunk: str) -> None:
+        *complete, self._partial = (self._partial + chunk).split("\n")
+        for line in complete:
+            if line.startswith(RESULT_MARKER):
+                self.result_line = line
+            elif line.strip():
+                self.tail.append(line)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the step is waiting (a pod being deleted, `kill`)."""
+
+
+def _raise_on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Terminated()
 
 
 def _run_as_ray_job(argv: list[str], address: str, runtime_env: dict[str, Any] | None,
                     poll_seconds: float, timeout_seconds: float | None) -> dict[str, Any]:
-    from ray.job_submission import JobSubmissionClient
+    from mar3d.cluster import job_client
 
-    client = JobSubmissionClient(address)
+    client = job_client(address)
     submission_id = f"mar3d-{argv[1]}-{uuid.uuid4().hex[:10]}"
     entrypoint = ray_entrypoint(argv)
     client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
                       runtime_env=runtime_env or None,
-                      metadata={"mar3d.step": " ".join(argv[1:3])})
+                      metadata={"mar3d.step": step_name(argv)})
     print(f"submitted Ray job {submission_id} to {address}: {entrypoint}", flush=True)
+    follower = _LogFollower(client, submission_id).start()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _in_main_thread() else None
     started = time.monotonic()
-    printed = 0
-    while True:
-        status = str(client.get_job_status(submission_id).value)
-        logs = client.get_job_logs(submission_id)
-        # Stream only the part of the log not shown yet, so the kfp UI shows progress.
-        if len(logs) > printed:
-            sys.stdout.write(logs[printed:])
-            sys.stdout.flush()
-            printed = len(logs)
-        if status in TERMINAL:
-            break
-        if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
-            client.stop_job(submission_id)
-            raise StepFailed(f"Ray job {submission_id} ran past {timeout_seconds:.0f}s and was stopped")
-        time.sleep(poll_seconds)
+    try:
+        while (status := str(client.get_job_status(submission_id).value)) not in TERMINAL:
+            if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
+                _stop(client, submission_id)
+                raise StepFailed(f"Ray job {submission_id} ran past {timeout_seconds:.0f}s and was stopped")
+            time.sleep(poll_seconds)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        # The step is being cancelled: its Ray job must not outlive it.
+        _stop(client, submission_id)
+        why = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+        raise StepFailed(f"step interrupted ({why}); stopped its Ray job {submission_id}") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    follower.join(timeout=30)
     if status != "SUCCEEDED":
         info = client.get_job_info(submission_id)
-        tail = "\n".join(logs.splitlines()[-40:])
-        raise StepFailed(f"Ray job {submission_id} {status}: {info.message or 'no message'}"
-                         f"{' (' + str(info.error_type) + ')' if info.error_type else ''}\n"
-                         f"--- last log lines ---\n{tail}")
-    return parse_result_from_logs(logs)
+        error_type = f" ({info.error_type})" if getattr(info, "error_type", None) else ""
+        # Ray appends up to 20k characters of log to its message; the tail we kept is enough.
+        reason = (info.message or "no message").split(", last available logs")[0].strip()
+        raise StepFailed(f"Ray job {submission_id} {status}: {reason}{error_type}\n"
+                         f"--- last log lines ---\n" + "\n".join(follower.tail))
+    if follower.result_line is None:
+        # The websocket dropped before the end (it says why): read the finished log once.
+        follower.result_line = _result_line(client.get_job_logs(submission_id))
+    return json.loads(follower.result_line[len(RESULT_MARKER):])
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _stop(client, submission_id: str, wait_seconds: float = 30) -> None:
+    """Stop the job and wait until Ray reports it terminal (its driver is then gone)."""
+    try:
+        client.stop_job(submission_id)
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            if str(client.get_job_status(submission_id).value) in TERMINAL:
+                return
+            time.sleep(0.5)
+    except Exception as exc:  # noqa: BLE001 - report, but keep the original failure
+        print(f"warning: could not stop Ray job {submission_id}: {exc}", file=sys.stderr, flush=True)
+
+
+def _result_line(logs: str) -> str:
+    lines = [ln for ln in logs.splitlines() if ln.startswith(RESULT_MARKER)]
+    if not lines:
+        raise StepFailed("the Ray job succeeded but printed no result line "
+                         f"({RESULT_MARKER.strip()} ...); see its log above")
+    return lines[-1]
 
 
 def write_pointer(artifact, result: dict[str, Any], location: str) -> None:
@@ -189,7 +306,12 @@ def _main(args: list[str]) -> int:
     """Ray job entrypoint: ``python -m components._run -- mar3d <args>``."""
     if args[:1] == ["--"]:
         args = args[1:]
-    result = _run_in_process(args)
+    try:
+        result = _run_in_process(args)
+    except StepFailed as exc:
+        # The command already printed its own error; one line, no traceback, for the log tail.
+        print(f"mar3d step failed: {exc}", file=sys.stderr, flush=True)
+        return 1
     print(RESULT_MARKER + json.dumps(result), flush=True)
     return 0
 

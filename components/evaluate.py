@@ -12,16 +12,17 @@ from components import MAR3D_IMAGE
 
 @dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
 def evaluate(dataset: Input[Dataset], vae_model: Input[Model], lr_model: Input[Model],
-             hr_model: Input[Model], workdir: str, job_id: str, config: str,
+             hr_model: Input[Model], workdir: str, job_id: str,
+             resume_run_id: str, config: str,
              overrides: list, model_name: str, mlflow_tracking_uri: str, ray_address: str,
              metrics: Output[Metrics], report: Output[Artifact]):
     """Per group (seen objects / held-out view, held-out objects): Chamfer, F-score,
     normal consistency, IoU, retrieval and diversity of the cascade, next to a mean-shape
     baseline and the current champion."""
     from components._run import (optional_flag, override_flags, read_pointer, run_step,
-                                 step_dir, write_pointer)
+                                 step_dir, step_failed, write_pointer)
 
-    out = step_dir(workdir, job_id, "eval")
+    out = step_dir(workdir, resume_run_id or job_id, "eval")
     argv = (["mar3d", "evaluate", "--data", read_pointer(dataset)["location"],
              "--vae-model", read_pointer(vae_model)["model_uri"],
              "--lr-model", read_pointer(lr_model)["model_uri"],
@@ -32,7 +33,7 @@ def evaluate(dataset: Input[Dataset], vae_model: Input[Model], lr_model: Input[M
     result = run_step(argv, ray_address)
     scores = result.get("metrics")
     if not isinstance(scores, dict) or not scores:
-        raise RuntimeError(f"`mar3d evaluate` returned no metrics: {result}")
+        raise step_failed(argv, f"`mar3d evaluate` returned no metrics: {result}")
     for name, value in scores.items():
         metrics.log_metric(name, float(value))
     write_pointer(report, result, out)

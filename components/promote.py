@@ -13,7 +13,8 @@ def promote(vae_model: Input[Model], lr_model: Input[Model], hr_model: Input[Mod
     """Registers VAE/LR/HR as one release, attaches the evaluation metrics and moves the
     champion alias if the gate passes. A refusal fails this step, so batch generation
     never runs with a model that did not pass the gate."""
-    from components._run import optional_flag, read_pointer, run_step, write_pointer
+    from components._run import (optional_flag, read_pointer, run_step, step_failed,
+                                 write_pointer)
 
     argv = (["mar3d", "promote",
              "--vae-model", read_pointer(vae_model)["model_uri"],
@@ -26,6 +27,6 @@ def promote(vae_model: Input[Model], lr_model: Input[Model], hr_model: Input[Mod
             + optional_flag("--tracking-uri", mlflow_tracking_uri))
     result = run_step(argv, ray_address)
     if not result.get("promoted"):
-        raise RuntimeError(f"release {result.get('release_uri')} not promoted by the gate:\n"
-                           f"{result.get('gate', result)}")
+        raise step_failed(argv, f"release {result.get('release_uri')} not promoted by the gate:\n"
+                          f"{result.get('gate', result)}")
     write_pointer(release, result, result["release_uri"])

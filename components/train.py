@@ -13,13 +13,14 @@ from components import MAR3D_IMAGE
 
 
 @dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
-def train_vae(dataset: Input[Dataset], workdir: str, job_id: str, config: str,
+def train_vae(dataset: Input[Dataset], workdir: str, job_id: str, resume_run_id: str,
+              config: str,
               overrides: list, num_workers: int, use_gpu: bool, mlflow_tracking_uri: str,
               ray_address: str, model: Output[Model]):
     """Train the Pyramid VAE."""
     from components._run import train_argv, read_pointer, run_step, step_dir, write_pointer
 
-    storage = step_dir(workdir, job_id, "train")
+    storage = step_dir(workdir, resume_run_id or job_id, "train")
     argv = train_argv("vae", read_pointer(dataset)["location"], storage, config, overrides,
                       num_workers, use_gpu, mlflow_tracking_uri)
     write_pointer(model, run_step(argv, ray_address), f"{storage}/vae")
@@ -27,12 +28,13 @@ def train_vae(dataset: Input[Dataset], workdir: str, job_id: str, config: str,
 
 @dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
 def train_lr(dataset: Input[Dataset], vae_model: Input[Model], workdir: str, job_id: str,
+             resume_run_id: str,
              config: str, overrides: list, num_workers: int, use_gpu: bool,
              mlflow_tracking_uri: str, ray_address: str, model: Output[Model]):
     """Train MAR-LR (image -> LR latent tokens of the frozen VAE)."""
     from components._run import train_argv, read_pointer, run_step, step_dir, write_pointer
 
-    storage = step_dir(workdir, job_id, "train")
+    storage = step_dir(workdir, resume_run_id or job_id, "train")
     argv = train_argv("lr", read_pointer(dataset)["location"], storage, config, overrides,
                       num_workers, use_gpu, mlflow_tracking_uri,
                       vae_model_uri=read_pointer(vae_model)["model_uri"])
@@ -41,12 +43,13 @@ def train_lr(dataset: Input[Dataset], vae_model: Input[Model], workdir: str, job
 
 @dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
 def train_hr(dataset: Input[Dataset], vae_model: Input[Model], workdir: str, job_id: str,
+             resume_run_id: str,
              config: str, overrides: list, num_workers: int, use_gpu: bool,
              mlflow_tracking_uri: str, ray_address: str, model: Output[Model]):
     """Train MAR-HR (image + LR latents -> HR latent tokens of the frozen VAE)."""
     from components._run import train_argv, read_pointer, run_step, step_dir, write_pointer
 
-    storage = step_dir(workdir, job_id, "train")
+    storage = step_dir(workdir, resume_run_id or job_id, "train")
     argv = train_argv("hr", read_pointer(dataset)["location"], storage, config, overrides,
                       num_workers, use_gpu, mlflow_tracking_uri,
                       vae_model_uri=read_pointer(vae_model)["model_uri"])

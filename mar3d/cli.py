@@ -172,12 +172,14 @@ def _cmd_pipeline_compile(args: argparse.Namespace) -> int:
 def _cmd_pipeline_run(args: argparse.Namespace) -> int:
     from mar3d.orchestrate import run_local
 
-    if not args.local:
-        raise ValueError("`mar3d pipeline run` runs on this machine and needs --local; "
-                         "use `mar3d pipeline submit --host URL` for a Kubeflow cluster")
+    if args.local == bool(args.ray_address):
+        raise ValueError("`mar3d pipeline run` needs exactly one of --local (every step on this "
+                         "machine) or --ray-address URL (every step as a Ray job on that cluster); "
+                         "use `mar3d pipeline submit --host URL` for Kubeflow Pipelines")
     result = run_local(args.dataset, args.workdir, mlflow_uri=args.mlflow_uri, preset=args.preset,
                        model_name=args.model_name, gate_max_chamfer=args.gate_max_chamfer,
-                       gate_min_fscore=args.gate_min_fscore, num_workers=args.num_workers)
+                       gate_min_fscore=args.gate_min_fscore, num_workers=args.num_workers,
+                       ray_address=args.ray_address or "", resume=args.resume or "")
     print(result.summary())
     _write_result(args, result.to_dict())
     return 0
@@ -204,6 +206,27 @@ def _cmd_ray_submit(args: argparse.Namespace) -> int:
     result = submit_ray_stage(args.address, argv)
     print(json.dumps(result, indent=2, default=str))
     _write_result(args, result)
+    return 0
+
+
+def _cmd_cluster_up(args: argparse.Namespace) -> int:
+    from mar3d import cluster
+
+    started = cluster.up(args.nodes, args.state_dir or cluster.DEFAULT_STATE_DIR,
+                         cpus_per_node=args.cpus_per_node, object_store_mb=args.object_store_mb)
+    print(started.summary())
+    _write_result(args, {"dashboard_url": started.dashboard_url, "gcs_address": started.gcs_address,
+                         "state_dir": started.state_dir, **started.client_env()})
+    return 0
+
+
+def _cmd_cluster_down(args: argparse.Namespace) -> int:
+    from mar3d import cluster
+
+    state_dir = args.state_dir or cluster.DEFAULT_STATE_DIR
+    stopped = cluster.down(state_dir)
+    print(f"stopped the local cluster of {state_dir} ({stopped} processes)")
+    _write_result(args, {"stopped_processes": stopped})
     return 0
 
 
@@ -363,11 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
     comp.set_defaults(func=_cmd_pipeline_compile)
     run = pipe_sub.add_parser(
-        "run", help="run the whole pipeline on this machine (kfp local runner, local Ray, MLflow)",
-        description="Run the same pipeline a cluster runs, with kfp's SubprocessRunner: local Ray "
-                    "for the heavy steps, MLflow in WORKDIR/mlflow.db (or --mlflow-uri), tiny "
-                    "randomly initialised image encoders (no pretrained weights are downloaded).")
-    run.add_argument("--local", action="store_true", help="required: run here (not on a cluster)")
+        "run", help="run the whole pipeline with kfp's local runner: steps here or on a Ray cluster",
+        description="Run the same pipeline a cluster runs, with kfp's SubprocessRunner. --local: "
+                    "local Ray for the heavy steps; --ray-address: every step is a Ray job on that "
+                    "cluster (Kubeflow not needed). MLflow in WORKDIR/mlflow.db (or --mlflow-uri), "
+                    "tiny randomly initialised image encoders (no pretrained weights are downloaded).",
+        epilog="examples:\n  mar3d pipeline run --local --workdir outputs/pipeline\n"
+               "  mar3d cluster up --local --nodes 2   # prints the address and token variables\n"
+               "  mar3d pipeline run --ray-address http://127.0.0.1:PORT --workdir outputs/cluster-run "
+               "--mlflow-uri http://127.0.0.1:5000",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--local", action="store_true", help="run every step on this machine")
+    run.add_argument("--ray-address", default=None, metavar="URL",
+                     help="submit every step as a Ray job to this cluster's Jobs API "
+                          "(http://HEAD:8265); the work folder and dataset must be reachable from "
+                          "its nodes")
     ycb = _default_ycb()
     run.add_argument("--dataset", default=ycb, required=ycb is None,
                      help="folder of meshes or a manifest (default: ../shared/datasets/ycb next to "
@@ -380,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "trained 3.5x longer (~45 min); smoke: the smallest run (CI)")
     run.add_argument("--num-workers", type=int, default=2,
                      help="Ray Train workers per training stage (fractional CPUs each, so 2 fit on 2 cores)")
+    run.add_argument("--resume", default=None, metavar="RUN_ID",
+                     help="continue an earlier run of this work folder (its id is printed when it "
+                          "fails): finished data shards are skipped, training resumes from checkpoints")
     run.add_argument("--model-name", default="mar3d", help="registered release name")
     run.add_argument("--gate-max-chamfer", type=float, default=1.0,
                      help="promotion gate: largest acceptable Chamfer distance")
@@ -410,6 +446,29 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("command_argv", nargs=argparse.REMAINDER, help="-- mar3d <stage> ...")
     rs.set_defaults(func=_cmd_ray_submit)
 
+    cluster = sub.add_parser("cluster", help="a real multi-node Ray cluster on this machine",
+                             description="Start/stop a local Ray cluster: `ray start --head` with "
+                                         "the dashboard and Jobs API on 127.0.0.1, plus worker "
+                                         "nodes joined with `ray start --address`, each with its "
+                                         "own ports, temp dir and custom resource mar3d_node_<i>.")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
+    cup = cluster_sub.add_parser("up", help="start a head and N-1 worker nodes here")
+    cup.add_argument("--local", action="store_true", required=True,
+                     help="required: the nodes run on this machine (for a real cluster see k8s/)")
+    cup.add_argument("--nodes", type=int, default=2, help="nodes including the head (default 2)")
+    cup.add_argument("--cpus-per-node", type=int, default=None,
+                     help="logical CPUs each node offers (default: this machine's cores / nodes, at least 1)")
+    cup.add_argument("--object-store-mb", type=int, default=512, help="object store per node (MiB)")
+    cup.add_argument("--state-dir", type=Path, default=None,
+                     help="where the cluster's description and auth token live "
+                          "(default: $MAR3D_CLUSTER_DIR or ~/.cache/mar3d/cluster)")
+    cup.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
+    cup.set_defaults(func=_cmd_cluster_up)
+    cdown = cluster_sub.add_parser("down", help="stop the cluster started by `cluster up`")
+    cdown.add_argument("--state-dir", type=Path, default=None, help="as given to `cluster up`")
+    cdown.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
+    cdown.set_defaults(func=_cmd_cluster_down)
+
     config = sub.add_parser("config", help="inspect configs",
                             description="Print a resolved config as YAML.")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -436,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         # Library errors with a message meant for the user (registry refusals, failed
         # training runs, failed pipeline steps); anything else keeps its traceback.
-        if type(e).__name__ not in {"RegistryError", "TrainingError", "TrackingError", "StepFailed"}:
+        if type(e).__name__ not in {"RegistryError", "TrainingError", "TrackingError", "StepFailed",
+                                    "ClusterError"}:
             raise
         print(f"mar3d: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -62,9 +63,10 @@ class LocalRunResult:
     results_path: Path | None
     contact_sheets: list[Path] = field(default_factory=list)  # evaluation groups, then generation
     evaluation: str = ""                                       # the evaluation's side-by-side table
+    run_id: str = ""                                           # its folder under workdir/runs
 
     def summary(self) -> str:
-        lines = [f"local pipeline finished in {self.seconds / 60:.1f} min",
+        lines = [f"pipeline run {self.run_id} finished in {self.seconds / 60:.1f} min",
                  f"  work folder: {self.workdir}",
                  f"  meshes:      {len(self.meshes)} files"
                  + (f" under {self.meshes[0].parent}" if self.meshes else ""),
@@ -78,7 +80,7 @@ class LocalRunResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"workdir": str(self.workdir), "mlflow_uri": self.mlflow_uri,
+        return {"workdir": str(self.workdir), "mlflow_uri": self.mlflow_uri, "run_id": self.run_id,
                 "seconds": round(self.seconds, 1), "num_meshes": len(self.meshes),
                 "results_path": str(self.results_path) if self.results_path else None,
                 "contact_sheets": [str(p) for p in self.contact_sheets]}
@@ -108,10 +110,21 @@ def preset_args(preset: str) -> dict:
 def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None = None,
               preset: str = "tiny", model_name: str = "mar3d", gate_max_chamfer: float = 1.0,
               gate_min_fscore: float = 0.0, num_workers: int = 2,
-              extra: dict | None = None) -> LocalRunResult:
-    """Run the whole pipeline on this machine and return where its outputs are."""
+              extra: dict | None = None, ray_address: str = "", resume: str = "") -> LocalRunResult:
+    """Run the whole pipeline with kfp's local runner and return where its outputs are.
+
+    ``ray_address`` empty: every step runs here (local Ray for the heavy ones). Set to a
+    Ray cluster's Jobs API (``http://HOST:8265``): kfp still orchestrates from here, and
+    every step is submitted to that cluster as a Ray job (the "run on a cluster without
+    Kubeflow" path); ``workdir`` and the dataset must then be reachable from the cluster's
+    nodes under the same path (or be object storage).
+
+    ``resume``: the run id of an earlier run in this ``workdir`` (printed when it failed):
+    every step works in that run's folders again, so finished data shards are skipped and
+    training continues from its checkpoints."""
     import kfp.local
 
+    from components._run import FAILURES_ENV
     from pipelines.mar3d_pipeline import mar3d_pipeline
 
     dataset = Path(dataset).resolve()
@@ -122,18 +135,32 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
     mlflow_uri = mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     args = preset_args(preset)
     args.update(extra or {})
+    if ray_address:
+        _check_jobs_api(ray_address)
+    runs = workdir / "runs"
+    if resume and not (runs / resume).is_dir():
+        known = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+        raise FileNotFoundError(f"no run {resume!r} to resume under {runs}; runs there: {known or 'none'}")
+    before = set(runs.iterdir()) if runs.is_dir() else set()
     # Components are subprocesses: they find MLflow and the thread budget through the env.
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    failures = workdir / "failures" / time.strftime("%Y%m%d-%H%M%S")
+    os.environ[FAILURES_ENV] = str(failures)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(workdir / "kfp"), raise_on_error=True)
     start = time.perf_counter()
-    mar3d_pipeline(dataset_uri=str(dataset), workdir=str(workdir / "runs"),
-                   mlflow_tracking_uri=mlflow_uri, model_name=model_name,
-                   gate_max_chamfer=gate_max_chamfer, gate_min_fscore=gate_min_fscore,
-                   num_workers=num_workers, **args)
+    try:
+        mar3d_pipeline(dataset_uri=str(dataset), workdir=str(runs),
+                       mlflow_tracking_uri=mlflow_uri, model_name=model_name,
+                       gate_max_chamfer=gate_max_chamfer, gate_min_fscore=gate_min_fscore,
+                       num_workers=num_workers, ray_address=ray_address, resume_run_id=resume,
+                       **args)
+    except RuntimeError as exc:
+        raise _pipeline_failure(exc, failures, resume or _new_run_id(runs, before)) from None
     seconds = time.perf_counter() - start
-    results = sorted((workdir / "runs").glob("*/generate/results.parquet"), key=lambda p: p.stat().st_mtime)
-    latest = results[-1] if results else None
+    run_id = resume or _new_run_id(runs, before)
+    latest = runs / run_id / "generate" / "results.parquet" if run_id else None
+    latest = latest if latest is not None and latest.is_file() else None
     meshes = sorted(latest.parent.rglob("*.glb")) if latest else []
     sheets, table = [], ""
     if latest is not None:
@@ -145,7 +172,43 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
         report = run / "eval" / "report.json"
         if report.is_file():
             table = evaluation_table(json.loads(report.read_text())["metrics"])
-    return LocalRunResult(workdir, mlflow_uri, seconds, meshes, latest, sheets, table)
+    return LocalRunResult(workdir, mlflow_uri, seconds, meshes, latest, sheets, table, run_id)
+
+
+def _new_run_id(runs: Path, before: set[Path]) -> str:
+    """The run folder this pipeline run created (its kfp job id), "" if none yet."""
+    new = [p for p in runs.iterdir() if p not in before] if runs.is_dir() else []
+    return max(new, key=lambda p: p.stat().st_mtime).name if new else ""
+
+
+def _pipeline_failure(exc: RuntimeError, failures: Path, run_id: str) -> Exception:
+    """kfp's "Inner task failed: 'x'" plus the failed step's own message (when it left
+    one) and how to resume the run."""
+    from components._run import StepFailed
+
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    recorded = sorted(failures.glob("*.txt")) if failures.is_dir() else []
+    if recorded:
+        message += "\n" + recorded[-1].read_text()
+    if run_id:
+        message += (f"\nrun id {run_id}: after fixing the cause, continue it with the same "
+                    f"command plus --resume {run_id}")
+    return StepFailed(message)
+
+
+def _check_jobs_api(address: str) -> None:
+    """Fail before any step starts when the cluster's Jobs API cannot be reached (wrong
+    address, a head without the dashboard, a missing auth token)."""
+    from mar3d.cluster import ClusterError, job_client
+
+    try:
+        job_client(address).list_jobs()
+    except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same cause
+        raise ClusterError(
+            f"cannot reach the Ray Jobs API at {address}: {exc}. Check the address "
+            "(http://HEAD:8265), that the head runs the dashboard (ray[default] installed), "
+            "and for a token-authenticated cluster RAY_AUTH_MODE=token with RAY_AUTH_TOKEN "
+            "or RAY_AUTH_TOKEN_PATH (`mar3d cluster up` prints them).") from exc
 
 
 def submit_pipeline(host: str, arguments: dict, experiment: str = "mar3d",

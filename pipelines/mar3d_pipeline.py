@@ -51,32 +51,35 @@ def mar3d_pipeline(
     gate_min_fscore: float = 0.5,
     generate_input: str = "",
     ray_address: str = "",
+    resume_run_id: str = "",
 ):
-    # Outputs of one run go under <workdir>/<pipeline job id>/<step>.
-    job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    # Outputs of one run go under <workdir>/<pipeline job id>/<step>; with resume_run_id
+    # (the job id of an earlier, failed run) under that run's folders instead, so every
+    # step continues it: data skips complete shards, training resumes from checkpoints.
+    run = {"job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "resume_run_id": resume_run_id}
 
-    prepare_task = prepare(dataset_uri=dataset_uri, workdir=workdir, job_id=job_id,
+    prepare_task = prepare(dataset_uri=dataset_uri, workdir=workdir, **run,
                            data_config=data_config, overrides=data_overrides,
                            ray_address=ray_address)
     shards = prepare_task.outputs["dataset"]
-    vae_task = train_vae(dataset=shards, workdir=workdir, job_id=job_id, config=vae_config,
+    vae_task = train_vae(dataset=shards, workdir=workdir, **run, config=vae_config,
                          overrides=vae_overrides, num_workers=num_workers, use_gpu=use_gpu,
                          mlflow_tracking_uri=mlflow_tracking_uri, ray_address=ray_address)
     vae_model = vae_task.outputs["model"]
-    lr_task = train_lr(dataset=shards, vae_model=vae_model, workdir=workdir, job_id=job_id,
+    lr_task = train_lr(dataset=shards, vae_model=vae_model, workdir=workdir, **run,
                        config=lr_config, overrides=lr_overrides, num_workers=num_workers,
                        use_gpu=use_gpu, mlflow_tracking_uri=mlflow_tracking_uri,
                        ray_address=ray_address)
     lr_model = lr_task.outputs["model"]
     # HR learns from (augmented) ground-truth LR latents, so it needs no LR weights; it
     # runs after LR so the stages take the GPU pool one at a time, in the paper's order.
-    hr_task = train_hr(dataset=shards, vae_model=vae_model, workdir=workdir, job_id=job_id,
+    hr_task = train_hr(dataset=shards, vae_model=vae_model, workdir=workdir, **run,
                        config=hr_config, overrides=hr_overrides, num_workers=num_workers,
                        use_gpu=use_gpu, mlflow_tracking_uri=mlflow_tracking_uri,
                        ray_address=ray_address).after(lr_task)
     hr_model = hr_task.outputs["model"]
     eval_task = evaluate(dataset=shards, vae_model=vae_model, lr_model=lr_model,
-                         hr_model=hr_model, workdir=workdir, job_id=job_id, config=eval_config,
+                         hr_model=hr_model, workdir=workdir, **run, config=eval_config,
                          overrides=eval_overrides, model_name=model_name,
                          mlflow_tracking_uri=mlflow_tracking_uri, ray_address=ray_address)
     promote_task = promote(vae_model=vae_model, lr_model=lr_model, hr_model=hr_model,
@@ -88,7 +91,7 @@ def mar3d_pipeline(
     promote_task.set_caching_options(False)
     generate_task = batch_generate(release=promote_task.outputs["release"],
                                    dataset=shards, generate_input=generate_input,
-                                   workdir=workdir, job_id=job_id, config=generate_config,
+                                   workdir=workdir, **run, config=generate_config,
                                    overrides=generate_overrides,
                                    mlflow_tracking_uri=mlflow_tracking_uri,
                                    ray_address=ray_address)

@@ -54,6 +54,40 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A real 2-node Ray cluster started the way users start one (`mar3d cluster up
+    --local --nodes 2`: head with dashboard + Jobs API, one worker node joined with `ray
+    start --address`), shared by the session and stopped with `mar3d cluster down`."""
+    import json
+    import subprocess
+    import sys
+
+    from mar3d.cluster import LocalCluster
+
+    state = tmp_path_factory.mktemp("ray_cluster")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    up = subprocess.run([sys.executable, "-m", "mar3d", "cluster", "up", "--local", "--nodes", "2",
+                         "--state-dir", str(state), "--result-json", str(state / "up.json")],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    assert json.loads((state / "up.json").read_text())["dashboard_url"].startswith("http://127.0.0.1:")
+    yield LocalCluster.load(state)
+    down = subprocess.run([sys.executable, "-m", "mar3d", "cluster", "down", "--state-dir", str(state)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+
+
+@pytest.fixture
+def cluster_env(ray_cluster, monkeypatch):
+    """This test talks to ``ray_cluster`` (its auth token in the environment, no RAY_ADDRESS
+    pointing elsewhere); returns the cluster."""
+    for key, value in ray_cluster.client_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return ray_cluster
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and local artifact store."""
     uri, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))

@@ -36,7 +36,7 @@ EXPECTED_PARAMETERS = {
     "num_workers": "NUMBER_INTEGER", "use_gpu": "BOOLEAN",
     "mlflow_tracking_uri": "STRING", "model_name": "STRING",
     "gate_max_chamfer": "NUMBER_DOUBLE", "gate_min_fscore": "NUMBER_DOUBLE",
-    "generate_input": "STRING", "ray_address": "STRING",
+    "generate_input": "STRING", "ray_address": "STRING", "resume_run_id": "STRING",
 }
 
 # consumer task -> {input artifact: (producer task, output key)}
@@ -90,6 +90,9 @@ def test_every_step_partitions_outputs_by_pipeline_job(ir):
     for name in ("prepare", "train-vae", "train-lr", "train-hr", "evaluate", "batch-generate"):
         job_id = tasks[name]["inputs"]["parameters"]["job_id"]
         assert job_id == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}, name
+        # ... unless the run continues an earlier one (`pipeline run --resume`).
+        resume = tasks[name]["inputs"]["parameters"]["resume_run_id"]
+        assert resume == {"componentInputParameter": "resume_run_id"}, name
 
 
 def test_promote_is_never_cached(ir):
@@ -187,7 +190,9 @@ def test_ray_job_entrypoint_exits_nonzero_on_failure():
     proc = subprocess.run([sys.executable, "-m", "components._run", "--", "mar3d", "train", "no-such-stage"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "StepFailed" in proc.stderr and _run.RESULT_MARKER not in proc.stdout
+    assert "mar3d step failed: `mar3d train no-such-stage` exited with status 2" in proc.stderr
+    assert "Traceback" not in proc.stderr  # one line for the job's log tail, not a stack
+    assert _run.RESULT_MARKER not in proc.stdout
 
 
 def test_pointer_artifacts_round_trip(tmp_path):

@@ -56,6 +56,9 @@ class TrainConfig:
     # one for the data tasks) and still compute on 2 threads.
     threads_per_worker: int = 0
     gpus_per_worker: float = 1.0         # only used when use_gpu
+    # Custom Ray resources each worker also needs, e.g. {"a100": 1} to pick a node type, or
+    # {"mar3d_node_1": 0.5} to put the workers on one node of `mar3d cluster up`.
+    worker_resources: dict[str, float] = field(default_factory=dict)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
 
     # --- DeepSpeed -------------------------------------------------------------------------
@@ -131,6 +134,10 @@ class TrainConfig:
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"TrainConfig.stage must be one of {STAGES}, got {self.stage!r}")
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU", "memory") or not float(amount) > 0:
+                raise ValueError(f"TrainConfig.worker_resources: {name}={amount!r} must be a custom "
+                                 "resource with an amount > 0 (CPU/GPU have their own settings)")
         if self.run_name and ("/" in self.run_name or self.run_name.startswith(".")):
             raise ValueError(f"TrainConfig.run_name {self.run_name!r} must be a plain folder name")
         if self.num_workers < 1:

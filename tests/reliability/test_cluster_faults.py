@@ -1,0 +1,193 @@
+"""Multi-node faults on a real 2-node Ray cluster (`mar3d cluster up --local`), every job
+submitted through the Jobs API as the pipeline submits it:
+
+* the worker node's raylet SIGKILLed while a data-prepare job has tasks there -> the job
+  completes, every input is a row, the same uids as an uninterrupted run;
+* the worker node's raylet SIGKILLed while the Ray Train workers (pinned there through the
+  node's custom resource) train -> a replacement node joins, Ray Train restarts the worker
+  group from the last checkpoint, the run finishes with every metric in MLflow;
+* the driver of a pipeline step's Ray job SIGKILLed -> the pipeline fails naming the step
+  and the reason; `pipeline run --resume <run id>` finishes the run: the data step skips
+  its complete shards, training resumes from its checkpoint, every step ran as a Ray job
+  and succeeded, the release is promoted and the meshes are written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from _faults import Background, wait_for
+from components._run import run_step
+from mar3d.cluster import job_client
+from test_faults import _latest_run_id, _logged_steps, _one_row_shards, _registered_step, _uids
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def cluster(cluster_env):
+    """The session's 2-node cluster; after the test it has a live worker node again."""
+    yield cluster_env
+    workers = [n for n in cluster_env.nodes if n.name != "head"]
+    for node in workers:
+        try:
+            cluster_env.raylet_pid(node.name)
+        except Exception:  # noqa: BLE001 - its raylet was killed and never replaced
+            cluster_env.remove_node(node.name)
+            cluster_env.add_worker(resource=node.resource)
+
+
+def _tasks_on(cluster, node: str, fragment: str) -> list:
+    found = []
+    for proc in cluster.node_processes(node):
+        try:
+            if fragment in " ".join(proc.cmdline()):
+                found.append(proc)
+        except Exception:  # noqa: BLE001 - ended while we looked
+            continue
+    return found
+
+
+def _config_file(tmp_path: Path, cfg) -> Path:
+    from mar3d.config import to_dict
+
+    path = tmp_path / "data.yaml"
+    path.write_text(json.dumps(to_dict(cfg)))  # JSON is YAML
+    return path
+
+
+# ----------------------------------------------------------- (a) data job, node lost
+def test_worker_node_lost_during_data_prepare(cluster, ycb_small_dir, tmp_path, reliability_report):
+    config = _config_file(tmp_path, _one_row_shards())
+    clean, out = tmp_path / "clean", tmp_path / "data"
+    argv = ["mar3d", "data", "prepare", "--input", str(ycb_small_dir), "--config", str(config),
+            "--no-progress", "--output"]
+    reference = run_step(argv + [str(clean)], cluster.dashboard_url, poll_seconds=0.5)
+
+    job = Background(lambda: run_step(argv + [str(out)], cluster.dashboard_url, poll_seconds=0.5))
+    wait_for(lambda: _tasks_on(cluster, "worker-1", "_process_item"), 180,
+             "a _process_item task on the worker node", interval=0.05)
+    raylet = cluster.kill_node("worker-1")
+    result = job.join(600)
+    assert job.error is None, job.error
+    assert result["num_rows"] == reference["num_rows"] == 4 and result["num_errors"] == 0
+    assert _uids(out) == _uids(clean)  # every input exactly once
+    reliability_report.add("faults", fault="SIGKILL the worker node's raylet during a data-prepare "
+                           "Ray job", at=f"task running there (raylet pid {raylet})",
+                           outcome="tasks rescheduled on the head, job SUCCEEDED",
+                           lost=f"0 (rows {result['num_rows']}/4, same uids)")
+
+
+# ------------------------------------------------------- (b) training, node lost
+def test_worker_node_lost_during_training_resumes_from_checkpoint(
+        cluster, ycb_small_shards, mlflow_server, tmp_path, reliability_report):
+    storage = tmp_path / "train"
+    run_name = "vae-node-lost"
+    argv = ["mar3d", "train", "vae", "--config", str(REPO / "configs" / "train_vae_tiny.yaml")]
+    for setting in (f"data={ycb_small_shards}", f"storage_path={storage}", f"mlflow_uri={mlflow_server}",
+                    f"run_name={run_name}", "experiment=test-cluster-faults", "steps=60",
+                    "warmup_steps=5", "checkpoint_every=10", "log_every=5", "eval_every=0",
+                    "split=all", "batch_size=2", "num_workers=2", "max_failures=3",
+                    "worker_resources={mar3d_node_1: 0.5}"):
+        argv += ["--set", setting]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    job = Background(lambda: run_step(argv, cluster.dashboard_url, poll_seconds=1))
+
+    run_id = wait_for(lambda: _latest_run_id(client, "test-cluster-faults", run_name), 180, "the run")
+    registered = wait_for(lambda: _registered_step(storage / run_name), 600, "a registered checkpoint")
+    wait_for(lambda: max(_logged_steps(client, run_id), default=0) > registered, 300, "a step past it")
+    assert len(_tasks_on(cluster, "worker-1", "RayTrainWorker")) == 2, "workers not on the pinned node"
+    killed_at = max(_logged_steps(client, run_id))
+    cluster.kill_node("worker-1")
+    # The machine comes back (a KubeRay pod is restarted the same way): a new node with the
+    # same resource, so the pinned worker group can be placed again.
+    cluster.remove_node("worker-1")
+    cluster.add_worker(resource="mar3d_node_1")
+
+    result = job.join(900)
+    assert job.error is None, job.error
+    assert result["metrics"]["step"] == 60
+    starts = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/start_step"))
+    assert starts[0] == (0, 0.0) and len(starts) >= 2, starts
+    resumed = int(starts[-1][1])
+    assert resumed % 10 == 0 and registered <= resumed <= killed_at + 5, (starts, registered, killed_at)
+    assert _logged_steps(client, run_id) == list(range(5, 61, 5))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    reliability_report.add("faults", fault="SIGKILL the worker node's raylet while both Ray Train "
+                           "workers run there", at=f"step ~{killed_at}",
+                           outcome=f"replacement node joined; worker group restarted at checkpoint "
+                           f"step {resumed}, finished step 60", lost="0 steps (all 12 log points in MLflow)")
+
+
+# ------------------------------------- (c) pipeline step's driver killed, then resume
+def _pipeline(cluster, dataset, workdir, mlflow_uri, *extra) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mar3d", "pipeline", "run", "--ray-address", cluster.dashboard_url,
+         "--preset", "smoke", "--dataset", str(dataset), "--workdir", str(workdir),
+         "--mlflow-uri", mlflow_uri, "--model-name", "mar3d-cluster", *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_pipeline_on_cluster_step_driver_killed_then_resumed(cluster, ycb_small_dir, mlflow_server,
+                                                             tmp_path, reliability_report):
+    client = job_client(cluster.dashboard_url)
+    workdir = tmp_path / "work"
+    before = {j.submission_id for j in client.list_jobs()}
+    first = _pipeline(cluster, ycb_small_dir, workdir, mlflow_server)
+    try:
+        def vae_job():
+            return next((j for j in client.list_jobs() if j.submission_id not in before
+                         and (j.metadata or {}).get("mar3d.step") == "train vae"
+                         and str(j.status.value) == "RUNNING" and j.driver_info), None)
+        job = wait_for(vae_job, 600, "the train-vae Ray job")
+        storage = wait_for(lambda: next(iter(workdir.glob("runs/*/train/vae")), None), 300, "its run folder")
+        registered = wait_for(lambda: _registered_step(storage), 600, "a registered VAE checkpoint")
+        os.kill(int(job.driver_info.pid), signal.SIGKILL)
+        out, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 1, out[-4000:]
+    tail = out[out.rindex("mar3d: StepFailed"):]
+    assert "Inner task failed: 'train-vae'" in tail
+    assert "`mar3d train vae` failed: Ray job" in tail and "FAILED" in tail
+    run_id = re.search(r"--resume (\S+)", tail).group(1)
+    assert (workdir / "runs" / run_id / "data" / "manifest.json").is_file()
+
+    resumed_from = {j.submission_id for j in client.list_jobs()}
+    second = _pipeline(cluster, ycb_small_dir, workdir, mlflow_server, "--resume", run_id,
+                       "--result-json", str(tmp_path / "result.json"))
+    out2, _ = second.communicate(timeout=1800)
+    assert second.returncode == 0, out2[-6000:]
+    # Every step ran as a Ray job on the cluster, and each one succeeded.
+    jobs = [j for j in client.list_jobs() if j.submission_id not in resumed_from]
+    assert sorted((j.metadata or {}).get("mar3d.step") for j in jobs) == sorted(
+        ["data prepare", "train vae", "train lr", "train hr", "evaluate", "promote", "generate"])
+    assert {str(j.status.value) for j in jobs} == {"SUCCEEDED"}
+    assert "4 inputs: 0 new rows, 0 new errors, 4 already done" in out2  # complete shards skipped
+
+    mlflow = MlflowClient(tracking_uri=mlflow_server)
+    vae_run = _latest_run_id(mlflow, "mar3d", "vae")
+    starts = sorted(m.value for m in mlflow.get_metric_history(vae_run, "train/start_step"))
+    assert starts[0] == 0 and starts[-1] >= registered > 0, (starts, registered)
+    champion = mlflow.get_model_version_by_alias("mar3d-cluster", "champion")
+    for comp in ("vae", "lr", "hr"):
+        assert champion.tags[f"component.{comp}"].startswith(f"mar3d-cluster-{comp}/")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["run_id"] == run_id and result["num_meshes"] == 4
+    assert len(list((workdir / "runs" / run_id / "generate").rglob("*.glb"))) == 4
+    reliability_report.add("faults", fault="SIGKILL the driver of the pipeline's train-vae Ray job",
+                           at=f"after checkpoint step {registered}",
+                           outcome=f"pipeline failed naming train-vae; --resume {run_id}: data skipped "
+                           f"4/4, VAE resumed at step {int(starts[-1])}, 7 Ray jobs SUCCEEDED, promoted",
+                           lost="0")
