@@ -337,6 +337,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     if not cfg.use_gpu:
         torch.set_num_threads(cfg.cpu_threads())
+        # On CPU DeepSpeed JIT-compiles its shared-memory all-reduce op at initialize().
+        # Only its inference all-reduce uses it (training reduces over gloo), and the build
+        # took 1-2 min per worker start, rebuilt over and over when two runs (or a run and
+        # a Ray cluster) shared the torch extensions cache; say it is not available.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
