@@ -56,7 +56,8 @@ Protocol:
   ``num_scored`` / ``num_failed`` / ``failure_rate``).
 
 Results go to ``output/`` (``report.json``, ``per_object.csv``, ``contact_sheets/<group>.png``,
-``previews/*.png``, ``chamfer_<group>.csv``) and to one MLflow run in ``cfg.experiment``:
+``previews/*.png``, ``chamfer_<group>.csv``; ``output`` may be an ``s3://`` prefix, see
+:func:`_evaluate_to_remote`) and to one MLflow run in ``cfg.experiment``:
 params (flattened config, model URI, dataset path and content hash), metrics named
 ``<group>/<metric>``, ``<group>/baseline/<metric>``, ``<group>/champion/<metric>``,
 the per-object table and every file above. With ``release_uri`` the metrics are also
@@ -71,6 +72,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -79,6 +81,7 @@ from typing import Any
 
 import numpy as np
 
+from mar3d import storage
 from mar3d.config import flatten, to_dict
 from mar3d.inference import GenerateConfig, MAR3DPipeline
 from mar3d.metrics import DEFAULT_THRESHOLD, mesh_metrics, normalized_point_metrics
@@ -157,11 +160,11 @@ class EvalConfig:
 class EvalResult:
     metrics: dict[str, float]            # flat: "<group>/<metric>", "<group>/baseline/<metric>", ...
     per_object: list[dict[str, Any]]     # the candidate's rows of every group
-    report_path: Path
+    report_path: Path | str             # a local file, or its URI when the output is remote
     run_id: str
     failed: list[dict[str, Any]]         # the per-object rows with status "failed"
     tracking_uri: str = ""
-    contact_sheets: dict[str, Path] = field(default_factory=dict)
+    contact_sheets: dict[str, Path | str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ models
@@ -572,6 +575,12 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
 
     cfg = cfg or EvalConfig()
     cfg.validate()
+    # Bad locations fail here, before any model is loaded.
+    storage.check(dataset, "evaluation dataset", must_exist=True)
+    storage.check(output, "evaluation output")
+    if storage.is_remote(output):
+        return _evaluate_to_remote(model, dataset, str(output), cfg, tracking_uri, release_uri,
+                                   progress, extra_params, compare_to)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or tracking.default_tracking_uri(output)
@@ -597,13 +606,13 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
     baseline = mean_shape(reader, cfg) if cfg.baseline else None
 
     run_id = tracking.start_or_resume_run(
-        tracking_uri, cfg.experiment, cfg.run_name or f"eval-{Path(dataset).resolve().name}",
+        tracking_uri, cfg.experiment, cfg.run_name or f"eval-{Path(_dataset_path(dataset)).name}",
         tags={"mar3d.kind": "eval", "mar3d.model": model,
               **({"mar3d.release": release.uri} if release else {}),
               **({"mar3d.champion": champion.uri} if champion else {})})
     try:
         params = {f"eval.{k}": v for k, v in flatten(cfg).items()}
-        params.update({"model": model, "dataset.path": str(Path(dataset).resolve()),
+        params.update({"model": model, "dataset.path": _dataset_path(dataset),
                        "dataset.hash": fingerprint["hash"], "dataset.rows": fingerprint["rows"],
                        "pipeline.level": "hr" if pipe.uses_hr else "lr", "device": str(pipe.device),
                        "compare_to": champion.uri if champion else "",
@@ -692,7 +701,7 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         bar.close()
 
         failed = [r for r in per_object if r["status"] != "ok"]
-        report = {"model": model, "dataset": str(Path(dataset).resolve()), "dataset_fingerprint": fingerprint,
+        report = {"model": model, "dataset": _dataset_path(dataset), "dataset_fingerprint": fingerprint,
                   "config": to_dict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
                   "release": release.uri if release else None,
                   "champion": champion.uri if champion else None,
@@ -735,6 +744,33 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
                     "; ".join(f"{r['uid']}: {r['error']}" for r in failed[:5]))
     return EvalResult(metrics=metrics, per_object=per_object, report_path=report_path, run_id=run_id,
                       failed=failed, tracking_uri=tracking_uri, contact_sheets=sheets)
+
+
+def _dataset_path(dataset: str | Path) -> str:
+    return str(dataset) if storage.is_remote(dataset) else str(Path(dataset).resolve())
+
+
+def _evaluate_to_remote(model, dataset, output: str, cfg, tracking_uri, release_uri, progress,
+                        extra_params, compare_to) -> EvalResult:
+    """:func:`evaluate` into a local staging folder, then every output file uploaded to
+    ``output`` (object storage); the result names the uploaded files. The evaluation
+    writes many small files and logs them to MLflow from local paths, so staging keeps
+    one code path; nothing is uploaded when it fails (the MLflow run says FAILED)."""
+    from mar3d import tracking
+
+    staging = storage.local_staging(output)
+    try:
+        result = evaluate(model, dataset, staging, cfg,
+                          tracking_uri=tracking_uri or tracking.default_tracking_uri(output),
+                          release_uri=release_uri, progress=progress, extra_params=extra_params,
+                          compare_to=compare_to)
+        storage.upload_dir(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.report_path = storage.join(output, REPORT_FILE)
+    result.contact_sheets = {g: storage.join(output, Path(p).relative_to(staging).as_posix())
+                             for g, p in result.contact_sheets.items()}
+    return result
 
 
 def _write_matrix(path: Path, uids: list[str], matrix: np.ndarray) -> None:

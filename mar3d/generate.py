@@ -42,6 +42,10 @@ mix two models either.
 Seeds: item seed = ``base_seed`` + a stable 32-bit hash of the item id (mod 2^32), so a
 re-run, a re-ordering or a different batch split gives every image the same seed.
 
+The output may be an ``s3://`` prefix (:mod:`mar3d.storage`): actors then upload each
+mesh as one object (visible only when complete, like the local rename), and
+``results.parquet``, ``generate.json`` and the contact sheet are objects beside them.
+
 One job per output folder at a time. On a cluster, the model folder (for a local-folder
 URI), the input and the output must be on storage every node sees; registry URIs are
 downloaded by each actor. The pool is capped at the actors the cluster can hold when the
@@ -50,6 +54,7 @@ job starts (a warning says so), so it never waits for CPUs or GPUs that do not e
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -65,6 +70,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mar3d import storage
 from mar3d.config import from_dict, to_dict
 from mar3d.inference import GenerateConfig
 from mar3d.ray_runtime import ensure_ray
@@ -167,16 +173,16 @@ class BatchGenerateConfig:
 
 @dataclass
 class BatchGenerateResult:
-    output: Path
+    output: Path | str   # a local folder, or the URI of a remote one
     total: int           # items listed (after max_items), good and bad
     succeeded: int       # new meshes written by this run
     failed: int          # new error rows recorded by this run
     skipped: int         # items already finished (ok or deterministic error) before this run
-    results_path: Path
+    results_path: Path | str
     seconds: float
     model: str = ""      # resolved model URI
     reasons: dict[str, int] = field(default_factory=dict)  # this run's error reasons
-    contact_sheet: Path | None = None
+    contact_sheet: Path | str | None = None
     run_id: str = ""     # the MLflow run holding the job's counts and contact sheet
 
     @property
@@ -379,6 +385,17 @@ def _write_mesh_atomic(mesh, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _upload_mesh(mesh, location: str) -> None:
+    """Export to a local file first (the exporters pick the format from the suffix), then
+    upload it as one object."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mar3d-out-") as tmp:
+        local = Path(tmp) / storage.name(location)
+        _write_mesh_atomic(mesh, local)
+        storage.write_bytes(location, local.read_bytes())
+
+
 class ItemReader:
     """Reads an item's pixels (and, for shard items, its ground truth) by reference. The
     last file and row group are cached: consecutive items usually share them."""
@@ -438,14 +455,13 @@ class ItemReader:
                 "intrinsics": row["cam_intrinsics"][item["view"]]}
 
 
-def write_contact_sheet(output: Path, rows: dict[str, dict], items: list[dict],
-                        cfg: BatchGenerateConfig, up_axis: str = "y") -> Path | None:
+def write_contact_sheet(output: Path | str, rows: dict[str, dict], items: list[dict],
+                        cfg: BatchGenerateConfig, up_axis: str = "y") -> Path | str | None:
     """``OUTPUT/contact_sheet.png``: input | generated mesh (from the input's camera when
     the input is a dataset view, else a default one, and turned 90 degrees) | ground truth
     when known, for the first ``contact_sheet_items`` listed items (errors included, with
     their reason). Returns the path, or None when there is nothing to show."""
     import numpy as np
-    import trimesh
     from PIL import Image
 
     from mar3d.inference import load_image
@@ -462,8 +478,9 @@ def write_contact_sheet(output: Path, rows: dict[str, dict], items: list[dict],
             rgba = np.full((64, 64, 4), 255, np.uint8)
         mesh = None
         if row["status"] == "ok":
-            mesh_file = next((output / p for p in row["outputs"] if (output / p).is_file()), None)
-            mesh = trimesh.load(mesh_file, force="mesh") if mesh_file else None
+            mesh_file = next((storage.join(output, p) for p in row["outputs"]
+                              if storage.is_file(storage.join(output, p))), None)
+            mesh = _load_mesh(mesh_file) if mesh_file else None
         truth = reader.truth(it)
         gt = None if truth is None else (truth["surface"][:, :3], truth["surface"][:, 3:])
         caption = it["id"] if row["status"] == "ok" else f"{it['id']}: {row['reason']}"
@@ -472,10 +489,24 @@ def write_contact_sheet(output: Path, rows: dict[str, dict], items: list[dict],
             cfg.contact_sheet_resolution, caption=caption[:90]))
     if not sheet_rows:
         return None
-    path = output / CONTACT_SHEET
+    path = storage.join(output, CONTACT_SHEET) if storage.is_remote(output) else output / CONTACT_SHEET
     title = f"{len(shown)} of {len(items)} items, model {rows[shown[0]['id']].get('model') or ''}"
-    Image.fromarray(contact_sheet(sheet_rows, title=title, columns=3)).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(contact_sheet(sheet_rows, title=title, columns=3)).save(buf, format="PNG")
+    storage.write_bytes(path, buf.getvalue())
     return path
+
+
+def _load_mesh(location: Path | str):
+    """trimesh needs a file with the right suffix: a remote mesh is read from a local copy."""
+    import tempfile
+
+    import trimesh
+
+    if not storage.is_remote(location):
+        return trimesh.load(location, force="mesh")
+    with tempfile.TemporaryDirectory(prefix="mar3d-mesh-") as tmp:
+        return trimesh.load(storage.download(location, Path(tmp) / storage.name(location)), force="mesh")
 
 
 class _GeneratorActor:
@@ -491,7 +522,7 @@ class _GeneratorActor:
             # Match torch's intra-op threads to the actor's CPU share, so that N actors on
             # N cores do not oversubscribe them.
             torch.set_num_threads(max(1, int(num_cpus)))
-        self.output = Path(output)
+        self.output = output if storage.is_remote(output) else Path(output)
         self.formats = list(formats)
         self.model_uri = model_uri
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -530,6 +561,9 @@ class _GeneratorActor:
             rel = mesh_paths(item["id"], self.formats)
             try:
                 for r in rel:
+                    if storage.is_remote(self.output):
+                        _upload_mesh(mesh, storage.join(self.output, r))
+                        continue
                     path = self.output / r
                     path.parent.mkdir(parents=True, exist_ok=True)
                     _write_mesh_atomic(mesh, path)
@@ -557,24 +591,25 @@ class _GeneratorActor:
 
 # ------------------------------------------------------------------------------ state
 def read_results(output: str | Path) -> pa.Table:
-    path = Path(output) / RESULTS
-    if not path.is_file():
+    path = storage.join(output, RESULTS)
+    if not storage.is_file(path):
         return RESULTS_SCHEMA.empty_table()
-    return pq.read_table(path).cast(RESULTS_SCHEMA)
+    with storage.open_input(path) as f:
+        return pq.read_table(f).cast(RESULTS_SCHEMA)
 
 
-def _write_results(output: Path, rows: dict[str, dict]) -> None:
+def _write_results(output: Path | str, rows: dict[str, dict]) -> None:
     from mar3d.data.prepare import _write_parquet_atomic
 
     table = pa.Table.from_pylist(sorted(rows.values(), key=lambda r: r["id"]), schema=RESULTS_SCHEMA)
-    _write_parquet_atomic(table, output / RESULTS, row_group_size=65536)
+    _write_parquet_atomic(table, storage.join(output, RESULTS), row_group_size=65536)
 
 
-def _finished(prev: dict | None, item: dict, cfg: BatchGenerateConfig, output: Path) -> bool:
+def _finished(prev: dict | None, item: dict, cfg: BatchGenerateConfig, output: Path | str) -> bool:
     if prev is None or prev["fingerprint"] != item["fingerprint"]:  # new or changed input
         return False
     if prev["status"] == "ok":
-        return all((output / p).is_file() for p in mesh_paths(item["id"], cfg.formats))
+        return all(storage.is_file(storage.join(output, p)) for p in mesh_paths(item["id"], cfg.formats))
     return not cfg.retry_errors and prev["reason"] in DETERMINISTIC_REASONS
 
 
@@ -593,19 +628,17 @@ def _resolve_model(model_uri: str, tracking_uri: str | None) -> str:
     return uri
 
 
-def _check_settings(output: Path, settings: dict) -> None:
-    path = output / SETTINGS
-    if path.is_file():
-        previous = json.loads(path.read_text())
+def _check_settings(output: Path | str, settings: dict) -> None:
+    path = storage.join(output, SETTINGS)
+    if storage.is_file(path):
+        previous = json.loads(storage.read_bytes(path))
         diff = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         if diff:
             raise ValueError(f"{output} holds results of other settings ({', '.join(diff)} differ: "
                              f"{ {k: previous.get(k) for k in diff} } vs { {k: settings.get(k) for k in diff} }); "
                              "use a new output folder")
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, path)
+    storage.write_bytes(path, json.dumps(settings, indent=2).encode())
 
 
 def _gpus_per_actor(cfg: BatchGenerateConfig) -> float:
@@ -651,13 +684,20 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
 
     cfg = cfg or BatchGenerateConfig()
     cfg.validate()
+    # Bad locations fail here, before the model is resolved or Ray starts.
+    storage.check(output, "generation output")
+    if storage.is_remote(images):
+        raise storage.StorageError(f"image input {images}: batch generation reads local images, "
+                                   "Parquet files and shard datasets; copy remote inputs first")
     start = time.perf_counter()
-    output = Path(output).absolute()
-    if output.resolve() == Path(images).resolve() or Path(images).resolve().is_relative_to(output.resolve()):
+    remote = storage.is_remote(output)
+    output = output if remote else Path(output).absolute()
+    if not remote and (output.resolve() == Path(images).resolve()
+                       or Path(images).resolve().is_relative_to(output.resolve())):
         raise ValueError(f"output {output} must not be the image input {images} or contain it")
     model = _resolve_model(model_uri, tracking_uri)
-    items = list_inputs(images, cfg, exclude=output)
-    (output / MESHES).mkdir(parents=True, exist_ok=True)
+    items = list_inputs(images, cfg, exclude=None if remote else output)
+    storage.makedirs(storage.join(output, MESHES))
     _check_settings(output, {"model": model, "generate": to_dict(cfg.generate), "base_seed": cfg.base_seed})
 
     rows = {r["id"]: r for r in read_results(output).to_pylist()}
@@ -723,7 +763,7 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
                                        "tracking_uri": tracking_uri, "use_gpu": use_gpu,
                                        "num_cpus": cfg.cpus_per_actor},
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
-                num_gpus=num_gpus)
+                num_gpus=num_gpus, **storage.ray_task_options(output))
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for row in batch.to_pylist():
                     rows[row["id"]] = row
@@ -743,12 +783,24 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
     bar.close()
     result = BatchGenerateResult(output=output, total=len(items), succeeded=succeeded,
                                  failed=len(new_rows) + generation_failed,
-                                 skipped=skipped, results_path=output / RESULTS,
+                                 skipped=skipped, results_path=storage.join(output, RESULTS)
+                                 if remote else output / RESULTS,
                                  seconds=time.perf_counter() - start, model=model, reasons=reasons)
     if cfg.contact_sheet_items:
         result.contact_sheet = write_contact_sheet(output, rows, items, cfg, _up_axis(images, cfg))
     result.run_id = _track(result, images, cfg, tracking_uri)
     return result
+
+
+def _log_artifact(client, run_id: str, location: Path | str) -> None:
+    """MLflow logs local files: a remote output file is logged from a local copy."""
+    import tempfile
+
+    if not storage.is_remote(location):
+        client.log_artifact(run_id, str(location))
+        return
+    with tempfile.TemporaryDirectory(prefix="mar3d-artifact-") as tmp:
+        client.log_artifact(run_id, str(storage.download(location, Path(tmp) / storage.name(location))))
 
 
 def _up_axis(images: str | Path, cfg: BatchGenerateConfig) -> str:
@@ -767,7 +819,7 @@ def _track(result: BatchGenerateResult, images: str | Path, cfg: BatchGenerateCo
     from mar3d.config import flatten
 
     uri = tracking_uri or tracking.default_tracking_uri(result.output)
-    run_id = tracking.start_or_resume_run(uri, cfg.experiment, f"generate-{result.output.name}",
+    run_id = tracking.start_or_resume_run(uri, cfg.experiment, f"generate-{storage.name(result.output)}",
                                           tags={"mar3d.kind": "generate", "mar3d.model": result.model})
     try:
         tracking.log_params(uri, run_id, {"model": result.model, "input": str(Path(images).resolve()),
@@ -778,9 +830,9 @@ def _track(result: BatchGenerateResult, images: str | Path, cfg: BatchGenerateCo
                                            "seconds": result.seconds,
                                            "shapes_per_second": result.shapes_per_second}, step=0)
         client = tracking.client(uri)
-        for path in (result.contact_sheet, result.output / SETTINGS):
-            if path is not None and path.is_file():
-                client.log_artifact(run_id, str(path))
+        for path in (result.contact_sheet, storage.join(result.output, SETTINGS)):
+            if path is not None and storage.is_file(path):
+                _log_artifact(client, run_id, path)
     except BaseException:
         tracking.end_run(uri, run_id, status="FAILED")
         raise

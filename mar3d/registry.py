@@ -202,6 +202,9 @@ def _client(tracking_uri: str | None = None):
     import mlflow
     from mlflow import MlflowClient
 
+    from mar3d.storage import configure_mlflow_s3
+
+    configure_mlflow_s3()  # registry artifacts on S3 are read and written by this process
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     return MlflowClient()
@@ -469,12 +472,13 @@ def _align_component_aliases(client, release_name: str, champion: Release | None
 
 def read_eval_report(path: str | Path) -> dict[str, float]:
     """The aggregated metrics of a `mar3d evaluate` report.json."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "report.json"
-    if not path.is_file():
+    from mar3d import storage
+
+    if storage.is_dir(path):
+        path = storage.join(path, "report.json")
+    if not storage.is_file(path):
         raise FileNotFoundError(f"evaluation report {path} does not exist")
-    doc = json.loads(path.read_text())
+    doc = json.loads(storage.read_bytes(path))
     metrics = doc.get("metrics") if isinstance(doc, dict) else None
     if not isinstance(metrics, dict) or not metrics:
         raise ValueError(f"{path}: no 'metrics' mapping in the evaluation report")

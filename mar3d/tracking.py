@@ -44,10 +44,15 @@ def configure_http_timeouts() -> None:
 
 def default_tracking_uri(storage_path: str | Path) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else a SQLite store next to the training outputs."""
+    from mar3d import storage
+
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    path = Path(storage_path).expanduser().resolve() / "mlflow.db"
+    # SQLite needs a local file: outputs on object storage keep theirs in the local cache.
+    base = storage.local_cache(storage_path) if storage.is_remote(storage_path) else \
+        Path(storage_path).expanduser().resolve()
+    path = base / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
@@ -84,6 +89,10 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
 
 def client(tracking_uri: str):
     configure_http_timeouts()
+    # An s3:// artifact store is written by this client (boto3) with the AWS endpoint.
+    from mar3d.storage import configure_mlflow_s3
+
+    configure_mlflow_s3()
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)

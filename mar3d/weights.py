@@ -106,6 +106,10 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path
     uri = validate_model_uri(uri)
     import mlflow
 
+    from mar3d.storage import configure_mlflow_s3
+
+    configure_mlflow_s3()  # artifacts on S3 are fetched by this process's boto3
+
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=None if dst is None else str(dst))

@@ -18,17 +18,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(root: Path, port: int | None = None) -> tuple[str, subprocess.Popen]:
+def start_mlflow_server(root: Path, port: int | None = None,
+                        artifact_args: list[str] | None = None) -> tuple[str, subprocess.Popen]:
     """A real `mlflow server` on 127.0.0.1 (SQLite backend + local artifact store under
-    ``root``), healthy when this returns; its own process group, so it can be stopped
-    with all its workers (:func:`stop_mlflow_server`)."""
+    ``root``, or the artifact options ``artifact_args``), healthy when this returns; its
+    own process group, so it can be stopped with all its workers (:func:`stop_mlflow_server`)."""
     port = port or _free_port()
+    artifact_args = artifact_args or ["--artifacts-destination", str(root / "artifacts")]
     exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     log = open(root / "server.log", "a")
     proc = subprocess.Popen(
         [exe, "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+         *artifact_args, "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

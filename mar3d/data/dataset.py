@@ -12,6 +12,9 @@ held-out view); ``"val"`` the held-out objects; ``"all"`` (default) everything.
 
 ``with_occupancy`` / ``with_image`` drop what a consumer does not read (MAR training needs
 no occupancy, VAE training no image), so those columns are never decoded.
+``root`` may be an ``s3://`` prefix (:mod:`mar3d.storage`): rows are then read with ranged
+requests, one row group at a time, like local files.
+
 ``cache_rows`` keeps that many decoded rows per reader (least recently used first out):
 a small dataset is then decoded once per reader process instead of once per sample,
 which on CPUs is what limits the training step rate.
@@ -30,6 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from .. import storage
 from .prepare import complete_shards, load_manifest
 from .schema import column_to_numpy
 from .splits import SPLITS, split_from_manifest
@@ -44,6 +48,11 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
+def _parquet_file(path: Path | str) -> pq.ParquetFile:
+    # A remote shard stays open as one S3 input file: each row group is a ranged GET.
+    return pq.ParquetFile(storage.open_input(path) if storage.is_remote(path) else path)
+
+
 class ShapeDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, surface_sizes: tuple[int, ...] | None = None,
                  num_occ: int = 8192, near_fraction: float = 0.25, rotate: bool = False,
@@ -52,23 +61,24 @@ class ShapeDataset(torch.utils.data.Dataset):
                  cache_rows: int = 0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.root = Path(root)
+        self.root = root if storage.is_remote(root) else Path(root)
         manifest = load_manifest(self.root)
         if manifest is None:
             raise FileNotFoundError(f"{self.root} has no manifest.json: run `mar3d data prepare` first")
         # Size checks only: hashing every shard on each open would be slow for big datasets.
         shards = complete_shards(self.root, manifest, verify=False)
-        self.index: list[tuple[Path, int]] = []  # (shard path, row group) per row
+        self.index: list[tuple[Path | str, int]] = []  # (shard path, row group) per row
         self.uids: list[str] = []
         for s in shards:
-            path = self.root / s["file"]
-            meta = pq.ParquetFile(path).metadata
+            path = storage.join(self.root, s["file"]) if storage.is_remote(self.root) else self.root / s["file"]
+            shard = _parquet_file(path)
+            meta = shard.metadata
             for g in range(meta.num_row_groups):
                 if meta.row_group(g).num_rows != 1:
                     raise ValueError(f"{path}: row group {g} holds {meta.row_group(g).num_rows} rows; "
                                      "shards must have one row per row group")
                 self.index.append((path, g))
-            self.uids += pq.read_table(path, columns=["uid"]).column("uid").to_pylist()
+            self.uids += shard.read(columns=["uid"]).column("uid").to_pylist()
         cfg = manifest["config"]
         self.split_info = split_from_manifest(manifest, self.uids)
         self.split = split
@@ -134,7 +144,7 @@ class ShapeDataset(torch.utils.data.Dataset):
             return self._cache[idx]
         path, group = self.index[idx]
         if path not in self._files:
-            self._files[path] = pq.ParquetFile(path)
+            self._files[path] = _parquet_file(path)
         table = self._files[path].read_row_group(group, columns=self._columns())
         row = {"uid": table.column("uid")[0].as_py()}
         for name in table.column_names[1:]:
@@ -230,4 +240,5 @@ def ray_dataset(root: str | Path, **kwargs):
     if not items:
         raise ValueError(f"{root} has no complete shard rows")
     return ray.data.from_items(items).map(
-        _ray_sample, fn_kwargs={"root": str(root), "kwargs": tuple(sorted(kwargs.items()))})
+        _ray_sample, fn_kwargs={"root": str(root), "kwargs": tuple(sorted(kwargs.items()))},
+        **storage.ray_task_options(root))

@@ -18,13 +18,21 @@ the shards itself, so that the layout is deterministic and completion is atomic:
 
 One job per output directory at a time: leftover ``.tmp`` files and shards that the
 manifest does not list are removed at start-up.
+
+Input and output may be ``s3://`` prefixes (:mod:`mar3d.storage`): each Ray task copies
+its mesh and the files it references (OBJ materials and textures, glTF buffers and
+images; each checked to stay inside the mesh's folder first) into a temporary folder,
+because the loaders need real files; rows keep the URI as ``source_path``. On S3 a shard
+is one object, visible only once its upload completed, so no ``.tmp`` step is needed.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -35,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import storage
 from ..config import from_dict, to_dict
 from .config import MESH_SUFFIXES, SCHEMA_VERSION, DataConfig
 from .mesh_io import MeshError, load_mesh, make_uid, sha256_file
@@ -51,9 +60,12 @@ MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".lst")
 
 
 # ----------------------------------------------------------------------------- per mesh
-def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None) -> dict:
-    """One dataset row (schema v1) for the mesh at ``path``; raises MeshError."""
+def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None,
+                 source: str | None = None) -> dict:
+    """One dataset row (schema v1) for the mesh at ``path``; raises MeshError. ``source``
+    is where the mesh came from when ``path`` is a local copy (its uid and source_path)."""
     path = Path(path)
+    source = source or str(path)
     mesh = load_mesh(path, cfg.max_faces, cfg.max_file_bytes, cfg.normalize_extent)
     sha256 = sha256 or sha256_file(path)
     rng = np.random.default_rng([cfg.seed, int(sha256[:12], 16)])
@@ -67,7 +79,7 @@ def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None) -
     renders = render_views(mesh, cfg.view_angles(), cfg.render_resolution, cfg.render_fov_deg,
                            cfg.render_fit_margin, cfg.render_ambient,
                            cfg.render_white_background, cfg.render_up_axis)
-    row = {"uid": make_uid(sha256, path), "source_path": str(path), "source_sha256": sha256,
+    row = {"uid": make_uid(sha256, source), "source_path": source, "source_sha256": sha256,
            "transform": mesh.transform.astype(np.float32)}
     row.update({f"surface_{k}": level for k, level in enumerate(levels)})
     row.update(occupancy)
@@ -101,7 +113,12 @@ def _process_item(item: dict, cfg_dict: dict) -> dict:
            "payload": b"", "reason": "", "message": "", "seconds": 0.0}
     start = time.perf_counter()
     try:
-        row = process_mesh(item["source_path"], cfg, sha256=item["sha256"])
+        if storage.is_remote(item["source_path"]):
+            with tempfile.TemporaryDirectory(prefix="mar3d-mesh-") as tmp:
+                local = fetch_mesh(item["source_path"], Path(tmp), cfg.max_file_bytes)
+                row = process_mesh(local, cfg, sha256=item["sha256"], source=item["source_path"])
+        else:
+            row = process_mesh(item["source_path"], cfg, sha256=item["sha256"])
         out["payload"] = _serialize_batch(rows_to_batch([row], shard_schema(cfg)))
         out["ok"] = True
     except MeshError as e:
@@ -115,10 +132,20 @@ def _process_item(item: dict, cfg_dict: dict) -> dict:
     return out
 
 
+def _sha256_location(location: str) -> str:
+    if not storage.is_remote(location):
+        return sha256_file(location)
+    h = hashlib.sha256()
+    with storage.open_input(location) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _hash_item(item: dict) -> dict:
     path = item["source_path"]
     try:
-        sha = sha256_file(path)
+        sha = _sha256_location(path)
         return {**item, "sha256": sha, "uid": make_uid(sha, path), "reason": "", "message": ""}
     except OSError as e:
         return {**item, "sha256": "", "uid": "", "reason": "unreadable", "message": f"{type(e).__name__}: {e}"}
@@ -130,7 +157,13 @@ def _is_mesh_file(path: Path) -> bool:
 
 
 def discover_inputs(source: str | Path) -> tuple[list[str], list[dict]]:
-    """(sorted absolute mesh paths, error records) for a directory or a manifest file."""
+    """(sorted absolute mesh paths, error records) for a directory or a manifest file;
+    an ``s3://`` prefix gives the sorted URIs of the mesh files under it."""
+    if storage.is_remote(source):
+        if not storage.is_dir(source):
+            raise FileNotFoundError(f"input {source} is not a prefix holding objects (manifest files "
+                                    "are supported for local inputs; give the meshes' prefix)")
+        return [u for u in storage.list_files(source) if _is_mesh_file(Path(u))], []
     source = Path(source)
     if source.is_dir():
         found = set()
@@ -204,10 +237,68 @@ def _read_manifest(path: Path) -> tuple[list[str], list[dict]]:
     return sorted(found), errors
 
 
+def _references(local: Path) -> list[str]:
+    """Relative names of the files a mesh (or an OBJ's material file) loads beside it."""
+    from .preflight import _MTL_MAP, _gltf_json
+
+    suffix = local.suffix.lower()
+    if suffix == ".obj":
+        names = []
+        with open(local, "rb") as f:
+            for raw in f:
+                if raw.lstrip().startswith(b"mtllib"):
+                    names += raw.decode("utf-8", "replace").split()[1:]
+        return names
+    if suffix == ".mtl":
+        with open(local, "rb") as f:
+            matches = (_MTL_MAP.match(raw.decode("utf-8", "replace")) for raw in f)
+            return [m.group(2).split()[-1] for m in matches if m]
+    if suffix in (".gltf", ".glb"):
+        doc = _gltf_json(local) or {}
+        return [item["uri"] for kind in ("buffers", "images") for item in doc.get(kind) or []
+                if isinstance(item, dict) and isinstance(item.get("uri"), str)
+                and not item["uri"].startswith("data:")]
+    return []
+
+
+def fetch_mesh(uri: str, dest: Path, max_file_bytes: int) -> Path:
+    """Copy a remote mesh and the files it references into ``dest``; returns the local mesh.
+
+    The size limit is checked before downloading, and every reference is checked to stay
+    inside the mesh's folder before it is fetched (a hostile MTL must not make the job
+    read other objects of the bucket). Missing references are left to the loader, as
+    for local files."""
+    from .preflight import check_reference
+
+    size = storage.size(uri)
+    if size is None:
+        raise MeshError("not_found", f"{uri} does not exist or is not an object")
+    if size > max_file_bytes:
+        raise MeshError("file_too_large", f"{size} bytes > max_file_bytes={max_file_bytes}")
+    local = storage.download(uri, dest / storage.name(uri))
+    folder, pending, fetched = storage.parent(uri), _references(local), set()
+    while pending:
+        ref = pending.pop().strip().replace("\\", "/")
+        if ref in fetched:
+            continue
+        fetched.add(ref)
+        check_reference(local, ref, "referenced file")
+        source = storage.join(folder, ref)
+        ref_size = storage.size(source)
+        if ref_size is None:
+            continue
+        if ref_size > max_file_bytes:
+            raise MeshError("file_too_large", f"{source}: {ref_size} bytes > max_file_bytes={max_file_bytes}")
+        copied = storage.download(source, dest / ref)
+        if copied.suffix.lower() == ".mtl":
+            pending += _references(copied)
+    return local
+
+
 # -------------------------------------------------------------------------------- state
 @dataclass
 class PrepareResult:
-    output: Path
+    output: Path | str  # a local folder, or the URI of a remote one
     inputs: int  # mesh paths found (plus manifest entries that were rejected)
     processed: int  # new rows written by this run
     failed: int  # new error rows recorded by this run
@@ -244,16 +335,19 @@ class PrepareResult:
                 f"in {self.seconds:.1f} s")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    storage.write_bytes(path, data)
 
 
-def _write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int) -> str:
+def _write_parquet_atomic(table: pa.Table, path: Path | str, row_group_size: int) -> str:
+    """Write ``table`` atomically to a local path or a URI; returns the file's sha256."""
+    if storage.is_remote(path):
+        sink = io.BytesIO()
+        pq.write_table(table, sink, row_group_size=row_group_size, compression="zstd")
+        data = sink.getvalue()
+        storage.write_bytes(path, data)
+        return hashlib.sha256(data).hexdigest()
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
     with open(tmp, "rb+") as f:
@@ -264,46 +358,49 @@ def _write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int) -> s
 
 
 def load_manifest(output: str | Path) -> dict | None:
-    path = Path(output) / MANIFEST
-    if not path.is_file():
+    path = storage.join(output, MANIFEST)
+    if not storage.is_file(path):
         return None
-    return json.loads(path.read_text())
+    return json.loads(storage.read_bytes(path))
 
 
 def complete_shards(output: str | Path, manifest: dict | None = None, verify: bool = True) -> list[dict]:
     """Manifest shard entries whose file exists with the recorded size (and hash)."""
-    output = Path(output)
     manifest = manifest if manifest is not None else load_manifest(output)
     if manifest is None:
         return []
     good = []
     for entry in manifest.get("shards", []):
-        p = output / entry["file"]
-        if not p.is_file() or p.stat().st_size != entry["bytes"]:
+        p = storage.join(output, entry["file"])
+        if storage.size(p) != entry["bytes"]:
             continue
-        if verify and sha256_file(p) != entry["sha256"]:
+        if verify and _sha256_location(p) != entry["sha256"]:
             continue
         good.append(entry)
     return good
 
 
 def read_errors(output: str | Path) -> pa.Table:
-    path = Path(output) / ERRORS
-    if not path.is_file():
+    path = storage.join(output, ERRORS)
+    if not storage.is_file(path):
         return ERRORS_SCHEMA.empty_table()
-    return pq.read_table(path).cast(ERRORS_SCHEMA)
+    with storage.open_input(path) as f:
+        return pq.read_table(f).cast(ERRORS_SCHEMA)
 
 
-def _clean_partial(output: Path, listed: set[str]) -> list[str]:
+def _clean_partial(output: Path | str, listed: set[str]) -> list[str]:
     removed = []
-    for p in sorted((output / SHARDS).glob("*")):
-        rel = f"{SHARDS}/{p.name}"
-        if p.is_file() and (p.name.endswith(".tmp") or rel not in listed):
-            p.unlink()
+    shard_dir = storage.join(output, SHARDS)
+    files = storage.list_files(shard_dir, recursive=False) if storage.is_dir(shard_dir) else []
+    for p in files:
+        rel = f"{SHARDS}/{storage.name(p)}"
+        if p.endswith(".tmp") or rel not in listed:
+            storage.delete(p)
             removed.append(rel)
-    for p in output.glob("*.tmp"):
-        p.unlink()
-        removed.append(p.name)
+    for p in storage.list_files(output, recursive=False) if storage.is_dir(output) else []:
+        if p.endswith(".tmp"):
+            storage.delete(p)
+            removed.append(storage.name(p))
     return removed
 
 
@@ -341,9 +438,12 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
 
     cfg = cfg or DataConfig()
     cfg.validate()
+    # Bad locations fail here, before Ray starts or anything is read.
+    storage.check(input, "mesh input", must_exist=True)
+    storage.check(output, "dataset output")
     start = time.perf_counter()
-    output = Path(output)
-    (output / SHARDS).mkdir(parents=True, exist_ok=True)
+    output = output if storage.is_remote(output) else Path(output)
+    storage.makedirs(storage.join(output, SHARDS))
 
     manifest = load_manifest(output)
     if manifest is not None and manifest.get("schema_version") != SCHEMA_VERSION:
@@ -355,7 +455,8 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
     _clean_partial(output, {s["file"] for s in shards})
     done_uids: set[str] = set()
     for s in shards:
-        done_uids.update(pq.read_table(output / s["file"], columns=["uid"]).column("uid").to_pylist())
+        with storage.open_input(storage.join(output, s["file"])) as f:
+            done_uids.update(pq.read_table(f, columns=["uid"]).column("uid").to_pylist())
     errors = read_errors(output)
 
     paths, discovery_errors = discover_inputs(input)
@@ -367,7 +468,7 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
     if paths:
         hashed = list(ray.data.from_items([{"source_path": p} for p in paths],
                                           override_num_blocks=min(len(paths), 64))
-                      .map(_hash_item).iter_rows())
+                      .map(_hash_item, **storage.ray_task_options(input)).iter_rows())
         hashed.sort(key=lambda r: r["source_path"])
 
     old_errors = {(r["source_path"], r["source_sha256"]) for r in errors.to_pylist()}
@@ -416,9 +517,9 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
             new_errors = []
         sink = io.BytesIO()
         pq.write_table(errors, sink)
-        _atomic_write_bytes(output / ERRORS, sink.getvalue())
+        _atomic_write_bytes(storage.join(output, ERRORS), sink.getvalue())
         doc = _manifest_doc(cfg, shards, errors, inputs_seen)
-        _atomic_write_bytes(output / MANIFEST, json.dumps(doc, indent=2).encode())
+        _atomic_write_bytes(storage.join(output, MANIFEST), json.dumps(doc, indent=2).encode())
 
     def flush() -> None:
         nonlocal next_index, buffer
@@ -427,9 +528,9 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
         name = f"{SHARDS}/shard-{next_index:05d}.parquet"
         table = pa.Table.from_batches(buffer, schema=schema)
         # One row group per row: the reader fetches single rows without decoding a shard.
-        sha = _write_parquet_atomic(table, output / name, row_group_size=1)
+        sha = _write_parquet_atomic(table, storage.join(output, name), row_group_size=1)
         shards.append({"file": name, "rows": table.num_rows, "sha256": sha,
-                       "bytes": (output / name).stat().st_size})
+                       "bytes": storage.size(storage.join(output, name))})
         written.append(name)
         next_index += 1
         buffer = []
@@ -445,7 +546,8 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
             ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
                 _process_item, fn_kwargs={"cfg_dict": to_dict(cfg)},
                 num_cpus=cfg.cpus_per_task,
-                compute=ray.data.TaskPoolStrategy(size=min(cfg.num_workers, len(todo))))
+                compute=ray.data.TaskPoolStrategy(size=min(cfg.num_workers, len(todo))),
+                **storage.ray_task_options(input))
             for result in ds.iter_rows():
                 if result["ok"]:
                     buffer.append(_deserialize_batch(result["payload"]))

@@ -22,6 +22,12 @@ Resuming: a second call with the same ``storage_path`` and ``run_name`` continue
 previous run -- Ray Train finds the run's checkpoint state in storage and hands the
 latest checkpoint to the workers, and the same MLflow run keeps receiving metrics. Use
 a new ``run_name`` to start from scratch.
+
+Object storage: ``storage_path`` may be ``s3://bucket/prefix`` (:mod:`mar3d.storage`).
+Ray Train then writes checkpoints there through pyarrow's S3 filesystem, and
+``mar3d_run.json`` and ``model/`` go beside them as objects. What must be a local file
+-- the tracking backlog, the local copy of the final model -- lives in a per-run cache
+folder (:func:`mar3d.storage.local_cache`) of the driver's machine.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mar3d import storage
 from mar3d.config import flatten, to_dict
 from mar3d.train.config import TrainConfig
 
@@ -55,19 +62,29 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     tracking_uri: str = ""
     seconds: float = 0.0
+    run_location: str = ""             # <storage_path>/<run_name>: a folder or an s3:// URI
 
 
-def _storage_root(cfg: TrainConfig) -> Path:
-    if "://" in cfg.storage_path:
-        raise ValueError("run_training keeps its run state and the final model next to the "
-                         "checkpoints, so storage_path must be a (shared) filesystem path, "
-                         f"got {cfg.storage_path!r}")
-    return Path(cfg.storage_path).expanduser().resolve()
+def _storage_root(cfg: TrainConfig) -> str:
+    """The storage root as a URI, or a local path made absolute (workers may run elsewhere)."""
+    if storage.is_remote(cfg.storage_path):
+        return cfg.storage_path.rstrip("/")
+    return str(Path(cfg.storage_path).expanduser().resolve())
+
+
+def _local_run_dir(root: str, name: str) -> Path:
+    """Where the driver keeps the run's local files: the run folder itself for local
+    storage, a stable cache folder (same one on every re-run) for object storage."""
+    if storage.is_remote(root):
+        return storage.local_cache(storage.join(root, name))
+    return Path(root) / name
 
 
 def _worker_env(cfg: TrainConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
            if k in os.environ}
+    if any(storage.is_remote(p) for p in (cfg.storage_path, cfg.data, cfg.eval_data)):
+        env.update(storage.aws_env())
     if not cfg.use_gpu:
         # Must be in the environment before DeepSpeed is imported in the worker.
         env["DS_ACCELERATOR"] = "cpu"
@@ -102,25 +119,29 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     started = time.monotonic()
     cfg.validate()
     cfg.check_data()
+    # Bad locations fail here, before the tracking server, Ray or any worker is touched.
+    storage.check_all({"training storage_path": cfg.storage_path, "training data": cfg.data,
+                       "eval data": cfg.eval_data}, must_exist=("training data", "eval data"))
     tracking.configure_http_timeouts()
     root = _storage_root(cfg)
-    run_dir = root / cfg.name
+    run_location = storage.join(root, cfg.name)
+    run_dir = _local_run_dir(root, cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = cfg.mlflow_uri or tracking.default_tracking_uri(root)
     tracking.check_reachable(tracking_uri)
     _check_stage_inputs(cfg, tracking_uri)
 
-    state_path = run_dir / RUN_STATE
-    previous = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state_path = storage.join(run_location, RUN_STATE)
+    previous = json.loads(storage.read_bytes(state_path)) if storage.is_file(state_path) else {}
     if previous and previous.get("tracking_uri") != tracking_uri:
-        raise ValueError(f"{run_dir} belongs to a run tracked at {previous.get('tracking_uri')}, "
+        raise ValueError(f"{run_location} belongs to a run tracked at {previous.get('tracking_uri')}, "
                          f"not {tracking_uri}; use the same mlflow_uri or a new run_name")
     run_id = tracking.start_or_resume_run(
         tracking_uri, cfg.experiment, cfg.name, run_id=previous.get("run_id"),
-        tags={"mar3d.stage": cfg.stage, "mar3d.run_dir": str(run_dir)})
-    state_path.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri,
-                                      "stage": cfg.stage}, indent=2))
-    log.info("training %s: MLflow run %s at %s, outputs in %s", cfg.stage, run_id, tracking_uri, run_dir)
+        tags={"mar3d.stage": cfg.stage, "mar3d.run_dir": run_location})
+    storage.write_bytes(state_path, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri,
+                                                "stage": cfg.stage}, indent=2).encode())
+    log.info("training %s: MLflow run %s at %s, outputs in %s", cfg.stage, run_id, tracking_uri, run_location)
     # How often a dead tracking server is retried is operations, not the experiment.
     params = {k: v for k, v in flatten(cfg).items() if k != "tracking_retry_s"}
     params.update({"world_size": cfg.num_workers, "precision_resolved": cfg.resolved_precision(),
@@ -130,7 +151,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS if set (a cluster), else a local instance
     datasets = ray_datasets(cfg, cfg.num_workers) if cfg.data_loader == "ray" else None
-    resources = {"CPU": cfg.cpus_per_worker}
+    storage_fs, storage_fs_path = storage.filesystem(root)
+    resources = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     trainer = TorchTrainer(
@@ -140,7 +162,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.name, storage_path=str(root),
+            name=cfg.name, storage_path=storage_fs_path,
+            # Passed explicitly so that Ray uses the endpoint and region of the AWS
+            # variables (pyarrow's from_uri alone would ignore a custom endpoint).
+            storage_filesystem=storage_fs if storage.is_remote(root) else None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": _worker_env(cfg)}),
@@ -167,6 +192,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         if model_dir.exists():
             shutil.rmtree(model_dir)
         shutil.copytree(exported, model_dir)
+    if storage.is_remote(root):
+        storage.upload_dir(model_dir, storage.join(run_location, MODEL_DIR))
     backlog = run_dir / TRACKING_BACKLOG
     try:
         c = tracking.client(tracking_uri)
@@ -189,6 +216,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             "the run FINISHED.") from e
     metrics = dict(result.metrics or {})
     return TrainResult(run_id=run_id, model_uri=f"runs:/{run_id}/{MODEL_DIR}", model_dir=model_dir,
+                       run_location=run_location,
                        checkpoint_path=str(result.checkpoint.path), metrics=metrics,
                        tracking_uri=tracking_uri, seconds=time.monotonic() - started)
 

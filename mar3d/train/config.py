@@ -9,7 +9,8 @@ Where things go:
 * ``storage_path/run_name/`` -- Ray Train's run folder: checkpoints (``checkpoint_*``,
   the newest ``keep_checkpoints`` kept), ``mar3d_run.json`` (the MLflow run id, so a
   re-run continues the same MLflow run) and ``model/`` (final weights: safetensors +
-  config.yaml + MLmodel).
+  config.yaml + MLmodel). ``storage_path`` may be ``s3://bucket/prefix`` (see
+  :mod:`mar3d.storage` and :mod:`mar3d.train.api`); so may ``data`` and ``eval_data``.
 * MLflow: ``mlflow_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else
   ``sqlite:///<storage_path>/mlflow.db`` (a file store next to the outputs: works on one
   machine with no server; a multi-node cluster must point every node at a server).

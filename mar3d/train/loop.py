@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from mar3d import storage
+
 DEEPSPEED_TAG = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
@@ -151,7 +153,7 @@ def ray_datasets(cfg, world_size: int) -> dict[str, Any]:
     repeats = max(1, -(-MIN_BATCHES_PER_PASS * needed // rows))
     train = ray.data.range(rows * repeats).random_shuffle().map(
         _sample_row, fn_kwargs={"root": str(cfg.data), "kwargs": tuple(sorted(kwargs.items())),
-                                "rows": rows})
+                                "rows": rows}, **storage.ray_task_options(cfg.data))
     train.context.enable_progress_bars = False
     return {"train": train}
 
