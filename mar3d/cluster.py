@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mar3d import storage
+
 STATE_FILE = "cluster.json"
 DEFAULT_STATE_DIR = Path(os.environ.get("MAR3D_CLUSTER_DIR", Path.home() / ".cache" / "mar3d" / "cluster"))
 HOST = "127.0.0.1"
@@ -59,10 +61,7 @@ class LocalCluster:
 
     # ---- persistence ---------------------------------------------------------------
     def save(self) -> None:
-        path = Path(self.state_dir) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
+        storage.write_bytes(Path(self.state_dir) / STATE_FILE, json.dumps(asdict(self), indent=2).encode())
 
     @classmethod
     def load(cls, state_dir: str | Path = DEFAULT_STATE_DIR) -> "LocalCluster":
