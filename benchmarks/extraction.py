@@ -104,7 +104,8 @@ def vae_occupancy(model, surfaces):
 def checkpoint_occupancy(checkpoint: str, mesh_path: Path, device: str):
     from mar3d.config import from_dict
     from mar3d.models.vae import ShapeVAE, VAEConfig
-    from mar3d.weights import load_model_dir, resolve_model_dir
+    from mar3d.registry import resolve_model_dir
+    from mar3d.weights import load_model_dir
 
     state, doc = load_model_dir(resolve_model_dir(checkpoint), kind="vae")
     model = ShapeVAE(from_dict(VAEConfig, doc["model"]))

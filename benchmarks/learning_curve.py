@@ -69,7 +69,7 @@ def prepare(args, preset: dict) -> Path:
 
 def train_budget(args, preset: dict, data: Path, factor: float, tracking_uri: str) -> dict:
     """Train VAE -> LR -> HR at ``factor`` x the preset's steps; returns stage -> TrainResult."""
-    from mar3d.orchestrate import scaled_steps
+    from pipelines.orchestrate import scaled_steps
     from mar3d.train import load_train_config, run_training
 
     results, samples = {}, 0
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from mar3d import tracking
-    from mar3d.orchestrate import preset_args
+    from pipelines.orchestrate import preset_args
 
     preset = preset_args(args.preset)
     args.workdir = args.workdir.resolve()

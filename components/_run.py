@@ -111,7 +111,7 @@ def record_failure(argv: list[str], message: str) -> Path | None:
     """Leave a failed step's message where the pipeline's launcher can find it.
 
     kfp's local runner reports only "Inner task failed: <name>"; the launcher
-    (:func:`mar3d.orchestrate.run_local`) points ``MAR3D_STEP_FAILURES`` at a folder and
+    (:func:`pipelines.orchestrate.run_local`) points ``MAR3D_STEP_FAILURES`` at a folder and
     puts the newest message found there into its own error."""
     folder = os.environ.get(FAILURES_ENV)
     if not folder:

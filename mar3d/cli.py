@@ -1,4 +1,8 @@
-"""The `mar3d` command line: thin argument parsing over library functions.
+"""The library's command line: thin argument parsing over library functions.
+
+The installed `mar3d` command is this parser plus the deployment layer's `pipeline` and
+`ray` commands (pipelines/cli.py), passed in as ``extensions`` so that nothing under
+mar3d/ imports pipelines/ or components/.
 
 Every subcommand resolves its typed config (dataclass defaults <- YAML file <- `--set`
 overrides), calls one library function and prints a short summary. Heavy imports
@@ -11,6 +15,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable, Iterable
 
 from mar3d import __version__
 from mar3d.config import ConfigError, dump_yaml, load_config
@@ -36,11 +41,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "(e.g. --set num_workers=2 --set render.elevations=[20,-10]); repeatable")
 
 
-def _write_result(args: argparse.Namespace, result: dict) -> None:
+def write_result(args: argparse.Namespace, result: dict) -> None:
     path = getattr(args, "result_json", None)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str))
+        from mar3d import storage
+
+        storage.write_bytes(path, json.dumps(result, indent=2, default=str).encode())
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -53,7 +59,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         cfg.validate()
     result = prepare_dataset(args.input, args.output, cfg, progress=not args.no_progress)
     print(result.summary())
-    _write_result(args, result.to_dict())
+    write_result(args, result.to_dict())
     if args.fail_on_errors and result.num_errors:
         return 3
     return 0
@@ -67,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = {"run_id": result.run_id, "model_uri": result.model_uri,
            "checkpoint": str(result.checkpoint_path), "metrics": result.metrics}
     print(json.dumps(out, indent=2, default=str))
-    _write_result(args, out)
+    write_result(args, out)
     return 0
 
 
@@ -107,7 +113,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           f"failed objects: {len(result.failed)}")
     for group, path in result.contact_sheets.items():
         print(f"contact sheet {group}: {path}")
-    _write_result(args, {"metrics": result.metrics, "report_path": str(result.report_path),
+    write_result(args, {"metrics": result.metrics, "report_path": str(result.report_path),
                          "run_id": result.run_id, "num_failed": len(result.failed),
                          "contact_sheets": {g: str(p) for g, p in result.contact_sheets.items()}})
     return 0
@@ -120,7 +126,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     result = batch_generate(args.images, args.model, args.output, cfg,
                             tracking_uri=args.tracking_uri, progress=not args.no_progress)
     print(result.summary())
-    _write_result(args, result.to_dict())
+    write_result(args, result.to_dict())
     if args.fail_on_errors and result.failed:
         return 3
     return 0
@@ -156,57 +162,8 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     print(decision.table())
     print(f"{release.uri}: {'PROMOTED to ' + cfg.registry.champion_alias if decision.passed else 'REFUSED'}"
           f" (champion now {out['champion_uri']})")
-    _write_result(args, out)
+    write_result(args, out)
     return 0 if decision.passed else 1
-
-
-def _cmd_pipeline_compile(args: argparse.Namespace) -> int:
-    from mar3d.orchestrate import compile_pipeline
-
-    path = compile_pipeline(args.output)
-    print(f"compiled pipeline IR: {path}")
-    _write_result(args, {"path": str(path)})
-    return 0
-
-
-def _cmd_pipeline_run(args: argparse.Namespace) -> int:
-    from mar3d.orchestrate import run_local
-
-    if args.local == bool(args.ray_address):
-        raise ValueError("`mar3d pipeline run` needs exactly one of --local (every step on this "
-                         "machine) or --ray-address URL (every step as a Ray job on that cluster); "
-                         "use `mar3d pipeline submit --host URL` for Kubeflow Pipelines")
-    result = run_local(args.dataset, args.workdir, mlflow_uri=args.mlflow_uri, preset=args.preset,
-                       model_name=args.model_name, gate_max_chamfer=args.gate_max_chamfer,
-                       gate_min_fscore=args.gate_min_fscore, num_workers=args.num_workers,
-                       ray_address=args.ray_address or "", resume=args.resume or "")
-    print(result.summary())
-    _write_result(args, result.to_dict())
-    return 0
-
-
-def _cmd_pipeline_submit(args: argparse.Namespace) -> int:
-    from mar3d.orchestrate import parse_pipeline_arguments, submit_pipeline
-
-    run_id = submit_pipeline(args.host, parse_pipeline_arguments(args.arg), experiment=args.experiment,
-                             package=args.package, namespace=args.namespace)
-    print(f"submitted pipeline run {run_id} to {args.host}")
-    _write_result(args, {"run_id": run_id})
-    return 0
-
-
-def _cmd_ray_submit(args: argparse.Namespace) -> int:
-    from mar3d.orchestrate import submit_ray_stage
-
-    argv = list(args.command_argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        raise ValueError("give the stage to run after --, e.g. -- mar3d train vae --config ...")
-    result = submit_ray_stage(args.address, argv)
-    print(json.dumps(result, indent=2, default=str))
-    _write_result(args, result)
-    return 0
 
 
 def _cmd_cluster_up(args: argparse.Namespace) -> int:
@@ -215,7 +172,7 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
     started = cluster.up(args.nodes, args.state_dir or cluster.DEFAULT_STATE_DIR,
                          cpus_per_node=args.cpus_per_node, object_store_mb=args.object_store_mb)
     print(started.summary())
-    _write_result(args, {"dashboard_url": started.dashboard_url, "gcs_address": started.gcs_address,
+    write_result(args, {"dashboard_url": started.dashboard_url, "gcs_address": started.gcs_address,
                          "state_dir": started.state_dir, **started.client_env()})
     return 0
 
@@ -226,7 +183,7 @@ def _cmd_cluster_down(args: argparse.Namespace) -> int:
     state_dir = args.state_dir or cluster.DEFAULT_STATE_DIR
     stopped = cluster.down(state_dir)
     print(f"stopped the local cluster of {state_dir} ({stopped} processes)")
-    _write_result(args, {"stopped_processes": stopped})
+    write_result(args, {"stopped_processes": stopped})
     return 0
 
 
@@ -255,22 +212,8 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_ycb() -> str | None:
-    # The checkout's sibling ../shared/datasets/ycb: the real meshes of the local demo.
-    path = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ycb"
-    return str(path) if path.is_dir() else None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mar3d",
-        description="MAR-3D image-to-3D: data preparation, Pyramid VAE and MAR-LR/HR training "
-                    "on Ray Train + DeepSpeed, MLflow tracking.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"mar3d {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """`mar3d data prepare`."""
     data = sub.add_parser("data", help="dataset jobs (mesh -> Parquet shards)",
                           description="Dataset jobs.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -294,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(prep)
     prep.set_defaults(func=_cmd_data_prepare)
 
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
+    """`mar3d train {vae,lr,hr}`."""
     train = sub.add_parser(
         "train", help="train a stage (vae, lr, hr) with Ray Train + DeepSpeed",
         description="Train one stage with Ray Train TorchTrainer + DeepSpeed; logs to MLflow, "
@@ -304,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
+    """`mar3d evaluate`."""
     ev = sub.add_parser(
         "evaluate", help="score generated meshes on held-out views and held-out objects, next to a baseline",
         description="Generate a mesh from the held-out condition view of the objects of a prepared "
@@ -332,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
+
+def _add_generate_command(sub: argparse._SubParsersAction) -> None:
+    """`mar3d generate`."""
     gen = sub.add_parser(
         "generate", help="batch image -> mesh generation over a dataset (Ray Data actor pool)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -353,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
+
+def _add_promote_command(sub: argparse._SubParsersAction) -> None:
+    """`mar3d promote`."""
     prom = sub.add_parser(
         "promote", help="register a release and move the champion alias if it passes the gate",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -376,76 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(prom)
     prom.set_defaults(func=_cmd_promote)
 
-    pipe = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit",
-                          description="prepare -> train_vae -> train_lr -> train_hr -> evaluate -> "
-                                      "promote -> batch_generate, as a kfp v2 pipeline.")
-    pipe_sub = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="SUBCOMMAND")
-    comp = pipe_sub.add_parser("compile", help="write the pipeline IR YAML")
-    comp.add_argument("--output", type=Path, default=None,
-                      help="where to write it (default: pipelines/mar3d_pipeline.yaml)")
-    comp.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
-    comp.set_defaults(func=_cmd_pipeline_compile)
-    run = pipe_sub.add_parser(
-        "run", help="run the whole pipeline with kfp's local runner: steps here or on a Ray cluster",
-        description="Run the same pipeline a cluster runs, with kfp's SubprocessRunner. --local: "
-                    "local Ray for the heavy steps; --ray-address: every step is a Ray job on that "
-                    "cluster (Kubeflow not needed). MLflow in WORKDIR/mlflow.db (or --mlflow-uri), "
-                    "tiny randomly initialised image encoders (no pretrained weights are downloaded).",
-        epilog="examples:\n  mar3d pipeline run --local --workdir outputs/pipeline\n"
-               "  mar3d cluster up --local --nodes 2   # prints the address and token variables\n"
-               "  mar3d pipeline run --ray-address http://127.0.0.1:PORT --workdir outputs/cluster-run "
-               "--mlflow-uri http://127.0.0.1:5000",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--local", action="store_true", help="run every step on this machine")
-    run.add_argument("--ray-address", default=None, metavar="URL",
-                     help="submit every step as a Ray job to this cluster's Jobs API "
-                          "(http://HEAD:8265); the work folder and dataset must be reachable from "
-                          "its nodes")
-    ycb = _default_ycb()
-    run.add_argument("--dataset", default=ycb, required=ycb is None,
-                     help="folder of meshes or a manifest (default: ../shared/datasets/ycb next to "
-                          "the checkout, when present)")
-    run.add_argument("--workdir", default="outputs/pipeline", help="where everything is written")
-    run.add_argument("--mlflow-uri", default=None,
-                     help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
-    run.add_argument("--preset", default="tiny", choices=["tiny", "small", "smoke"],
-                     help="tiny: the local demo (22 min measured on 2 cores); small: the same models "
-                          "trained 3.5x longer (~45 min); smoke: the smallest run (CI)")
-    run.add_argument("--num-workers", type=int, default=2,
-                     help="Ray Train workers per training stage (fractional CPUs each, so 2 fit on 2 cores)")
-    run.add_argument("--resume", default=None, metavar="RUN_ID",
-                     help="continue an earlier run of this work folder (its id is printed when it "
-                          "fails): finished data shards are skipped, training resumes from checkpoints")
-    run.add_argument("--model-name", default="mar3d", help="registered release name")
-    run.add_argument("--gate-max-chamfer", type=float, default=1.0,
-                     help="promotion gate: largest acceptable Chamfer distance")
-    run.add_argument("--gate-min-fscore", type=float, default=0.0,
-                     help="promotion gate: smallest acceptable F-score")
-    run.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
-    run.set_defaults(func=_cmd_pipeline_run)
-    submit = pipe_sub.add_parser("submit", help="submit the compiled pipeline to Kubeflow Pipelines")
-    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
-    submit.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
-                        help="pipeline parameter (JSON values allowed); repeatable, "
-                             "e.g. --arg dataset_uri=s3://bucket/meshes --arg workdir=/mnt/mar3d --arg use_gpu=true")
-    submit.add_argument("--experiment", default="mar3d")
-    submit.add_argument("--namespace", default=None)
-    submit.add_argument("--package", type=Path, default=None, help="compiled IR YAML (default: compile now)")
-    submit.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
-    submit.set_defaults(func=_cmd_pipeline_submit)
 
-    ray = sub.add_parser("ray", help="submit a single stage to a Ray cluster")
-    ray_sub = ray.add_subparsers(dest="ray_command", required=True, metavar="SUBCOMMAND")
-    rs = ray_sub.add_parser("submit", help="run one `mar3d ...` stage as a Ray job and wait",
-                            description="Submit one stage to a Ray cluster's job server "
-                                        "(JobSubmissionClient), stream its log, fail with its error.",
-                            epilog="example: mar3d ray submit --address http://ray-head:8265 -- "
-                                   "mar3d train vae --config configs/train_vae_paper.yaml")
-    rs.add_argument("--address", required=True, help="Ray dashboard/job address, http://HOST:8265")
-    rs.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
-    rs.add_argument("command_argv", nargs=argparse.REMAINDER, help="-- mar3d <stage> ...")
-    rs.set_defaults(func=_cmd_ray_submit)
-
+def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    """`mar3d cluster up/down`."""
     cluster = sub.add_parser("cluster", help="a real multi-node Ray cluster on this machine",
                              description="Start/stop a local Ray cluster: `ray start --head` with "
                                          "the dashboard and Jobs API on 127.0.0.1, plus worker "
@@ -469,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     cdown.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
     cdown.set_defaults(func=_cmd_cluster_down)
 
+
+def _add_config_commands(sub: argparse._SubParsersAction) -> None:
+    """`mar3d config show`."""
     config = sub.add_parser("config", help="inspect configs",
                             description="Print a resolved config as YAML.")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -476,11 +367,32 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name", choices=sorted(_config_classes()))
     _add_config_args(show)
     show.set_defaults(func=_cmd_config_show)
+
+
+def build_parser(extensions: Iterable[Callable[[argparse._SubParsersAction], None]] = ()
+                 ) -> argparse.ArgumentParser:
+    """The library's commands, plus those each of ``extensions`` adds (the deployment
+    layer's `pipeline` and `ray` commands, see pipelines/cli.py: the library never
+    imports the layers built on it)."""
+    parser = argparse.ArgumentParser(
+        prog="mar3d",
+        description="MAR-3D image-to-3D: data preparation, Pyramid VAE and MAR-LR/HR training "
+                    "on Ray Train + DeepSpeed, MLflow tracking.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mar3d {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for add_commands in (_add_data_commands, _add_train_command, _add_evaluate_command,
+                         _add_generate_command, _add_promote_command, *extensions,
+                         _add_cluster_commands, _add_config_commands):
+        add_commands(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None,
+         extensions: Iterable[Callable[[argparse._SubParsersAction], None]] = ()) -> int:
+    parser = build_parser(extensions)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -85,6 +85,7 @@ from mar3d import storage
 from mar3d.config import flatten, to_dict
 from mar3d.inference import GenerateConfig, MAR3DPipeline
 from mar3d.metrics import DEFAULT_THRESHOLD, mesh_metrics, normalized_point_metrics
+from mar3d.models.vae import occupancy_iou
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def assemble_release_dir(vae_uri: str, lr_uri: str, hr_uri: str | None, dest: st
     components that were never registered as a release goes through the same loading
     path as a release. Remote components are downloaded under ``dest/.download``; every
     component becomes a symlink to its folder (nothing is copied)."""
-    from mar3d.weights import resolve_model_dir
+    from mar3d.registry import resolve_model_dir
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -274,14 +275,9 @@ class EvalRows:
 
 
 # ---------------------------------------------------------------------------- scoring
-def occupancy_iou(logits: np.ndarray, labels: np.ndarray) -> float:
-    """IoU of the inside sets (logit > 0 vs label 1); 1.0 when both are empty."""
-    pred = np.asarray(logits).reshape(-1) > 0
-    gt = np.asarray(labels).reshape(-1).astype(bool)
-    if pred.shape != gt.shape:
-        raise ValueError(f"{pred.shape[0]} occupancy logits for {gt.shape[0]} labels")
-    union = (pred | gt).sum()
-    return 1.0 if union == 0 else float((pred & gt).sum() / union)
+def _volume_iou(logits, labels) -> float:
+    """Volume IoU of one object: all its points as one set."""
+    return float(occupancy_iou(np.asarray(logits).reshape(-1), np.asarray(labels).reshape(-1)))
 
 
 def _failed(record: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -326,7 +322,7 @@ def evaluate_object(pipe: MAR3DPipeline, row: dict[str, Any], cfg: EvalConfig,
                               threshold=cfg.fscore_threshold, normalize=True, seed=cfg.seed)
         if cfg.with_iou:
             logits = pipe.occupancy(out["tokens"], np.array(row["vol_points"], np.float32))
-            scores["iou"] = occupancy_iou(np.asarray(logits), row["vol_labels"])
+            scores["iou"] = _volume_iou(logits, row["vol_labels"])
     except ValueError as e:  # e.g. a degenerate ground truth: recorded, never skipped
         return _failed(record, f"metrics: {e}"), mesh
     bad = [k for k, v in scores.items() if not math.isfinite(v)]
@@ -348,7 +344,7 @@ def vae_reconstruction_iou(pipe: MAR3DPipeline, row: dict[str, Any]) -> float:
     with torch.no_grad():
         latents = vae.encode(surfaces, level=level, sample=False)
     logits = pipe.occupancy(latents, np.array(row["vol_points"], np.float32))
-    return occupancy_iou(np.asarray(logits), row["vol_labels"])
+    return _volume_iou(logits, row["vol_labels"])
 
 
 def aggregate(per_object: list[dict[str, Any]]) -> dict[str, float]:
@@ -469,10 +465,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", text)[:80]
-
-
 def write_table(per_object: list[dict[str, Any]], path: Path) -> None:
     columns: list[str] = []
     for r in per_object:
@@ -565,13 +557,11 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
     dataset at ``dataset``; see the module doc for groups, protocol and outputs.
     ``compare_to`` (e.g. ``models:/mar3d@champion``) is scored on the same objects too.
     ``extra_params`` are logged as MLflow params next to the config."""
-    from PIL import Image
     from tqdm import tqdm
 
     from mar3d import tracking
     from mar3d.data.dataset import ShapeDataset
-    from mar3d.preview import contact_sheet, contact_sheet_row
-    from mar3d.registry import get_release, record_metrics
+    from mar3d.registry import get_release
 
     cfg = cfg or EvalConfig()
     cfg.validate()
@@ -592,18 +582,20 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
     if len(reader) == 0:
         raise ValueError(f"{dataset} has no complete shard rows to evaluate")
     groups = select_groups(reader, cfg)
-    rows = EvalRows(reader)
-    up_axis = reader.up_axis
     release = get_release(release_uri, tracking_uri) if release_uri else None
     if release is not None:
         _check_release_matches(model, release, tracking_uri)
     champion = get_release(compare_to, tracking_uri) if compare_to else None
-    pipe = MAR3DPipeline.from_pretrained(model, config=copy.deepcopy(cfg.generate), device=cfg.device,
-                                         tracking_uri=tracking_uri)
-    champion_pipe = (MAR3DPipeline.from_pretrained(champion.uri, config=copy.deepcopy(cfg.generate),
-                                                   device=cfg.device, tracking_uri=tracking_uri)
-                     if champion else None)
-    baseline = mean_shape(reader, cfg) if cfg.baseline else None
+    ctx = _GroupScoring(
+        cfg=cfg, output=output, rows=EvalRows(reader), up_axis=reader.up_axis,
+        dataset_hash=fingerprint["hash"],
+        pipe=MAR3DPipeline.from_pretrained(model, config=copy.deepcopy(cfg.generate), device=cfg.device,
+                                           tracking_uri=tracking_uri),
+        champion=champion,
+        champion_pipe=(MAR3DPipeline.from_pretrained(champion.uri, config=copy.deepcopy(cfg.generate),
+                                                     device=cfg.device, tracking_uri=tracking_uri)
+                       if champion else None),
+        baseline=mean_shape(reader, cfg) if cfg.baseline else None)
 
     run_id = tracking.start_or_resume_run(
         tracking_uri, cfg.experiment, cfg.run_name or f"eval-{Path(_dataset_path(dataset)).name}",
@@ -611,130 +603,26 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
               **({"mar3d.release": release.uri} if release else {}),
               **({"mar3d.champion": champion.uri} if champion else {})})
     try:
-        params = {f"eval.{k}": v for k, v in flatten(cfg).items()}
-        params.update({"model": model, "dataset.path": _dataset_path(dataset),
-                       "dataset.hash": fingerprint["hash"], "dataset.rows": fingerprint["rows"],
-                       "pipeline.level": "hr" if pipe.uses_hr else "lr", "device": str(pipe.device),
-                       "compare_to": champion.uri if champion else "",
-                       "baseline.uid": baseline.uid if baseline else "",
-                       **{f"group.{g.name}.objects": len(g.indices) for g in groups},
-                       **(extra_params or {})})
+        params = _run_params(model, dataset, fingerprint, cfg, ctx, groups, extra_params)
         tracking.log_params(tracking_uri, run_id, params)
 
         for folder in (PREVIEW_DIR, SHEET_DIR):
             (output / folder).mkdir(exist_ok=True)
-        total = sum(len(g.indices) for g in groups) * (2 if champion_pipe else 1)
-        bar = tqdm(total=total, desc="evaluate", unit="object", disable=not progress)
-        metrics: dict[str, float] = {}
-        per_object: list[dict[str, Any]] = []
-        champion_rows: list[dict[str, Any]] = []
-        report_groups: dict[str, Any] = {}
-        sheets: dict[str, Path] = {}
-        tags: dict[str, str] = {}
-        for group in groups:
-            doc: dict[str, Any] = {"description": GROUP_DESCRIPTIONS[group.name], "view": group.view,
-                                   "view_seen_in_training": group.view_seen_in_training,
-                                   "objects": group.uids}
-            report_groups[group.name] = doc
-            if not group.indices:
-                log.warning("evaluation group %s has no objects in %s", group.name, dataset)
-                doc["candidate"] = None
-                continue
-            doc["protocol"] = protocol_fingerprint(group, fingerprint["hash"], cfg)
-            tags[f"eval.{group.name}.protocol"] = doc["protocol"]
-            group_rows = [rows.get(i, group.view) for i in group.indices]
-            truths = [strided(np.asarray(r["surface"], np.float64)[:, :3], cfg.retrieval_points)
-                      for r in group_rows]
-            scored = _score_group(pipe, group, group_rows, cfg, bar, "candidate")
-            matrix = cross_chamfer(scored.points, truths)
-            candidate = {**aggregate(scored.records), **following_metrics(matrix, scored.points, truths)}
-            nearest = [group.uids[int(np.argmin(r))] if np.isfinite(r).any() else None for r in matrix]
-            for record, near in zip(scored.records, nearest):
-                record["nearest_gt"] = near
-                record["retrieved"] = near == record["uid"]
-            doc["candidate"] = candidate
-            per_object += scored.records
-            _write_matrix(output / f"chamfer_{group.name}.csv", group.uids, matrix)
-
-            if baseline is not None:
-                base_rows = [baseline_record(baseline, r, cfg) for r in group_rows]
-                constant = [strided(baseline.points, cfg.retrieval_points)] * len(truths)
-                base_matrix = cross_chamfer(constant, truths)
-                doc["baseline"] = {"uid": baseline.uid, "pool": baseline.pool,
-                                   **aggregate(base_rows), **following_metrics(base_matrix, constant, truths)}
-                doc["baseline"].pop("seconds_per_object", None)
-            if champion_pipe is not None:
-                champ = _score_group(champion_pipe, group, group_rows, cfg, bar, "champion")
-                champ_matrix = cross_chamfer(champ.points, truths)
-                doc["champion"] = {"release": champion.uri, **aggregate(champ.records),
-                                   **following_metrics(champ_matrix, champ.points, truths)}
-                champion_rows += champ.records
-                tags[f"eval.{group.name}.champion"] = champion.uri
-
-            for prefix, values in (("", candidate), ("baseline/", doc.get("baseline")),
-                                   ("champion/", doc.get("champion"))):
-                for k, v in (values or {}).items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        metrics[f"{group.name}/{prefix}{k}"] = float(v)
-
-            for i, (row, record, mesh) in enumerate(zip(group_rows, scored.records, scored.meshes)):
-                if i < cfg.previews:
-                    name = f"{group.name}_{i:04d}_{_safe_name(record['uid'])}.png"
-                    _preview(row, record, mesh, cfg, output / PREVIEW_DIR / name)
-                    record["preview"] = f"{PREVIEW_DIR}/{name}"
-            if cfg.contact_sheet:
-                sheet_rows = []
-                for row, record, mesh, near in zip(group_rows, scored.records, scored.meshes, nearest):
-                    surface = np.asarray(row["surface"], np.float64)
-                    sheet_rows.append(contact_sheet_row(
-                        row["image"], mesh, (surface[:, :3], surface[:, 3:]), row["world_to_cam"],
-                        row["intrinsics"], up_axis, cfg.contact_sheet_resolution,
-                        caption=_sheet_caption(record, near)))
-                base = doc.get("baseline") or {}
-                title = (f"{group.name} ({GROUP_DESCRIPTIONS[group.name]}), view {group.view}: "
-                         f"F {candidate['f_score']:.3f} vs mean-shape {base.get('f_score', float('nan')):.3f}, "
-                         f"retrieval {int(candidate['retrieval_hits'])}/{len(group.indices)}, "
-                         f"diversity {candidate['diversity_ratio'] or 0:.2f}")
-                path = output / SHEET_DIR / f"{group.name}.png"
-                Image.fromarray(contact_sheet(sheet_rows, title=title, columns=2)).save(path)
-                sheets[group.name] = path
-        bar.close()
-
+        total = sum(len(g.indices) for g in groups) * (2 if ctx.champion_pipe else 1)
+        with tqdm(total=total, desc="evaluate", unit="object", disable=not progress) as ctx.bar:
+            outcomes = [_evaluate_group(ctx, group, dataset) for group in groups]
+        per_object = [r for o in outcomes for r in o.records]
+        metrics = {k: v for o in outcomes for k, v in o.metrics.items()}
+        tags = {k: v for o in outcomes for k, v in o.tags.items()}
+        sheets = {o.name: o.sheet for o in outcomes if o.sheet is not None}
         failed = [r for r in per_object if r["status"] != "ok"]
         report = {"model": model, "dataset": _dataset_path(dataset), "dataset_fingerprint": fingerprint,
                   "config": to_dict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
-                  "release": release.uri if release else None,
-                  "champion": champion.uri if champion else None,
-                  "baseline": ({"uid": baseline.uid, "pool": baseline.pool,
-                                "mean_chamfer_to_pool": baseline.mean_chamfer} if baseline else None),
-                  "groups": report_groups, "metrics": metrics, "per_object": per_object,
-                  "champion_per_object": champion_rows,
-                  "contact_sheets": {g: str(p.relative_to(output)) for g, p in sheets.items()},
-                  "protocol": ("canonical frame, no alignment; per-object scores normalized by the GT "
-                               "bounding box (mar3d.metrics), Chamfer matrices in the dataset frame; "
-                               "failed objects count 0 in f_score/normal_consistency/iou/precision/"
-                               "recall means and as retrieval misses, and are excluded from the "
-                               "chamfer mean")}
+                  "release": release.uri if release else None, **_report_results(ctx, outcomes)}
         report_path = output / REPORT_FILE
-        report_path.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
-        write_table(per_object + champion_rows, output / TABLE_FILE)
-
-        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        # MLflow stores +inf as the largest float; a tag says what it means instead.
-        tracking.log_metrics(tracking_uri, run_id, finite, step=0,
-                             tags={f"nonfinite.{k}": v for k, v in metrics.items() if k not in finite})
-        client = tracking.client(tracking_uri)
-        if per_object:
-            columns = list(dict.fromkeys(k for r in per_object for k in r))
-            client.log_table(run_id, data={k: [_json_safe(r.get(k)) for r in per_object] for k in columns},
-                             artifact_file="per_object_table.json")
-        for path in [report_path, output / TABLE_FILE, *output.glob("chamfer_*.csv")]:
-            client.log_artifact(run_id, str(path))
-        for folder in (PREVIEW_DIR, SHEET_DIR):
-            if any((output / folder).iterdir()):
-                client.log_artifacts(run_id, str(output / folder), folder)
-        if release is not None:
-            record_metrics(release, metrics, run_id, tracking_uri=tracking_uri, tags=tags)
+        storage.write_bytes(report_path, (json.dumps(_json_safe(report), indent=2) + "\n").encode())
+        write_table(per_object + report["champion_per_object"], output / TABLE_FILE)
+        _log_evaluation(tracking_uri, run_id, output, metrics, per_object, release, tags)
     except BaseException:
         tracking.end_run(tracking_uri, run_id, status="FAILED")
         raise
@@ -744,6 +632,172 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
                     "; ".join(f"{r['uid']}: {r['error']}" for r in failed[:5]))
     return EvalResult(metrics=metrics, per_object=per_object, report_path=report_path, run_id=run_id,
                       failed=failed, tracking_uri=tracking_uri, contact_sheets=sheets)
+
+
+def _run_params(model: str, dataset, fingerprint: dict, cfg: EvalConfig, ctx: "_GroupScoring",
+                groups, extra_params: dict[str, Any] | None) -> dict[str, Any]:
+    """The evaluation run's MLflow params: config, model, dataset identity, groups."""
+    params = {f"eval.{k}": v for k, v in flatten(cfg).items()}
+    params.update({"model": model, "dataset.path": _dataset_path(dataset),
+                   "dataset.hash": fingerprint["hash"], "dataset.rows": fingerprint["rows"],
+                   "pipeline.level": "hr" if ctx.pipe.uses_hr else "lr", "device": str(ctx.pipe.device),
+                   "compare_to": ctx.champion.uri if ctx.champion else "",
+                   "baseline.uid": ctx.baseline.uid if ctx.baseline else "",
+                   **{f"group.{g.name}.objects": len(g.indices) for g in groups},
+                   **(extra_params or {})})
+    return params
+
+
+def _report_results(ctx: "_GroupScoring", outcomes: list["_GroupOutcome"]) -> dict[str, Any]:
+    """The results part of report.json: groups, metrics, per-object rows, contact sheets."""
+    baseline = ctx.baseline
+    return {"champion": ctx.champion.uri if ctx.champion else None,
+            "baseline": ({"uid": baseline.uid, "pool": baseline.pool,
+                          "mean_chamfer_to_pool": baseline.mean_chamfer} if baseline else None),
+            "groups": {o.name: o.doc for o in outcomes},
+            "metrics": {k: v for o in outcomes for k, v in o.metrics.items()},
+            "per_object": [r for o in outcomes for r in o.records],
+            "champion_per_object": [r for o in outcomes for r in o.champion_records],
+            "contact_sheets": {o.name: str(o.sheet.relative_to(ctx.output)) for o in outcomes
+                               if o.sheet is not None},
+            "protocol": ("canonical frame, no alignment; per-object scores normalized by the GT "
+                         "bounding box (mar3d.metrics), Chamfer matrices in the dataset frame; "
+                         "failed objects count 0 in f_score/normal_consistency/iou/precision/"
+                         "recall means and as retrieval misses, and are excluded from the "
+                         "chamfer mean")}
+
+
+@dataclass
+class _GroupScoring:
+    """What scoring one evaluation group needs (shared by all groups of a run)."""
+    cfg: EvalConfig
+    output: Path
+    rows: "EvalRows"
+    up_axis: str
+    dataset_hash: str
+    pipe: MAR3DPipeline
+    champion: Any = None                      # the champion release, when compared
+    champion_pipe: MAR3DPipeline | None = None
+    baseline: Any = None                      # the mean-shape baseline, when enabled
+    bar: Any = None                           # progress bar over all groups
+
+
+@dataclass
+class _GroupOutcome:
+    name: str
+    doc: dict[str, Any]                       # the group's section of report.json
+    records: list[dict[str, Any]] = field(default_factory=list)
+    champion_records: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    sheet: Path | None = None
+
+
+def _evaluate_group(ctx: _GroupScoring, group, dataset) -> _GroupOutcome:
+    """Score one group: the candidate (and the champion, the baseline) against its
+    ground truths, with retrieval, previews and its contact sheet."""
+    cfg, output = ctx.cfg, ctx.output
+    doc: dict[str, Any] = {"description": GROUP_DESCRIPTIONS[group.name], "view": group.view,
+                           "view_seen_in_training": group.view_seen_in_training, "objects": group.uids}
+    outcome = _GroupOutcome(group.name, doc)
+    if not group.indices:
+        log.warning("evaluation group %s has no objects in %s", group.name, dataset)
+        doc["candidate"] = None
+        return outcome
+    doc["protocol"] = protocol_fingerprint(group, ctx.dataset_hash, cfg)
+    outcome.tags[f"eval.{group.name}.protocol"] = doc["protocol"]
+    group_rows = [ctx.rows.get(i, group.view) for i in group.indices]
+    truths = [strided(np.asarray(r["surface"], np.float64)[:, :3], cfg.retrieval_points)
+              for r in group_rows]
+    scored = _score_group(ctx.pipe, group, group_rows, cfg, ctx.bar, "candidate")
+    matrix = cross_chamfer(scored.points, truths)
+    candidate = {**aggregate(scored.records), **following_metrics(matrix, scored.points, truths)}
+    nearest = [group.uids[int(np.argmin(r))] if np.isfinite(r).any() else None for r in matrix]
+    for record, near in zip(scored.records, nearest):
+        record["nearest_gt"] = near
+        record["retrieved"] = near == record["uid"]
+    doc["candidate"] = candidate
+    outcome.records = scored.records
+    _write_matrix(output / f"chamfer_{group.name}.csv", group.uids, matrix)
+
+    if ctx.baseline is not None:
+        base_rows = [baseline_record(ctx.baseline, r, cfg) for r in group_rows]
+        constant = [strided(ctx.baseline.points, cfg.retrieval_points)] * len(truths)
+        base_matrix = cross_chamfer(constant, truths)
+        doc["baseline"] = {"uid": ctx.baseline.uid, "pool": ctx.baseline.pool,
+                           **aggregate(base_rows), **following_metrics(base_matrix, constant, truths)}
+        doc["baseline"].pop("seconds_per_object", None)
+    if ctx.champion_pipe is not None:
+        champ = _score_group(ctx.champion_pipe, group, group_rows, cfg, ctx.bar, "champion")
+        champ_matrix = cross_chamfer(champ.points, truths)
+        doc["champion"] = {"release": ctx.champion.uri, **aggregate(champ.records),
+                           **following_metrics(champ_matrix, champ.points, truths)}
+        outcome.champion_records = champ.records
+        outcome.tags[f"eval.{group.name}.champion"] = ctx.champion.uri
+
+    for prefix, values in (("", candidate), ("baseline/", doc.get("baseline")),
+                           ("champion/", doc.get("champion"))):
+        for k, v in (values or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                outcome.metrics[f"{group.name}/{prefix}{k}"] = float(v)
+
+    for i, (row, record, mesh) in enumerate(zip(group_rows, scored.records, scored.meshes)):
+        if i < cfg.previews:
+            name = f"{group.name}_{i:04d}_{storage.safe_name(record['uid'])}.png"
+            _preview(row, record, mesh, cfg, output / PREVIEW_DIR / name)
+            record["preview"] = f"{PREVIEW_DIR}/{name}"
+    if cfg.contact_sheet:
+        outcome.sheet = _group_contact_sheet(ctx, group, group_rows, scored, nearest, candidate,
+                                             doc.get("baseline") or {})
+    return outcome
+
+
+def _group_contact_sheet(ctx: _GroupScoring, group, group_rows, scored, nearest, candidate: dict,
+                         baseline: dict) -> Path:
+    """Condition image | generated mesh | ground truth per object, with the group's scores."""
+    from PIL import Image
+
+    from mar3d.preview import contact_sheet, contact_sheet_row
+
+    sheet_rows = []
+    for row, record, mesh, near in zip(group_rows, scored.records, scored.meshes, nearest):
+        surface = np.asarray(row["surface"], np.float64)
+        sheet_rows.append(contact_sheet_row(
+            row["image"], mesh, (surface[:, :3], surface[:, 3:]), row["world_to_cam"],
+            row["intrinsics"], ctx.up_axis, ctx.cfg.contact_sheet_resolution,
+            caption=_sheet_caption(record, near)))
+    title = (f"{group.name} ({GROUP_DESCRIPTIONS[group.name]}), view {group.view}: "
+             f"F {candidate['f_score']:.3f} vs mean-shape {baseline.get('f_score', float('nan')):.3f}, "
+             f"retrieval {int(candidate['retrieval_hits'])}/{len(group.indices)}, "
+             f"diversity {candidate['diversity_ratio'] or 0:.2f}")
+    path = ctx.output / SHEET_DIR / f"{group.name}.png"
+    Image.fromarray(contact_sheet(sheet_rows, title=title, columns=2)).save(path)
+    return path
+
+
+def _log_evaluation(tracking_uri: str, run_id: str, output: Path, metrics: dict[str, float],
+                    per_object: list[dict[str, Any]], release, tags: dict[str, str]) -> None:
+    """Metrics, the per-object table, report, matrices, previews and contact sheets to the
+    MLflow run; the metrics also to the release when one is evaluated (the gate's input)."""
+    from mar3d import tracking
+    from mar3d.registry import record_metrics
+
+    finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    # MLflow stores +inf as the largest float; a tag says what it means instead.
+    tracking.log_metrics(tracking_uri, run_id, finite, step=0,
+                         tags={f"nonfinite.{k}": v for k, v in metrics.items() if k not in finite})
+    client = tracking.client(tracking_uri)
+    if per_object:
+        columns = list(dict.fromkeys(k for r in per_object for k in r))
+        client.log_table(run_id, data={k: [_json_safe(r.get(k)) for r in per_object] for k in columns},
+                         artifact_file="per_object_table.json")
+    for path in [output / REPORT_FILE, output / TABLE_FILE, *output.glob("chamfer_*.csv")]:
+        client.log_artifact(run_id, str(path))
+    for folder in (PREVIEW_DIR, SHEET_DIR):
+        if any((output / folder).iterdir()):
+            client.log_artifacts(run_id, str(output / folder), folder)
+    if release is not None:
+        record_metrics(release, metrics, run_id, tracking_uri=tracking_uri, tags=tags)
 
 
 def _dataset_path(dataset: str | Path) -> str:
@@ -831,5 +885,5 @@ def evaluate_components(vae_uri: str, lr_uri: str, hr_uri: str | None, dataset: 
 
 __all__ = ["EvalConfig", "EvalGroup", "EvalResult", "GROUPS", "aggregate", "assemble_release_dir",
            "cross_chamfer", "pairwise_chamfer", "dataset_fingerprint", "evaluate", "evaluate_components",
-           "evaluate_object", "evaluation_table", "following_metrics", "mean_shape", "occupancy_iou",
+           "evaluate_object", "evaluation_table", "following_metrics", "mean_shape",
            "select_groups"]

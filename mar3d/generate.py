@@ -58,7 +58,6 @@ import io
 import json
 import logging
 import os
-import re
 import socket
 import time
 import traceback
@@ -206,23 +205,6 @@ class BatchGenerateResult:
 
 
 # ------------------------------------------------------------------------------ items
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-_MAX_ID = 160
-
-
-def safe_item_id(raw: str) -> str:
-    """A file-name-safe id for ``raw``; raises ValueError for path traversal / empty parts."""
-    parts = str(raw).replace("\\", "/").split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"id {raw!r} is empty, absolute or has '.'/'..' path parts")
-    out = "__".join(_UNSAFE_CHARS.sub("_", p) for p in parts)
-    if out.startswith("."):  # no hidden mesh files
-        out = "_" + out[1:]
-    if len(out) > _MAX_ID:  # keep file names short; the hash keeps long ids distinct
-        out = out[:_MAX_ID - 17] + "-" + hashlib.sha256(str(raw).encode()).hexdigest()[:16]
-    return out
-
-
 def item_seed(item_id: str, base_seed: int = 0) -> int:
     """Per-item seed: ``base_seed`` + stable 32-bit hash of the id, mod 2^32."""
     h = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:4], "big")
@@ -341,7 +323,7 @@ def list_inputs(images: str | Path, cfg: BatchGenerateConfig, exclude: str | Pat
     items = []
     for it in raw:
         try:
-            item_id, id_error = safe_item_id(it["raw_id"]), ""
+            item_id, id_error = storage.safe_name(it["raw_id"]), ""
         except ValueError as e:
             item_id, id_error = None, str(e)
         items.append({**it, "id": item_id, "id_error": id_error,
@@ -377,12 +359,8 @@ def mesh_paths(item_id: str, formats: Iterable[str]) -> list[str]:
 def _write_mesh_atomic(mesh, path: Path) -> None:
     from mar3d.geometry.extract import save_mesh
 
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: same format
-    try:
+    with storage.atomic_local_path(path) as tmp:  # same suffix: same format
         save_mesh(mesh, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _upload_mesh(mesh, location: str) -> None:
@@ -616,7 +594,8 @@ def _finished(prev: dict | None, item: dict, cfg: BatchGenerateConfig, output: P
 def _resolve_model(model_uri: str, tracking_uri: str | None) -> str:
     """Validated URI; an alias is pinned to its current release version."""
     from mar3d.inference import resolve_component_dirs
-    from mar3d.registry import get_release, validate_model_uri
+    from mar3d.registry import get_release
+    from mar3d.uris import validate_model_uri
 
     uri = validate_model_uri(model_uri)
     if uri.startswith("models:/"):
@@ -678,10 +657,6 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
                    cfg: BatchGenerateConfig | None = None, tracking_uri: str | None = None,
                    progress: bool = True) -> BatchGenerateResult:
     """Run the batch generation job (see module docstring)."""
-    import ray
-    import ray.data
-    from tqdm import tqdm
-
     cfg = cfg or BatchGenerateConfig()
     cfg.validate()
     # Bad locations fail here, before the model is resolved or Ray starts.
@@ -701,6 +676,30 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
     _check_settings(output, {"model": model, "generate": to_dict(cfg.generate), "base_seed": cfg.base_seed})
 
     rows = {r["id"]: r for r in read_results(output).to_pylist()}
+    todo, new_rows, skipped = _triage(items, rows, model, cfg, output)
+    reasons: dict[str, int] = {}
+    for r in new_rows.values():
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    rows.update(new_rows)
+    _write_results(output, rows)
+    succeeded, generation_failed = _generate_all(todo, rows, reasons, model, output, cfg,
+                                                 tracking_uri, progress)
+    result = BatchGenerateResult(output=output, total=len(items), succeeded=succeeded,
+                                 failed=len(new_rows) + generation_failed,
+                                 skipped=skipped, results_path=storage.join(output, RESULTS)
+                                 if remote else output / RESULTS,
+                                 seconds=time.perf_counter() - start, model=model, reasons=reasons)
+    if cfg.contact_sheet_items:
+        result.contact_sheet = write_contact_sheet(output, rows, items, cfg, _up_axis(images, cfg))
+    result.run_id = _track(result, images, cfg, tracking_uri)
+    return result
+
+
+def _triage(items: list[dict], rows: dict[str, dict], model: str, cfg: BatchGenerateConfig,
+            output: Path | str) -> tuple[list[dict], dict[str, dict], int]:
+    """(items to generate, error rows decided here, items skipped): unsafe or duplicate
+    ids and non-images get an error row without reaching a model; items finished by an
+    earlier run with the same settings are skipped."""
     new_rows: dict[str, dict] = {}
     todo, skipped, seen = [], 0, set()
     for it in items:
@@ -732,19 +731,23 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
             skipped += 1
         else:
             new_rows[row["id"]] = row
+    return todo, new_rows, skipped
 
-    succeeded = generation_failed = 0
-    reasons: dict[str, int] = {}
-    for r in new_rows.values():
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-    rows.update(new_rows)
-    _write_results(output, rows)
 
+def _generate_all(todo: list[dict], rows: dict[str, dict], reasons: dict[str, int], model: str,
+                  output: Path | str, cfg: BatchGenerateConfig, tracking_uri: str | None,
+                  progress: bool) -> tuple[int, int]:
+    """Generate ``todo`` on a Ray Data actor pool into ``rows`` (saved every
+    ``checkpoint_seconds`` and on the way out, also on interruption: finished items stay
+    finished); counts error ``reasons``. Returns (succeeded, failed)."""
+    import ray.data
+    from tqdm import tqdm
+
+    succeeded = failed = 0
     bar = tqdm(total=len(todo), desc="generate", unit="shape", disable=not progress)
     if todo:
         ensure_ray()
         num_gpus = _gpus_per_actor(cfg)
-        use_gpu = num_gpus > 0
         actors = _fit_actors(min(cfg.num_actors, len(todo)), cfg.cpus_per_actor, num_gpus)
         ray_items = [{k: it[k] for k in ITEM_FIELDS} for it in todo]
         ctx = ray.data.DataContext.get_current()
@@ -760,7 +763,7 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
                 _GeneratorActor, batch_size=cfg.batch_size, batch_format="pyarrow",
                 fn_constructor_kwargs={"model_uri": model, "generate": to_dict(cfg.generate),
                                        "output": str(output), "formats": list(cfg.formats),
-                                       "tracking_uri": tracking_uri, "use_gpu": use_gpu,
+                                       "tracking_uri": tracking_uri, "use_gpu": num_gpus > 0,
                                        "num_cpus": cfg.cpus_per_actor},
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
                 num_gpus=num_gpus, **storage.ray_task_options(output))
@@ -770,26 +773,18 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
                     if row["status"] == "ok":
                         succeeded += 1
                     else:
-                        generation_failed += 1
+                        failed += 1
                         reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
                     bar.update(1)
-                bar.set_postfix(ok=succeeded, failed=generation_failed)
+                bar.set_postfix(ok=succeeded, failed=failed)
                 if time.monotonic() - last_save > cfg.checkpoint_seconds:
                     _write_results(output, rows)
                     last_save = time.monotonic()
         finally:
             ctx.enable_progress_bars = old_bar
-            _write_results(output, rows)  # also on interruption: finished items stay finished
+            _write_results(output, rows)
     bar.close()
-    result = BatchGenerateResult(output=output, total=len(items), succeeded=succeeded,
-                                 failed=len(new_rows) + generation_failed,
-                                 skipped=skipped, results_path=storage.join(output, RESULTS)
-                                 if remote else output / RESULTS,
-                                 seconds=time.perf_counter() - start, model=model, reasons=reasons)
-    if cfg.contact_sheet_items:
-        result.contact_sheet = write_contact_sheet(output, rows, items, cfg, _up_axis(images, cfg))
-    result.run_id = _track(result, images, cfg, tracking_uri)
-    return result
+    return succeeded, failed
 
 
 def _log_artifact(client, run_id: str, location: Path | str) -> None:

@@ -147,6 +147,32 @@ def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     return vae.requires_grad_(False).eval().to(device), dict(doc.get("extra") or {})
 
 
+def load_frozen_vae(uri: str, tracking_uri: str | None,
+                    device: str | torch.device = "cpu") -> tuple[ShapeVAE, dict[str, Any]]:
+    """:func:`load_vae` of a model URI (a folder, ``runs:/..`` or ``models:/..``)."""
+    from mar3d.registry import resolve_model_dir
+
+    return load_vae(resolve_model_dir(uri, tracking_uri), device)
+
+
+def check_vae_fits_mar(vae_cfg: VAEConfig, mar_cfg: MARConfig) -> None:
+    """A MAR model (LR or HR) must produce exactly the VAE's latents: same channels,
+    same token counts. Checked before training and when a release is loaded."""
+    tokens = vae_cfg.hr_tokens if mar_cfg.stage == "hr" else vae_cfg.lr_tokens
+    problems = []
+    if mar_cfg.token_dim != vae_cfg.latent_channels:
+        problems.append(f"mar.token_dim={mar_cfg.token_dim} but the VAE has "
+                        f"latent_channels={vae_cfg.latent_channels}")
+    if mar_cfg.seq_len != tokens:
+        problems.append(f"mar.seq_len={mar_cfg.seq_len} but the VAE's {mar_cfg.stage} latents "
+                        f"have {tokens} tokens")
+    if mar_cfg.stage == "hr" and mar_cfg.lr_seq_len != vae_cfg.lr_tokens:
+        problems.append(f"mar.lr_seq_len={mar_cfg.lr_seq_len} but the VAE's LR latents have "
+                        f"{vae_cfg.lr_tokens} tokens")
+    if problems:
+        raise ValueError("MAR config does not fit the frozen VAE: " + "; ".join(problems))
+
+
 def load_mar(directory: str | Path, kind: str, device: str | torch.device = "cpu") -> ConditionalMAR:
     state, doc = load_model_dir(directory, kind=kind)
     model_doc = doc["model"]
@@ -159,7 +185,8 @@ def load_mar(directory: str | Path, kind: str, device: str | torch.device = "cpu
 def resolve_component_dirs(uri: str, tracking_uri: str | None = None) -> dict[str, Path]:
     """``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` of a release, or a local folder
     with ``vae/``, ``lr/`` and optionally ``hr/`` model folders -> component -> folder."""
-    from mar3d.registry import download_release, get_release, validate_model_uri
+    from mar3d.registry import download_release, get_release
+    from mar3d.uris import validate_model_uri
 
     uri = validate_model_uri(uri)
     if uri.startswith("models:/"):
@@ -192,13 +219,9 @@ class MAR3DPipeline:
         self._check_shapes()
 
     def _check_shapes(self) -> None:
-        vcfg = self.vae.cfg
-        if self.lr.mar.cfg.seq_len != vcfg.lr_tokens or self.lr.mar.cfg.token_dim != vcfg.latent_channels:
-            raise ValueError(f"MAR-LR ({self.lr.mar.cfg.seq_len} x {self.lr.mar.cfg.token_dim}) does not "
-                             f"fit the VAE's LR latents ({vcfg.lr_tokens} x {vcfg.latent_channels})")
-        if self.hr is not None and (self.hr.mar.cfg.seq_len != vcfg.hr_tokens
-                                    or self.hr.mar.cfg.lr_seq_len != vcfg.lr_tokens):
-            raise ValueError("MAR-HR token counts do not fit the VAE's HR/LR latents")
+        for model in (self.lr, self.hr):
+            if model is not None:
+                check_vae_fits_mar(self.vae.cfg, model.mar.cfg)
 
     @classmethod
     def from_pretrained(cls, uri: str, config: GenerateConfig | None = None, device: str = "auto",

@@ -26,13 +26,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mar3d.uris import MODELS_URI as _MODELS_URI, NAME as _NAME, RUNS_URI as _RUNS_URI, validate_model_uri
+
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("vae", "lr", "hr")
 PROMOTION_EXPERIMENT = "mar3d-promotions"
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
-_MODELS_URI = re.compile(rf"^models:/(?P<name>{_NAME})(?:@(?P<alias>{_NAME})|/(?P<version>[0-9]{{1,9}}))$")
-_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{32})/(?P<path>[A-Za-z0-9_.\-/]{1,256})$")
 
 
 class RegistryError(RuntimeError):
@@ -140,23 +139,6 @@ class Release:
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
-
-
-def validate_model_uri(uri: str) -> str:
-    """Accept only registry/run URIs of a known shape or an existing local directory."""
-    if not isinstance(uri, str) or not uri:
-        raise ValueError("model URI must be a non-empty string")
-    if _MODELS_URI.match(uri) or _RUNS_URI.match(uri):
-        if ".." in uri.split("/"):
-            raise ValueError(f"model URI {uri!r} may not contain '..'")
-        return uri
-    if "://" in uri or uri.startswith(("models:", "runs:")):
-        raise ValueError(f"model URI {uri!r} is not models:/NAME@ALIAS, models:/NAME/VERSION, "
-                         "runs:/RUN_ID/PATH or a local directory")
-    path = Path(uri)
-    if not path.is_dir():
-        raise ValueError(f"model directory {uri!r} does not exist")
-    return str(path.resolve())
 
 
 def evaluate_gate(candidate: dict[str, float], champion: dict[str, float] | None,
@@ -483,3 +465,28 @@ def read_eval_report(path: str | Path) -> dict[str, float]:
     if not isinstance(metrics, dict) or not metrics:
         raise ValueError(f"{path}: no 'metrics' mapping in the evaluation report")
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A local folder for ``uri``: an existing directory, or an MLflow
+    ``runs:/RUN_ID/PATH`` / ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS`` URI that is
+    downloaded (to ``dst`` or a temporary folder)."""
+    if not uri:
+        raise ValueError("model URI is empty")
+    path = Path(uri)
+    if "://" not in uri and not uri.startswith(("runs:", "models:")):
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder {uri} does not exist")
+        return path
+    # Only registry and run URIs of a known shape: never file://, http(s)://, s3://, ...
+    uri = validate_model_uri(uri)
+    import mlflow
+
+    from mar3d.storage import configure_mlflow_s3
+
+    configure_mlflow_s3()  # artifacts on S3 are fetched by this process's boto3
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=None if dst is None else str(dst))
+    return Path(local)

@@ -23,17 +23,22 @@ unsupported schemes, ``s3://`` without a bucket, missing credentials and buckets
 not exist or cannot be reached are a :class:`StorageError` naming the location and what
 to set, not a stack trace from the middle of a job.
 
-Writes are atomic per file: a local file is written to ``NAME.tmp``, fsynced and
-renamed; an S3 object becomes visible only when its upload completes (single PUT or
+Writes are atomic per file: a local file is written to a temporary ``NAME.<pid>.tmp<suffix>``
+beside it (:func:`atomic_local_path`, the one place that does this), fsynced and renamed;
+an S3 object becomes visible only when its upload completes (single PUT or
 completed multipart upload), so a reader never sees half a file either way.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 from urllib.parse import urlparse
 
 REMOTE_SCHEMES = ("s3",)
@@ -277,6 +282,51 @@ def open_input(location: str | os.PathLike):
     return s3.open_input_file(path)
 
 
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_NAME = 160
+
+
+def safe_name(raw: str) -> str:
+    """A file-name-safe name for ``raw`` (an item id, an object uid): path parts joined by
+    ``__``, unsafe characters replaced, never hidden, long names shortened with a hash so
+    they stay distinct; raises ValueError for empty or '.'/'..' path parts (traversal)."""
+    parts = str(raw).replace("\\", "/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"id {raw!r} is empty, absolute or has '.'/'..' path parts")
+    out = "__".join(_UNSAFE_NAME_CHARS.sub("_", p) for p in parts)
+    if out.startswith("."):  # no hidden mesh files
+        out = "_" + out[1:]
+    if len(out) > _MAX_NAME:  # keep file names short; the hash keeps long ids distinct
+        out = out[:_MAX_NAME - 17] + "-" + hashlib.sha256(str(raw).encode()).hexdigest()[:16]
+    return out
+
+
+TEMPORARY_MARKER = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_local_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a local file atomically: the block writes to the temporary path it is given
+    (beside ``path``, same suffix, so writers that pick a format by suffix still work);
+    when the block succeeds that file is fsynced and renamed over ``path`` (a reader sees
+    the old file or the whole new one), when it raises the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TEMPORARY_MARKER}{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def is_temporary(location: str | os.PathLike) -> bool:
+    """A leftover of an interrupted :func:`atomic_local_path` write."""
+    return TEMPORARY_MARKER in name(location)
+
+
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` atomically (see the module doc), creating parent folders."""
     if is_remote(location):
@@ -284,14 +334,8 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         with s3.open_output_stream(path) as f:
             f.write(data)
         return
-    path = Path(location)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_local_path(location) as tmp:
+        tmp.write_bytes(data)
 
 
 def delete(location: str | os.PathLike) -> None:

@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
+from mar3d import storage
+
 log = logging.getLogger(__name__)
 
 # MLflow retries HTTP calls for minutes by default; a dead tracking server should fail a
@@ -44,8 +46,6 @@ def configure_http_timeouts() -> None:
 
 def default_tracking_uri(storage_path: str | Path) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else a SQLite store next to the training outputs."""
-    from mar3d import storage
-
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
@@ -90,9 +90,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
 def client(tracking_uri: str):
     configure_http_timeouts()
     # An s3:// artifact store is written by this client (boto3) with the AWS endpoint.
-    from mar3d.storage import configure_mlflow_s3
-
-    configure_mlflow_s3()
+    storage.configure_mlflow_s3()
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
@@ -274,9 +272,7 @@ def replay_backlog(c, run_id: str, backlog: str | Path) -> int:
         _send(c, run_id, chunk)
         sent += len(chunk)
         rest = records[sent:]
-        tmp = backlog.with_name(backlog.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rest))
-        os.replace(tmp, backlog)
+        storage.write_bytes(backlog, "".join(json.dumps(r) + "\n" for r in rest).encode())
     backlog.unlink()
     return sent
 

@@ -87,30 +87,3 @@ def load_model_dir(directory: str | Path, kind: str | None = None,
     if kind is not None and doc.get("kind") != kind:
         raise ValueError(f"{directory} holds a {doc.get('kind')!r} model, expected {kind!r}")
     return load_file(str(weights), device=device), doc
-
-
-def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
-    """A local folder for ``uri``: an existing directory, or an MLflow
-    ``runs:/RUN_ID/PATH`` / ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS`` URI that is
-    downloaded (to ``dst`` or a temporary folder)."""
-    from mar3d.registry import validate_model_uri
-
-    if not uri:
-        raise ValueError("model URI is empty")
-    path = Path(uri)
-    if "://" not in uri and not uri.startswith(("runs:", "models:")):
-        if not path.is_dir():
-            raise FileNotFoundError(f"model folder {uri} does not exist")
-        return path
-    # Only registry and run URIs of a known shape: never file://, http(s)://, s3://, ...
-    uri = validate_model_uri(uri)
-    import mlflow
-
-    from mar3d.storage import configure_mlflow_s3
-
-    configure_mlflow_s3()  # artifacts on S3 are fetched by this process's boto3
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=None if dst is None else str(dst))
-    return Path(local)

@@ -71,7 +71,7 @@ def assemble_release(results: dict, folder: Path) -> Path:
     """A release folder (vae/, lr/, hr/) of the models *as logged to MLflow*: each
     component is downloaded from its run's ``runs:/<id>/model`` URI, so the test covers
     what a registry release would serve, not just the trainer's local copy."""
-    from mar3d.weights import resolve_model_dir
+    from mar3d.registry import resolve_model_dir
 
     folder.mkdir(parents=True, exist_ok=True)
     for stage, result in results.items():

@@ -109,7 +109,7 @@ def test_pipeline_failure_names_the_step_and_its_reason(cluster_env, ycb_small_d
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     code = textwrap.dedent(f"""
         import sys
-        from mar3d.orchestrate import run_local
+        from pipelines.orchestrate import run_local
         try:
             run_local({str(ycb_small_dir)!r}, {str(tmp_path / 'work')!r}, preset="smoke",
                       ray_address={cluster_env.dashboard_url!r},

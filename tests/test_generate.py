@@ -14,9 +14,9 @@ from PIL import Image
 
 from mar3d.config import ConfigError, load_config, to_dict
 from mar3d.generate import (DETERMINISTIC_REASONS, RESULTS, BatchGenerateConfig, _GeneratorActor,
-                            batch_generate, item_seed, list_inputs, mesh_paths, read_results,
-                            safe_item_id)
+                            batch_generate, item_seed, list_inputs, mesh_paths, read_results)
 from mar3d.inference import GenerateConfig
+from mar3d.storage import safe_name
 from mar3d.weights import load_model_dir, save_model_dir
 
 from _tiny_release import write_tiny_release
@@ -84,15 +84,15 @@ def image_folder(tmp_path):
 
 
 # ----------------------------------------------------------------------- units (no Ray)
-def test_safe_item_id():
-    assert safe_item_id("sub/cat.png") == "sub__cat.png"
-    assert safe_item_id("odd name!.png") == "odd_name_.png"
-    assert safe_item_id(".hidden") == "_hidden"
+def test_safe_name():
+    assert safe_name("sub/cat.png") == "sub__cat.png"
+    assert safe_name("odd name!.png") == "odd_name_.png"
+    assert safe_name(".hidden") == "_hidden"
     for bad in ["../evil", "/etc/passwd", "a/./b", "a//b", "", "..", "x/.."]:
         with pytest.raises(ValueError, match="path parts"):
-            safe_item_id(bad)
+            safe_name(bad)
     long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
-    assert len(safe_item_id(long_a)) <= 160 and safe_item_id(long_a) != safe_item_id(long_b)
+    assert len(safe_name(long_a)) <= 160 and safe_name(long_a) != safe_name(long_b)
 
 
 def test_item_seed_is_stable_and_spread():

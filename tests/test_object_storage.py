@@ -270,7 +270,8 @@ def test_mlflow_artifacts_land_in_the_bucket(s3, trained_on_s3):
     assert any(k.endswith(".safetensors") for k in model_keys), keys[:20]
     assert any(k.endswith("MLmodel") for k in model_keys)
     # ... and resolve back through MLflow, as registry and inference read them.
-    from mar3d.weights import load_model_dir, resolve_model_dir
+    from mar3d.registry import resolve_model_dir
+    from mar3d.weights import load_model_dir
 
     load_model_dir(resolve_model_dir(second.model_uri, second.tracking_uri), kind="vae")
 
@@ -487,7 +488,7 @@ def test_interrupted_training_resumes_from_s3_checkpoint(s3, s3_shards, mlflow_s
 
 
 def test_fetch_mesh_brings_sidecars_and_refuses_escaping_references(s3, tmp_path):
-    from mar3d.data.mesh_io import MeshError
+    from mar3d.data.errors import MeshError
     from mar3d.data.prepare import fetch_mesh
 
     base = f"s3://{BUCKET}/fetch"

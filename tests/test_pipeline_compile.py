@@ -214,7 +214,7 @@ def test_pointer_artifacts_round_trip(tmp_path):
 
 
 def test_presets_scale_training_and_keep_the_same_models():
-    from mar3d.orchestrate import SMALL_FACTOR, preset_args
+    from pipelines.orchestrate import SMALL_FACTOR, preset_args
     from mar3d.train import load_train_config
 
     tiny, small, smoke = (preset_args(p) for p in ("tiny", "small", "smoke"))

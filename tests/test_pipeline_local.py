@@ -19,7 +19,7 @@ def test_local_pipeline_end_to_end(tmp_path, ycb_small_dir):
     result_json = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     proc = subprocess.run(
-        [sys.executable, "-m", "mar3d", "pipeline", "run", "--local", "--preset", "smoke",
+        [sys.executable, "-m", "pipelines", "pipeline", "run", "--local", "--preset", "smoke",
          "--dataset", str(dataset), "--workdir", str(workdir), "--result-json", str(result_json)],
         env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]

@@ -6,7 +6,8 @@ import pytest
 from mlflow import MlflowClient
 
 from mar3d.registry import (GateConfig, RegistryConfig, RegistryError, download_release,
-                            evaluate_gate, get_release, promote, record_metrics, validate_model_uri)
+                            evaluate_gate, get_release, promote, record_metrics)
+from mar3d.uris import validate_model_uri
 
 from _registry_helpers import make_release
 

@@ -72,7 +72,8 @@ def _reconstruction_iou(model, shards: Path, surface_sizes) -> list[tuple[float,
 
 def test_train_vae_two_workers(trained_vae, shards, mlflow_server):
     from mar3d.models.vae import ShapeVAE, VAEConfig
-    from mar3d.weights import load_model_dir, resolve_model_dir
+    from mar3d.registry import resolve_model_dir
+    from mar3d.weights import load_model_dir
 
     cfg, result = trained_vae
     assert result.metrics["step"] == cfg.steps
@@ -116,7 +117,8 @@ def test_train_vae_two_workers(trained_vae, shards, mlflow_server):
 def test_train_mar_stage_on_frozen_vae(stage, trained_vae, shards, mlflow_server, tmp_path):
     from mar3d.models.condition import ConditionConfig
     from mar3d.models.mar import ConditionalMAR, MARConfig
-    from mar3d.weights import load_model_dir, resolve_model_dir
+    from mar3d.registry import resolve_model_dir
+    from mar3d.weights import load_model_dir
 
     _, vae = trained_vae
     cfg = load_train_config(stage, REPO / "configs" / f"train_{stage}_tiny.yaml", [
@@ -125,9 +127,7 @@ def test_train_mar_stage_on_frozen_vae(stage, trained_vae, shards, mlflow_server
         "steps=20", "warmup_steps=2", "checkpoint_every=10", "log_every=5", "eval_every=10",
         "split=all", "batch_size=2", "num_eval_samples=4",
         # 64 px condition renders: smaller tiny encoders keep the CPU test fast.
-        "condition.image_size=64", "condition.tiny_clip_patch=16", "condition.tiny_dino_patch=16",
-        # HR covers the other data path: per-worker DataLoader + DistributedSampler.
-        f"data_loader={'torch' if stage == 'hr' else 'ray'}"])
+        "condition.image_size=64", "condition.tiny_clip_patch=16", "condition.tiny_dino_patch=16"])
     result = run_training(cfg)
     assert result.metrics["step"] == 20
     client = _client(mlflow_server)

@@ -14,7 +14,8 @@ from mar3d.tracking import TrackingError, check_reachable, default_tracking_uri
 from mar3d.train.config import TrainConfig, load_train_config
 from mar3d.train.loop import deepspeed_config
 from mar3d.train.optim import EMA, build_optimizer, lr_multiplier, param_groups
-from mar3d.weights import load_model_dir, resolve_model_dir, save_model_dir
+from mar3d.registry import resolve_model_dir
+from mar3d.weights import load_model_dir, save_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@
 """
 from .config import SCHEMA_VERSION, DataConfig
 from .dataset import ShapeDataset, ray_dataset
-from .mesh_io import REASONS, MeshError
+from .errors import REASONS, MeshError
 from .prepare import PrepareResult, prepare_dataset, process_mesh
 
 __all__ = ["SCHEMA_VERSION", "DataConfig", "MeshError", "PrepareResult", "REASONS", "ShapeDataset",

@@ -212,11 +212,15 @@ class ShapeDataset(torch.utils.data.Dataset):
 _READERS: dict[tuple, ShapeDataset] = {}
 
 
-def _ray_sample(item: dict, root: str, kwargs: tuple) -> dict:
+def _ray_sample(item: dict, root: str, kwargs: tuple, rows: int, with_uid: bool) -> dict:
+    """Ray Data map: row id -> one ShapeDataset sample (ids wrap around the dataset)."""
     key = (root, kwargs)
     if key not in _READERS:  # one reader (and its open files) per Ray worker process
         _READERS[key] = ShapeDataset(root, **dict(kwargs))
-    return _READERS[key].sample(int(item["index"]))
+    sample = _READERS[key].sample(int(item["id"]) % rows)
+    if not with_uid:
+        sample.pop("uid")  # strings do not become tensors (iter_torch_batches)
+    return sample
 
 
 def representative_order(dataset: ShapeDataset) -> list[int]:
@@ -227,18 +231,23 @@ def representative_order(dataset: ShapeDataset) -> list[int]:
     return sorted(range(len(dataset)), key=lambda i: (split_score(dataset.uids[i]), dataset.uids[i]))
 
 
-def ray_dataset(root: str | Path, **kwargs):
-    """A ``ray.data.Dataset`` yielding ShapeDataset's rows (as numpy) for Ray Train.
+def ray_dataset(root: str | Path, repeats: int = 1, shuffle: bool = False, with_uid: bool = True,
+                **kwargs):
+    """A ``ray.data.Dataset`` yielding ShapeDataset's rows (as numpy), each row listed
+    ``repeats`` times per pass, optionally shuffled; ``kwargs`` go to ShapeDataset.
 
-    With ``seed=None`` every pass draws fresh subsets/rotations (Ray re-executes the map
-    each epoch); with an int seed the rows are reproducible.
+    With ``seed=None`` every pass (and every repeat) draws fresh subsets/rotations (Ray
+    re-executes the map each epoch); with an int seed the rows are reproducible.
     """
     import ray.data
 
     reader = ShapeDataset(root, **kwargs)  # validates arguments and counts rows up front
-    items = [{"index": i} for i in range(len(reader))]
-    if not items:
+    rows = len(reader)
+    if not rows:
         raise ValueError(f"{root} has no complete shard rows")
-    return ray.data.from_items(items).map(
-        _ray_sample, fn_kwargs={"root": str(root), "kwargs": tuple(sorted(kwargs.items()))},
-        **storage.ray_task_options(root))
+    ids = ray.data.range(rows * repeats)
+    if shuffle:
+        ids = ids.random_shuffle()
+    return ids.map(_ray_sample, fn_kwargs={"root": str(root), "kwargs": tuple(sorted(kwargs.items())),
+                                           "rows": rows, "with_uid": with_uid},
+                   **storage.ray_task_options(root))

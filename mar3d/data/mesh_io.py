@@ -1,7 +1,7 @@
 """Load a mesh file, flatten its scene, validate it and normalize it to the unit cube.
 
 Every failure is a ``MeshError(reason_code, message)`` so the job can record it as an
-error row; the reason codes are a closed set (``REASONS``) that reports can count.
+error row; the reason codes are a closed set (``errors.REASONS``) that reports can count.
 """
 from __future__ import annotations
 
@@ -13,37 +13,8 @@ import numpy as np
 import trimesh
 
 from .config import MESH_SUFFIXES
-
-REASONS = {
-    "not_found": "the input path does not exist or is not a file",
-    "path_outside_root": "a manifest entry escapes the manifest's root directory",
-    "invalid_path": "a manifest entry is not a usable path (NUL byte, name too long)",
-    "unsupported_format": "the file suffix is not a supported mesh format",
-    "file_too_large": "the file is larger than DataConfig.max_file_bytes",
-    "unreadable": "the mesh loader raised (truncated, corrupt or not a mesh file)",
-    "empty": "no triangles after flattening the scene",
-    "nonfinite_vertices": "vertices contain NaN or Inf",
-    "invalid_faces": "face indices out of range",
-    "unsafe_reference": "the file references a file outside its folder (../, absolute path, URL)",
-    "too_many_faces": "more triangles than DataConfig.max_faces",
-    "degenerate": "zero extent or zero surface area",
-    "watertight_failed": "the watertight conversion produced no closed surface",
-    "duplicate": "another input of the run has the same content and name (same uid), "
-                 "or the manifest lists the same file twice",
-    "internal_error": "an unexpected exception (a bug): see the message",
-}
-
-
-class MeshError(Exception):
-    """A mesh that cannot become a dataset row, with a machine-readable reason."""
-
-    def __init__(self, reason_code: str, message: str):
-        if reason_code not in REASONS:
-            raise ValueError(f"unknown MeshError reason {reason_code!r}")
-        super().__init__(f"{reason_code}: {message}")
-        self.reason_code = reason_code
-        self.message = message
-
+from .errors import MeshError
+from .preflight import preflight
 
 @dataclass
 class LoadedMesh:
@@ -126,8 +97,6 @@ def normalization_transform(vertices: np.ndarray, extent: float) -> np.ndarray:
 
 def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
               normalize_extent: float = 1.0) -> LoadedMesh:
-    from .preflight import preflight
-
     path = Path(path)
     check_file(path, max_file_bytes)
     preflight(path, max_faces)

@@ -21,7 +21,7 @@ import re
 import struct
 from pathlib import Path
 
-from .mesh_io import MeshError
+from .errors import MeshError
 
 _HEADER_LIMIT = 1 << 16  # bytes of header we are willing to read for PLY/OFF
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")

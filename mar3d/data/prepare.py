@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 from .. import storage
 from ..config import from_dict, to_dict
 from .config import MESH_SUFFIXES, SCHEMA_VERSION, DataConfig
-from .mesh_io import MeshError, load_mesh, make_uid, sha256_file
+from .errors import MeshError
+from .mesh_io import load_mesh, make_uid, sha256_file
 from .render import render_views
 from .sampling import sample_occupancy, sharp_edges, surface_pyramid
 from .schema import ERRORS_SCHEMA, rows_to_batch, shard_schema
@@ -335,10 +336,6 @@ class PrepareResult:
                 f"in {self.seconds:.1f} s")
 
 
-def _atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    storage.write_bytes(path, data)
-
-
 def _write_parquet_atomic(table: pa.Table, path: Path | str, row_group_size: int) -> str:
     """Write ``table`` atomically to a local path or a URI; returns the file's sha256."""
     if storage.is_remote(path):
@@ -347,14 +344,9 @@ def _write_parquet_atomic(table: pa.Table, path: Path | str, row_group_size: int
         data = sink.getvalue()
         storage.write_bytes(path, data)
         return hashlib.sha256(data).hexdigest()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    sha = sha256_file(tmp)
-    os.replace(tmp, path)
-    return sha
+    with storage.atomic_local_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+        return sha256_file(tmp)
 
 
 def load_manifest(output: str | Path) -> dict | None:
@@ -394,11 +386,11 @@ def _clean_partial(output: Path | str, listed: set[str]) -> list[str]:
     files = storage.list_files(shard_dir, recursive=False) if storage.is_dir(shard_dir) else []
     for p in files:
         rel = f"{SHARDS}/{storage.name(p)}"
-        if p.endswith(".tmp") or rel not in listed:
+        if storage.is_temporary(p) or rel not in listed:
             storage.delete(p)
             removed.append(rel)
     for p in storage.list_files(output, recursive=False) if storage.is_dir(output) else []:
-        if p.endswith(".tmp"):
+        if storage.is_temporary(p):
             storage.delete(p)
             removed.append(storage.name(p))
     return removed
@@ -432,10 +424,6 @@ def _shapes_signature(cfg_dict: dict) -> str:
 def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | None = None,
                     progress: bool = True) -> PrepareResult:
     """Run the data job (see module docstring); returns counts for this run and totals."""
-    import ray
-    import ray.data
-    from tqdm import tqdm
-
     cfg = cfg or DataConfig()
     cfg.validate()
     # Bad locations fail here, before Ray starts or anything is read.
@@ -444,7 +432,27 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
     start = time.perf_counter()
     output = output if storage.is_remote(output) else Path(output)
     storage.makedirs(storage.join(output, SHARDS))
+    shards, done_uids = _open_existing(output, cfg)
+    errors = read_errors(output)
 
+    paths, discovery_errors = discover_inputs(input)
+    ensure_ray()
+    plan = _plan(_hash_inputs(paths, input), discovery_errors, errors, done_uids, cfg)
+    writer = _ShardWriter(output, cfg, shards, plan.errors, plan.new_errors,
+                          inputs_seen=len(paths) + len(discovery_errors))
+    processed = _process(plan.todo, input, cfg, writer, progress)
+    writer.flush()
+    writer.persist()
+    return PrepareResult(output=output, inputs=writer.inputs_seen, processed=processed,
+                         failed=len(plan.new_errors) + writer.failed, skipped=plan.skipped,
+                         total_rows=sum(s["rows"] for s in writer.shards),
+                         total_errors=writer.errors.num_rows, shards_written=writer.written,
+                         seconds=time.perf_counter() - start)
+
+
+def _open_existing(output: Path | str, cfg: DataConfig) -> tuple[list[dict], set[str]]:
+    """The complete shards of an earlier run into ``output`` (leftovers of an interrupted
+    one removed) and the uids they hold; refuses an output of another schema or shape."""
     manifest = load_manifest(output)
     if manifest is not None and manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{output} holds schema v{manifest.get('schema_version')}, this code writes v{SCHEMA_VERSION}")
@@ -457,20 +465,34 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
     for s in shards:
         with storage.open_input(storage.join(output, s["file"])) as f:
             done_uids.update(pq.read_table(f, columns=["uid"]).column("uid").to_pylist())
-    errors = read_errors(output)
+    return shards, done_uids
 
-    paths, discovery_errors = discover_inputs(input)
-    schema = shard_schema(cfg)
-    ensure_ray()
 
-    # Stage 1: content hashes (uids) in parallel, so finished inputs are skipped cheaply.
-    hashed = []
-    if paths:
-        hashed = list(ray.data.from_items([{"source_path": p} for p in paths],
-                                          override_num_blocks=min(len(paths), 64))
-                      .map(_hash_item, **storage.ray_task_options(input)).iter_rows())
-        hashed.sort(key=lambda r: r["source_path"])
+def _hash_inputs(paths: list[str], input: str | Path) -> list[dict]:
+    """Content hashes (uids) of every input, in parallel, so finished inputs are skipped
+    cheaply; sorted by path."""
+    import ray.data
 
+    if not paths:
+        return []
+    hashed = list(ray.data.from_items([{"source_path": p} for p in paths],
+                                      override_num_blocks=min(len(paths), 64))
+                  .map(_hash_item, **storage.ray_task_options(input)).iter_rows())
+    return sorted(hashed, key=lambda r: r["source_path"])
+
+
+@dataclass
+class _Plan:
+    todo: list[dict]            # inputs to process now
+    new_errors: list[dict]      # error rows found before processing
+    skipped: int                # inputs already done (or already failed, without retry_errors)
+    errors: pa.Table            # the earlier runs' error rows still valid
+
+
+def _plan(hashed: list[dict], discovery_errors: list[dict], errors: pa.Table, done_uids: set[str],
+          cfg: DataConfig) -> _Plan:
+    """Which inputs to process: not in a complete shard, not a known failure (unless
+    ``retry_errors``), not a duplicate of another input of this run."""
     old_errors = {(r["source_path"], r["source_sha256"]) for r in errors.to_pylist()}
     # Errors found before processing (no content hash) are recorded once per (path, reason).
     old_error_keys = {(r["source_path"], r["reason"]) for r in errors.to_pylist()}
@@ -501,41 +523,68 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
     if drop_error_paths:
         keep = [r for r in errors.to_pylist() if r["source_path"] not in drop_error_paths]
         errors = pa.Table.from_pylist(keep, schema=ERRORS_SCHEMA)
+    return _Plan(todo, new_errors, skipped, errors)
 
-    failed = len(new_errors)
-    next_index = 1 + max((int(s["file"].split("-")[-1].split(".")[0]) for s in shards), default=-1)
-    written: list[str] = []
+
+class _ShardWriter:
+    """Collects processed rows into shards of ``shard_size`` and, after every shard,
+    rewrites errors.parquet and manifest.json (so an interrupted run loses at most the
+    rows of the shard being filled)."""
+
+    def __init__(self, output: Path | str, cfg: DataConfig, shards: list[dict], errors: pa.Table,
+                 new_errors: list[dict], inputs_seen: int):
+        self.output, self.cfg, self.shards, self.errors = output, cfg, shards, errors
+        self.new_errors = list(new_errors)
+        self.inputs_seen = inputs_seen
+        self.schema = shard_schema(cfg)
+        self.next_index = 1 + max((int(s["file"].split("-")[-1].split(".")[0]) for s in shards), default=-1)
+        self.buffer: list[pa.RecordBatch] = []
+        self.written: list[str] = []
+        self.failed = 0  # inputs that failed during processing
+
+    def add_row(self, batch: pa.RecordBatch) -> None:
+        self.buffer.append(batch)
+        if len(self.buffer) >= self.cfg.shard_size:
+            self.flush()
+
+    def add_error(self, record: dict) -> None:
+        self.new_errors.append(record)
+        self.failed += 1
+
+    def persist(self) -> None:
+        if self.new_errors:
+            self.errors = pa.concat_tables([self.errors, pa.Table.from_pylist(self.new_errors, schema=ERRORS_SCHEMA)])
+            self.new_errors = []
+        sink = io.BytesIO()
+        pq.write_table(self.errors, sink)
+        storage.write_bytes(storage.join(self.output, ERRORS), sink.getvalue())
+        doc = _manifest_doc(self.cfg, self.shards, self.errors, self.inputs_seen)
+        storage.write_bytes(storage.join(self.output, MANIFEST), json.dumps(doc, indent=2).encode())
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"{SHARDS}/shard-{self.next_index:05d}.parquet"
+        table = pa.Table.from_batches(self.buffer, schema=self.schema)
+        # One row group per row: the reader fetches single rows without decoding a shard.
+        sha = _write_parquet_atomic(table, storage.join(self.output, name), row_group_size=1)
+        self.shards.append({"file": name, "rows": table.num_rows, "sha256": sha,
+                            "bytes": storage.size(storage.join(self.output, name))})
+        self.written.append(name)
+        self.next_index += 1
+        self.buffer = []
+        self.persist()
+
+
+def _process(todo: list[dict], input: str | Path, cfg: DataConfig, writer: _ShardWriter,
+             progress: bool) -> int:
+    """Process ``todo`` with Ray Data tasks into ``writer``, in input order; returns the
+    number of rows written."""
+    import ray.data
+    from tqdm import tqdm
+
     processed = 0
     todo_by_path = {t["source_path"]: t for t in todo}
-    buffer: list[pa.RecordBatch] = []
-    inputs_seen = len(paths) + len(discovery_errors)
-
-    def persist() -> None:
-        nonlocal errors, new_errors
-        if new_errors:
-            errors = pa.concat_tables([errors, pa.Table.from_pylist(new_errors, schema=ERRORS_SCHEMA)])
-            new_errors = []
-        sink = io.BytesIO()
-        pq.write_table(errors, sink)
-        _atomic_write_bytes(storage.join(output, ERRORS), sink.getvalue())
-        doc = _manifest_doc(cfg, shards, errors, inputs_seen)
-        _atomic_write_bytes(storage.join(output, MANIFEST), json.dumps(doc, indent=2).encode())
-
-    def flush() -> None:
-        nonlocal next_index, buffer
-        if not buffer:
-            return
-        name = f"{SHARDS}/shard-{next_index:05d}.parquet"
-        table = pa.Table.from_batches(buffer, schema=schema)
-        # One row group per row: the reader fetches single rows without decoding a shard.
-        sha = _write_parquet_atomic(table, storage.join(output, name), row_group_size=1)
-        shards.append({"file": name, "rows": table.num_rows, "sha256": sha,
-                       "bytes": storage.size(storage.join(output, name))})
-        written.append(name)
-        next_index += 1
-        buffer = []
-        persist()
-
     bar = tqdm(total=len(todo), desc="meshes", unit="mesh", disable=not progress)
     if todo:
         ctx = ray.data.DataContext.get_current()
@@ -550,24 +599,18 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
                 **storage.ray_task_options(input))
             for result in ds.iter_rows():
                 if result["ok"]:
-                    buffer.append(_deserialize_batch(result["payload"]))
+                    writer.add_row(_deserialize_batch(result["payload"]))
                     processed += 1
                 else:
                     item = todo_by_path[result["source_path"]]
-                    new_errors.append(error_record(result["source_path"], result["reason"],
-                                                   result["message"], item["sha256"], item["uid"]))
-                    failed += 1
+                    writer.add_error(error_record(result["source_path"], result["reason"],
+                                                  result["message"], item["sha256"], item["uid"]))
                 bar.update(1)
-                bar.set_postfix(done=processed, failed=failed)
-                if len(buffer) >= cfg.shard_size:
-                    flush()
+                bar.set_postfix(done=processed, failed=writer.failed)
         finally:
             ctx.execution_options.preserve_order = old_order
             ctx.enable_progress_bars = old_bar
     bar.close()
-    flush()
-    persist()
-    return PrepareResult(output=output, inputs=inputs_seen, processed=processed, failed=failed,
-                         skipped=skipped, total_rows=sum(s["rows"] for s in shards),
-                         total_errors=errors.num_rows, shards_written=written,
-                         seconds=time.perf_counter() - start)
+    return processed
+
+

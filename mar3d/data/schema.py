@@ -31,7 +31,7 @@ ERRORS_SCHEMA = pa.schema([
     ("source_path", pa.string()),
     ("source_sha256", pa.string()),  # null when the file could not be read at all
     ("uid", pa.string()),
-    ("reason", pa.string()),  # a key of mesh_io.REASONS
+    ("reason", pa.string()),  # a key of errors.REASONS
     ("message", pa.string()),
 ])
 

@@ -21,7 +21,7 @@ import trimesh
 from scipy import ndimage
 from skimage import measure
 
-from .mesh_io import MeshError
+from .errors import MeshError
 
 
 @dataclass

@@ -342,8 +342,12 @@ def surfaces_from_batch(batch: dict, num_levels: int) -> list[torch.Tensor]:
     return [batch[f"surface_{k}"] for k in range(num_levels)]
 
 
-def occupancy_iou(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of IoU(logit > 0, label > 0.5); an empty union counts as 1."""
+def occupancy_iou(logits, labels) -> torch.Tensor:
+    """Mean over the batch (leading dims) of IoU(logit > 0, label > 0.5) over the last
+    dim; an empty union counts as 1. Tensors or arrays (training and evaluation share it)."""
+    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
+    if logits.shape != labels.shape:
+        raise ValueError(f"occupancy logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
     pred = logits > 0
     gt = labels > 0.5
     inter = (pred & gt).sum(-1).float()

@@ -43,6 +43,7 @@ from typing import Any
 from mar3d import storage
 from mar3d.config import flatten, to_dict
 from mar3d.train.config import TrainConfig
+from mar3d.train.loop import MODEL_DIR, TRACKING_BACKLOG
 
 log = logging.getLogger(__name__)
 
@@ -98,23 +99,17 @@ def _check_stage_inputs(cfg: TrainConfig, tracking_uri: str) -> None:
     the MAR config (wrong token count/channels) or cannot be found."""
     if cfg.stage == "vae":
         return
-    from mar3d.config import from_dict
-    from mar3d.models.vae import VAEConfig
-    from mar3d.train.stages import check_vae_matches_mar
-    from mar3d.weights import load_model_dir, resolve_model_dir
+    from mar3d.inference import check_vae_fits_mar, load_frozen_vae
 
-    _, doc = load_model_dir(resolve_model_dir(cfg.vae_model_uri, tracking_uri), kind="vae")
-    check_vae_matches_mar(from_dict(VAEConfig, doc["model"]), cfg.mar)
+    vae, _ = load_frozen_vae(cfg.vae_model_uri, tracking_uri)
+    check_vae_fits_mar(vae.cfg, cfg.mar)
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.stage``; returns the MLflow run id, model URI and final metrics."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from mar3d import tracking
-    from mar3d.train.loop import MODEL_DIR, TRACKING_BACKLOG, ray_datasets, train_loop_per_worker
 
     started = time.monotonic()
     cfg.validate()
@@ -130,6 +125,33 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     tracking_uri = cfg.mlflow_uri or tracking.default_tracking_uri(root)
     tracking.check_reachable(tracking_uri)
     _check_stage_inputs(cfg, tracking_uri)
+    run_id = _open_tracking_run(cfg, run_location, tracking_uri)
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS if set (a cluster), else a local instance
+    trainer = _make_trainer(cfg, root, {"run_id": run_id, "tracking_uri": tracking_uri,
+                                        "run_dir": str(run_dir)})
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        _end_run_quietly(tracking_uri, run_id, "FAILED")
+        raise TrainingError(f"training {cfg.stage} ({cfg.name}) failed: {e}") from e
+    try:
+        model_dir = _export_model(result, cfg, run_dir, root, run_location)
+    except TrainingError:
+        _end_run_quietly(tracking_uri, run_id, "FAILED")
+        raise
+    _finish_tracking_run(cfg, tracking_uri, run_id, run_dir, model_dir, result.checkpoint.path)
+    return TrainResult(run_id=run_id, model_uri=f"runs:/{run_id}/{MODEL_DIR}", model_dir=model_dir,
+                       run_location=run_location,
+                       checkpoint_path=str(result.checkpoint.path), metrics=dict(result.metrics or {}),
+                       tracking_uri=tracking_uri, seconds=time.monotonic() - started)
+
+
+def _open_tracking_run(cfg: TrainConfig, run_location: str, tracking_uri: str) -> str:
+    """The MLflow run of this training run: created, or re-opened from the run folder's
+    ``mar3d_run.json`` when the same run is started again; params logged."""
+    from mar3d import tracking
 
     state_path = storage.join(run_location, RUN_STATE)
     previous = json.loads(storage.read_bytes(state_path)) if storage.is_file(state_path) else {}
@@ -147,18 +169,25 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     params.update({"world_size": cfg.num_workers, "precision_resolved": cfg.resolved_precision(),
                    "backend_resolved": cfg.resolved_backend()})
     tracking.log_params(tracking_uri, run_id, params)
+    return run_id
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS if set (a cluster), else a local instance
-    datasets = ray_datasets(cfg, cfg.num_workers) if cfg.data_loader == "ray" else None
+
+def _make_trainer(cfg: TrainConfig, root: str, run_context: dict[str, str]):
+    """The TorchTrainer of a run: scaling, storage, failure handling and the training
+    dataset, as data (``run_context``: run_id, tracking_uri, run_dir for the workers)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mar3d.train.data import ray_datasets
+    from mar3d.train.loop import train_loop_per_worker
+
     storage_fs, storage_fs_path = storage.filesystem(root)
     resources = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
-                           "run_dir": str(run_dir)},
+        train_loop_config={"train": to_dict(cfg), **run_context},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -169,24 +198,21 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": _worker_env(cfg)}),
-        datasets=datasets,
+        datasets=ray_datasets(cfg, cfg.num_workers),
         dataset_config=DataConfig(datasets_to_split=["train"]),
         torch_config=TorchConfig(backend=cfg.resolved_backend()),
     )
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        _end_run_quietly(tracking_uri, run_id, "FAILED")
-        raise TrainingError(f"training {cfg.stage} ({cfg.name}) failed: {e}") from e
 
+
+def _export_model(result, cfg: TrainConfig, run_dir: Path, root: str, run_location: str) -> Path:
+    """Copy the final model folder out of the last checkpoint to ``run_dir/model`` (and
+    beside the checkpoints on object storage)."""
     if result.checkpoint is None:
-        _end_run_quietly(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training {cfg.name} finished without a checkpoint")
     model_dir = run_dir / MODEL_DIR
     with result.checkpoint.as_directory() as folder:
         exported = Path(folder, MODEL_DIR)
         if not exported.is_dir():
-            _end_run_quietly(tracking_uri, run_id, "FAILED")
             raise TrainingError(f"the last checkpoint {result.checkpoint.path} holds no final "
                                 f"'{MODEL_DIR}/' folder (training stopped before step {cfg.steps}?)")
         if model_dir.exists():
@@ -194,6 +220,14 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         shutil.copytree(exported, model_dir)
     if storage.is_remote(root):
         storage.upload_dir(model_dir, storage.join(run_location, MODEL_DIR))
+    return model_dir
+
+
+def _finish_tracking_run(cfg: TrainConfig, tracking_uri: str, run_id: str, run_dir: Path,
+                         model_dir: Path, checkpoint: str) -> None:
+    """Replay metrics that waited out a tracking outage, log the model, mark the run
+    FINISHED; if the server is down now, say where everything is instead."""
+    from mar3d import tracking
     backlog = run_dir / TRACKING_BACKLOG
     try:
         c = tracking.client(tracking_uri)
@@ -210,15 +244,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         raise tracking.TrackingError(
             f"training {cfg.name} finished and nothing is lost, but MLflow at {tracking_uri} is "
             f"unreachable ({str(e).splitlines()[0][:200]}). The final model is in {model_dir}, the last "
-            f"checkpoint in {result.checkpoint.path}, and {tracking.backlog_size(backlog)} metric/tag "
+            f"checkpoint in {checkpoint}, and {tracking.backlog_size(backlog)} metric/tag "
             f"records wait in {backlog}. Run the same command again once the server answers: it "
             "re-opens the finished run without training, uploads them and the model, and marks "
             "the run FINISHED.") from e
-    metrics = dict(result.metrics or {})
-    return TrainResult(run_id=run_id, model_uri=f"runs:/{run_id}/{MODEL_DIR}", model_dir=model_dir,
-                       run_location=run_location,
-                       checkpoint_path=str(result.checkpoint.path), metrics=metrics,
-                       tracking_uri=tracking_uri, seconds=time.monotonic() - started)
 
 
 def _end_run_quietly(tracking_uri: str, run_id: str, status: str) -> None:

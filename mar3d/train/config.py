@@ -82,7 +82,6 @@ class TrainConfig:
     # "train": the dataset's training objects and training views only (mar3d/data/splits.py);
     # "all": every object and view (no held-out evaluation is then honest).
     split: Literal["train", "all"] = "train"
-    data_loader: Literal["ray", "torch"] = "ray"  # Ray Data shards, or per-worker DataLoader
     cache_rows: int = 128                # decoded dataset rows kept per reader process (LRU)
     num_occ: int = 2048                  # occupancy supervision points per sample
     surface_sizes: tuple[int, ...] = ()  # points per pyramid level; () = as stored

@@ -29,9 +29,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from mar3d import storage
+from mar3d.train.data import eval_batches, train_stream
+from mar3d.train.distributed import all_reduce_means, all_reduce_means_any_keys, all_reduce_sum
+from mar3d.train.stages import autocast_context, make_stage
 
 DEEPSPEED_TAG = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
@@ -39,10 +41,6 @@ EMA_FILE = "ema.safetensors"
 MODEL_DIR = "model"
 # Metrics rank 0 could not send while the tracking server was down (see MetricLogger).
 TRACKING_BACKLOG = "tracking_backlog.jsonl"
-# Rows per Ray Data pass are repeated up to this many batches per worker: with a handful
-# of shapes an epoch is one step, and restarting the streaming executor every step would
-# cost more than the step itself.
-MIN_BATCHES_PER_PASS = 64
 
 
 def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
@@ -64,174 +62,8 @@ def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
     }
 
 
-def _to_device(batch: dict, device) -> dict:
-    import torch
-
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-            for k, v in batch.items()}
-
-
-def _collate(items: list[dict]) -> dict:
-    import torch
-
-    # ``uid`` strings stay out of the batch: nothing in a training step reads them.
-    return {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "uid"}
-
-
-def _dataset_kwargs(cfg, seed: int | None, split: str | None = None) -> dict[str, Any]:
-    # The VAE learns occupancy from surfaces; MAR maps an image to the surfaces' latents.
-    kwargs: dict[str, Any] = {"num_occ": cfg.num_occ, "rotate": cfg.rotate, "seed": seed,
-                              "split": split or cfg.split, "with_occupancy": cfg.stage == "vae",
-                              "with_image": cfg.stage != "vae", "cache_rows": cfg.cache_rows}
-    if cfg.surface_sizes:
-        kwargs["surface_sizes"] = tuple(cfg.surface_sizes)
-    return kwargs
-
-
-def _eval_sources(cfg) -> dict[str, tuple[Any, list[int]]]:
-    """Evaluation during training, on fixed samples (same points and views every time):
-
-    * ``"eval"``: training objects seen from their held-out view (VAE: reconstruction of
-      training shapes; MAR: a view it never trained on);
-    * ``"val"``: held-out objects (``eval_data`` if given, else the dataset's val split).
-
-    Returns name -> (ShapeDataset, rows) for the sets that exist;
-    rows are the first ``num_eval_samples`` in the split's hash order (a fixed unbiased
-    sample, not the first objects by name). Occupancy is scored on uniform volume points
-    only (near_fraction 0), the usual definition of a VAE's volume IoU."""
-    from mar3d.data.dataset import ShapeDataset, representative_order
-
-    seed = cfg.seed + 7919
-    seen = {**_dataset_kwargs(cfg, seed, "train"), "near_fraction": 0.0, "rotate": False}
-    seen["view_index"] = ShapeDataset(cfg.data, **seen).split_info.evaluation_view()
-    heldout = {**_dataset_kwargs(cfg, seed, "all" if cfg.eval_data else "val"),
-               "near_fraction": 0.0, "rotate": False}
-    sources = {}
-    for name, root, kwargs in (("eval", cfg.data, seen), ("val", cfg.eval_data or cfg.data, heldout)):
-        dataset = ShapeDataset(root, **kwargs)
-        if len(dataset):
-            sources[name] = (dataset, representative_order(dataset)[: cfg.num_eval_samples])
-    return sources
-
-
-_READERS: dict[tuple, Any] = {}
-
-
-def _sample_row(item: dict, root: str, kwargs: tuple, rows: int) -> dict:
-    """Ray Data map: row id -> one ShapeDataset sample (ids wrap around the dataset)."""
-    from mar3d.data.dataset import ShapeDataset
-
-    key = (root, kwargs)
-    if key not in _READERS:  # one reader (open Parquet files) per Ray worker process
-        _READERS[key] = ShapeDataset(root, **dict(kwargs))
-    sample = _READERS[key].sample(int(item["id"]) % rows)
-    sample.pop("uid")  # strings do not become tensors; nothing in a step reads them
-    return sample
-
-
-def ray_datasets(cfg, world_size: int) -> dict[str, Any]:
-    """Driver side: the Ray Data training dataset (split across workers); the small fixed
-    evaluation sets are read by each worker itself (:func:`_eval_batches`).
-
-    The training set is ``mar3d.data.dataset.ShapeDataset`` sampling as a Ray Data map,
-    with each shape listed ``repeats`` times per pass so that one pass gives every worker
-    at least MIN_BATCHES_PER_PASS batches (``seed=None``: every listing draws its own
-    random point subsets). With a handful of shapes a pass would otherwise be a single
-    step, and restarting Ray Data's streaming executor every step costs more than the
-    step. (``ray_dataset(root)`` is the same sampling without the repetition.)
-    """
-    import ray.data
-
-    from mar3d.data.dataset import ShapeDataset
-
-    kwargs = _dataset_kwargs(cfg, None)
-    rows = len(ShapeDataset(cfg.data, **kwargs))  # validates the arguments up front
-    needed = world_size * cfg.batch_size
-    if rows < needed:
-        raise ValueError(f"{cfg.data} has {rows} shapes; {world_size} workers x batch_size "
-                         f"{cfg.batch_size} need at least {needed}")
-    repeats = max(1, -(-MIN_BATCHES_PER_PASS * needed // rows))
-    train = ray.data.range(rows * repeats).random_shuffle().map(
-        _sample_row, fn_kwargs={"root": str(cfg.data), "kwargs": tuple(sorted(kwargs.items())),
-                                "rows": rows}, **storage.ray_task_options(cfg.data))
-    train.context.enable_progress_bars = False
-    return {"train": train}
-
-
-def _ray_train_stream(cfg, device) -> Iterator[dict]:
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
-    while True:
-        count = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device):
-            count += 1
-            yield batch
-        if count == 0:
-            raise RuntimeError("this worker's data shard yielded no full batch")
-
-
-def _torch_train_stream(cfg, rank: int, world: int, device, start_step: int) -> Iterator[dict]:
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from mar3d.data.dataset import ShapeDataset
-
-    dataset = ShapeDataset(cfg.data, **_dataset_kwargs(cfg, cfg.seed + 1000 * rank))
-    if len(dataset) < world * cfg.batch_size:
-        raise ValueError(f"{cfg.data} has {len(dataset)} shapes; {world} workers x batch_size "
-                         f"{cfg.batch_size} need at least {world * cfg.batch_size}")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=_collate, num_workers=0)
-    # The epoch seeds the shuffle (must be equal on all ranks so their partitions stay
-    # disjoint) and the point subsets; starting it at the resumed step keeps a resumed
-    # attempt from replaying the first attempt's batches.
-    epoch = start_step
-    while True:
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        count = 0
-        for batch in loader:
-            count += 1
-            yield _to_device(batch, device)
-        if count == 0:
-            raise RuntimeError("this worker's DistributedSampler yielded no full batch")
-        epoch += 1
-
-
-def _eval_batches(cfg, rank: int, world: int, device) -> dict[str, list[dict]]:
-    """Per evaluation set: this rank's share (every world-th sample) of its fixed samples,
-    read directly from the shards (a few rows: a Ray Data job per set would cost more
-    than reading them)."""
-    return {name: [_to_device(_collate([dataset[i]]), device) for k, i in enumerate(rows) if k % world == rank]
-            for name, (dataset, rows) in _eval_sources(cfg).items()}
-
-
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _all_reduce_means(sums: dict[str, float], counts: dict[str, float], device) -> dict[str, float]:
-    """Means over all ranks of per-key sums/counts (keys must be the same on every rank)."""
-    keys = sorted(sums)
-    if not keys:
-        return {}
-    t = _all_reduce_sum([sums[k] for k in keys] + [counts[k] for k in keys], device)
-    n = len(keys)
-    return {k: t[i] / t[n + i] for i, k in enumerate(keys) if t[n + i] > 0}
-
-
 def _evaluate(stage, engine, batches: list[dict], device, precision: str) -> dict[str, float]:
     import torch
-
-    from mar3d.train.stages import autocast_context
 
     model = engine.module
     was_training = model.training
@@ -246,23 +78,7 @@ def _evaluate(stage, engine, batches: list[dict], device, precision: str) -> dic
                     counts[k] = counts.get(k, 0.0) + 1
     finally:
         model.train(was_training)
-    return _all_reduce_means_all_keys(sums, counts, device)
-
-
-def _all_reduce_means_all_keys(sums, counts, device) -> dict[str, float]:
-    """Like _all_reduce_means, but a rank without eval samples (more workers than eval
-    samples) contributes zeros: first agree on the key set, then reduce."""
-    import torch.distributed as dist
-
-    keys = set(sums)
-    if dist.is_available() and dist.is_initialized():
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, sorted(keys))
-        keys = set().union(*map(set, gathered))
-    for k in keys:
-        sums.setdefault(k, 0.0)
-        counts.setdefault(k, 0.0)
-    return _all_reduce_means(sums, counts, device)
+    return all_reduce_means_any_keys(sums, counts, device)
 
 
 def _save_checkpoint(engine, ema, stage, cfg, step: int, rank: int, final: bool,
@@ -318,24 +134,47 @@ def _restore(engine, ema, device) -> int:
     return int(client_state["global_step"])
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. ``config``: {"train": TrainConfig as dict, "run_id",
-    "tracking_uri", "run_dir"} (built by :func:`mar3d.train.api.run_training`)."""
-    from mar3d.config import from_dict
-    from mar3d.train.config import TrainConfig
+class _Window:
+    """What happened since the last log point: loss sums, samples, tokens, and where the
+    time went (waiting for data vs computing; on small CPU machines data loading is
+    often the limit), logged as train/data_ms and train/compute_ms."""
 
-    cfg: TrainConfig = from_dict(TrainConfig, config["train"])
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+        self.start = time.perf_counter()
+        self.samples = self.tokens = 0
+        self.data_seconds = self.compute_seconds = 0.0
+
+    def add(self, out: dict, batch_size: int, tokens: int, data_s: float, compute_s: float) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+            self.counts[k] = self.counts.get(k, 0.0) + 1
+        self.samples += batch_size
+        self.tokens += tokens
+        self.data_seconds += data_s
+        self.compute_seconds += compute_s
+
+    def metrics(self, device) -> dict[str, float]:
+        """``train/*`` means over all ranks (collective: every rank calls it)."""
+        elapsed = time.perf_counter() - self.start
+        metrics = {f"train/{k}": v for k, v in all_reduce_means(self.sums, self.counts, device).items()}
+        samples, tokens = all_reduce_sum([self.samples, self.tokens], device)
+        steps = max(1.0, self.counts.get("loss", 1.0))  # this rank's steps in the window
+        metrics.update({"train/samples_per_s": samples / elapsed, "train/tokens_per_s": tokens / elapsed,
+                        "train/data_ms": 1000.0 * self.data_seconds / steps,
+                        "train/compute_ms": 1000.0 * self.compute_seconds / steps})
+        return metrics
+
+
+def _prepare_worker_process(cfg):
+    """Process settings that must precede DeepSpeed's import and initialize(); returns
+    the deepspeed module."""
     if not cfg.use_gpu:
         # DeepSpeed picks its accelerator at import time; without this it probes CUDA.
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
-    import ray.train
-    import ray.train.torch
     import torch
-
-    from mar3d.tracking import MetricLogger
-    from mar3d.train.optim import EMA, build_optimizer
-    from mar3d.train.stages import make_stage
 
     if not cfg.use_gpu:
         torch.set_num_threads(cfg.cpu_threads())
@@ -344,6 +183,65 @@ def train_loop_per_worker(config: dict) -> None:
         # took 1-2 min per worker start, rebuilt over and over when two runs (or a run and
         # a Ray cluster) shared the torch extensions cache; say it is not available.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def _build_engine(deepspeed, cfg, stage, device, world: int):
+    """(DeepSpeed engine, LR scheduler, EMA or None), with identical initial weights on
+    every rank."""
+    import torch
+
+    from mar3d.train.optim import EMA, build_optimizer
+
+    torch.manual_seed(cfg.seed)
+    model = stage.build_model().to(device)
+    optimizer, scheduler = build_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay,
+                                           cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world), dist_init_required=False)
+    return engine, scheduler, (EMA(engine.module, cfg.ema_decay) if cfg.ema_decay else None)
+
+
+def _open_logger(cfg, config: dict, start_step: int, world: int):
+    """Rank 0's MLflow logger, with the attempt's start recorded."""
+    from mar3d.tracking import MetricLogger
+
+    logger = MetricLogger(config["tracking_uri"], config["run_id"],
+                          Path(config["run_dir"]) / TRACKING_BACKLOG, retry_interval_s=cfg.tracking_retry_s)
+    logger.log({"train/start_step": start_step, "train/world_size": world}, step=start_step)
+    logger.set_tags({"mar3d.last_attempt_start_step": start_step})
+    logger.flush()
+    return logger
+
+
+def _train_step(stage, engine, ema, batch: dict, step: int, window: _Window, data_s: float) -> None:
+    """One optimizer step; ``data_s``: how long the batch took to arrive."""
+    import torch
+
+    tock = time.perf_counter()
+    out = stage.loss(engine, batch, step)
+    engine.backward(out["loss"])
+    engine.step()
+    if ema is not None:
+        ema.update(engine.module)
+    batch_size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+    window.add(out, batch_size, batch_size * stage.tokens_per_sample(step), data_s,
+               time.perf_counter() - tock)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. ``config``: {"train": TrainConfig as dict, "run_id",
+    "tracking_uri", "run_dir"} (built by :func:`mar3d.train.api.run_training`)."""
+    from mar3d.config import from_dict
+    from mar3d.train.config import TrainConfig
+
+    cfg: TrainConfig = from_dict(TrainConfig, config["train"])
+    deepspeed = _prepare_worker_process(cfg)
+    import ray.train
+    import ray.train.torch
+    import torch
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
@@ -351,59 +249,24 @@ def train_loop_per_worker(config: dict) -> None:
 
     stage = make_stage(cfg)
     stage.setup(device, config["tracking_uri"])
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = stage.build_model().to(device)
-    optimizer, scheduler = build_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay,
-                                           cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world), dist_init_required=False)
-    ema = EMA(engine.module, cfg.ema_decay) if cfg.ema_decay else None
-
+    engine, scheduler, ema = _build_engine(deepspeed, cfg, stage, device, world)
     start_step = _restore(engine, ema, device)
     # Different random streams per rank and per attempt (dropout, masks, noise).
     torch.manual_seed(cfg.seed + 1 + rank + 7919 * start_step)
-
-    logger = (MetricLogger(config["tracking_uri"], config["run_id"], Path(config["run_dir"]) / TRACKING_BACKLOG,
-                           retry_interval_s=cfg.tracking_retry_s) if rank == 0 else None)
-    if logger is not None:
-        logger.log({"train/start_step": start_step, "train/world_size": world}, step=start_step)
-        logger.set_tags({"mar3d.last_attempt_start_step": start_step})
-        logger.flush()
-
+    logger = _open_logger(cfg, config, start_step, world) if rank == 0 else None
     if start_step >= cfg.steps:
         return  # already finished (a re-run of a completed run): nothing to train
 
-    stream = (_ray_train_stream(cfg, device) if cfg.data_loader == "ray"
-              else _torch_train_stream(cfg, rank, world, device, start_step))
-    eval_batches = _eval_batches(cfg, rank, world, device)
-
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-    # Where a step's time goes (waiting for data vs computing), logged as train/data_ms
-    # and train/compute_ms: on small CPU machines data loading is often the limit.
-    data_seconds = compute_seconds = 0.0
+    stream = train_stream(cfg, device)
+    evaluation = eval_batches(cfg, rank, world, device)
+    window = _Window()
     engine.train()
     for step in range(start_step, cfg.steps):
         tick = time.perf_counter()
         batch = next(stream)
-        tock = time.perf_counter()
-        out = stage.loss(engine, batch, step)
-        engine.backward(out["loss"])
-        engine.step()
-        if ema is not None:
-            ema.update(engine.module)
-        data_seconds += tock - tick
-        compute_seconds += time.perf_counter() - tock
-        global_step = step + 1
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-            counts[k] = counts.get(k, 0.0) + 1
-        batch_size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
-        window_samples += batch_size
-        window_tokens += batch_size * stage.tokens_per_sample(step)
+        _train_step(stage, engine, ema, batch, step, window, time.perf_counter() - tick)
 
+        global_step = step + 1
         last = global_step == cfg.steps
         do_log = global_step % cfg.log_every == 0 or last
         do_eval = last or (cfg.eval_every and global_step % cfg.eval_every == 0)
@@ -413,21 +276,12 @@ def train_loop_per_worker(config: dict) -> None:
 
         metrics: dict[str, float] = {}
         if do_log:
-            elapsed = time.perf_counter() - window_start
-            metrics.update({f"train/{k}": v for k, v in _all_reduce_means(sums, counts, device).items()})
-            samples, tokens = _all_reduce_sum([window_samples, window_tokens], device)
-            metrics["train/samples_per_s"] = samples / elapsed
-            metrics["train/tokens_per_s"] = tokens / elapsed
+            metrics.update(window.metrics(device))
             metrics["train/lr"] = scheduler.get_last_lr()[0]
-            steps_in_window = max(1.0, counts.get("loss", 1.0))  # this rank's steps since the last log
-            metrics["train/data_ms"] = 1000.0 * data_seconds / steps_in_window
-            metrics["train/compute_ms"] = 1000.0 * compute_seconds / steps_in_window
-            data_seconds = compute_seconds = 0.0
             if hasattr(stage, "latent_ms"):
                 metrics["train/latent_ms"] = stage.latent_ms()
-            sums, counts = {}, {}
         if do_eval:
-            for name, batches in eval_batches.items():
+            for name, batches in evaluation.items():
                 metrics.update({f"{name}/{k}": v for k, v in
                                 _evaluate(stage, engine, batches, device, precision).items()})
         metrics["step"] = global_step
@@ -441,4 +295,4 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
         if do_log:
-            window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+            window = _Window()

@@ -29,9 +29,12 @@ import torch
 from torch import nn
 
 from mar3d.config import to_dict
-from mar3d.models.vae import (ShapeVAE, VAEConfig, latent_stats_from_sums, latent_sums,
+from mar3d.models.vae import (ShapeVAE, latent_stats_from_sums, latent_sums,
                               occupancy_iou, surfaces_from_batch)
+from mar3d.inference import check_vae_fits_mar, load_frozen_vae
 from mar3d.train.config import TrainConfig
+from mar3d.train.data import dataset_kwargs
+from mar3d.train.distributed import all_reduce_sum
 
 
 class Stage(ABC):
@@ -118,11 +121,10 @@ class VAEStage(Stage):
         """``latent_stats``: shift and spread of the HR and LR latents on training shapes
         (of the exported weights), and the ``surface_sizes`` the VAE was trained on."""
         from mar3d.data.dataset import ShapeDataset
-        from mar3d.train.loop import _all_reduce_sum, _dataset_kwargs
 
         cfg = self.cfg
         model = ema.averaged_copy(model) if ema is not None else model
-        dataset = ShapeDataset(cfg.data, **{**_dataset_kwargs(cfg, cfg.seed + 104729), "rotate": False})
+        dataset = ShapeDataset(cfg.data, **{**dataset_kwargs(cfg, cfg.seed + 104729), "rotate": False})
         count = min(cfg.latent_stats_shapes, len(dataset))
         was_training = model.training
         model.eval()
@@ -137,7 +139,7 @@ class VAEStage(Stage):
                     sums[level] += latent_sums(model, surfaces, level)
         finally:
             model.train(was_training)
-        stats = {level: latent_stats_from_sums(torch.tensor(_all_reduce_sum(v.tolist(), device)))
+        stats = {level: latent_stats_from_sums(torch.tensor(all_reduce_sum(v.tolist(), device)))
                  for level, v in sums.items()}
         return {"latent_stats": {**stats, "num_shapes": count},
                 "surface_sizes": list(dataset.surface_sizes)}
@@ -164,7 +166,7 @@ class MARStage(Stage):
 
     def setup(self, device: torch.device, tracking_uri: str) -> None:
         self.vae, extra = load_frozen_vae(self.cfg.vae_model_uri, tracking_uri, device)
-        check_vae_matches_mar(self.vae.cfg, self.cfg.mar)
+        check_vae_fits_mar(self.vae.cfg, self.cfg.mar)
         if self.cfg.latent_norm:
             # Before the model is built: the normalization becomes part of its config.
             apply_latent_stats(self.cfg.mar, extra.get("latent_stats"), self.cfg.latent_target,
@@ -220,16 +222,6 @@ def make_stage(cfg: TrainConfig) -> Stage:
     return MARStage(cfg, cfg.stage)
 
 
-def load_frozen_vae(uri: str, tracking_uri: str | None,
-                    device: torch.device | str) -> tuple[ShapeVAE, dict[str, Any]]:
-    """The trained VAE behind ``uri`` (folder or MLflow URI), frozen, in eval mode, and
-    the ``extra`` data saved with it (e.g. ``latent_stats``)."""
-    from mar3d.inference import load_vae
-    from mar3d.weights import resolve_model_dir
-
-    return load_vae(resolve_model_dir(uri, tracking_uri), device)
-
-
 def apply_latent_stats(mar_cfg, stats: dict | None, target: str, vae_uri: str) -> None:
     """Fill ``mar_cfg``'s latent normalization from a VAE's measured ``latent_stats``:
     the spread of what the model is trained on (posterior samples or means)."""
@@ -244,22 +236,6 @@ def apply_latent_stats(mar_cfg, stats: dict | None, target: str, vae_uri: str) -
         mar_cfg.lr_latent_shift = float(stats["lr"]["shift"])
         mar_cfg.lr_latent_scale = float(stats["lr"][spread])
     mar_cfg.validate()
-
-
-def check_vae_matches_mar(vae_cfg: VAEConfig, mar_cfg) -> None:
-    tokens = vae_cfg.hr_tokens if mar_cfg.stage == "hr" else vae_cfg.lr_tokens
-    problems = []
-    if mar_cfg.token_dim != vae_cfg.latent_channels:
-        problems.append(f"mar.token_dim={mar_cfg.token_dim} but the VAE has "
-                        f"latent_channels={vae_cfg.latent_channels}")
-    if mar_cfg.seq_len != tokens:
-        problems.append(f"mar.seq_len={mar_cfg.seq_len} but the VAE's {mar_cfg.stage} latents "
-                        f"have {tokens} tokens")
-    if mar_cfg.stage == "hr" and mar_cfg.lr_seq_len != vae_cfg.lr_tokens:
-        problems.append(f"mar.lr_seq_len={mar_cfg.lr_seq_len} but the VAE's LR latents have "
-                        f"{vae_cfg.lr_tokens} tokens")
-    if problems:
-        raise ValueError("MAR config does not fit the frozen VAE: " + "; ".join(problems))
 
 
 def autocast_context(device: torch.device, precision: str):

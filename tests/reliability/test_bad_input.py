@@ -18,7 +18,8 @@ from corpus import (write_hostile_manifest, write_image_corpus, write_image_parq
                     write_mesh_corpus)
 from mar3d.data import prepare_dataset
 from mar3d.data.config import DataConfig, small_test_config
-from mar3d.data.mesh_io import REASONS, MeshError, load_mesh
+from mar3d.data.errors import REASONS, MeshError
+from mar3d.data.mesh_io import load_mesh
 from mar3d.data.prepare import read_errors
 from mar3d.data.schema import column_to_numpy
 from mar3d.generate import BatchGenerateConfig, batch_generate, read_results

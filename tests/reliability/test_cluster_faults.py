@@ -132,7 +132,7 @@ def test_worker_node_lost_during_training_resumes_from_checkpoint(
 def _pipeline(cluster, dataset, workdir, mlflow_uri, *extra) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     return subprocess.Popen(
-        [sys.executable, "-m", "mar3d", "pipeline", "run", "--ray-address", cluster.dashboard_url,
+        [sys.executable, "-m", "pipelines", "pipeline", "run", "--ray-address", cluster.dashboard_url,
          "--preset", "smoke", "--dataset", str(dataset), "--workdir", str(workdir),
          "--mlflow-uri", mlflow_uri, "--model-name", "mar3d-cluster", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

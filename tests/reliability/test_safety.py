@@ -26,8 +26,9 @@ import yaml
 
 from mar3d.generate import BatchGenerateConfig, batch_generate
 from mar3d.inference import MAR3DPipeline
-from mar3d.registry import validate_model_uri
-from mar3d.weights import load_model_dir, resolve_model_dir
+from mar3d.registry import resolve_model_dir
+from mar3d.uris import validate_model_uri
+from mar3d.weights import load_model_dir
 
 from _tiny_release import write_tiny_release
 
@@ -197,14 +198,15 @@ def test_hostile_model_uris_are_refused_everywhere(tmp_path, reliability_report)
 
 
 def test_generated_file_names_cannot_escape_the_output(tmp_path):
-    from mar3d.generate import mesh_paths, safe_item_id
+    from mar3d.generate import mesh_paths
+    from mar3d.storage import safe_name
 
     for raw in ["../x", "/etc/passwd", "a/../../b", "..", ".", "", "a//b/./c"]:
         with pytest.raises(ValueError):
-            safe_item_id(raw)
+            safe_name(raw)
     out = tmp_path / "out"
     for raw in ["sub/cat.png", "we ird\\name;rm -rf.png", "ü/ñ.png"]:
-        for rel in mesh_paths(safe_item_id(raw), ("glb", "ply")):
+        for rel in mesh_paths(safe_name(raw), ("glb", "ply")):
             assert (out / rel).resolve().is_relative_to(out.resolve()), rel
     # The release folder a job writes into must not be the image input or contain it.
     (tmp_path / "images").mkdir()

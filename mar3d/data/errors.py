@@ -1,0 +1,34 @@
+"""Why a mesh cannot become a dataset row: ``MeshError(reason_code, message)``, with the
+reason codes a closed set (``REASONS``) that reports can count. Shared by the checks
+before loading (preflight.py) and after (mesh_io.py, watertight.py, prepare.py)."""
+from __future__ import annotations
+
+REASONS = {
+    "not_found": "the input path does not exist or is not a file",
+    "path_outside_root": "a manifest entry escapes the manifest's root directory",
+    "invalid_path": "a manifest entry is not a usable path (NUL byte, name too long)",
+    "unsupported_format": "the file suffix is not a supported mesh format",
+    "file_too_large": "the file is larger than DataConfig.max_file_bytes",
+    "unreadable": "the mesh loader raised (truncated, corrupt or not a mesh file)",
+    "empty": "no triangles after flattening the scene",
+    "nonfinite_vertices": "vertices contain NaN or Inf",
+    "invalid_faces": "face indices out of range",
+    "unsafe_reference": "the file references a file outside its folder (../, absolute path, URL)",
+    "too_many_faces": "more triangles than DataConfig.max_faces",
+    "degenerate": "zero extent or zero surface area",
+    "watertight_failed": "the watertight conversion produced no closed surface",
+    "duplicate": "another input of the run has the same content and name (same uid), "
+                 "or the manifest lists the same file twice",
+    "internal_error": "an unexpected exception (a bug): see the message",
+}
+
+
+class MeshError(Exception):
+    """A mesh that cannot become a dataset row, with a machine-readable reason."""
+
+    def __init__(self, reason_code: str, message: str):
+        if reason_code not in REASONS:
+            raise ValueError(f"unknown MeshError reason {reason_code!r}")
+        super().__init__(f"{reason_code}: {message}")
+        self.reason_code = reason_code
+        self.message = message
