@@ -18,10 +18,10 @@ from mar3d.config import ConfigError, dump_yaml, load_config
 EXAMPLES = """\
 examples:
   mar3d data prepare --input ../shared/datasets/ycb --output outputs/data
-  mar3d data prepare --input meshes.jsonl --output outputs/data --config configs/data.yaml \\
+  mar3d data prepare --input meshes.jsonl --output outputs/data --config data \\
       --set render.num_views=4 --set surface_sizes=[8192,2048,512]
-  mar3d train vae --config configs/train_vae_tiny.yaml --set data=outputs/data
-  mar3d config show data
+  mar3d train vae --config train_vae_tiny --set data=outputs/data
+  mar3d config show train --config train_vae_paper
 """
 
 
@@ -29,8 +29,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-json", type=Path, default=None, metavar="PATH",
                    help="also write the command's result as a JSON object to PATH "
                         "(used by the Kubeflow components to chain steps)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="YAML file with config values (unknown keys are errors)")
+    p.add_argument("--config", default=None, metavar="FILE_OR_PRESET",
+                   help="YAML file with config values (unknown keys are errors), or the name of "
+                        "a shipped preset, e.g. train_vae_tiny (see `mar3d config presets`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, dotted keys, YAML values "
                         "(e.g. --set num_workers=2 --set render.elevations=[20,-10]); repeatable")
@@ -255,10 +256,20 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_presets(args: argparse.Namespace) -> int:
+    from mar3d.config import preset_path, presets
+
+    for name in presets():
+        print(f"{name:<16} {preset_path(name)}")
+    return 0
+
+
 def _default_ycb() -> str | None:
-    # The checkout's sibling ../shared/datasets/ycb: the real meshes of the local demo.
-    path = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ycb"
-    return str(path) if path.is_dir() else None
+    # The checkout's sibling ../shared/datasets/ycb: the real meshes of the local demo. A
+    # dev-checkout convenience only: an installed package has no such sibling (None).
+    parents = Path(__file__).resolve().parents
+    path = parents[2] / "shared" / "datasets" / "ycb" if len(parents) > 2 else None
+    return str(path) if path is not None and path.is_dir() else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -440,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Submit one stage to a Ray cluster's job server "
                                         "(JobSubmissionClient), stream its log, fail with its error.",
                             epilog="example: mar3d ray submit --address http://ray-head:8265 -- "
-                                   "mar3d train vae --config configs/train_vae_paper.yaml")
+                                   "mar3d train vae --config train_vae_paper")
     rs.add_argument("--address", required=True, help="Ray dashboard/job address, http://HOST:8265")
     rs.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
     rs.add_argument("command_argv", nargs=argparse.REMAINDER, help="-- mar3d <stage> ...")
@@ -476,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name", choices=sorted(_config_classes()))
     _add_config_args(show)
     show.set_defaults(func=_cmd_config_show)
+    listing = config_sub.add_parser("presets", help="list the shipped presets (names for --config)")
+    listing.set_defaults(func=_cmd_config_presets)
     return parser
 
 
