@@ -66,6 +66,7 @@ def train_tiny_vae(steps: int, device: str, seed: int = 0):
     import torch
     import trimesh
 
+    from mar3d.config import load_config
     from mar3d.models.vae import ShapeVAE, VAEConfig
 
     torch.manual_seed(seed)
@@ -73,7 +74,7 @@ def train_tiny_vae(steps: int, device: str, seed: int = 0):
     mesh = trimesh.creation.torus(major_radius=0.55, minor_radius=0.25, major_sections=64, minor_sections=32)
     surfaces = [s.to(device) for s in surface_pyramid(mesh, (2048, 512, 128), seed)]
     inside = lambda p: -torus_sdf(0.55, 0.25)(p) > 0  # noqa: E731
-    model = ShapeVAE(VAEConfig.tiny()).to(device)
+    model = ShapeVAE(load_config(VAEConfig, "vae_tiny")).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps, pct_start=0.1)
     for step in range(steps):

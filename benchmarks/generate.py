@@ -11,14 +11,14 @@ For each model size, the same condition image is generated ``--num-shapes`` time
 The LR+HR / LR-only ratios (whole shape, and sampling alone) are measured in the same
 run on the same device.
 
-Sizes: ``tiny`` = configs/vae_tiny.yaml + configs/mar_tiny.yaml; ``paper`` =
-configs/vae_paper.yaml + configs/mar_paper.yaml with the real CLIP ViT-L/14 and DINOv2-L
-architectures randomly initialised (``clip_pretrained``/``dino_pretrained`` null) -- the
-cost does not depend on the weights' values. Paper size runs only on CUDA (a "skipped"
-row otherwise). Random weights time the sampling exactly; the extraction time depends on
-the decoded surface (hierarchical extraction refines only cells near it), so the
-"queries" column says how many occupancy queries the number covers; pass ``--model`` (a
-release folder or models:/ URI) for a trained model's numbers.
+Sizes: ``tiny`` = presets vae_tiny + mar_tiny; ``paper`` = presets vae_paper + mar_paper
+with the real CLIP ViT-L/14 and DINOv2-L architectures randomly initialised
+(``clip_pretrained``/``dino_pretrained`` null) -- the cost does not depend on the weights'
+values. Paper size runs only on CUDA (a "skipped" row otherwise). Random weights time the
+sampling exactly; the extraction time depends on the decoded surface (hierarchical
+extraction refines only cells near it), so the "queries" column says how many occupancy
+queries the number covers; pass ``--model`` (a release folder or models:/ URI) for a
+trained model's numbers.
 
 Peak memory, two numbers per mode: "peak" (everything the process holds, models
 included) and "above models" (peak minus what was held once the models were loaded, i.e.
@@ -45,12 +45,9 @@ import argparse
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
 MIB = 1024 * 1024
 
 
@@ -87,12 +84,12 @@ def random_pipeline(size: str, gen_cfg, device):
     from mar3d.models.vae import ShapeVAE, VAEConfig
 
     torch.manual_seed(0)
-    vae = ShapeVAE(load_config(VAEConfig, CONFIGS / f"vae_{size}.yaml"))
-    cond = load_config(ConditionConfig, CONFIGS / f"mar_{size}.yaml", section="condition")
+    vae = ShapeVAE(load_config(VAEConfig, f"vae_{size}"))
+    cond = load_config(ConditionConfig, f"mar_{size}", section="condition")
     if not cond.tiny and (cond.clip_pretrained or cond.dino_pretrained):
-        raise ValueError("timing uses random encoders: configs/mar_paper.yaml must leave "
+        raise ValueError("timing uses random encoders: the mar_paper preset must leave "
                          "clip_pretrained/dino_pretrained null")
-    lr, hr = (ConditionalMAR(cond, load_config(MARConfig, CONFIGS / f"mar_{size}.yaml", section=s))
+    lr, hr = (ConditionalMAR(cond, load_config(MARConfig, f"mar_{size}", section=s))
               for s in ("lr", "hr"))
     for m in (vae, lr, hr):
         m.requires_grad_(False).eval()

@@ -55,7 +55,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEFAULT_YCB = Path(os.environ.get("MAR3D_YCB", REPO.parent / "shared" / "datasets" / "ycb"))
-DEFAULT_CONFIG = REPO / "configs" / "train_vae_tiny.yaml"
 KINDS = ("pyramid", "standard")
 # metric name -> (column title, True if higher is better)
 METRICS = {
@@ -313,7 +312,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "vae_ablation")
     p.add_argument("--limit", type=int, default=16, help="YCB objects to train on (without --data)")
     p.add_argument("--hold-out", type=int, default=0, help="further YCB objects only reconstructed")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config shared by both")
+    p.add_argument("--config", default="train_vae_tiny",
+                   help="training config (file or preset) shared by both")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra TrainConfig override for both runs (repeatable)")
     p.add_argument("--steps", type=int, default=1000)

@@ -23,10 +23,10 @@ from mar3d.config import ConfigError, dump_yaml, load_config
 EXAMPLES = """\
 examples:
   mar3d data prepare --input ../shared/datasets/ycb --output outputs/data
-  mar3d data prepare --input meshes.jsonl --output outputs/data --config configs/data.yaml \\
+  mar3d data prepare --input meshes.jsonl --output outputs/data --config data \\
       --set render.num_views=4 --set surface_sizes=[8192,2048,512]
-  mar3d train vae --config configs/train_vae_tiny.yaml --set data=outputs/data
-  mar3d config show data
+  mar3d train vae --config train_vae_tiny --set data=outputs/data
+  mar3d config show train --config train_vae_paper
 """
 
 
@@ -34,8 +34,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-json", type=Path, default=None, metavar="PATH",
                    help="also write the command's result as a JSON object to PATH "
                         "(used by the Kubeflow components to chain steps)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="YAML file with config values (unknown keys are errors)")
+    p.add_argument("--config", default=None, metavar="FILE_OR_PRESET",
+                   help="YAML file with config values (unknown keys are errors), or the name of "
+                        "a shipped preset, e.g. train_vae_tiny (see `mar3d config presets`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, dotted keys, YAML values "
                         "(e.g. --set num_workers=2 --set render.elevations=[20,-10]); repeatable")
@@ -212,6 +213,14 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_presets(args: argparse.Namespace) -> int:
+    from mar3d.config import preset_path, presets
+
+    for name in presets():
+        print(f"{name:<16} {preset_path(name)}")
+    return 0
+
+
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     """`mar3d data prepare`."""
     data = sub.add_parser("data", help="dataset jobs (mesh -> Parquet shards)",
@@ -359,7 +368,7 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_config_commands(sub: argparse._SubParsersAction) -> None:
-    """`mar3d config show`."""
+    """`mar3d config show|presets`."""
     config = sub.add_parser("config", help="inspect configs",
                             description="Print a resolved config as YAML.")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -367,6 +376,8 @@ def _add_config_commands(sub: argparse._SubParsersAction) -> None:
     show.add_argument("name", choices=sorted(_config_classes()))
     _add_config_args(show)
     show.set_defaults(func=_cmd_config_show)
+    listing = config_sub.add_parser("presets", help="list the shipped presets (names for --config)")
+    listing.set_defaults(func=_cmd_config_presets)
 
 
 def build_parser(extensions: Iterable[Callable[[argparse._SubParsersAction], None]] = ()

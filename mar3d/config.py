@@ -3,10 +3,23 @@
 Every stage owns its config dataclass next to the code that uses it (nanoGPT style);
 this module only knows how to fill any such dataclass from YAML and ``a.b=value``
 overrides, and how to turn it back into plain data for logging.
+
+Presets: the YAML files in ``mar3d/configs/`` ship inside the package (package data), so
+they are found the same way in a source checkout and in an installed wheel. Wherever a
+config file is expected (``load_config``, every ``--config`` flag), a path to an existing
+file is used as given; otherwise a bare name is looked up among the presets, with or
+without ``.yaml`` (``train_vae_tiny`` or ``train_vae_tiny.yaml``). :func:`presets` lists them.
+
+References: where a field holds a nested config dataclass, the YAML value may be a string
+naming another file's block instead of a copy of it -- ``vae: vae_paper.yaml`` (the whole
+file) or ``mar: mar_paper.yaml#lr`` (its top-level ``lr`` section). The file is resolved
+relative to the referencing file's folder, then among the presets; a referenced block may
+itself be such a string. Missing files or sections and reference cycles are errors.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
@@ -14,6 +27,11 @@ from typing import Any, Iterable, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+# Package data (pyproject.toml), next to this module: no lookup outside the package.
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+# A reference to another file's block: "file.yaml" or "file.yaml#section".
+_REFERENCE = re.compile(r"(?P<file>[^#]+\.yaml)(?:#(?P<section>[^#]+))?")
 
 
 class ConfigError(ValueError):
@@ -152,21 +170,89 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw.strip() else ""
 
 
+def presets() -> list[str]:
+    """Names of the shipped presets (``mar3d/configs/*.yaml`` without the suffix)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The file of the shipped preset ``name`` (with or without ``.yaml``)."""
+    path = PRESET_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if Path(name).name != name or not path.is_file():
+        raise ConfigError(f"{name!r} is not a preset; presets: {', '.join(presets())}")
+    return path
+
+
+def config_path(ref: str | Path, base: Path | None = None) -> Path:
+    """The YAML file ``ref`` names: an existing file (relative to ``base`` if given, else to
+    the working folder), or else a preset name."""
+    path = Path(base) / ref if base is not None else Path(ref)
+    if path.is_file():
+        return path
+    try:
+        return preset_path(str(ref))
+    except ConfigError as e:
+        raise ConfigError(f"config file {path} does not exist and {e}") from None
+
+
+def read_config(cls: type, path: str | Path, section: str | None = None) -> dict[str, Any]:
+    """The YAML mapping of ``path`` (a file or preset name; only its top-level ``section``
+    if given) for ``cls``, with references to other files' blocks resolved."""
+    return _read_block(cls, config_path(path), section, ())
+
+
+def _read_block(cls: type, path: Path, section: str | None, chain: tuple[str, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    where = f"{path}#{section}" if section else str(path)
+    if where in chain:
+        raise ConfigError(f"reference cycle: {' -> '.join([*chain, where])}")
+    chain = (*chain, where)
+    block = yaml.safe_load(path.read_text()) or {}
+    if section is not None:
+        if not isinstance(block, dict) or section not in block:
+            raise ConfigError(f"{path} has no top-level section {section!r}")
+        block = block[section]
+    if isinstance(block, str) and _REFERENCE.fullmatch(block):
+        return _read_reference(cls, block, path.parent, chain)
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: must be a mapping (or a reference like other.yaml#section), got {block!r}")
+    return _resolve_references(cls, block, path.parent, chain)
+
+
+def _read_reference(cls: type, ref: str, base: Path, chain: tuple[str, ...]) -> dict[str, Any]:
+    match = _REFERENCE.fullmatch(ref)
+    try:
+        path = config_path(match["file"], base)
+    except ConfigError as e:
+        raise ConfigError(f"{chain[-1]}: reference {ref!r}: {e}") from None
+    return _read_block(cls, path, match["section"], chain)
+
+
+def _resolve_references(cls: type, block: dict[str, Any], base: Path,
+                        chain: tuple[str, ...]) -> dict[str, Any]:
+    """``block`` with every value of a nested-dataclass field that is a reference string
+    replaced by the mapping it names (other keys are left for ``from_dict`` to check)."""
+    types = _field_types(cls)
+    out = dict(block)
+    for key, value in block.items():
+        tp = types.get(key)
+        if not dataclasses.is_dataclass(tp):
+            continue
+        if isinstance(value, str) and _REFERENCE.fullmatch(value):
+            out[key] = _read_reference(tp, value, base, chain)
+        elif isinstance(value, dict):
+            out[key] = _resolve_references(tp, value, base, chain)
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
                 section: str | None = None) -> T:
-    """Defaults of ``cls``, updated by the YAML file (optionally one top-level ``section``
-    of it), then by ``key.sub=value`` overrides. Unknown keys are errors, not ignored."""
+    """Defaults of ``cls``, updated by the YAML file or preset ``path`` (optionally one
+    top-level ``section`` of it), then by ``key.sub=value`` overrides. Unknown keys are
+    errors, not ignored."""
     data = to_dict(cls())
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if section is not None:
-            loaded = loaded.get(section, {}) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        _deep_update(data, loaded)
+        _deep_update(data, read_config(cls, path, section))
     for ov in overrides:
         key, value = parse_override(ov)
         _set_dotted(data, key, value)

@@ -64,9 +64,11 @@ def _cmd_ray_submit(args: argparse.Namespace) -> int:
 
 
 def _default_ycb() -> str | None:
-    # The checkout's sibling ../shared/datasets/ycb: the real meshes of the local demo.
-    path = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ycb"
-    return str(path) if path.is_dir() else None
+    # The checkout's sibling ../shared/datasets/ycb: the real meshes of the local demo. A
+    # dev-checkout convenience only: an installed package has no such sibling (None).
+    parents = Path(__file__).resolve().parents
+    path = parents[2] / "shared" / "datasets" / "ycb" if len(parents) > 2 else None
+    return str(path) if path is not None and path.is_dir() else None
 
 
 def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
@@ -138,7 +140,7 @@ def add_ray_commands(sub: argparse._SubParsersAction) -> None:
                             description="Submit one stage to a Ray cluster's job server "
                                         "(JobSubmissionClient), stream its log, fail with its error.",
                             epilog="example: mar3d ray submit --address http://ray-head:8265 -- "
-                                   "mar3d train vae --config configs/train_vae_paper.yaml")
+                                   "mar3d train vae --config train_vae_paper")
     rs.add_argument("--address", required=True, help="Ray dashboard/job address, http://HOST:8265")
     rs.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
     rs.add_argument("command_argv", nargs=argparse.REMAINDER, help="-- mar3d <stage> ...")

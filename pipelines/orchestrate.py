@@ -19,10 +19,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-
-# Config files per pipeline step for each size preset ("" = the library default).
+# Config presets (mar3d/configs) per pipeline step for each size preset ("" = the library default).
 _TINY = {"data_config": "data_local.yaml", "vae_config": "train_vae_tiny.yaml",
          "lr_config": "train_lr_tiny.yaml", "hr_config": "train_hr_tiny.yaml",
          "eval_config": "eval_tiny.yaml", "generate_config": "generate_tiny.yaml"}
@@ -45,12 +42,14 @@ PRESET_OVERRIDES = {
 SCALED_KEYS = ("steps", "warmup_steps", "checkpoint_every", "eval_every")
 
 
-def scaled_steps(config_path: str | Path, factor: float) -> list[str]:
-    """Overrides that train ``config_path``'s run ``factor`` x as long (intervals keep
-    their share of the run)."""
+def scaled_steps(config: str | Path, factor: float) -> list[str]:
+    """Overrides that train ``config``'s run (a file or preset) ``factor`` x as long
+    (intervals keep their share of the run)."""
     import yaml
 
-    doc = yaml.safe_load(Path(config_path).read_text()) or {}
+    from mar3d.config import config_path
+
+    doc = yaml.safe_load(config_path(config).read_text()) or {}
     return [f"{key}={max(1, round(doc[key] * factor))}" for key in SCALED_KEYS if doc.get(key)]
 
 
@@ -96,10 +95,9 @@ def preset_args(preset: str) -> dict:
     """The pipeline arguments of a size preset: config files and their overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    args = {k: str(CONFIGS / v) for k, v in PRESETS[preset].items()}
-    for path in args.values():
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"preset config {path} is missing (run from a mar3d source checkout)")
+    from mar3d.config import preset_path
+
+    args = {k: str(preset_path(v)) for k, v in PRESETS[preset].items()}
     args.update({k: list(v) for k, v in PRESET_OVERRIDES.get(preset, {}).items()})
     if preset == "small":
         for stage in ("vae", "lr", "hr"):

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
 
 # 64 px condition renders (tests/_shards.py renders at 64 px): the tiny encoders at
 # 64 px keep the CPU training fast; the pipeline resizes inputs to the same size.
@@ -61,7 +59,7 @@ def train_cascade(shards: Path, storage: Path, mlflow_uri: str, steps: dict[str,
                   "split=all"]
         if stage != "vae":
             common += [f"vae_model_uri={results['vae'].model_uri}", *SMALL_CONDITION]
-        cfg = load_train_config(stage, CONFIGS / f"train_{stage}_tiny.yaml",
+        cfg = load_train_config(stage, f"train_{stage}_tiny",
                                 common + list(overrides.get(stage, ())))
         results[stage] = run_training(cfg)
     return results

@@ -15,16 +15,14 @@ from mar3d.models.mar import ConditionalMAR, MARConfig
 from mar3d.models.vae import ShapeVAE, VAEConfig
 from mar3d.weights import save_model_dir
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def write_tiny_release(root: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    vae_cfg = load_config(VAEConfig, CONFIGS / "vae_tiny.yaml")
-    cond_cfg = load_config(ConditionConfig, CONFIGS / "mar_tiny.yaml", section="condition")
+    vae_cfg = load_config(VAEConfig, "vae_tiny")
+    cond_cfg = load_config(ConditionConfig, "mar_tiny", section="condition")
     save_model_dir(root / "vae", ShapeVAE(vae_cfg).state_dict(), to_dict(vae_cfg), kind="vae")
     for stage in ("lr", "hr"):
-        mar_cfg = load_config(MARConfig, CONFIGS / "mar_tiny.yaml", section=stage)
+        mar_cfg = load_config(MARConfig, "mar_tiny", section=stage)
         model = ConditionalMAR(cond_cfg, mar_cfg)
         save_model_dir(root / stage, model.state_dict(),
                        {"mar": to_dict(mar_cfg), "condition": to_dict(cond_cfg)}, kind=stage)

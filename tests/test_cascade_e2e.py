@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _cascade import (CONFIGS, assemble_release, chamfer_matrix, load_ground_truth,
+from _cascade import (assemble_release, chamfer_matrix, load_ground_truth,
                       reconstruction_matrix, train_cascade)
 from _shards import make_small_shards
 
@@ -84,7 +84,7 @@ def test_generated_shape_follows_its_condition(cascade, capsys):
                                       resolution=RESOLUTION)
                        for view in VIEWS for k in range(NUM_SEEDS)]
               for use_hr in (True, False)}
-    surface_sizes = load_train_config("vae", CONFIGS / "train_vae_tiny.yaml").surface_sizes
+    surface_sizes = load_train_config("vae", "train_vae_tiny").surface_sizes
     reference = reconstruction_matrix(pipe, shards, truths, surface_sizes, level="hr",
                                       resolution=RESOLUTION)
     with capsys.disabled():

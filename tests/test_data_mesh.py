@@ -171,11 +171,9 @@ def test_process_mesh_row_roundtrips_through_pyarrow():
 
 
 def test_yaml_config_matches_defaults_and_rejects_unknown_keys():
-    from pathlib import Path
-
     from mar3d.config import ConfigError, load_config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "data.yaml"
+    path = "data"  # the preset
     assert load_config(DataConfig, path) == DataConfig()
     with pytest.raises(ConfigError):
         load_config(DataConfig, path, ["no_such_key=1"])

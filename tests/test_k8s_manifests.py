@@ -213,12 +213,14 @@ def test_training_rayjobs_use_training_config_keys(base_docs):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_config_files_named_by_rayjobs_ship_in_the_image(target):
-    """configs/ is copied to /opt/mar3d/configs in the image (infra/Dockerfile)."""
+    """RayJobs name config presets, which ship inside the installed mar3d package (package
+    data, see test_training_image_installs_the_project_with_the_lock)."""
+    presets = pytest.importorskip("mar3d.config").presets()
     refs = [(job["metadata"]["name"], ref) for job in V.render(K8S / target) if job["kind"] == "RayJob"
-            for ref in re.findall(r"--config /opt/mar3d/(\S+)", V.expand_entrypoint(job["spec"]))]
+            for ref in re.findall(r"--config (\S+)", V.expand_entrypoint(job["spec"]))]
     assert refs
-    missing = [f"{name}: {ref}" for name, ref in refs if not (REPO / ref).is_file()]
-    assert not missing, f"config files not in the repository: {missing}"
+    missing = [f"{name}: {ref}" for name, ref in refs if ref not in presets]
+    assert not missing, f"config presets not in mar3d/configs: {missing}"
 
 
 # ------------------------------------------------------------------ RBAC and secrets
@@ -301,7 +303,9 @@ def test_training_image_installs_the_project_with_the_lock():
     assert any("nvidia/cuda" in f and "cudnn" in f for f in froms)
     runs = " ".join(rest for instr, rest in instrs if instr == "RUN")
     assert "pip install" in runs and "requirements.lock" in runs and re.search(r"pip install .*\s\.(\s|$)", runs)
-    assert any(instr == "COPY" and "configs" in rest for instr, rest in instrs), "configs must ship in the image"
+    # The config presets ship as package data of the installed mar3d package.
+    assert ("COPY", "mar3d /opt/mar3d/mar3d") in instrs, "the package (with its configs) must ship in the image"
+    assert 'mar3d = ["configs/*.yaml"]' in (REPO / "pyproject.toml").read_text(), "configs must ship in the image"
 
 
 @pytest.mark.parametrize("lock", ["requirements.lock", "mlflow/requirements.lock"])

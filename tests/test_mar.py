@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from scipy import stats
 
-from mar3d.config import ConfigError, load_config
+from mar3d.config import ConfigError, from_dict, load_config, to_dict
 from mar3d.models.condition import ConditionConfig
 from mar3d.models.diffusion import DiffusionConfig
 from mar3d.models.mar import (MAR, ConditionalMAR, GeneratorConfig, MARConfig, SamplingConfig,
@@ -16,8 +15,13 @@ from mar3d.models.mar import (MAR, ConditionalMAR, GeneratorConfig, MARConfig, S
 from mar3d.models.schedules import (cfg_scale, cosine_mask_schedule, mask_from_orders,
                                     random_orders, sample_mask_ratio)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COND_LEN, COND_DIM = 5, 12
+
+
+def tiny_cfg(stage: str = "lr", **overrides) -> MARConfig:
+    """The mar_tiny preset's ``stage`` section with ``overrides``, validated."""
+    base = to_dict(load_config(MARConfig, "mar_tiny", section=stage))
+    return from_dict(MARConfig, {**base, **overrides})
 
 
 def small_cfg(stage: str = "lr", **overrides) -> MARConfig:
@@ -25,7 +29,7 @@ def small_cfg(stage: str = "lr", **overrides) -> MARConfig:
                 enc_layers=1, dec_layers=1, diffusion=DiffusionConfig(width=32, depth=1),
                 sampling=SamplingConfig(num_iters=4, cfg=2.0, diffusion_steps=10))
     base.update(overrides)
-    return MARConfig.tiny(stage, **base)
+    return tiny_cfg(stage, **base)
 
 
 def small_mar(stage: str = "lr", seed: int = 0, **overrides) -> MAR:
@@ -283,8 +287,8 @@ def test_tiny_lr_model_overfits_two_conditions():
     torch.manual_seed(0)
     # Deterministic targets: the robust "leading" spacing (MAR's "linspace" starts at
     # alpha_bar ~ 2e-9, where a briefly trained head's errors on a point mass blow up).
-    cfg = MARConfig.tiny("lr", seq_len=16, token_dim=4, enc_layers=1, dec_layers=1, cfg_dropout=0.0,
-                         diffusion=DiffusionConfig(width=64, depth=2, timestep_spacing="leading"),
+    cfg = tiny_cfg("lr", seq_len=16, token_dim=4, enc_layers=1, dec_layers=1, cfg_dropout=0.0,
+                   diffusion=DiffusionConfig(width=64, depth=2, timestep_spacing="leading"),
                          sampling=SamplingConfig(num_iters=4, cfg=1.0, diffusion_steps=25))
     model = MAR(cfg, cond_dim=8, cond_len=2)
     targets, conds = randn(2, 16, 4, seed=0), randn(2, 2, 8, seed=1)
@@ -303,14 +307,13 @@ def test_tiny_lr_model_overfits_two_conditions():
 
 # ---------------------------------------------------------------------------- configs
 def test_configs_load_and_validate():
-    for name in ("mar_tiny.yaml", "mar_paper.yaml"):
-        gen = load_config(GeneratorConfig, CONFIGS / name)
+    # Every value of every preset: tests/test_presets.py.
+    for name in ("mar_tiny", "mar_paper"):
+        gen = load_config(GeneratorConfig, name)
         assert gen.lr.stage == "lr" and gen.hr.stage == "hr"
         assert gen.hr.lr_seq_len == gen.lr.seq_len
-        assert load_config(MARConfig, CONFIGS / name, section="hr") == gen.hr
-    tiny = load_config(GeneratorConfig, CONFIGS / "mar_tiny.yaml")
-    assert tiny.lr == MARConfig.tiny("lr") and tiny.hr == MARConfig.tiny("hr")
-    paper = load_config(GeneratorConfig, CONFIGS / "mar_paper.yaml")
+        assert load_config(MARConfig, name, section="hr") == gen.hr
+    paper = load_config(GeneratorConfig, "mar_paper")
     assert (paper.lr.width, paper.lr.heads, paper.lr.enc_layers, paper.lr.dec_layers) == (1024, 16, 16, 16)
     assert (paper.hr.seq_len, paper.lr.seq_len, paper.hr.diffusion.depth) == (1024, 256, 6)
     assert (paper.hr.cond_aug_t_min, paper.hr.cond_aug_t_max, paper.hr.cond_aug_t_infer) == (0.4, 0.6, 0.5)
@@ -327,12 +330,12 @@ def test_configs_load_and_validate():
 ])
 def test_bad_configs_are_rejected(override, match):
     with pytest.raises(ValueError, match=match):
-        load_config(GeneratorConfig, CONFIGS / "mar_tiny.yaml", [override])
+        load_config(GeneratorConfig, "mar_tiny", [override])
 
 
 def test_unknown_keys_are_rejected():
     with pytest.raises(ConfigError, match="unknown"):
-        load_config(GeneratorConfig, CONFIGS / "mar_tiny.yaml", ["lr.mask_ratio=0.5"])
+        load_config(GeneratorConfig, "mar_tiny", ["lr.mask_ratio=0.5"])
 
 
 def test_latent_normalization_roundtrip_and_stats_from_the_vae():

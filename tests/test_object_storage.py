@@ -218,7 +218,7 @@ def mlflow_s3(s3, tmp_path_factory):
 def _train_cfg(data: str, mlflow_uri: str, steps: int):
     from mar3d.train import load_train_config
 
-    return load_train_config("vae", Path(__file__).resolve().parents[1] / "configs" / "train_vae_tiny.yaml", [
+    return load_train_config("vae", "train_vae_tiny", [
         f"data={data}", f"storage_path=s3://{BUCKET}/train", f"mlflow_uri={mlflow_uri}",
         "run_name=vae-s3", "experiment=test-s3", "max_failures=0",
         # 4 objects, 2 workers x batch 2: all of them (split=all); a few steps are enough

@@ -17,7 +17,6 @@ from mar3d.config import from_dict
 from mar3d.train import load_train_config, run_training
 from mar3d.train.loop import DEEPSPEED_TAG
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 
@@ -29,7 +28,7 @@ def shards(ycb_small_shards) -> Path:
 @pytest.fixture(scope="module")
 def trained_vae(shards, mlflow_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("train_vae")
-    cfg = load_train_config("vae", REPO / "configs" / "train_vae_tiny.yaml", [
+    cfg = load_train_config("vae", "train_vae_tiny", [
         f"data={shards}", f"storage_path={out}", f"mlflow_uri={mlflow_server}",
         "run_name=vae-e2e", "experiment=test-train", "max_failures=0",
         # Mechanics on 4 objects: 2 workers x batch 2 need them all (no held-out split),
@@ -121,7 +120,7 @@ def test_train_mar_stage_on_frozen_vae(stage, trained_vae, shards, mlflow_server
     from mar3d.weights import load_model_dir
 
     _, vae = trained_vae
-    cfg = load_train_config(stage, REPO / "configs" / f"train_{stage}_tiny.yaml", [
+    cfg = load_train_config(stage, f"train_{stage}_tiny", [
         f"data={shards}", f"storage_path={tmp_path}", f"mlflow_uri={mlflow_server}",
         f"vae_model_uri={vae.model_uri}", f"run_name={stage}-e2e", "experiment=test-train",
         "steps=20", "warmup_steps=2", "checkpoint_every=10", "log_every=5", "eval_every=10",

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from mar3d.config import ConfigError, to_dict
+from mar3d.config import ConfigError, load_config, to_dict
 from mar3d.tracking import TrackingError, check_reachable, default_tracking_uri
 from mar3d.train.config import TrainConfig, load_train_config
 from mar3d.train.loop import deepspeed_config
@@ -17,7 +16,6 @@ from mar3d.train.optim import EMA, build_optimizer, lr_multiplier, param_groups
 from mar3d.registry import resolve_model_dir
 from mar3d.weights import load_model_dir, save_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --- learning-rate schedule ------------------------------------------------------------
@@ -74,18 +72,15 @@ def test_weight_decay_exempts_embeddings_tokens_queries_and_the_diffusion_head(s
     """The decay groups of the real models: every positional embedding, learned token and
     VAE query set, and the whole diffusion head (as MAR exempts ``diffloss``) are exempt;
     every other weight matrix is decayed. The paper models are built on the meta device."""
-    from mar3d.config import load_config
     from mar3d.models.condition import ConditionConfig
     from mar3d.models.mar import ConditionalMAR, MARConfig
     from mar3d.models.vae import ShapeVAE, VAEConfig
     from mar3d.train.optim import no_decay_reason
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
     with torch.device("meta" if size == "paper" else "cpu"):
-        vae = ShapeVAE(load_config(VAEConfig, configs / f"vae_{size}.yaml", ["query_mode=learnable"]))
-        cond = load_config(ConditionConfig, configs / f"mar_{size}.yaml", ["train_encoders=true"],
-                           section="condition")
-        hr = ConditionalMAR(cond, load_config(MARConfig, configs / f"mar_{size}.yaml", section="hr"))
+        vae = ShapeVAE(load_config(VAEConfig, f"vae_{size}", ["query_mode=learnable"]))
+        cond = load_config(ConditionConfig, f"mar_{size}", ["train_encoders=true"], section="condition")
+        hr = ConditionalMAR(cond, load_config(MARConfig, f"mar_{size}", section="hr"))
     assert _no_decay_matrices(vae) == {"encoder.queries.hr", "encoder.queries.lr"}
     embeddings = {"mar.fake_cond", "mar.fake_lr", "mar.enc_pos", "mar.mask_token", "mar.dec_pos",
                   "mar.diff_pos", "conditioner.clip.positional_embedding",
@@ -136,7 +131,7 @@ def test_ema_tracks_parameters_and_roundtrips():
 def test_model_dir_roundtrip_is_safetensors_and_yaml(tmp_path):
     from mar3d.models.vae import ShapeVAE, VAEConfig
 
-    cfg = VAEConfig.tiny()
+    cfg = load_config(VAEConfig, "vae_tiny")
     model = ShapeVAE(cfg)
     save_model_dir(tmp_path / "m", model.state_dict(), to_dict(cfg), "vae", extra={"global_step": 7})
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
@@ -182,18 +177,37 @@ def test_config_unknown_key_and_stage_mismatch(tmp_path):
     with pytest.raises(ValueError, match="vae_model_uri"):
         load_train_config("lr", None, ["mar.stage=lr"])
     with pytest.raises(ValueError, match="for stage 'vae'"):
-        load_train_config("lr", REPO / "configs" / "train_vae_tiny.yaml")
+        load_train_config("lr", "train_vae_tiny")
     with pytest.raises(ValueError, match="contradicts"):
         load_train_config("vae", None, ["stage=hr"])
 
 
+@pytest.mark.parametrize("stage, yaml_text, overrides, unread", [
+    ("lr", "vae:\n  width: 512\n", [], "['vae']"),
+    ("hr", "", ["vae.width=512"], "['vae']"),
+    ("lr", "vae_level: hr\n", [], "['vae_level']"),
+    ("hr", "", ["latent_stats_shapes=8"], "['latent_stats_shapes']"),
+    ("vae", "mar:\n  width: 8\ncondition: {tiny: true}\n", [], "['condition', 'mar']"),
+    ("vae", "", ["vae_model_uri=runs:/x/model"], "['vae_model_uri']"),
+    ("vae", "", ["latent_target=mean"], "['latent_target']"),
+])
+def test_a_key_the_stage_does_not_read_is_an_error(tmp_path, stage, yaml_text, overrides, unread):
+    """Editing e.g. vae.width for MAR-LR would change nothing (it encodes with the frozen
+    VAE's own config), so it is refused rather than silently ignored."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"stage: {stage}\n{yaml_text}")
+    vae = [] if stage == "vae" else ["vae_model_uri=/some/vae"]
+    with pytest.raises(ConfigError, match=rf"stage '{stage}' does not read \{unread}") as err:
+        load_train_config(stage, path, [*vae, *overrides])
+    assert ("vae_model_uri" if stage != "vae" else "lr/hr") in str(err.value)
+
+
 def test_tiny_configs_load():
-    cfg = load_train_config("vae", REPO / "configs" / "train_vae_tiny.yaml")
+    cfg = load_train_config("vae", "train_vae_tiny")
     assert cfg.stage == "vae" and cfg.vae.width == 64 and cfg.num_workers == 2
     assert cfg.resolved_precision() == "fp32" and cfg.resolved_backend() == "gloo"
     for stage in ("lr", "hr"):
-        path = REPO / "configs" / f"train_{stage}_tiny.yaml"
-        cfg = load_train_config(stage, path, ["vae_model_uri=/some/vae"])
+        cfg = load_train_config(stage, f"train_{stage}_tiny", ["vae_model_uri=/some/vae"])
         assert cfg.stage == stage and cfg.mar.stage == stage and cfg.condition.tiny
 
 

@@ -3,18 +3,16 @@ gradients, and a real overfit on one analytic shape followed by mesh extraction.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import trimesh
 
-from mar3d.config import ConfigError, load_config
+from mar3d.config import ConfigError, from_dict, load_config, to_dict
 from mar3d.geometry import extract_mesh, latent_occupancy_fn
 from mar3d.models.vae import ShapeVAE, VAEConfig, farthest_point_sample
 
-REPO = Path(__file__).resolve().parents[1]
 SIZES = (512, 128, 32)
 
 
@@ -52,22 +50,21 @@ def batch(torus):
 
 
 def tiny(**kw) -> VAEConfig:
-    base = dict(hr_tokens=32, lr_tokens=16)
-    base.update(kw)
-    return VAEConfig.tiny(**base)
+    """The vae_tiny preset with fewer tokens, and ``kw``, validated."""
+    base = to_dict(load_config(VAEConfig, "vae_tiny"))
+    return from_dict(VAEConfig, {**base, "hr_tokens": 32, "lr_tokens": 16, **kw})
 
 
 def test_config_files_load_and_validate():
-    tiny_cfg = load_config(VAEConfig, REPO / "configs" / "vae_tiny.yaml")
+    # Every value of every preset: tests/test_presets.py.
+    tiny_cfg = load_config(VAEConfig, "vae_tiny")
     assert tiny_cfg.width == 64 and tiny_cfg.kind == "pyramid"
-    assert tiny_cfg == VAEConfig.tiny()
-    paper = load_config(VAEConfig, REPO / "configs" / "vae_paper.yaml")
+    paper = load_config(VAEConfig, "vae_paper")
     assert (paper.width, paper.heads, paper.enc_layers, paper.dec_layers) == (768, 12, 8, 16)
     assert (paper.latent_channels, paper.lr_tokens, paper.hr_tokens) == (64, 256, 1024)
-    assert paper == VAEConfig.paper()
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(VAEConfig, overrides=["widht=3"])
-    assert load_config(VAEConfig, REPO / "configs" / "vae_tiny.yaml", ["kind=standard"]).kind == "standard"
+    assert load_config(VAEConfig, "vae_tiny", ["kind=standard"]).kind == "standard"
 
 
 @pytest.mark.parametrize("kwargs, message", [

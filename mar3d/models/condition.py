@@ -10,7 +10,7 @@ Which tokens each contributes is configurable:
 * ``dino_tokens``: ``"all"`` (CLS + patches, default) or ``"patch"``.
 
 ``clip_tokens="cls", dino_tokens="patch"`` reproduces the authors' 1 + 256 = 257-token
-prefix for ViT-L/14 + DINOv2-L/14 at 224 px (see ``configs/mar_paper.yaml``).
+prefix for ViT-L/14 + DINOv2-L/14 at 224 px (see the ``mar_paper`` preset).
 
 The encoders are frozen (eval mode, no gradients) unless ``train_encoders``; the two
 projections are trainable and belong to whichever model owns the conditioner.

@@ -13,7 +13,7 @@ needed: the "loss" of a token is the diffusion loss of its denoiser.
   ``respaced_timesteps``), with temperature and classifier-free guidance.
 
 Learned variance (``learn_sigma``, used by the MAR/MAR-3D code and by
-``configs/mar_paper.yaml``) is off in the dataclass default and the tiny configs: for the
+``mar3d/configs/mar_paper.yaml``) is off in the dataclass default and the tiny configs: for the
 tiny CPU models it measured the same as the fixed posterior variance (README) and the
 loss stays a plain MSE. When on, the head's second half of
 outputs sets log-variance between log(beta_tilde) and log(beta) and a variational-bound

@@ -130,35 +130,12 @@ class MARConfig:
             raise ValueError(f"mar.sampling.num_iters ({self.sampling.num_iters}) must be <= "
                              f"mar.seq_len ({self.seq_len})")
 
-    @classmethod
-    def tiny(cls, stage: Literal["lr", "hr"] = "lr", **overrides) -> "MARConfig":
-        """CPU-trainable in minutes; matches ``VAEConfig.tiny()`` latents (16 ch, LR 64 / HR 128)."""
-        base = dict(stage=stage, seq_len=64 if stage == "lr" else 128, token_dim=16, width=64,
-                    heads=4, enc_layers=2, dec_layers=2, dropout=0.0, attn_dropout=0.0,
-                    diffusion=DiffusionConfig(width=64, depth=2),
-                    sampling=SamplingConfig(num_iters=16, diffusion_steps=50))
-        if stage == "hr":
-            base["lr_seq_len"] = 64
-        base.update(overrides)
-        cfg = cls(**base)
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def paper(cls, stage: Literal["lr", "hr"] = "lr", **overrides) -> "MARConfig":
-        """MAR-3D scale: width 1024, 16 heads, 16+16 layers, diffusion head 6 x 1024."""
-        base = dict(stage=stage, seq_len=256 if stage == "lr" else 1024)
-        base.update(overrides)
-        cfg = cls(**base)
-        cfg.validate()
-        return cfg
-
 
 @dataclass
 class GeneratorConfig:
     """The image-to-latent cascade: shared condition settings, MAR-LR and MAR-HR.
 
-    YAML layout (``configs/mar_*.yaml``): top-level ``condition:``, ``lr:``, ``hr:``.
+    YAML layout (presets ``mar_tiny``, ``mar_paper``): top-level ``condition:``, ``lr:``, ``hr:``.
     """
 
     condition: ConditionConfig = field(default_factory=ConditionConfig)

@@ -124,23 +124,6 @@ class VAEConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"VAEConfig.dropout must be in [0, 1), got {self.dropout}")
 
-    @classmethod
-    def tiny(cls, **overrides) -> "VAEConfig":
-        """A few-hundred-thousand-parameter VAE that trains on a CPU in minutes."""
-        base = dict(width=64, heads=4, enc_layers=1, dec_layers=2, latent_channels=16,
-                    hr_tokens=128, lr_tokens=64, logvar_init=-4.0)
-        base.update(overrides)
-        cfg = cls(**base)
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def paper(cls, **overrides) -> "VAEConfig":
-        """MAR-3D scale: width 768, 12 heads, 8/16 layers, 64 channels, LR 256 / HR 1024."""
-        cfg = cls(**overrides)
-        cfg.validate()
-        return cfg
-
 
 class DiagonalGaussian:
     """Posterior q(z|x) = N(mean, exp(logvar)) per token and channel."""

@@ -2,7 +2,8 @@
 
 One dataclass for the three stages keeps the machinery (Ray Train scaling, DeepSpeed,
 schedule, checkpoints, MLflow) configured the same way everywhere; the nested model
-configs (``vae``, ``mar``, ``condition``) are read only by the stages that use them.
+configs (``vae``, ``mar``, ``condition``) and a few other keys are read only by the stages
+that use them, and setting one for another stage is an error (``STAGE_ONLY_KEYS``).
 
 Where things go:
 
@@ -26,13 +27,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
-from mar3d.config import load_config
+from mar3d.config import ConfigError, load_config, parse_override, read_config
 from mar3d.models.condition import ConditionConfig
 from mar3d.models.mar import MARConfig
 from mar3d.models.vae import VAEConfig
 
 Stage = Literal["vae", "lr", "hr"]
 STAGES = ("vae", "lr", "hr")
+
+# Keys only the VAE stage or only the MAR stages (lr, hr) read, and why: set for the other
+# kind of stage they would be silently ignored, so editing them would change nothing.
+STAGE_ONLY_KEYS = {
+    "vae": (("vae", "vae_level", "latent_stats_shapes"),
+            "the lr/hr stages encode with the frozen VAE of vae_model_uri and its own saved config"),
+    "mar": (("mar", "condition", "vae_model_uri", "latent_target", "latent_norm"),
+            "they configure the lr/hr (MAR) stages, not the VAE stage"),
+}
 
 
 @dataclass
@@ -200,20 +210,31 @@ class TrainConfig:
 
 def load_train_config(stage: str, path: str | Path | None = None,
                       overrides: Iterable[str] = ()) -> TrainConfig:
-    """Defaults <- YAML ``path`` <- ``key=value`` overrides, for ``stage``.
+    """Defaults <- YAML ``path`` (a file or preset name) <- ``key=value`` overrides, for ``stage``.
 
     The stage named on the command line is the one trained; a YAML file or override
-    written for another stage is an error rather than silently training the wrong model."""
-    import yaml
-
+    written for another stage, or a key this stage does not read, is an error rather than
+    silently training the wrong model or ignoring the value."""
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
     overrides = list(overrides)
-    if path is not None and Path(path).is_file():
-        declared = (yaml.safe_load(Path(path).read_text()) or {}).get("stage")
+    if path is not None:
+        doc = read_config(TrainConfig, path)
+        declared = doc.get("stage")
         if declared not in (None, stage):
             raise ValueError(f"{path} is a config for stage {declared!r}, not {stage!r}")
+        _check_stage_keys(stage, doc, str(path))
     for ov in overrides:
-        if ov.split("=", 1)[0].strip() == "stage" and ov.split("=", 1)[1].strip() != stage:
+        key, value = parse_override(ov)
+        if key == "stage" and value != stage:
             raise ValueError(f"override {ov!r} contradicts the stage {stage!r} being trained")
+        _check_stage_keys(stage, [key.split(".")[0]], f"override {ov!r}")
     return load_config(TrainConfig, path, [f"stage={stage}", *overrides])
+
+
+def _check_stage_keys(stage: str, keys: Iterable[str], where: str) -> None:
+    unread, reason = STAGE_ONLY_KEYS["mar" if stage == "vae" else "vae"]
+    found = sorted(set(keys) & set(unread))
+    if found:
+        raise ConfigError(f"{where}: stage {stage!r} does not read {found} ({reason}); remove "
+                          f"{'them' if len(found) > 1 else 'it'}")

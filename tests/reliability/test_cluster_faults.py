@@ -29,7 +29,6 @@ from components._run import run_step
 from mar3d.cluster import job_client
 from test_faults import _latest_run_id, _logged_steps, _one_row_shards, _registered_step, _uids
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 
@@ -92,7 +91,7 @@ def test_worker_node_lost_during_training_resumes_from_checkpoint(
         cluster, ycb_small_shards, mlflow_server, tmp_path, reliability_report):
     storage = tmp_path / "train"
     run_name = "vae-node-lost"
-    argv = ["mar3d", "train", "vae", "--config", str(REPO / "configs" / "train_vae_tiny.yaml")]
+    argv = ["mar3d", "train", "vae", "--config", "train_vae_tiny"]
     for setting in (f"data={ycb_small_shards}", f"storage_path={storage}", f"mlflow_uri={mlflow_server}",
                     f"run_name={run_name}", "experiment=test-cluster-faults", "steps=60",
                     "warmup_steps=5", "checkpoint_every=10", "log_every=5", "eval_every=0",

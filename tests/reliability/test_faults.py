@@ -40,7 +40,6 @@ from mar3d.tracking import TrackingError, backlog_size
 from mar3d.train import load_train_config, run_training
 from mar3d.train.loop import TRACKING_BACKLOG
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 
@@ -67,7 +66,7 @@ def _registered_step(run_dir: Path) -> int:
 
 
 def _train_cfg(shards: Path, storage: Path, tracking_uri: str, run_name: str, *extra: str):
-    return load_train_config("vae", REPO / "configs" / "train_vae_tiny.yaml", [
+    return load_train_config("vae", "train_vae_tiny", [
         f"data={shards}", f"storage_path={storage}", f"mlflow_uri={tracking_uri}",
         f"run_name={run_name}", "experiment=test-reliability", "steps=60", "warmup_steps=5",
         "checkpoint_every=10", "log_every=5", "eval_every=0", "split=all", "batch_size=2", *extra])

@@ -1,0 +1,171 @@
+"""The shipped config presets (mar3d/configs/*.yaml): their values, how they are named,
+and that they are found in an installed (non-editable) copy of the package.
+
+``fixtures/preset_values.json`` holds every preset's values as the code loaded them
+before the presets moved into the package and shared their model blocks by reference
+(commit c3e09c6: each file loaded into its dataclass by path, ``mar_*.yaml`` also per
+section, the lr/hr training presets with ``VAE_URI``). It was written once from that
+commit and must not be regenerated to make a test pass: a preset whose values change
+is a behaviour change. The lr/hr training presets lost their dead ``vae:`` sections
+since; those held the VAEConfig defaults, so ``vae`` still loads to the same values.
+``TrainConfig.data_loader`` was removed (training data has one path, Ray Data): every
+training preset had ``data_loader: ray``, so the test checks that and compares the rest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import mar3d
+from mar3d.cli import main
+from mar3d.config import (PRESET_DIR, ConfigError, config_path, load_config, preset_path, presets,
+                          to_dict)
+from mar3d.data.config import DataConfig
+from mar3d.evaluate import EvalConfig
+from mar3d.generate import BatchGenerateConfig
+from mar3d.models.condition import ConditionConfig
+from mar3d.models.mar import GeneratorConfig, MARConfig
+from mar3d.models.vae import VAEConfig
+from mar3d.train import load_train_config
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "preset_values.json"
+EXPECTED = json.loads(FIXTURE.read_text())
+VAE_URI = ["vae_model_uri=runs:/fixture/model"]  # lr/hr need one to validate
+
+CLASSES = {"data": DataConfig, "data_local": DataConfig, "data_smoke": DataConfig,
+           "eval_tiny": EvalConfig, "generate_tiny": BatchGenerateConfig,
+           "vae_tiny": VAEConfig, "vae_paper": VAEConfig,
+           "mar_tiny": GeneratorConfig, "mar_paper": GeneratorConfig}
+SECTION_CLASSES = {"condition": ConditionConfig, "lr": MARConfig, "hr": MARConfig}
+
+
+def preset_values(key: str) -> dict:
+    """Plain values of fixture entry ``key``: a preset name, or ``name#section``."""
+    name, _, section = key.partition("#")
+    if name.startswith("train_"):
+        stage = name.split("_")[1]
+        return to_dict(load_train_config(stage, name, [] if stage == "vae" else VAE_URI))
+    cls = SECTION_CLASSES[section] if section else CLASSES[name]
+    return to_dict(load_config(cls, name, section=section or None))
+
+
+# Keys removed from a config since the fixture was written -> the value every preset had
+# (the behaviour that was kept).
+REMOVED = {"data_loader": "ray"}
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_every_preset_loads_to_the_same_values_as_before(key):
+    expected = dict(EXPECTED[key])
+    for removed, kept in REMOVED.items():
+        if removed in expected:
+            assert expected.pop(removed) == kept
+    assert preset_values(key) == expected
+
+
+def test_the_fixture_covers_every_shipped_preset():
+    assert presets() == sorted(k for k in EXPECTED if "#" not in k)
+    assert len(presets()) == 15
+
+
+def test_training_presets_share_the_model_presets_instead_of_copying_them():
+    for size in ("tiny", "paper"):
+        assert load_train_config("vae", f"train_vae_{size}").vae == load_config(VAEConfig, f"vae_{size}")
+        generator = load_config(GeneratorConfig, f"mar_{size}")
+        for stage in ("lr", "hr"):
+            text = config_path(f"train_{stage}_{size}").read_text()
+            assert f"mar: mar_{size}.yaml#{stage}\n" in text and "\nvae:" not in text
+            cfg = load_train_config(stage, f"train_{stage}_{size}", VAE_URI)
+            assert (cfg.mar, cfg.condition) == (getattr(generator, stage), generator.condition)
+
+
+def test_a_users_file_may_reference_the_presets(tmp_path):
+    (tmp_path / "my_lr.yaml").write_text("stage: lr\nsteps: 7\nwarmup_steps: 1\n"
+                                         "mar: mar_paper.yaml#lr\ncondition: mar_paper.yaml#condition\n")
+    cfg = load_train_config("lr", tmp_path / "my_lr.yaml", VAE_URI)
+    assert cfg.steps == 7 and cfg.mar == load_config(MARConfig, "mar_paper", section="lr")
+    assert cfg.condition == load_config(ConditionConfig, "mar_paper", section="condition")
+
+
+# ------------------------------------------------------------------------ naming
+
+def test_a_preset_is_named_with_or_without_yaml():
+    path = PRESET_DIR / "train_vae_tiny.yaml"
+    assert config_path("train_vae_tiny") == config_path("train_vae_tiny.yaml") == path
+    assert preset_path("train_vae_tiny") == preset_path("train_vae_tiny.yaml") == path
+    assert load_train_config("vae", "train_vae_tiny") == load_train_config("vae", path)
+
+
+def test_an_existing_file_wins_over_a_preset_of_the_same_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.yaml").write_text("num_workers: 7\n")
+    assert load_config(DataConfig, "data.yaml").num_workers == 7
+    assert load_config(DataConfig, tmp_path / "data.yaml").num_workers == 7
+    assert load_config(DataConfig, "data").num_workers == EXPECTED["data"]["num_workers"]
+    assert preset_path("data.yaml") == PRESET_DIR / "data.yaml"  # presets only, never ./
+    with pytest.raises(ConfigError, match="'./data.yaml' is not a preset"):
+        preset_path("./data.yaml")
+
+
+@pytest.mark.parametrize("name", ["train_vae_huge", "train_vae_huge.yaml", "configs/train_vae_tiny.yaml"])
+def test_an_unknown_config_names_the_presets(name):
+    with pytest.raises(ConfigError, match="does not exist") as err:
+        load_train_config("vae", name)
+    assert "presets: data, data_local," in str(err.value) and "train_vae_tiny" in str(err.value)
+
+
+def test_cli_config_flags_take_preset_names(capsys):
+    assert main(["config", "show", "train", "--config", "train_lr_paper.yaml", "--set", "steps=6000",
+                 "--set", VAE_URI[0]]) == 0
+    shown = capsys.readouterr().out
+    assert "stage: lr\n" in shown and "steps: 6000\n" in shown and "width: 1024\n" in shown
+    assert main(["config", "show", "vae", "--config", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "'nope' is not a preset" in err and "vae_paper" in err
+    assert main(["config", "presets"]) == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert listed == [[name, str(preset_path(name))] for name in presets()]
+
+
+# --------------------------------------------------------------- installed package
+
+def test_presets_are_package_data_inside_mar3d():
+    assert PRESET_DIR.parent == Path(mar3d.__file__).resolve().parent
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert package_data["mar3d"] == ["configs/*.yaml"]
+
+
+def test_a_built_wheel_ships_and_finds_every_preset(tmp_path):
+    """Build the wheel from a copy of the project, unpack it as pip installs it, and load
+    presets from that copy (no source checkout next to it)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "mar3d", src / "mar3d", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(src)], check=True)
+    wheel, = (tmp_path / "dist").glob("mar3d-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert sorted(p.stem for p in (site / "mar3d" / "configs").glob("*.yaml")) == presets()
+    code = ("import json, sys; from mar3d.config import config_path, to_dict; "
+            "from mar3d.train import load_train_config; "
+            "print(json.dumps([str(config_path('train_lr_paper')), "
+            "to_dict(load_train_config('lr', 'train_lr_paper', sys.argv[1:]))]))")
+    out = subprocess.run([sys.executable, "-c", code, *VAE_URI], cwd=tmp_path, check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(site)}).stdout
+    path, values = json.loads(out)
+    assert Path(path) == site / "mar3d" / "configs" / "train_lr_paper.yaml"
+    expected = {k: v for k, v in EXPECTED["train_lr_paper"].items() if k not in REMOVED}
+    assert values == expected
