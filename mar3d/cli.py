@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from mar3d import __version__
+from mar3d import __version__, logs
 from mar3d.config import ConfigError, dump_yaml, load_config
 
 EXAMPLES = """\
@@ -179,7 +178,8 @@ def _cmd_pipeline_run(args: argparse.Namespace) -> int:
     result = run_local(args.dataset, args.workdir, mlflow_uri=args.mlflow_uri, preset=args.preset,
                        model_name=args.model_name, gate_max_chamfer=args.gate_max_chamfer,
                        gate_min_fscore=args.gate_min_fscore, num_workers=args.num_workers,
-                       ray_address=args.ray_address or "", resume=args.resume or "")
+                       ray_address=args.ray_address or "", resume=args.resume or "",
+                       verbose=args.verbose)
     print(result.summary())
     _write_result(args, result.to_dict())
     return 0
@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "on Ray Train + DeepSpeed, MLflow tracking.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mar3d {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything the job and its libraries print (debug logging)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="dataset jobs (mesh -> Parquet shards)",
@@ -476,14 +477,25 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name", choices=sorted(_config_classes()))
     _add_config_args(show)
     show.set_defaults(func=_cmd_config_show)
+    _accept_verbose_after_commands(parser)
     return parser
+
+
+def _accept_verbose_after_commands(parser: argparse.ArgumentParser) -> None:
+    """`mar3d pipeline run ... --verbose` as well as `mar3d --verbose pipeline run ...`
+    (SUPPRESS: a command that is not given it keeps the top-level value)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="show everything the job and its libraries print")
+                _accept_verbose_after_commands(command)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.verbose)
     try:
         return args.func(args)
     except ConfigError as e:

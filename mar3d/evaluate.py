@@ -566,7 +566,7 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
     ``compare_to`` (e.g. ``models:/mar3d@champion``) is scored on the same objects too.
     ``extra_params`` are logged as MLflow params next to the config."""
     from PIL import Image
-    from tqdm import tqdm
+    from mar3d.logs import progress_bar
 
     from mar3d import tracking
     from mar3d.data.dataset import ShapeDataset
@@ -624,7 +624,7 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         for folder in (PREVIEW_DIR, SHEET_DIR):
             (output / folder).mkdir(exist_ok=True)
         total = sum(len(g.indices) for g in groups) * (2 if champion_pipe else 1)
-        bar = tqdm(total=total, desc="evaluate", unit="object", disable=not progress)
+        bar = progress_bar(total, "evaluate", "object", enabled=progress)
         metrics: dict[str, float] = {}
         per_object: list[dict[str, Any]] = []
         champion_rows: list[dict[str, Any]] = []

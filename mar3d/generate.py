@@ -680,7 +680,7 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
     """Run the batch generation job (see module docstring)."""
     import ray
     import ray.data
-    from tqdm import tqdm
+    from mar3d.logs import progress_bar
 
     cfg = cfg or BatchGenerateConfig()
     cfg.validate()
@@ -740,7 +740,7 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
     rows.update(new_rows)
     _write_results(output, rows)
 
-    bar = tqdm(total=len(todo), desc="generate", unit="shape", disable=not progress)
+    bar = progress_bar(len(todo), "generate", "shape", enabled=progress)
     if todo:
         ensure_ray()
         num_gpus = _gpus_per_actor(cfg)

@@ -434,7 +434,7 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
     """Run the data job (see module docstring); returns counts for this run and totals."""
     import ray
     import ray.data
-    from tqdm import tqdm
+    from mar3d.logs import progress_bar
 
     cfg = cfg or DataConfig()
     cfg.validate()
@@ -536,12 +536,12 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
         buffer = []
         persist()
 
-    bar = tqdm(total=len(todo), desc="meshes", unit="mesh", disable=not progress)
+    bar = progress_bar(len(todo), "meshes", "mesh", enabled=progress)
     if todo:
         ctx = ray.data.DataContext.get_current()
         old_order, old_bar = ctx.execution_options.preserve_order, ctx.enable_progress_bars
         ctx.execution_options.preserve_order = True  # deterministic shard contents
-        ctx.enable_progress_bars = False  # our tqdm bar counts meshes, not blocks
+        ctx.enable_progress_bars = False  # our bar counts meshes, not blocks
         try:
             ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
                 _process_item, fn_kwargs={"cfg_dict": to_dict(cfg)},

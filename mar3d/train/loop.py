@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from mar3d import storage
+from mar3d import logs, storage
 
 DEEPSPEED_TAG = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
@@ -155,6 +155,7 @@ def ray_datasets(cfg, world_size: int) -> dict[str, Any]:
         _sample_row, fn_kwargs={"root": str(cfg.data), "kwargs": tuple(sorted(kwargs.items())),
                                 "rows": rows}, **storage.ray_task_options(cfg.data))
     train.context.enable_progress_bars = False
+    train.context.print_on_execution_start = logs.is_verbose()  # its plan, in its own actor
     return {"train": train}
 
 
@@ -325,6 +326,7 @@ def train_loop_per_worker(config: dict) -> None:
     from mar3d.train.config import TrainConfig
 
     cfg: TrainConfig = from_dict(TrainConfig, config["train"])
+    logs.quiet_dependencies()  # a worker is a process of its own
     if not cfg.use_gpu:
         # DeepSpeed picks its accelerator at import time; without this it probes CUDA.
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -385,6 +387,8 @@ def train_loop_per_worker(config: dict) -> None:
     # and train/compute_ms: on small CPU machines data loading is often the limit.
     data_seconds = compute_seconds = 0.0
     engine.train()
+    bar = logs.progress_bar(cfg.steps, f"train {cfg.stage}", "step", enabled=rank == 0,
+                            initial=start_step)
     for step in range(start_step, cfg.steps):
         tick = time.perf_counter()
         batch = next(stream)
@@ -397,6 +401,7 @@ def train_loop_per_worker(config: dict) -> None:
         data_seconds += tock - tick
         compute_seconds += time.perf_counter() - tock
         global_step = step + 1
+        bar.update(1)
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
             counts[k] = counts.get(k, 0.0) + 1
@@ -426,6 +431,7 @@ def train_loop_per_worker(config: dict) -> None:
             if hasattr(stage, "latent_ms"):
                 metrics["train/latent_ms"] = stage.latent_ms()
             sums, counts = {}, {}
+            bar.set_postfix(loss=metrics["train/loss"])
         if do_eval:
             for name, batches in eval_batches.items():
                 metrics.update({f"{name}/{k}": v for k, v in
@@ -442,3 +448,4 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
         if do_log:
             window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+    bar.close()
