@@ -23,7 +23,7 @@ and MLflow artifacts are on shared storage anyway).
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextlib
 import json
 import os
 import shlex
@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any
@@ -89,19 +90,175 @@ def train_argv(stage: str, data: str, storage_path: str, config: str, overrides:
 def run_step(argv: list[str], ray_address: str | None, *,
              runtime_env: dict[str, Any] | None = None,
              poll_seconds: float = 2.0,
-             timeout_seconds: float | None = None) -> dict[str, Any]:
-    """Run ``mar3d <args>`` (``argv[0] == "mar3d"``) and return the step's result mapping."""
+             timeout_seconds: float | None = None,
+             log_dir: str = "") -> dict[str, Any]:
+    """Run ``mar3d <args>`` (``argv[0] == "mar3d"``) and return the step's result mapping.
+
+    ``log_dir``: the step's output folder. When the pipeline's launcher asks for step logs
+    (``MAR3D_STEP_LOGS``), the step's full output goes to ``log_dir/step.log`` and only
+    its start, progress and result reach this process's stdout (all of it with
+    ``MAR3D_VERBOSE``)."""
     if not argv or argv[0] != "mar3d":
         raise ValueError(f"a step command must start with 'mar3d', got {argv!r}")
     if "--result-json" in argv:
         raise ValueError("run_step adds --result-json itself; do not pass it")
     try:
-        if ray_address:
-            return _run_as_ray_job(argv, ray_address, runtime_env, poll_seconds, timeout_seconds)
-        return _run_in_process(argv)
+        return StepOutput(argv, step_log_path(log_dir)).run(ray_address, runtime_env, poll_seconds,
+                                                             timeout_seconds)
     except StepFailed as exc:
         record_failure(argv, str(exc))
         raise
+
+
+STEP_LOG = "step.log"
+
+
+def step_log_path(log_dir: str) -> Path | None:
+    """``log_dir/step.log`` when the launcher asked for step logs and the folder is local
+    (a step on object storage keeps its output in its pod's or job's log)."""
+    from mar3d import storage
+    from mar3d.logs import STEP_LOGS_ENV
+
+    if not log_dir or os.environ.get(STEP_LOGS_ENV) != "1" or storage.is_remote(log_dir):
+        return None
+    return Path(log_dir) / STEP_LOG
+
+
+class StepOutput:
+    """Where one step's output goes. Without a log file: all of it to stdout, as the
+    command prints it. With one (``log_path``): all of it to that file, and to stdout
+    either all of it too (``MAR3D_VERBOSE``) or only the step's events: a start line,
+    its progress bar and an end line with its key result (:func:`summarize`), which the
+    launcher draws (:class:`mar3d.logs.EventView`)."""
+
+    def __init__(self, argv: list[str], log_path: Path | None):
+        from mar3d.logs import is_verbose
+
+        self.argv, self.step, self.log_path = argv, step_name(argv), log_path
+        self.quiet = log_path is not None and not is_verbose()
+        self.started = time.monotonic()
+
+    def run(self, ray_address: str | None, runtime_env: dict[str, Any] | None,
+            poll_seconds: float, timeout_seconds: float | None) -> dict[str, Any]:
+        from mar3d.logs import console_stream
+
+        if not ray_address and self.log_path is None:
+            return _run_in_process(self.argv)
+        # Captured here, the step's stdout is a pipe: this process's own goes on beside it.
+        console = console_stream() if not ray_address else contextlib.nullcontext(sys.stdout)
+        with console as stdout:
+            router = self._begin(stdout)
+            try:
+                result = (_run_as_ray_job(self.argv, ray_address, self._runtime_env(runtime_env),
+                                          poll_seconds, timeout_seconds, router)
+                          if ray_address else self._run_captured(router))
+            except StepFailed as exc:
+                message = f"{exc}" + (f"\nfull log: {self.log_path}" if self.log_path else "")
+                self._end(stdout, router, error=message)
+                raise StepFailed(message) from None
+            finally:
+                router.close()  # a no-op after _end; on anything else, before stdout closes
+            self._end(stdout, router, result=result)
+            return result
+
+    def _begin(self, stdout):
+        from mar3d.logs import LineRouter, emit_event, open_log
+
+        self.started = time.monotonic()
+        log = open_log(self.log_path) if self.log_path is not None else None
+        if not self.quiet:
+            return LineRouter(log, echo=stdout, keep_prefix=RESULT_MARKER)
+        emit_event({"kind": "step", "state": "start", "step": self.step,
+                    "log": str(self.log_path)}, stdout)
+        return LineRouter(log, on_event=lambda event, line: emit_event(event, stdout),
+                          keep_prefix=RESULT_MARKER)
+
+    def _runtime_env(self, runtime_env: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The job's ``runtime_env`` plus this run's output settings for its processes."""
+        from mar3d.logs import EVENTS_ENV, worker_env
+
+        env = {**worker_env(), **({EVENTS_ENV: "1"} if self.quiet else {})}
+        if not env:
+            return runtime_env
+        runtime_env = dict(runtime_env or {})
+        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+        return runtime_env
+
+    def _run_captured(self, router) -> dict[str, Any]:
+        """The step in this process, everything it writes going to ``router``."""
+        from mar3d.logs import EVENTS_ENV, captured_output
+
+        saved = os.environ.get(EVENTS_ENV)
+        try:
+            with captured_output(router.write):
+                if self.quiet:
+                    os.environ[EVENTS_ENV] = "1"
+                try:
+                    return _run_in_process(self.argv)
+                except StepFailed:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - its traceback goes to the step's log
+                    traceback.print_exc()
+                    raise StepFailed(f"`{shlex.join(self.argv)}` raised {type(exc).__name__}: "
+                                     f"{exc}") from None
+        except StepFailed as exc:
+            # Raised once the capture is closed, so the tail holds the command's own error.
+            raise StepFailed(f"{exc}{last_lines(router)}") from None
+        finally:
+            _restore_env(EVENTS_ENV, saved)
+
+    def _end(self, stdout, router, result: dict[str, Any] | None = None,
+             error: str | None = None) -> None:
+        from mar3d.logs import emit_event
+
+        router.close(f"\nmar3d step failed: {error}\n" if error else "")
+        if not self.quiet:
+            return
+        event = {"kind": "step", "step": self.step, "log": str(self.log_path),
+                 "seconds": round(time.monotonic() - self.started, 1)}
+        if error is None:
+            event.update(state="done", summary=summarize(self.argv, result or {}))
+        else:
+            event.update(state="failed")
+        emit_event(event, stdout)
+
+
+def last_lines(router) -> str:
+    """The end of a failed step's output for its error message."""
+    router.flush()
+    return "\n--- last log lines ---\n" + "\n".join(router.tail) if router.tail else ""
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+def summarize(argv: list[str], result: dict[str, Any]) -> str:
+    """A step's key result in a few words (its full result is in its log)."""
+    step = step_name(argv)
+    metrics = result.get("metrics") or {}
+    if step == "data prepare":
+        return (f"{result.get('num_rows')} objects in {len(result.get('shards_written') or [])} new "
+                f"shard(s), {result.get('num_errors')} rejected, {result.get('skipped')} already done")
+    if step.startswith("train"):
+        return f"{metrics.get('step')} steps, final loss {_num(metrics.get('train/loss'))}"
+    if step == "evaluate":
+        shown = [k for k in ("heldout_objects/f_score", "heldout_objects/chamfer",
+                             "seen_view/f_score") if k in metrics]
+        return ", ".join(f"{k} {_num(metrics[k])}" for k in shown) or f"{len(metrics)} metrics"
+    if step == "promote":
+        verdict = "promoted" if result.get("promoted") else "refused"
+        return f"{result.get('release_uri')} {verdict} (champion: {result.get('champion_uri')})"
+    if step == "generate":
+        return f"{result.get('succeeded')} meshes, {result.get('failed')} failed, in {result.get('output')}"
+    return ""
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 FAILURES_ENV = "MAR3D_STEP_FAILURES"
@@ -164,16 +321,14 @@ def parse_result_from_logs(logs: str) -> dict[str, Any]:
 
 
 class _LogFollower:
-    """Streams a Ray job's log into this process's stdout as the driver writes it (Ray's
-    ``tail_job_logs`` websocket, in a thread of its own) and keeps what the step needs
-    afterwards: the last lines for a failure message, and the result marker line."""
+    """Streams a Ray job's log, as the driver writes it (Ray's ``tail_job_logs``
+    websocket, in a thread of its own), into the step's :class:`mar3d.logs.LineRouter`,
+    which keeps what the step needs afterwards: the last lines for a failure message,
+    and the result marker line."""
 
-    def __init__(self, client, submission_id: str, keep_lines: int = 40):
-        self.client, self.submission_id = client, submission_id
-        self.tail: collections.deque[str] = collections.deque(maxlen=keep_lines)
-        self.result_line: str | None = None
+    def __init__(self, client, submission_id: str, router):
+        self.client, self.submission_id, self.router = client, submission_id, router
         self.error: str | None = None
-        self._partial = ""
         self._thread = threading.Thread(target=self._run, name=f"logs-{submission_id}", daemon=True)
 
     def start(self) -> "_LogFollower":
@@ -182,6 +337,7 @@ class _LogFollower:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+        self.router.flush()
 
     def _run(self) -> None:
         try:
@@ -191,18 +347,7 @@ class _LogFollower:
 
     async def _follow(self) -> None:
         async for chunk in self.client.tail_job_logs(self.submission_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-            self._keep(chunk)
-        self._keep("\n")
-
-    def _keep(self, chunk: str) -> None:
-        *complete, self._partial = (self._partial + chunk).split("\n")
-        for line in complete:
-            if line.startswith(RESULT_MARKER):
-                self.result_line = line
-            elif line.strip():
-                self.tail.append(line)
+            self.router.write(chunk)
 
 
 class _Terminated(BaseException):
@@ -214,7 +359,7 @@ def _raise_on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def _run_as_ray_job(argv: list[str], address: str, runtime_env: dict[str, Any] | None,
-                    poll_seconds: float, timeout_seconds: float | None) -> dict[str, Any]:
+                    poll_seconds: float, timeout_seconds: float | None, router) -> dict[str, Any]:
     from mar3d.cluster import job_client
 
     client = job_client(address)
@@ -223,8 +368,8 @@ def _run_as_ray_job(argv: list[str], address: str, runtime_env: dict[str, Any] |
     client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
                       runtime_env=runtime_env or None,
                       metadata={"mar3d.step": step_name(argv)})
-    print(f"submitted Ray job {submission_id} to {address}: {entrypoint}", flush=True)
-    follower = _LogFollower(client, submission_id).start()
+    router.write(f"submitted Ray job {submission_id} to {address}: {entrypoint}\n")
+    follower = _LogFollower(client, submission_id, router).start()
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _in_main_thread() else None
     started = time.monotonic()
     try:
@@ -247,12 +392,10 @@ def _run_as_ray_job(argv: list[str], address: str, runtime_env: dict[str, Any] |
         error_type = f" ({info.error_type})" if getattr(info, "error_type", None) else ""
         # Ray appends up to 20k characters of log to its message; the tail we kept is enough.
         reason = (info.message or "no message").split(", last available logs")[0].strip()
-        raise StepFailed(f"Ray job {submission_id} {status}: {reason}{error_type}\n"
-                         f"--- last log lines ---\n" + "\n".join(follower.tail))
-    if follower.result_line is None:
-        # The websocket dropped before the end (it says why): read the finished log once.
-        follower.result_line = _result_line(client.get_job_logs(submission_id))
-    return json.loads(follower.result_line[len(RESULT_MARKER):])
+        raise StepFailed(f"Ray job {submission_id} {status}: {reason}{error_type}{last_lines(router)}")
+    # Without the marker line the websocket dropped before the end: read the finished log once.
+    result_line = router.kept or _result_line(client.get_job_logs(submission_id))
+    return json.loads(result_line[len(RESULT_MARKER):])
 
 
 def _in_main_thread() -> bool:

@@ -30,7 +30,7 @@ def evaluate(dataset: Input[Dataset], vae_model: Input[Model], lr_model: Input[M
              "--output", out, "--compare-to-champion", model_name]
             + optional_flag("--config", config) + override_flags(overrides)
             + optional_flag("--tracking-uri", mlflow_tracking_uri))
-    result = run_step(argv, ray_address)
+    result = run_step(argv, ray_address, log_dir=out)
     scores = result.get("metrics")
     if not isinstance(scores, dict) or not scores:
         raise step_failed(argv, f"`mar3d evaluate` returned no metrics: {result}")

@@ -22,4 +22,4 @@ def batch_generate(release: Input[Model], dataset: Input[Dataset],
              "--input", source, "--output", out]
             + optional_flag("--config", config) + override_flags(overrides)
             + optional_flag("--tracking-uri", mlflow_tracking_uri))
-    write_pointer(meshes, run_step(argv, ray_address), out)
+    write_pointer(meshes, run_step(argv, ray_address, log_dir=out), out)

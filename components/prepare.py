@@ -15,7 +15,7 @@ def prepare(dataset_uri: str, workdir: str, job_id: str, resume_run_id: str,
     out = step_dir(workdir, resume_run_id or job_id, "data")
     argv = (["mar3d", "data", "prepare", "--input", dataset_uri, "--output", out]
             + optional_flag("--config", data_config) + override_flags(overrides))
-    result = run_step(argv, ray_address)
+    result = run_step(argv, ray_address, log_dir=out)
     if int(result.get("num_rows", 0)) == 0:
         raise step_failed(argv, f"prepare produced no rows from {dataset_uri}: {result}")
     write_pointer(dataset, result, out)

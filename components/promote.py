@@ -9,11 +9,11 @@ from components import MAR3D_IMAGE
 def promote(vae_model: Input[Model], lr_model: Input[Model], hr_model: Input[Model],
             report: Input[Artifact], model_name: str, gate_max_chamfer: float,
             gate_min_fscore: float, mlflow_tracking_uri: str, ray_address: str,
-            release: Output[Model]):
+            workdir: str, job_id: str, resume_run_id: str, release: Output[Model]):
     """Registers VAE/LR/HR as one release, attaches the evaluation metrics and moves the
     champion alias if the gate passes. A refusal fails this step, so batch generation
     never runs with a model that did not pass the gate."""
-    from components._run import (optional_flag, read_pointer, run_step, step_failed,
+    from components._run import (optional_flag, read_pointer, run_step, step_dir, step_failed,
                                  write_pointer)
 
     argv = (["mar3d", "promote",
@@ -25,7 +25,7 @@ def promote(vae_model: Input[Model], lr_model: Input[Model], hr_model: Input[Mod
              "--set", f"gate.maximums.chamfer={float(gate_max_chamfer)!r}",
              "--set", f"gate.minimums.f_score={float(gate_min_fscore)!r}"]
             + optional_flag("--tracking-uri", mlflow_tracking_uri))
-    result = run_step(argv, ray_address)
+    result = run_step(argv, ray_address, log_dir=step_dir(workdir, resume_run_id or job_id, "promote"))
     if not result.get("promoted"):
         raise step_failed(argv, f"release {result.get('release_uri')} not promoted by the gate:\n"
                           f"{result.get('gate', result)}")

@@ -23,7 +23,7 @@ def train_vae(dataset: Input[Dataset], workdir: str, job_id: str, resume_run_id:
     storage = step_dir(workdir, resume_run_id or job_id, "train")
     argv = train_argv("vae", read_pointer(dataset)["location"], storage, config, overrides,
                       num_workers, use_gpu, mlflow_tracking_uri)
-    write_pointer(model, run_step(argv, ray_address), f"{storage}/vae")
+    write_pointer(model, run_step(argv, ray_address, log_dir=f"{storage}/vae"), f"{storage}/vae")
 
 
 @dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
@@ -38,7 +38,7 @@ def train_lr(dataset: Input[Dataset], vae_model: Input[Model], workdir: str, job
     argv = train_argv("lr", read_pointer(dataset)["location"], storage, config, overrides,
                       num_workers, use_gpu, mlflow_tracking_uri,
                       vae_model_uri=read_pointer(vae_model)["model_uri"])
-    write_pointer(model, run_step(argv, ray_address), f"{storage}/lr")
+    write_pointer(model, run_step(argv, ray_address, log_dir=f"{storage}/lr"), f"{storage}/lr")
 
 
 @dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
@@ -53,4 +53,4 @@ def train_hr(dataset: Input[Dataset], vae_model: Input[Model], workdir: str, job
     argv = train_argv("hr", read_pointer(dataset)["location"], storage, config, overrides,
                       num_workers, use_gpu, mlflow_tracking_uri,
                       vae_model_uri=read_pointer(vae_model)["model_uri"])
-    write_pointer(model, run_step(argv, ray_address), f"{storage}/hr")
+    write_pointer(model, run_step(argv, ray_address, log_dir=f"{storage}/hr"), f"{storage}/hr")

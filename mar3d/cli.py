@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
-from mar3d import __version__
-from mar3d.config import ConfigError, dump_yaml, load_config
+from mar3d import __version__, logs
+from mar3d.config import ConfigError, dump_yaml, load_config, to_dict
 
 EXAMPLES = """\
 examples:
@@ -210,6 +209,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     cls = getattr(importlib.import_module(module), cls_name)
     cfg = load_config(cls, args.config, args.overrides)
     sys.stdout.write(dump_yaml(cfg))
+    write_result(args, {"config": to_dict(cfg)})
     return 0
 
 
@@ -391,22 +391,34 @@ def build_parser(extensions: Iterable[Callable[[argparse._SubParsersAction], Non
                     "on Ray Train + DeepSpeed, MLflow tracking.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mar3d {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything the job and its libraries print (debug logging)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for add_commands in (_add_data_commands, _add_train_command, _add_evaluate_command,
                          _add_generate_command, _add_promote_command, *extensions,
                          _add_cluster_commands, _add_config_commands):
         add_commands(sub)
+    _accept_verbose_after_commands(parser)
     return parser
+
+
+def _accept_verbose_after_commands(parser: argparse.ArgumentParser) -> None:
+    """`mar3d pipeline run ... --verbose` as well as `mar3d --verbose pipeline run ...`
+    (SUPPRESS: a command that is not given it keeps the top-level value)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="show everything the job and its libraries print")
+                _accept_verbose_after_commands(command)
 
 
 def main(argv: list[str] | None = None,
          extensions: Iterable[Callable[[argparse._SubParsersAction], None]] = ()) -> int:
     parser = build_parser(extensions)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.verbose)
     try:
         return args.func(args)
     except ConfigError as e:

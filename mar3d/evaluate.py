@@ -84,6 +84,7 @@ import numpy as np
 from mar3d import storage
 from mar3d.config import flatten, to_dict
 from mar3d.inference import GenerateConfig, MAR3DPipeline
+from mar3d.logs import progress_bar
 from mar3d.metrics import DEFAULT_THRESHOLD, mesh_metrics, normalized_point_metrics
 from mar3d.models.vae import occupancy_iou
 
@@ -557,8 +558,6 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
     dataset at ``dataset``; see the module doc for groups, protocol and outputs.
     ``compare_to`` (e.g. ``models:/mar3d@champion``) is scored on the same objects too.
     ``extra_params`` are logged as MLflow params next to the config."""
-    from tqdm import tqdm
-
     from mar3d import tracking
     from mar3d.data.dataset import ShapeDataset
     from mar3d.registry import get_release
@@ -609,8 +608,9 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         for folder in (PREVIEW_DIR, SHEET_DIR):
             (output / folder).mkdir(exist_ok=True)
         total = sum(len(g.indices) for g in groups) * (2 if ctx.champion_pipe else 1)
-        with tqdm(total=total, desc="evaluate", unit="object", disable=not progress) as ctx.bar:
-            outcomes = [_evaluate_group(ctx, group, dataset) for group in groups]
+        ctx.bar = progress_bar(total, "evaluate", "object", enabled=progress)
+        outcomes = [_evaluate_group(ctx, group, dataset) for group in groups]
+        ctx.bar.close()
         per_object = [r for o in outcomes for r in o.records]
         metrics = {k: v for o in outcomes for k, v in o.metrics.items()}
         tags = {k: v for o in outcomes for k, v in o.tags.items()}

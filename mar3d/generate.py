@@ -741,10 +741,11 @@ def _generate_all(todo: list[dict], rows: dict[str, dict], reasons: dict[str, in
     ``checkpoint_seconds`` and on the way out, also on interruption: finished items stay
     finished); counts error ``reasons``. Returns (succeeded, failed)."""
     import ray.data
-    from tqdm import tqdm
+
+    from mar3d.logs import progress_bar
 
     succeeded = failed = 0
-    bar = tqdm(total=len(todo), desc="generate", unit="shape", disable=not progress)
+    bar = progress_bar(len(todo), "generate", "shape", enabled=progress)
     if todo:
         ensure_ray()
         num_gpus = _gpus_per_actor(cfg)

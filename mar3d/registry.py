@@ -192,6 +192,14 @@ def _client(tracking_uri: str | None = None):
     return MlflowClient()
 
 
+def _set_promotion_experiment(tracking_uri: str | None) -> None:
+    import mlflow
+
+    from mar3d.tracking import ensure_experiment
+
+    mlflow.set_experiment(experiment_id=ensure_experiment(tracking_uri, PROMOTION_EXPERIMENT))
+
+
 def _release_from_version(mv) -> Release:
     tags = dict(mv.tags or {})
     components = {}
@@ -238,7 +246,7 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
                                          tags={"mar3d.component": comp})
         pinned[comp] = (name, str(mv.version))
 
-    mlflow.set_experiment(PROMOTION_EXPERIMENT)
+    _set_promotion_experiment(tracking_uri)
     release_doc = {"name": cfg.name, "components": {c: {"name": n, "version": v, "source": component_uris[c]}
                                                     for c, (n, v) in pinned.items()}}
     with mlflow.start_run(run_name=f"release-{cfg.name}") as run:
@@ -369,7 +377,7 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
     decision = evaluate_gate(candidate.metrics, champion_metrics, gate,
                              champion_missing=source if champion and champion_metrics is None else None)
 
-    mlflow.set_experiment(PROMOTION_EXPERIMENT)
+    _set_promotion_experiment(tracking_uri)
     with mlflow.start_run(run_name=f"promote-{candidate.name}-v{candidate.version}"):
         mlflow.set_tags({
             "mar3d.kind": "promotion",

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -112,10 +113,36 @@ def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str,
             raise TrackingError(f"MLflow run {run_id} to resume has been deleted")
         c.update_run(run_id, status="RUNNING")
         return run_id
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment)
-    run = c.create_run(exp_id, run_name=run_name, tags=tags or {})
+    run = c.create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name, tags=tags or {})
     return run.info.run_id
+
+
+def ensure_experiment(tracking_uri: str | None, name: str) -> str:
+    """The id of experiment ``name``, created if missing.
+
+    A server decides where artifacts go (its default artifact root). A SQLite store has
+    no such setting, and MLflow would put them in ``./mlruns`` of whatever folder the
+    command was started from; so a new experiment of a SQLite store keeps its artifacts
+    beside the database (:func:`local_artifact_location`), and a work folder holding
+    ``mlflow.db`` holds everything that database points to."""
+    import mlflow
+
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=local_artifact_location(tracking_uri, name))
+
+
+def local_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """``file://<folder of mlflow.db>/mlartifacts/<experiment>`` for a SQLite tracking
+    URI; None (the store's default) for anything else."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve()
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)
+    return (db.parent / "mlartifacts" / folder).as_uri()
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -33,7 +33,8 @@ def _cmd_pipeline_run(args: argparse.Namespace) -> int:
     result = run_local(args.dataset, args.workdir, mlflow_uri=args.mlflow_uri, preset=args.preset,
                        model_name=args.model_name, gate_max_chamfer=args.gate_max_chamfer,
                        gate_min_fscore=args.gate_min_fscore, num_workers=args.num_workers,
-                       ray_address=args.ray_address or "", resume=args.resume or "")
+                       ray_address=args.ray_address or "", resume=args.resume or "",
+                       verbose=args.verbose)
     print(result.summary())
     write_result(args, result.to_dict())
     return 0

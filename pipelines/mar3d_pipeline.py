@@ -86,7 +86,8 @@ def mar3d_pipeline(
                            report=eval_task.outputs["report"],
                            model_name=model_name, gate_max_chamfer=gate_max_chamfer,
                            gate_min_fscore=gate_min_fscore,
-                           mlflow_tracking_uri=mlflow_tracking_uri, ray_address=ray_address)
+                           mlflow_tracking_uri=mlflow_tracking_uri, ray_address=ray_address,
+                           workdir=workdir, **run)
     # Registering a model version is a side effect: never answer it from kfp's cache.
     promote_task.set_caching_options(False)
     generate_task = batch_generate(release=promote_task.outputs["release"],

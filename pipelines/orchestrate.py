@@ -71,6 +71,8 @@ class LocalRunResult:
                  + (f" under {self.meshes[0].parent}" if self.meshes else ""),
                  f"  results:     {self.results_path}",
                  f"  MLflow:      {self.mlflow_uri}"]
+        if self.run_id:
+            lines.append(f"  step logs:   {self.workdir / 'runs' / self.run_id}/<step>/step.log")
         lines += [f"  contact sheet: {p}" for p in self.contact_sheets]
         if self.mlflow_uri.startswith("sqlite:///"):
             lines.append(f"  browse runs and registered models: mlflow ui --backend-store-uri {self.mlflow_uri}")
@@ -108,7 +110,8 @@ def preset_args(preset: str) -> dict:
 def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None = None,
               preset: str = "tiny", model_name: str = "mar3d", gate_max_chamfer: float = 1.0,
               gate_min_fscore: float = 0.0, num_workers: int = 2,
-              extra: dict | None = None, ray_address: str = "", resume: str = "") -> LocalRunResult:
+              extra: dict | None = None, ray_address: str = "", resume: str = "",
+              verbose: bool = False) -> LocalRunResult:
     """Run the whole pipeline with kfp's local runner and return where its outputs are.
 
     ``ray_address`` empty: every step runs here (local Ray for the heavy ones). Set to a
@@ -119,10 +122,15 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
 
     ``resume``: the run id of an earlier run in this ``workdir`` (printed when it failed):
     every step works in that run's folders again, so finished data shards are skipped and
-    training continues from its checkpoints."""
+    training continues from its checkpoints.
+
+    Prints a line as each step starts and ends and one progress bar per long step; each
+    step's full log is ``step.log`` in its folder, kfp's own output is in
+    ``workdir/logs/``. ``verbose``: everything, as kfp relays it."""
     import kfp.local
 
     from components._run import FAILURES_ENV
+    from mar3d.logs import pipeline_output
     from pipelines.mar3d_pipeline import mar3d_pipeline
 
     dataset = Path(dataset).resolve()
@@ -142,19 +150,23 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
     before = set(runs.iterdir()) if runs.is_dir() else set()
     # Components are subprocesses: they find MLflow and the thread budget through the env.
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
-    failures = workdir / "failures" / time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    failures = workdir / "failures" / stamp
     os.environ[FAILURES_ENV] = str(failures)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(workdir / "kfp"), raise_on_error=True)
+    launcher_log = workdir / "logs" / f"{stamp}-pipeline.log"
     start = time.perf_counter()
     try:
-        mar3d_pipeline(dataset_uri=str(dataset), workdir=str(runs),
-                       mlflow_tracking_uri=mlflow_uri, model_name=model_name,
-                       gate_max_chamfer=gate_max_chamfer, gate_min_fscore=gate_min_fscore,
-                       num_workers=num_workers, ray_address=ray_address, resume_run_id=resume,
-                       **args)
+        with pipeline_output(launcher_log, verbose):
+            mar3d_pipeline(dataset_uri=str(dataset), workdir=str(runs),
+                           mlflow_tracking_uri=mlflow_uri, model_name=model_name,
+                           gate_max_chamfer=gate_max_chamfer, gate_min_fscore=gate_min_fscore,
+                           num_workers=num_workers, ray_address=ray_address,
+                           resume_run_id=resume, **args)
     except RuntimeError as exc:
-        raise _pipeline_failure(exc, failures, resume or _new_run_id(runs, before)) from None
+        raise _pipeline_failure(exc, failures, resume or _new_run_id(runs, before),
+                                launcher_log) from None
     seconds = time.perf_counter() - start
     run_id = resume or _new_run_id(runs, before)
     latest = runs / run_id / "generate" / "results.parquet" if run_id else None
@@ -179,15 +191,18 @@ def _new_run_id(runs: Path, before: set[Path]) -> str:
     return max(new, key=lambda p: p.stat().st_mtime).name if new else ""
 
 
-def _pipeline_failure(exc: RuntimeError, failures: Path, run_id: str) -> Exception:
+def _pipeline_failure(exc: RuntimeError, failures: Path, run_id: str,
+                      launcher_log: Path) -> Exception:
     """kfp's "Inner task failed: 'x'" plus the failed step's own message (when it left
-    one) and how to resume the run."""
+    one, with where its full log is) and how to resume the run."""
     from components._run import StepFailed
 
     message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     recorded = sorted(failures.glob("*.txt")) if failures.is_dir() else []
     if recorded:
         message += "\n" + recorded[-1].read_text()
+    elif launcher_log.is_file():
+        message += f"\nthe step left no message; kfp's output: {launcher_log}"
     if run_id:
         message += (f"\nrun id {run_id}: after fixing the cause, continue it with the same "
                     f"command plus --resume {run_id}")

@@ -5,11 +5,35 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trimesh
 
 pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = {"data prepare": "data", "train vae": "train/vae", "train lr": "train/lr",
+         "train hr": "train/hr", "evaluate": "eval", "promote": "promote", "generate": "generate"}
+
+
+def _assert_quiet_output_and_step_logs(proc, workdir: Path) -> None:
+    """Not on a terminal the run prints a few lines per step; each step's full output is
+    in its folder's step.log."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) <= 60, "\n".join(lines)
+    (run,) = (workdir / "runs").iterdir()
+    for step, folder in STEPS.items():
+        log = run / folder / "step.log"
+        assert f"{step}: started, log: {log}" in lines
+        assert any(line.startswith(f"{step}: done in ") for line in lines), step
+        text = log.read_text()
+        assert f"running: mar3d {step}" in text
+    # The steps' own output is in their logs, not on the console.
+    assert "dataset " in (run / "data" / "step.log").read_text()  # prepare's summary line
+    assert "RayTrainWorker" in (run / "train" / "vae" / "step.log").read_text()
+    assert "RayTrainWorker" not in proc.stdout + proc.stderr
+    assert any(line.startswith("train vae: done in ") and "60 steps, final loss" in line for line in lines)
 
 
 def test_local_pipeline_end_to_end(tmp_path, ycb_small_dir):
@@ -17,13 +41,20 @@ def test_local_pipeline_end_to_end(tmp_path, ycb_small_dir):
     dataset = ycb_small_dir
     workdir = tmp_path / "work"
     result_json = tmp_path / "result.json"
+    # Started elsewhere: nothing may land in the folder a user happens to be in.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines", "pipeline", "run", "--local", "--preset", "smoke",
          "--dataset", str(dataset), "--workdir", str(workdir), "--result-json", str(result_json)],
-        env=env, capture_output=True, text=True, timeout=1800)
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     assert "mlflow ui --backend-store-uri" in proc.stdout
+    _assert_quiet_output_and_step_logs(proc, workdir)
+    assert list(cwd.iterdir()) == []  # no ./mlruns: MLflow artifacts are in the work folder
+    assert list((workdir / "mlartifacts" / "mar3d").rglob("model/*.safetensors"))
 
     result = json.loads(result_json.read_text())
     assert result["num_meshes"] == 4

@@ -581,16 +581,17 @@ def _process(todo: list[dict], input: str | Path, cfg: DataConfig, writer: _Shar
     """Process ``todo`` with Ray Data tasks into ``writer``, in input order; returns the
     number of rows written."""
     import ray.data
-    from tqdm import tqdm
+
+    from mar3d.logs import progress_bar
 
     processed = 0
     todo_by_path = {t["source_path"]: t for t in todo}
-    bar = tqdm(total=len(todo), desc="meshes", unit="mesh", disable=not progress)
+    bar = progress_bar(len(todo), "meshes", "mesh", enabled=progress)
     if todo:
         ctx = ray.data.DataContext.get_current()
         old_order, old_bar = ctx.execution_options.preserve_order, ctx.enable_progress_bars
         ctx.execution_options.preserve_order = True  # deterministic shard contents
-        ctx.enable_progress_bars = False  # our tqdm bar counts meshes, not blocks
+        ctx.enable_progress_bars = False  # our bar counts meshes, not blocks
         try:
             ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
                 _process_item, fn_kwargs={"cfg_dict": to_dict(cfg)},

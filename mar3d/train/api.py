@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mar3d import storage
+from mar3d import logs, storage
 from mar3d.config import flatten, to_dict
 from mar3d.train.config import TrainConfig
 from mar3d.train.loop import MODEL_DIR, TRACKING_BACKLOG
@@ -86,6 +86,7 @@ def _worker_env(cfg: TrainConfig) -> dict[str, str]:
            if k in os.environ}
     if any(storage.is_remote(p) for p in (cfg.storage_path, cfg.data, cfg.eval_data)):
         env.update(storage.aws_env())
+    env.update(logs.worker_env())
     if not cfg.use_gpu:
         # Must be in the environment before DeepSpeed is imported in the worker.
         env["DS_ACCELERATOR"] = "cpu"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+from mar3d import logs
+
 # Rows per Ray Data pass are repeated up to this many batches per worker: with a handful
 # of shapes an epoch is one step, and restarting the streaming executor every step would
 # cost more than the step itself.
@@ -93,6 +95,7 @@ def ray_datasets(cfg, world_size: int) -> dict[str, Any]:
     repeats = max(1, -(-MIN_BATCHES_PER_PASS * needed // rows))
     train = ray_dataset(cfg.data, repeats=repeats, shuffle=True, with_uid=False, **kwargs)
     train.context.enable_progress_bars = False
+    train.context.print_on_execution_start = logs.is_verbose()  # its plan, in its own actor
     return {"train": train}
 
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mar3d import logs
 from mar3d.train.data import eval_batches, train_stream
 from mar3d.train.distributed import all_reduce_means, all_reduce_means_any_keys, all_reduce_sum
 from mar3d.train.stages import autocast_context, make_stage
@@ -237,6 +238,7 @@ def train_loop_per_worker(config: dict) -> None:
     from mar3d.train.config import TrainConfig
 
     cfg: TrainConfig = from_dict(TrainConfig, config["train"])
+    logs.quiet_dependencies()  # a worker is a process of its own
     deepspeed = _prepare_worker_process(cfg)
     import ray.train
     import ray.train.torch
@@ -261,10 +263,13 @@ def train_loop_per_worker(config: dict) -> None:
     evaluation = eval_batches(cfg, rank, world, device)
     window = _Window()
     engine.train()
+    bar = logs.progress_bar(cfg.steps, f"train {cfg.stage}", "step", enabled=rank == 0,
+                            initial=start_step)
     for step in range(start_step, cfg.steps):
         tick = time.perf_counter()
         batch = next(stream)
         _train_step(stage, engine, ema, batch, step, window, time.perf_counter() - tick)
+        bar.update(1)
 
         global_step = step + 1
         last = global_step == cfg.steps
@@ -280,6 +285,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["train/lr"] = scheduler.get_last_lr()[0]
             if hasattr(stage, "latent_ms"):
                 metrics["train/latent_ms"] = stage.latent_ms()
+            bar.set_postfix(loss=metrics["train/loss"])
         if do_eval:
             for name, batches in evaluation.items():
                 metrics.update({f"{name}/{k}": v for k, v in
@@ -296,3 +302,4 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
         if do_log:
             window = _Window()
+    bar.close()
