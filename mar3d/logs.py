@@ -103,19 +103,23 @@ def worker_env() -> dict[str, str]:
 # ---------------------------------------------------------------- progress
 
 class _LineBar:
-    """A progress bar for a log: one line at each quarter of the total (at most one per
-    ``min_seconds``), every ``min_seconds * 6`` when the total is unknown."""
+    """A progress bar for a log: a line at each third of the total (at most one per
+    ``min_seconds``; the end is the job's own result line), every ``min_seconds * 6``
+    when the total is unknown."""
+
+    PARTS = 3
 
     def __init__(self, total: int | None, desc: str, unit: str, initial: int = 0,
                  stream: IO[str] | None = None, min_seconds: float = 5.0):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.stream, self.min_seconds = stream, min_seconds
         self.postfix: dict[str, Any] = {}
-        self._start = self._last = time.monotonic()
-        self._quarter = self._quarter_of(initial)
+        self._start = time.monotonic()
+        self._last = self._start - min_seconds  # the first part shows, however soon
+        self._part = self._part_of(initial)
 
-    def _quarter_of(self, n: int) -> int:
-        return 4 * n // self.total if self.total else 0
+    def _part_of(self, n: int) -> int:
+        return self.PARTS * n // self.total if self.total else 0
 
     def update(self, n: int = 1) -> None:
         self.set_n(self.n + n)
@@ -124,10 +128,10 @@ class _LineBar:
         self.n = n
         now = time.monotonic()
         if now - self._last < self.min_seconds or (self.total and n >= self.total):
-            return  # the end is the step's own result line
-        quarter = self._quarter_of(n)
-        if quarter > self._quarter or (not self.total and now - self._last >= 6 * self.min_seconds):
-            self._quarter, self._last = quarter, now
+            return
+        part = self._part_of(n)
+        if part > self._part or (not self.total and now - self._last >= 6 * self.min_seconds):
+            self._part, self._last = part, now
             self._write(self.line())
 
     def set_postfix(self, **postfix: Any) -> None:

@@ -59,17 +59,24 @@ def test_verbose_filters_nothing(quiet, monkeypatch):
     assert "RAY_DATA_DISABLE_PROGRESS_BARS" not in os.environ
 
 
-def test_line_bar_writes_a_line_per_quarter():
+def test_line_bar_writes_a_line_per_third():
     out = io.StringIO()
-    bar = logs._LineBar(8, "meshes", "mesh", stream=out, min_seconds=0)
-    for _ in range(8):
+    bar = logs._LineBar(9, "meshes", "mesh", stream=out, min_seconds=0)
+    for _ in range(9):
         bar.update(1)
         bar.set_postfix(failed=0)
     bar.close()
     lines = out.getvalue().splitlines()
-    assert [line.split(",")[0] for line in lines] == [
-        "  meshes: 2/8 mesh (25%)", "  meshes: 4/8 mesh (50%)", "  meshes: 6/8 mesh (75%)"]
+    assert [line.split(",")[0] for line in lines] == ["  meshes: 3/9 mesh (33%)", "  meshes: 6/9 mesh (66%)"]
     assert all("failed=0" in line for line in lines)
+
+
+def test_line_bar_writes_at_most_a_line_per_interval():
+    out = io.StringIO()
+    bar = logs._LineBar(9, "meshes", "mesh", stream=out, min_seconds=60)
+    for _ in range(9):
+        bar.update(1)
+    assert [line.split(",")[0] for line in out.getvalue().splitlines()] == ["  meshes: 3/9 mesh (33%)"]
 
 
 def test_progress_bar_in_a_pipeline_step_sends_events(quiet, monkeypatch, capsys):
@@ -121,7 +128,7 @@ def test_event_view_draws_steps_and_a_few_progress_lines():
     assert lines[0] == "train vae: started, log: /w/step.log"
     assert lines[-2] == "train vae: done in 95 s: 60 steps, final loss 0.31"
     assert lines[-1] == "evaluate: FAILED after 3 s; its full log: /w/eval/step.log"
-    assert len(lines) <= 2 + 3 + 1  # at most a line per quarter (and at most one per 5 s)
+    assert len(lines) <= 2 + 2 + 1  # at most a line per third (and at most one per 5 s)
 
 
 def test_captured_output_takes_python_c_level_and_child_process_output(capfd):
