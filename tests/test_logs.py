@@ -154,7 +154,7 @@ def test_root_records_are_dropped_only_for_the_named_package():
 
     assert not keep.filter(record("root", logging.INFO, "/venv/site-packages/kfp/local/pipeline_orchestrator.py"))
     assert keep.filter(record("root", logging.ERROR, "/venv/site-packages/kfp/local/pipeline_orchestrator.py"))
-    assert keep.filter(record("root", logging.INFO, "/repo/mar3d/orchestrate.py"))
+    assert keep.filter(record("root", logging.INFO, "/repo/pipelines/orchestrate.py"))
     assert keep.filter(record("kfp.x", logging.INFO, "/venv/site-packages/kfp/local/x.py"))
 
 
