@@ -173,7 +173,10 @@ def test_pipeline_on_cluster_step_driver_killed_then_resumed(cluster, ycb_small_
     assert sorted((j.metadata or {}).get("mar3d.step") for j in jobs) == sorted(
         ["data prepare", "train vae", "train lr", "train hr", "evaluate", "promote", "generate"])
     assert {str(j.status.value) for j in jobs} == {"SUCCEEDED"}
-    assert "4 inputs: 0 new rows, 0 new errors, 4 already done" in out2  # complete shards skipped
+    # Complete shards skipped: the step's line on the console, its full summary in its log.
+    assert "data prepare: done in" in out2 and "0 new shard(s), 0 rejected, 4 already done" in out2
+    assert "4 inputs: 0 new rows, 0 new errors, 4 already done" in (
+        workdir / "runs" / run_id / "data" / "step.log").read_text()
 
     mlflow = MlflowClient(tracking_uri=mlflow_server)
     vae_run = _latest_run_id(mlflow, "mar3d", "vae")
