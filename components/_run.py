@@ -164,7 +164,6 @@ class StepOutput:
     def _begin(self, stdout):
         from mar3d.logs import LineRouter, emit_event, open_log
 
-        self.started = time.monotonic()
         log = open_log(self.log_path) if self.log_path is not None else None
         if not self.quiet:
             return LineRouter(log, echo=stdout, keep_prefix=RESULT_MARKER)
@@ -238,27 +237,25 @@ def _restore_env(key: str, value: str | None) -> None:
 
 def summarize(argv: list[str], result: dict[str, Any]) -> str:
     """A step's key result in a few words (its full result is in its log)."""
+    from mar3d.logs import short_value
+
     step = step_name(argv)
     metrics = result.get("metrics") or {}
     if step == "data prepare":
         return (f"{result.get('num_rows')} objects in {len(result.get('shards_written') or [])} new "
                 f"shard(s), {result.get('num_errors')} rejected, {result.get('skipped')} already done")
     if step.startswith("train"):
-        return f"{metrics.get('step')} steps, final loss {_num(metrics.get('train/loss'))}"
+        return f"{metrics.get('step')} steps, final loss {short_value(metrics.get('train/loss'))}"
     if step == "evaluate":
         shown = [k for k in ("heldout_objects/f_score", "heldout_objects/chamfer",
                              "seen_view/f_score") if k in metrics]
-        return ", ".join(f"{k} {_num(metrics[k])}" for k in shown) or f"{len(metrics)} metrics"
+        return ", ".join(f"{k} {short_value(metrics[k])}" for k in shown) or f"{len(metrics)} metrics"
     if step == "promote":
         verdict = "promoted" if result.get("promoted") else "refused"
         return f"{result.get('release_uri')} {verdict} (champion: {result.get('champion_uri')})"
     if step == "generate":
         return f"{result.get('succeeded')} meshes, {result.get('failed')} failed, in {result.get('output')}"
     return ""
-
-
-def _num(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 FAILURES_ENV = "MAR3D_STEP_FAILURES"

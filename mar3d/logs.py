@@ -140,7 +140,7 @@ class _LineBar:
     def line(self) -> str:
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         pct = f" ({100 * self.n // self.total}%)" if self.total else ""
-        extra = "".join(f", {k}={_short(v)}" for k, v in self.postfix.items())
+        extra = "".join(f", {k}={short_value(v)}" for k, v in self.postfix.items())
         return f"  {self.desc}: {done} {self.unit}{pct}{extra}, {time.monotonic() - self._start:.0f} s"
 
     def _write(self, line: str) -> None:
@@ -169,7 +169,7 @@ class _EventBar:
             self._send()
 
     def set_postfix(self, **postfix: Any) -> None:
-        self.postfix = {k: _short(v) for k, v in postfix.items()}
+        self.postfix = {k: short_value(v) for k, v in postfix.items()}
 
     def _event(self) -> dict[str, Any]:
         return {"kind": "progress", "desc": self.desc, "n": self.n, "total": self.total,
@@ -228,7 +228,8 @@ def parse_event(line: str) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
+    """A number as a step line shows it (4 significant digits); anything else as is."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
