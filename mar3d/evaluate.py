@@ -201,7 +201,7 @@ def assemble_release_dir(vae_uri: str, lr_uri: str, hr_uri: str | None, dest: st
 def dataset_fingerprint(root: str | Path) -> dict[str, Any]:
     """Content identity of a prepared dataset: sha256 over its complete shards' hashes
     (the manifest's timestamps change on every re-run, the shard contents do not)."""
-    from mar3d.data.prepare import complete_shards, load_manifest
+    from mar3d.data.prepare import complete_shards, load_manifest, watertight_method
 
     manifest = load_manifest(root)
     if manifest is None:
@@ -210,7 +210,8 @@ def dataset_fingerprint(root: str | Path) -> dict[str, Any]:
     listing = sorted((s["file"], s["sha256"], int(s["rows"])) for s in shards)
     digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     return {"hash": digest, "rows": sum(r for _, _, r in listing), "shards": len(listing),
-            "schema_version": manifest.get("schema_version")}
+            "schema_version": manifest.get("schema_version"),
+            "watertight_method": watertight_method(manifest)}
 
 
 @dataclass

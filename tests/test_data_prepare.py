@@ -103,6 +103,9 @@ def test_shards_readable_with_plain_pyarrow_and_manifest_hashes(prepared):
     assert np.abs(surface[..., :3]).max() < 1.05
     assert np.allclose(np.linalg.norm(surface[..., 3:], axis=-1), 1.0, atol=1e-3)
     assert table.column("images").type.value_type == pa.uint8()
+    # Which watertight surface the geometry columns describe is recorded in both places.
+    assert table.schema.metadata[b"mar3d_watertight_method"] == b"snap"
+    assert manifest["config"]["watertight_method"] == "snap"
     assert all(s.startswith(h[:16]) for s, h in zip(table.column("uid").to_pylist(),
                                                      table.column("source_sha256").to_pylist()))
 
@@ -118,6 +121,16 @@ def test_rerun_is_idempotent_and_ignores_partial_shards(prepared):
     assert again.total_rows == first.total_rows and again.total_errors == first.total_errors
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
     assert len(ShapeDataset(out, num_occ=512)) == 3
+
+
+def test_rerun_with_another_watertight_method_is_refused(prepared):
+    root, out, cfg, _ = prepared
+    before = (out / "manifest.json").read_bytes()
+    other = small_test_config(max_faces=50_000, shard_size=2, sharp_edge_fraction=0.1,
+                              watertight_method="offset")
+    with pytest.raises(ValueError, match="watertight_method='snap'.*new output directory"):
+        prepare_dataset(root, out, other, progress=False)
+    assert (out / "manifest.json").read_bytes() == before
 
 
 def test_corrupt_shard_is_reprocessed(tmp_path, ycb_small_dir, ray_local):

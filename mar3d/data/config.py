@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
 
+# How the watertight surface is made (mar3d/data/watertight.py); the first is the default.
+WATERTIGHT_METHODS = ("snap", "offset")
+
 # File types the loader accepts (scenes are flattened into one mesh).
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 
@@ -30,6 +33,11 @@ class DataConfig:
     # Iso-level of the offset surface, in voxels. >= 0.5 guarantees the flood fill cannot
     # leak through a surface (two face-adjacent samples straddling it are <= 1 voxel apart).
     watertight_epsilon_voxels: float = 1.0
+    # "snap": the epsilon level set's vertices moved back onto the input surface, so labels
+    # and surface samples describe the object itself (thin sheets keep a one-voxel shell);
+    # "offset": the epsilon level set as is, every shape ~epsilon fat (CraftsMan / Dora /
+    # Hunyuan3D-2.1 preprocessing). Measured in benchmarks/data_fidelity.py.
+    watertight_method: str = "snap"
 
     # --- surface point pyramid -----------------------------------------------------------
     # Level 0 is the finest; each level is sampled independently from the watertight mesh.
@@ -104,6 +112,9 @@ class DataConfig:
         if not 0.5 <= self.watertight_epsilon_voxels <= 8:
             raise ValueError("DataConfig.watertight_epsilon_voxels must be in [0.5, 8] "
                              f"(below 0.5 the flood fill leaks), got {self.watertight_epsilon_voxels}")
+        if self.watertight_method not in WATERTIGHT_METHODS:
+            raise ValueError(f"DataConfig.watertight_method must be one of {WATERTIGHT_METHODS}, "
+                             f"got {self.watertight_method!r}")
         if len(self.surface_sizes) < 1:
             raise ValueError("DataConfig.surface_sizes needs at least one level")
         for i, n in enumerate(self.surface_sizes):

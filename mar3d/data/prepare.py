@@ -31,6 +31,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -47,12 +48,14 @@ from .. import storage
 from ..config import from_dict, to_dict
 from .config import MESH_SUFFIXES, SCHEMA_VERSION, DataConfig
 from .errors import MeshError
-from .mesh_io import load_mesh, make_uid, sha256_file
+from .mesh_io import LoadedMesh, load_mesh, make_uid, sha256_file
 from .render import render_views
 from .sampling import sample_occupancy, sharp_edges, surface_pyramid
 from .schema import ERRORS_SCHEMA, rows_to_batch, shard_schema
 from ..ray_runtime import ensure_ray
 from .watertight import make_watertight
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.parquet"
@@ -70,23 +73,38 @@ def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None,
     mesh = load_mesh(path, cfg.max_faces, cfg.max_file_bytes, cfg.normalize_extent)
     sha256 = sha256 or sha256_file(path)
     rng = np.random.default_rng([cfg.seed, int(sha256[:12], 16)])
-    closed = make_watertight(mesh.vertices, mesh.faces, cfg.watertight_resolution,
-                             cfg.watertight_epsilon_voxels, cfg.normalize_extent).mesh
-    sharp = sharp_edges(mesh.vertices, mesh.faces, cfg.sharp_edge_angle_deg) \
-        if cfg.sharp_edge_fraction > 0 else None
-    levels = surface_pyramid(closed, cfg.surface_sizes, rng, cfg.sharp_edge_fraction, sharp)
-    occupancy = sample_occupancy(closed, cfg.num_vol, cfg.num_near, cfg.vol_bound,
-                                 cfg.near_sigmas, rng, cfg.inside_method)
+    geometry = sample_geometry(mesh, cfg, rng, source)
     renders = render_views(mesh, cfg.view_angles(), cfg.render_resolution, cfg.render_fov_deg,
                            cfg.render_fit_margin, cfg.render_ambient,
                            cfg.render_white_background, cfg.render_up_axis)
     row = {"uid": make_uid(sha256, source), "source_path": source, "source_sha256": sha256,
            "transform": mesh.transform.astype(np.float32)}
-    row.update({f"surface_{k}": level for k, level in enumerate(levels)})
-    row.update(occupancy)
+    row.update(geometry)
     row.update({"images": renders.images, "cam_world_to_cam": renders.world_to_cam,
                 "cam_intrinsics": renders.intrinsics, "view_elev_azim": renders.elev_azim})
     return row
+
+
+def sample_geometry(mesh: LoadedMesh, cfg: DataConfig, rng: np.random.Generator,
+                    source: str = "mesh") -> dict:
+    """The geometry columns of a row: the surface pyramid (``surface_{k}``) and the
+    occupancy samples, all from the watertight version of the normalized ``mesh``."""
+    closed = make_watertight(mesh.vertices, mesh.faces, cfg.watertight_resolution,
+                             cfg.watertight_epsilon_voxels, cfg.normalize_extent,
+                             cfg.watertight_method)
+    if closed.method != cfg.watertight_method:
+        log.warning("%s: the snapped watertight mesh enclosed no volume; kept the epsilon-offset "
+                    "surface for this mesh", source)
+    sharp = sharp_edges(mesh.vertices, mesh.faces, cfg.sharp_edge_angle_deg) \
+        if cfg.sharp_edge_fraction > 0 else None
+    # Sharp edges of the input lie on a snapped surface already; the offset surface is a
+    # voxel away from them.
+    project = closed.mesh if closed.method == "offset" else None
+    levels = surface_pyramid(closed.mesh, cfg.surface_sizes, rng, cfg.sharp_edge_fraction, sharp,
+                             project_sharp_to=project)
+    occupancy = sample_occupancy(closed.mesh, cfg.num_vol, cfg.num_near, cfg.vol_bound,
+                                 cfg.near_sigmas, rng, cfg.inside_method)
+    return {**{f"surface_{k}": level for k, level in enumerate(levels)}, **occupancy}
 
 
 def error_record(source_path: str, reason: str, message: str, sha256: str | None = None,
@@ -417,7 +435,13 @@ def _manifest_doc(cfg: DataConfig, shards: list[dict], errors: pa.Table, inputs_
 
 def _shapes_signature(cfg_dict: dict) -> str:
     cfg = from_dict(DataConfig, cfg_dict)
-    return str(shard_schema(cfg))
+    return str(shard_schema(cfg).remove_metadata())
+
+
+def watertight_method(manifest: dict) -> str:
+    """The watertight method that made a prepared dataset (see DataConfig)."""
+    # Manifests from before the option have no key; all of them were made by "offset".
+    return manifest["config"].get("watertight_method", "offset")
 
 
 # ---------------------------------------------------------------------------------- job
@@ -459,6 +483,11 @@ def _open_existing(output: Path | str, cfg: DataConfig) -> tuple[list[dict], set
     if manifest is not None and _shapes_signature(manifest["config"]) != _shapes_signature(to_dict(cfg)):
         raise ValueError(f"{output} was prepared with a config of different tensor shapes; "
                          "use a new output directory (shards of one dataset share one schema)")
+    if manifest is not None and watertight_method(manifest) != cfg.watertight_method:
+        raise ValueError(f"{output} was prepared with watertight_method={watertight_method(manifest)!r}, "
+                         f"this run uses {cfg.watertight_method!r}: rows of the two describe different "
+                         "surfaces, so use a new output directory (or --set "
+                         f"watertight_method={watertight_method(manifest)} to add to this one)")
     shards = complete_shards(output, manifest)
     _clean_partial(output, {s["file"] for s in shards})
     done_uids: set[str] = set()

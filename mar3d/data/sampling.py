@@ -74,15 +74,17 @@ def sample_sharp(segments: np.ndarray, normals: np.ndarray, count: int,
 
 def surface_pyramid(mesh: trimesh.Trimesh, sizes: tuple[int, ...], rng: np.random.Generator,
                     sharp_fraction: float = 0.0,
-                    sharp: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+                    sharp: tuple[np.ndarray, np.ndarray] | None = None,
+                    project_sharp_to: trimesh.Trimesh | None = None) -> list[np.ndarray]:
     """One independent sample per level (level 0 finest). With sharp-edge sampling a
-    ``sharp_fraction`` of every level lies on sharp edges (none if the mesh has none)."""
+    ``sharp_fraction`` of every level lies on sharp edges (none if the mesh has none),
+    snapped onto ``project_sharp_to`` when given."""
     levels = []
     for n in sizes:
         n_sharp = int(round(n * sharp_fraction)) if sharp is not None and len(sharp[0]) else 0
         parts = [sample_surface(mesh, n - n_sharp, rng)]
         if n_sharp:
-            parts.append(sample_sharp(sharp[0], sharp[1], n_sharp, rng, project_to=mesh))
+            parts.append(sample_sharp(sharp[0], sharp[1], n_sharp, rng, project_to=project_sharp_to))
         pts = np.concatenate(parts)
         levels.append(pts[rng.permutation(len(pts))])
     return levels

@@ -11,12 +11,17 @@ type, so plain pyarrow reads them back with ``column.combine_chunks().to_numpy_n
 | source_sha256 | string | sha256 of the input file bytes |
 | transform | float32 [4,4] | original coords -> normalized coords in [-1,1]^3 |
 | surface_{k} | float32 [N_k,6] | xyz + unit normal on the watertight surface; k=0 finest |
+|  |  | (on the input surface with "snap", epsilon outside it with "offset") |
 | vol_points / vol_labels | float32 [Nv,3] / uint8 [Nv] | uniform in [-b,b]^3; 1 = inside |
 | near_points / near_labels | float32 [Nn,3] / uint8 [Nn] | surface + N(0, sigma^2) noise |
 | images | uint8 [V,H,W,4] | RGBA renders of the original textured mesh |
 | cam_world_to_cam | float32 [V,4,4] | OpenCV camera (x right, y down, z forward) |
 | cam_intrinsics | float32 [V,3,3] | pixels = K @ camera coords (pixel centres at +0.5) |
 | view_elev_azim | float32 [V,2] | degrees |
+
+Schema metadata: ``mar3d_schema_version`` and ``mar3d_watertight_method`` (the
+DataConfig.watertight_method that made the geometry columns; datasets written before
+the field existed were all made by "offset").
 
 ``errors.parquet`` (ERRORS_SCHEMA) holds one row per input that could not become a row.
 """
@@ -64,7 +69,10 @@ def shard_schema(cfg: DataConfig) -> pa.Schema:
               pa.field("source_sha256", pa.string(), nullable=False)]
     for name, (vt, shape) in tensor_shapes(cfg).items():
         fields.append(pa.field(name, tensor_type(vt, shape), nullable=False))
-    return pa.schema(fields, metadata={b"mar3d_schema_version": str(SCHEMA_VERSION).encode()})
+    # The watertight method decides what the geometry columns describe (the object itself
+    # or its epsilon offset), so every shard says which one made it.
+    return pa.schema(fields, metadata={b"mar3d_schema_version": str(SCHEMA_VERSION).encode(),
+                                       b"mar3d_watertight_method": cfg.watertight_method.encode()})
 
 
 def _numpy_dtype(value_type: pa.DataType) -> np.dtype:

@@ -1,0 +1,131 @@
+"""The watertight step describes the input surface: "snap" moves the epsilon level set
+back onto the input (labels and samples of the object itself, thin parts kept as thin
+shells), and every visible part of a multi-part object survives it."""
+from __future__ import annotations
+
+import igl
+import numpy as np
+import pytest
+import trimesh
+
+from _ycb import ycb_mesh
+from mar3d.data.config import DataConfig
+from mar3d.data.inside import embree_inside
+from mar3d.data.mesh_io import load_mesh
+from mar3d.data.sampling import sample_occupancy
+from mar3d.data.watertight import make_watertight
+
+
+def _distance_to(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
+    d2 = igl.point_mesh_squared_distance(np.asarray(points, np.float64),
+                                         np.asarray(mesh.vertices, np.float64),
+                                         np.asarray(mesh.faces, np.int64))[0]
+    return np.sqrt(d2)
+
+
+def _closed(mesh: trimesh.Trimesh) -> bool:
+    return bool(mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0)
+
+
+def test_config_rejects_unknown_watertight_method():
+    with pytest.raises(ValueError, match="watertight_method"):
+        DataConfig(watertight_method="shrink").validate()
+    with pytest.raises(ValueError, match="unknown watertight method"):
+        make_watertight(np.eye(3), np.array([[0, 1, 2]]), method="x")
+
+
+@pytest.mark.parametrize("method, min_agree, max_agree", [("snap", 0.95, 1.0), ("offset", 0.0, 0.7)])
+def test_near_surface_labels_follow_the_input_sphere(method, min_agree, max_agree):
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.7)
+    result = make_watertight(sphere.vertices, sphere.faces, resolution=64, method=method)
+    assert result.method == method and _closed(result.mesh)
+    radius = np.linalg.norm(result.mesh.vertices, axis=1)
+    if method == "snap":  # every vertex on the input surface (within the facets' chord)
+        assert np.abs(radius - 0.7).max() < 2e-3
+    else:  # one epsilon outside it
+        assert abs(radius.mean() - 0.7 - result.epsilon) < 0.35 * result.voxel
+    occ = sample_occupancy(result.mesh, 2000, 4000, 1.05, (0.005,), np.random.default_rng(0))
+    truth = np.linalg.norm(occ["near_points"], axis=1) < 0.7
+    agree = (occ["near_labels"].astype(bool) == truth).mean()
+    assert min_agree <= agree <= max_agree, agree
+
+
+def test_open_sheet_keeps_a_thin_closed_shell():
+    # A single square with no thickness: snapping both sides onto it would enclose nothing.
+    sheet_v = np.array([[-0.8, -0.8, 0.0], [0.8, -0.8, 0.0], [0.8, 0.8, 0.0], [-0.8, 0.8, 0.0]])
+    sheet_f = np.array([[0, 1, 2], [0, 2, 3]])
+    result = make_watertight(sheet_v, sheet_f, resolution=64)
+    assert result.method == "snap" and _closed(result.mesh)
+    assert result.thin_vertices > 0.9 * len(result.mesh.vertices)
+    inner = np.abs(result.mesh.vertices[:, :2]).max(1) < 0.7  # away from the rim
+    assert np.allclose(np.abs(result.mesh.vertices[inner, 2]), result.epsilon / 2, atol=1e-6)
+    pts = np.array([[0.0, 0.0, 0.25 * result.epsilon], [0.0, 0.0, -0.25 * result.epsilon],
+                    [0.0, 0.0, result.epsilon]])
+    assert embree_inside(result.mesh, pts).tolist() == [True, True, False]
+
+
+def test_thin_solid_plate_keeps_its_thickness():
+    # 0.3 voxels thick at 64^3: thinner than epsilon, thicker than the eighth-epsilon probe.
+    result = make_watertight(*_box((1.6, 1.6, 0.0102)), resolution=64)
+    assert result.voxel * 0.25 < 0.0102 < result.voxel
+    assert result.thin_vertices == 0 and _closed(result.mesh)
+    flat = np.abs(result.mesh.vertices[:, :2]).max(1) < 0.7
+    assert np.allclose(np.abs(result.mesh.vertices[flat, 2]), 0.0051, atol=1e-6)
+
+
+def _box(extents, center=(0.0, 0.0, 0.0)):
+    box = trimesh.creation.box(extents=extents)
+    box.apply_translation(center)
+    return box.vertices, box.faces
+
+
+def _toy_car() -> tuple[list[trimesh.Trimesh], trimesh.Trimesh]:
+    """(visible parts, interior fragment): a body, four separate wheels, a thin antenna
+    and a small sphere hidden inside the body, as separate primitives."""
+    body = trimesh.creation.box(extents=(1.6, 0.7, 0.5))
+    parts = [body]
+    for x in (-0.55, 0.55):
+        for y in (-0.5, 0.5):
+            wheel = trimesh.creation.cylinder(radius=0.22, height=0.16, sections=48)
+            wheel.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, [1, 0, 0]))
+            wheel.apply_translation((x, y, -0.3))
+            parts.append(wheel)
+    antenna = trimesh.creation.cylinder(radius=0.012, height=0.5, sections=12)
+    antenna.apply_translation((0.6, 0.0, 0.55))
+    parts.append(antenna)
+    hidden = trimesh.creation.icosphere(subdivisions=2, radius=0.1)
+    return parts, hidden
+
+
+def test_every_part_of_a_toy_car_is_kept():
+    parts, hidden = _toy_car()
+    whole = trimesh.util.concatenate(parts + [hidden])
+    scale = 1.0 / np.abs(whole.vertices).max()
+    for method in ("snap", "offset"):
+        result = make_watertight(whole.vertices * scale, whole.faces, resolution=128, method=method)
+        assert _closed(result.mesh)
+        components = result.mesh.split(only_watertight=False)
+        # Body, four wheels and the antenna stay separate closed shells; the hidden sphere
+        # (no point of it visible from outside) is dropped.
+        assert len(components) == len(parts), (method, len(components))
+        for part in parts:
+            points = trimesh.sample.sample_surface(part, 3000, seed=0)[0] * scale
+            near = _distance_to(result.mesh, points) < result.epsilon + 0.5 * result.voxel
+            assert near.mean() > 0.99, (method, near.mean())
+        hidden_points = hidden.vertices * scale
+        assert (_distance_to(result.mesh, hidden_points) > 0.1 * scale).all()
+
+
+@pytest.mark.parametrize("name", ["028_skillet_lid", "022_windex_bottle"])
+def test_real_multi_part_scans_keep_every_part(name):
+    mesh = load_mesh(ycb_mesh(name), max_faces=10**7, max_file_bytes=10**9)
+    original = trimesh.Trimesh(mesh.vertices, mesh.faces, process=True)
+    parts = [p for p in original.split(only_watertight=False) if p.area > 0.01 * original.area]
+    assert len(parts) == 2  # lid + knob, bottle + trigger head: separate scans
+    result = make_watertight(mesh.vertices, mesh.faces, resolution=128)
+    assert result.method == "snap" and _closed(result.mesh)
+    assert len(result.mesh.split(only_watertight=False)) == len(parts)
+    for part in parts:
+        points = trimesh.sample.sample_surface(part, 4000, seed=0)[0]
+        covered = (_distance_to(result.mesh, points) < 1.5 * result.voxel).mean()
+        assert covered > 0.99, covered
