@@ -3,9 +3,10 @@
 Defaults follow MAR-3D / CraftsMan (3 pyramid levels of 16384/4096/1024 surface points,
 occupancy in [-1.05, 1.05]^3, 8 RGBA condition views at 224 px) with a watertight grid
 of 128^3: about 1 s per mesh on one core, against several seconds at 256^3. The
-watertight offset surface lies ``watertight_epsilon_voxels`` voxels (~0.017 at 128^3)
-outside the original surface, so raise the resolution when thin parts matter more
-than throughput.
+default "snap" watertight method puts the surface samples and occupancy labels on the
+original surface (benchmarks/data_fidelity.py measures how closely); gaps narrower
+than ~2 ``watertight_epsilon_voxels`` voxels (~0.034 at 128^3) are still closed, so
+raise the resolution when fine gaps matter more than throughput.
 """
 from __future__ import annotations
 

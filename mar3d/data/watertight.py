@@ -141,11 +141,16 @@ def make_watertight(vertices: np.ndarray, faces: np.ndarray, resolution: int = 1
     mesh = _closed_mesh(verts, tris)
     result = WatertightResult(mesh=mesh, epsilon=eps, voxel=voxel, exact_queries=queries)
     if method == "snap":
-        snapped, thin = snap_to_input(mesh.vertices, vertices, faces, eps)
+        snapped, away, thin = snap_to_input(mesh.vertices, vertices, faces, eps)
         # Snapping moves vertices only: the checked connectivity and orientation carry
         # over. Should the moved geometry enclose no volume, the offset mesh is kept
         # (result.method says which) rather than losing the input.
         moved = trimesh.Trimesh(snapped, mesh.faces, process=False)
+        # Normals: the direction from the input to the offset vertex (the distance
+        # field's gradient, the input's own normal on its faces) rather than normals of
+        # the snapped facets, which fold where many vertices land on one edge.
+        known = np.linalg.norm(away, axis=1) > 0.5
+        moved.vertex_normals = np.where(known[:, None], away, mesh.vertex_normals)
         if moved.volume > 0:
             result.mesh = moved
             result.method, result.thin_vertices = "snap", thin
@@ -163,9 +168,10 @@ def _closed_mesh(verts: np.ndarray, tris: np.ndarray) -> trimesh.Trimesh:
 
 
 def snap_to_input(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray, epsilon: float
-                  ) -> tuple[np.ndarray, int]:
-    """``points`` of the epsilon level set moved back onto the input surface; (moved
-    points, how many stopped ``epsilon / 2`` short because no solid lies behind them).
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """``points`` of the epsilon level set moved back onto the input surface: (moved
+    points, unit directions from the input towards each point (0 where it lies on the
+    input already), how many stopped ``epsilon / 2`` short because no solid lies behind).
 
     Whether solid lies behind a point's closest surface point is read from the input's
     generalized winding number an eighth of epsilon behind it: |w| is ~1 inside a solid
@@ -179,7 +185,7 @@ def snap_to_input(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray, e
     solid = np.abs(igl.fast_winding_number(vertices, faces, behind)) > 0.75
     solid |= distance[:, 0] <= 1e-12  # already on the surface: nothing to move
     short = closest + away * np.minimum(distance, 0.5 * epsilon)
-    return np.where(solid[:, None], closest, short), int((~solid).sum())
+    return np.where(solid[:, None], closest, short), away, int((~solid).sum())
 
 
 def check_watertight(mesh: trimesh.Trimesh) -> None:
