@@ -15,4 +15,4 @@ fi
 # shellcheck disable=SC2086
 python -m pip install -q $TORCH_SPEC 2>&1 | { grep -v "^WARNING: Location" || true; }
 python -m pip install -q -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
-python -c "import torch, torchvision, ray, deepspeed, mlflow, kfp, open_clip, timm, trimesh, igl, embreex, mar3d; print('mar3d', mar3d.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"
+python -c "import torch, torchvision, ray, deepspeed, mlflow, kfp, open_clip, timm, trimesh, igl, embreex, fpsample, mar3d; print('mar3d', mar3d.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"

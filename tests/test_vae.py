@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import fpsample
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,8 @@ import trimesh
 from mar3d.config import ConfigError, from_dict, load_config, to_dict
 from mar3d.geometry import extract_mesh, latent_occupancy_fn
 from mar3d.models.vae import ShapeVAE, VAEConfig, farthest_point_sample
+
+from _ycb import ycb_mesh
 
 SIZES = (512, 128, 32)
 
@@ -174,18 +177,78 @@ def test_bad_inputs_are_rejected(batch):
         ShapeVAE(tiny()).encode([batch["surface_0"][..., :3]] * 3)
 
 
-def test_farthest_point_sampling_spreads_points():
+@pytest.mark.parametrize("backend", ["torch", "fpsample"])
+def test_farthest_point_sampling_spreads_points(backend):
     line = torch.linspace(0, 1, 101).view(1, -1, 1) * torch.tensor([1.0, 0, 0])
-    idx = farthest_point_sample(line.expand(2, -1, -1), 3)
+    idx = farthest_point_sample(line.expand(2, -1, -1), 3, backend=backend)
     assert idx.tolist() == [[0, 100, 50], [0, 100, 50]]
-    idx = farthest_point_sample(torch.rand(3, 200, 3), 50, start="random")
+    idx = farthest_point_sample(torch.rand(3, 200, 3), 50, start="random", backend=backend)
     assert all(len(set(row.tolist())) == 50 for row in idx)
     # Canonical start: the same order whatever the listing of the points.
     cloud = torch.rand(1, 300, 3)
     perm = torch.randperm(300)
-    a = farthest_point_sample(cloud, 20, start="canonical")[0]
-    b = farthest_point_sample(cloud[:, perm], 20, start="canonical")[0]
+    a = farthest_point_sample(cloud, 20, start="canonical", backend=backend)[0]
+    b = farthest_point_sample(cloud[:, perm], 20, start="canonical", backend=backend)[0]
     assert torch.equal(cloud[0, a], cloud[0, perm][b])
+
+
+def fps_both(xyz: torch.Tensor, k: int, start: str, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(torch loop, ``backend``) indices from the same RNG state (the random start)."""
+    torch.manual_seed(7)
+    reference = farthest_point_sample(xyz, k, start=start, backend="torch")
+    torch.manual_seed(7)
+    return reference, farthest_point_sample(xyz, k, start=start, backend=backend)
+
+
+@pytest.mark.parametrize("start", ["first", "random", "canonical"])
+def test_fast_fps_returns_the_torch_loops_indices(start):
+    """CPU tensors go to fpsample's exact FPS (``auto``): index for index the torch loop,
+    at a tiny and a paper-like (N, K), on strided xyz as the encoder passes them."""
+    torch.manual_seed(0)
+    for b, n, k in [(4, 1024, 128), (2, 4096, 256)]:
+        surface = torch.rand(b, n, 6) * 2 - 1
+        reference, fast = fps_both(surface[..., :3], k, start)
+        assert fast.dtype == torch.long and fast.shape == (b, k)
+        assert torch.equal(fast, reference)
+
+
+def test_fast_fps_breaks_ties_like_the_torch_loop():
+    """On a regular grid most candidates are equally far; both take the first of them."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(6.0)] * 3, indexing="ij"), -1).reshape(1, -1, 3)
+    cross = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0]]])
+    for cloud, k in [(grid, 60), (cross, 5)]:
+        for start in ("first", "canonical"):
+            reference, fast = fps_both(cloud, k, start, backend="fpsample")
+            assert torch.equal(fast, reference)
+    assert farthest_point_sample(cross, 5, backend="fpsample").tolist() == [[0, 1, 2, 3, 4]]
+
+
+def test_fast_fps_matches_on_a_real_ycb_surface_and_bucket_fps_would_not():
+    """A real scanned surface (YCB mug, 4096 points, 256 samples, as the paper's LR
+    queries): the same indices, in the same order, as the torch loop. fpsample's faster
+    bucket (kd-tree) variant does not give them (it ignores the start index), which is
+    why the exact ``fps_sampling`` is the one used."""
+    from mar3d.data.mesh_io import load_mesh
+    from mar3d.data.sampling import sample_surface
+
+    loaded = load_mesh(ycb_mesh("025_mug"), max_faces=10**7, max_file_bytes=10**9)
+    mesh = trimesh.Trimesh(loaded.vertices, loaded.faces, process=False)
+    surface = torch.from_numpy(sample_surface(mesh, 4096, np.random.default_rng(0))).unsqueeze(0)
+    cloud = surface[..., :3]
+    for start in ("random", "canonical"):
+        reference, fast = fps_both(cloud, 256, start)
+        assert torch.equal(fast, reference)
+        assert set(fast[0].tolist()) == set(reference[0].tolist())
+    bucket = fpsample.bucket_fps_kdline_sampling(cloud[0].contiguous().numpy(), 256, 7,
+                                                 start_idx=int(reference[0, 0]))
+    assert bucket.astype(np.int64).tolist() != reference[0].tolist()
+
+
+def test_fps_rejects_unknown_backend_and_start():
+    with pytest.raises(ValueError, match="backend"):
+        farthest_point_sample(torch.rand(1, 10, 3), 2, backend="cuda")
+    with pytest.raises(ValueError, match="start"):
+        farthest_point_sample(torch.rand(1, 10, 3), 2, start="last")
 
 
 def test_tiny_vae_overfits_one_shape_and_extracts_its_mesh(torus):

@@ -176,6 +176,14 @@ class MARStage(Stage):
     def latents(self, batch: dict, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(target tokens, LR tokens for HR or None): frozen-VAE latents of the batch's
         shapes, in ``model``'s normalized token space."""
+        lr, hr = self.vae_latents(batch)
+        mar = model.mar
+        return (mar.normalize(hr), mar.normalize_lr(lr)) if self.kind == "hr" else (mar.normalize(lr), None)
+
+    @torch.no_grad()
+    def vae_latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(LR latents, HR latents for HR or None) of the batch's shapes from the frozen
+        VAE, unnormalized; the time it takes is what ``latent_ms`` reports."""
         if self.vae is None:
             raise RuntimeError("MARStage.setup() must load the frozen VAE before training")
         start = time.perf_counter()
@@ -189,8 +197,7 @@ class MARStage(Stage):
             hr = self.vae.encode(surfaces, level="hr", sample=sample) if self.kind == "hr" else None
         self.latent_seconds += time.perf_counter() - start
         self.latent_calls += 1
-        mar = model.mar
-        return (mar.normalize(hr), mar.normalize_lr(lr)) if self.kind == "hr" else (mar.normalize(lr), None)
+        return lr, hr
 
     def loss(self, engine, batch: dict, step: int) -> dict[str, torch.Tensor]:
         tokens, lr_tokens = self.latents(batch, engine.module)
