@@ -67,7 +67,7 @@ METRICS = {
 
 
 # ------------------------------------------------------------------------------- data
-def small_data_config(num_workers: int):
+def small_data_config(num_workers: int, sharp_edge_fraction: float = 0.0):
     """Enough resolution for a meaningful GT at ~1-2 s per YCB mesh on one core; one small
     render per mesh (the schema needs images; the VAE never looks at them)."""
     from mar3d.data.config import DataConfig
@@ -75,7 +75,8 @@ def small_data_config(num_workers: int):
     cfg = DataConfig(watertight_resolution=128, surface_sizes=(8192, 2048, 512),
                      num_vol=8192, num_near=8192, render_views=1, render_resolution=64,
                      render_up_axis="z", shard_size=16, num_workers=num_workers,
-                     cpus_per_task=1.0, split_holdout_view=None)
+                     cpus_per_task=1.0, split_holdout_view=None,
+                     sharp_edge_fraction=sharp_edge_fraction)
     cfg.validate()
     return cfg
 
@@ -117,11 +118,12 @@ def link_objects(ycb: Path, names: list[str], folder: Path) -> Path:
     return folder
 
 
-def prepare(ycb: Path, names: list[str], workdir: Path, tag: str, num_workers: int) -> Path:
+def prepare(ycb: Path, names: list[str], workdir: Path, tag: str, num_workers: int,
+            sharp_edge_fraction: float = 0.0) -> Path:
     from mar3d.config import to_dict
     from mar3d.data import prepare_dataset
 
-    cfg = small_data_config(num_workers)
+    cfg = small_data_config(num_workers, sharp_edge_fraction)
     key = hashlib.sha256(json.dumps([names, to_dict(cfg)], sort_keys=True).encode()).hexdigest()[:10]
     meshes = link_objects(ycb, names, workdir / f"meshes-{tag}-{key}")
     output = workdir / f"data-{tag}-{key}"
@@ -133,7 +135,8 @@ def prepare(ycb: Path, names: list[str], workdir: Path, tag: str, num_workers: i
 
 
 # --------------------------------------------------------------------------- training
-def train_config(args, kind: str, data: Path, eval_data: Path | None, tracking_uri: str):
+def train_config(args, kind: str, data: Path, eval_data: Path | None, tracking_uri: str,
+                 prefix: str = "ablation"):
     from mar3d.config import flatten
     from mar3d.train import load_train_config
 
@@ -153,7 +156,7 @@ def train_config(args, kind: str, data: Path, eval_data: Path | None, tracking_u
     # Same name <=> same run definition (kind aside), so a re-run reuses the models.
     defining = {k: v for k, v in flatten(cfg).items() if k not in ("vae.kind", "run_name")}
     key = hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    cfg.run_name = f"ablation-{kind}-T{args.tokens}-{key}"
+    cfg.run_name = f"{prefix}-{kind}-T{args.tokens}-{key}"
     cfg.validate()
     return cfg
 
@@ -205,12 +208,28 @@ def input_pyramid(row: dict, sizes: tuple[int, ...], seed: int) -> list:
     return levels
 
 
-def reconstruct(models: dict, data: Path, sizes: tuple[int, ...], args, split: str) -> list[dict]:
-    """Per shape and model: CD / F / NC of the extracted mesh, IoUs of the raw logits."""
+def reconstruct_shape(vae, surfaces: list, row: dict, resolution: int):
+    """Encode ``surfaces`` (posterior mean, HR tokens), decode, extract a mesh
+    (hierarchical, ``resolution``^3). Returns the mesh and the IoUs of the raw logits at
+    ``row``'s stored volume / near-surface points against its stored labels."""
     import torch
 
-    from mar3d.data.dataset import ShapeDataset
     from mar3d.geometry.extract import extract_mesh, latent_occupancy_fn
+
+    with torch.no_grad():
+        kv = vae.decode(vae.encode(surfaces, level="hr", sample=False))
+        vol = vae.query(kv, torch.from_numpy(np.array(row["vol_points"]))[None])[0].numpy()
+        near = vae.query(kv, torch.from_numpy(np.array(row["near_points"]))[None])[0].numpy()
+    extraction = extract_mesh(latent_occupancy_fn(vae, kv), resolution=resolution,
+                              method="hierarchical", batch_size=32768)
+    return extraction.mesh, {"vol_iou": occupancy_iou_np(vol, row["vol_labels"]),
+                             "near_iou": occupancy_iou_np(near, row["near_labels"]),
+                             "faces": int(len(extraction.mesh.faces)), "extract_s": extraction.seconds}
+
+
+def reconstruct(models: dict, data: Path, sizes: tuple[int, ...], args, split: str) -> list[dict]:
+    """Per shape and model: CD / F / NC of the extracted mesh, IoUs of the raw logits."""
+    from mar3d.data.dataset import ShapeDataset
     from mar3d.metrics import mesh_metrics
 
     dataset = ShapeDataset(data, num_occ=16, seed=0)  # read_row only: stored arrays, no sampling
@@ -221,20 +240,9 @@ def reconstruct(models: dict, data: Path, sizes: tuple[int, ...], args, split: s
         gt = (row["surface_0"][:, :3], row["surface_0"][:, 3:])
         record = {"uid": row["uid"], "split": split}
         for kind, vae in models.items():
-            with torch.no_grad():
-                kv = vae.decode(vae.encode(surfaces, level="hr", sample=False))
-                vol = vae.query(kv, torch.from_numpy(np.array(row["vol_points"]))[None])[0].numpy()
-                near = vae.query(kv, torch.from_numpy(np.array(row["near_points"]))[None])[0].numpy()
-            extraction = extract_mesh(latent_occupancy_fn(vae, kv), resolution=args.resolution,
-                                      method="hierarchical", batch_size=32768)
-            scores = mesh_metrics(extraction.mesh, gt, num_points=args.metric_points, seed=args.seed)
-            record[kind] = {
-                "chamfer": scores["chamfer"], "f_score": scores["f_score"],
-                "normal_consistency": scores["normal_consistency"],
-                "vol_iou": occupancy_iou_np(vol, row["vol_labels"]),
-                "near_iou": occupancy_iou_np(near, row["near_labels"]),
-                "faces": int(len(extraction.mesh.faces)), "extract_s": extraction.seconds,
-            }
+            mesh, record[kind] = reconstruct_shape(vae, surfaces, row, args.resolution)
+            scores = mesh_metrics(mesh, gt, num_points=args.metric_points, seed=args.seed)
+            record[kind].update({k: scores[k] for k in ("chamfer", "f_score", "normal_consistency")})
         print(f"[eval] {split} {row['uid']}: " + "  ".join(
             f"{k} CD {record[k]['chamfer']:.4f} F {record[k]['f_score']:.3f} "
             f"NC {record[k]['normal_consistency']:.3f} IoU {record[k]['vol_iou']:.3f}" for k in models),
@@ -244,80 +252,119 @@ def reconstruct(models: dict, data: Path, sizes: tuple[int, ...], args, split: s
 
 
 # ------------------------------------------------------------------------------ report
-def summarize(rows: list[dict]) -> dict:
-    """Per model and metric: mean, std over shapes, ratio pyramid / standard of the means,
-    and on how many shapes the pyramid model is strictly better. Empty reconstructions
-    are counted separately; their CD (inf) is left out of the CD mean, their F and NC (0)
-    are included."""
-    out = {"num_shapes": len(rows), "empty": {k: sum(r[k]["faces"] == 0 for r in rows) for k in KINDS}}
-    for name, (_, higher_better) in METRICS.items():
-        entry = {}
-        for kind in KINDS:
-            values = np.array([r[kind][name] for r in rows], dtype=np.float64)
+def summarize(rows: list[dict], arms: tuple[str, ...] = KINDS, baseline: str = "standard",
+              metrics: dict = METRICS) -> dict:
+    """Per arm (model) and metric: mean, std over shapes; per other arm the ratio arm /
+    ``baseline`` of the means and on how many shapes it is strictly better (paired).
+    Empty reconstructions are counted separately; non-finite values (the inf CD of an
+    empty reconstruction, an undefined metric) are left out of the mean, while F and NC
+    (0 when empty) are included."""
+    out = {"num_shapes": len(rows), "baseline": baseline,
+           "empty": {a: sum(r[a]["faces"] == 0 for r in rows) for a in arms}}
+    for name, (_, higher_better) in metrics.items():
+        entry = {"ratio": {}, "wins": {}}
+        for arm in arms:
+            values = np.array([r[arm][name] for r in rows], dtype=np.float64)
             values = values[np.isfinite(values)]
-            entry[kind] = {"mean": float(values.mean()) if values.size else math.nan,
-                           "std": float(values.std()) if values.size else math.nan}
-        std_mean = entry["standard"]["mean"]
-        entry["ratio"] = entry["pyramid"]["mean"] / std_mean if std_mean else math.nan
-        pairs = [(r["pyramid"][name], r["standard"][name]) for r in rows]
-        entry["pyramid_wins"] = sum((p > s) if higher_better else (p < s) for p, s in pairs)
+            entry[arm] = {"mean": float(values.mean()) if values.size else math.nan,
+                          "std": float(values.std()) if values.size else math.nan}
+        base_mean = entry[baseline]["mean"]
+        for arm in arms:
+            if arm == baseline:
+                continue
+            entry["ratio"][arm] = entry[arm]["mean"] / base_mean if base_mean else math.nan
+            pairs = [(r[arm][name], r[baseline][name]) for r in rows]
+            entry["wins"][arm] = sum(bool((a > b) if higher_better else (a < b)) for a, b in pairs)
         out[name] = entry
     return out
 
 
-def table(summary: dict, title: str) -> str:
-    n = summary["num_shapes"]
-    lines = [f"### {title} ({n} shapes)", "",
-             "| metric | pyramid (mean ± std) | standard (mean ± std) | pyramid / standard | pyramid better on |",
-             "|---|---|---|---|---|"]
-    for name, (label, higher_better) in METRICS.items():
+def table(summary: dict, title: str, arms: tuple[str, ...] = KINDS, metrics: dict = METRICS) -> str:
+    """Markdown: mean ± std per arm, then ratio and paired wins of each arm vs the baseline."""
+    n, base = summary["num_shapes"], summary["baseline"]
+    others = [a for a in arms if a != base]
+    head = ([f"{a} (mean ± std)" for a in arms] + [f"{a} / {base}" for a in others]
+            + [f"{a} better on" for a in others])
+    lines = [f"### {title} ({n} shapes)", "", "| metric | " + " | ".join(head) + " |",
+             "|---" * (len(head) + 1) + "|"]
+    for name, (label, higher_better) in metrics.items():
         e = summary[name]
-        arrow = "↑" if higher_better else "↓"
-        ratio = f"{e['ratio']:.3f}" if math.isfinite(e["ratio"]) else "n/a"
-        lines.append(f"| {label} {arrow} | {e['pyramid']['mean']:.4f} ± {e['pyramid']['std']:.4f} "
-                     f"| {e['standard']['mean']:.4f} ± {e['standard']['std']:.4f} "
-                     f"| {ratio} | {e['pyramid_wins']}/{n} |")
+        cells = [f"{e[a]['mean']:.4f} ± {e[a]['std']:.4f}" for a in arms]
+        cells += [f"{e['ratio'][a]:.3f}" if math.isfinite(e["ratio"][a]) else "n/a" for a in others]
+        cells += [f"{e['wins'][a]}/{n}" for a in others]
+        lines.append(f"| {label} {'↑' if higher_better else '↓'} | " + " | ".join(cells) + " |")
     empty = summary["empty"]
     if any(empty.values()):
-        lines.append(f"\nEmpty reconstructions (no surface extracted): pyramid {empty['pyramid']}, "
-                     f"standard {empty['standard']}. They count as F = NC = 0 in the means; CD (inf "
-                     "for them) is averaged over the non-empty reconstructions only.")
+        lines.append("\nEmpty reconstructions (no surface extracted): "
+                     + ", ".join(f"{a} {empty[a]}" for a in arms) + ". They count as F = NC = 0 in "
+                     "the means; CD (inf for them) is averaged over the non-empty reconstructions only.")
     return "\n".join(lines)
 
 
-def log_to_mlflow(tracking_uri: str, trained: dict, summaries: dict, report: Path) -> None:
+SPLIT_TITLES = {"train": "Training shapes (reconstruction)", "heldout": "Held-out shapes (generalization)"}
+
+
+def training_summary(cfg, args, sizes: tuple[int, ...]) -> str:
+    """The settings that define the compared training runs and the extraction, in words."""
+    return (f"{args.steps} steps (vae_level={args.vae_level}), seed {args.seed}, batch "
+            f"{cfg.batch_size} x {cfg.num_workers} workers, lr {cfg.lr}, surface points per level "
+            f"{list(sizes)}, width {cfg.vae.width}, enc/dec layers {cfg.vae.enc_layers}/"
+            f"{cfg.vae.dec_layers}, query_mode {cfg.vae.query_mode}; extraction "
+            f"{args.resolution}^3 hierarchical")
+
+
+def report_text(header: str, tables: list[str], timing: dict) -> str:
+    text = "\n\n".join([header, *tables])
+    return text + "\n\nTimes: " + ", ".join(f"{k} {v:.0f}s" for k, v in timing.items())
+
+
+def run_record(model: TrainedModel) -> dict:
+    return {"run_id": model.run_id, "model_dir": str(model.model_dir), "reused": model.reused,
+            "final_train_metrics": model.final_metrics}
+
+
+def write_report(args, stem: str, text: str, results: dict) -> Path:
+    """Prints ``text``, writes it to <workdir>/<stem>.md and ``results`` (plus the
+    arguments) to <stem>.json; returns the .md path."""
+    print("\n" + text, flush=True)
+    report = args.workdir / f"{stem}.md"
+    report.write_text(text + "\n")
+    results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, **results}
+    (args.workdir / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {report} and {args.workdir / stem}.json", flush=True)
+    return report
+
+
+def log_to_mlflow(tracking_uri: str, trained: dict, summaries: dict, report: Path,
+                  metrics: dict = METRICS, artifact_dir: str = "ablation") -> None:
     """Reconstruction means go into each model's training run; the report is attached."""
     from mar3d import tracking
 
     client = tracking.client(tracking_uri)
-    for kind, model in trained.items():
+    for arm, model in trained.items():
         for split, summary in summaries.items():
-            for name in METRICS:
-                value = summary[name][kind]["mean"]
+            for name in metrics:
+                value = summary[name][arm]["mean"]
                 if math.isfinite(value):
                     client.log_metric(model.run_id, f"recon_{split}/{name}", value)
-        client.log_artifact(model.run_id, str(report), "ablation")
+        client.log_artifact(model.run_id, str(report), artifact_dir)
 
 
 # -------------------------------------------------------------------------------- main
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def benchmark_parser(doc: str, workdir: Path, experiment: str, steps: int = 1000) -> argparse.ArgumentParser:
+    """The options every benchmark on this protocol shares (YCB source, training run,
+    extraction, tracking); ``doc`` is the script's docstring (description + examples)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__[__doc__.index("Examples:"):])
-    p.add_argument("--data", type=Path, help="prepared shard root of the training shapes "
-                   "(default: prepare --limit YCB objects into --workdir)")
-    p.add_argument("--eval-data", type=Path, help="prepared shard root of held-out shapes "
-                   "(default: prepare --hold-out YCB objects, if any)")
+                                epilog=doc[doc.index("Examples:"):])
     p.add_argument("--ycb", type=Path, default=DEFAULT_YCB, help="YCB root (<object>/textured.obj)")
-    p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "vae_ablation")
-    p.add_argument("--limit", type=int, default=16, help="YCB objects to train on (without --data)")
-    p.add_argument("--hold-out", type=int, default=0, help="further YCB objects only reconstructed")
+    p.add_argument("--workdir", type=Path, default=workdir)
     p.add_argument("--config", default="train_vae_tiny",
-                   help="training config (file or preset) shared by both")
+                   help="training config (file or preset) shared by every model")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra TrainConfig override for both runs (repeatable)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--tokens", type=int, default=128, help="HR latent tokens of both VAEs")
+                   help="extra TrainConfig override for every run (repeatable)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--tokens", type=int, default=128, help="HR latent tokens of every VAE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (and data workers)")
     p.add_argument("--vae-level", choices=("hr", "alternate"), default="hr",
@@ -325,38 +372,65 @@ def parse_args(argv=None):
                         "recipe (every other step LR latents)")
     p.add_argument("--resolution", type=int, default=128, help="extraction grid cells per axis")
     p.add_argument("--metric-points", type=int, default=8192,
-                   help="points sampled on each reconstruction (GT: the stored surface_0)")
-    p.add_argument("--experiment", default="vae-ablation")
+                   help="points sampled on each reconstruction for CD / F / NC")
+    p.add_argument("--experiment", default=experiment)
     p.add_argument("--mlflow-uri", default="", help="default: sqlite:///<workdir>/mlflow.db")
-    args = p.parse_args(argv)
-    for name in ("limit", "steps", "tokens", "num_workers", "resolution", "metric_points"):
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args, positive: tuple[str, ...] = ()) -> None:
+    """Counts that must be >= 1 (the shared ones and ``positive``); resolves --workdir."""
+    for name in ("steps", "tokens", "num_workers", "resolution", "metric_points", *positive):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.hold_out < 0:
-        p.error("--hold-out must be >= 0")
-    if args.eval_data and args.hold_out:
-        p.error("--eval-data and --hold-out both name held-out shapes; give one")
     args.workdir = args.workdir.resolve()
-    return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    started = time.perf_counter()
+def start_runtime(args) -> str:
+    """Workdir, one-thread workers, a local Ray instance; returns the MLflow tracking URI."""
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import ray
-    import torch
-
-    from mar3d.inference import load_vae
-
-    tracking_uri = args.mlflow_uri or f"sqlite:///{args.workdir / 'mlflow.db'}"
     import ray.data  # noqa: F401  (configures its loggers on import; quieten them after)
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset progress chatter
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    return args.mlflow_uri or f"sqlite:///{args.workdir / 'mlflow.db'}"
+
+
+def input_sizes(cfg, data: Path) -> tuple[int, ...]:
+    """Reconstruction uses the points per level the models were trained with."""
+    from mar3d.data.prepare import load_manifest
+
+    return tuple(cfg.surface_sizes) or tuple(load_manifest(data)["config"]["surface_sizes"])
+
+
+def parse_args(argv=None):
+    p = benchmark_parser(__doc__, REPO / "outputs" / "vae_ablation", "vae-ablation")
+    p.add_argument("--data", type=Path, help="prepared shard root of the training shapes "
+                   "(default: prepare --limit YCB objects into --workdir)")
+    p.add_argument("--eval-data", type=Path, help="prepared shard root of held-out shapes "
+                   "(default: prepare --hold-out YCB objects, if any)")
+    p.add_argument("--limit", type=int, default=16, help="YCB objects to train on (without --data)")
+    p.add_argument("--hold-out", type=int, default=0, help="further YCB objects only reconstructed")
+    args = p.parse_args(argv)
+    check_args(p, args, ("limit",))
+    if args.hold_out < 0:
+        p.error("--hold-out must be >= 0")
+    if args.eval_data and args.hold_out:
+        p.error("--eval-data and --hold-out both name held-out shapes; give one")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    tracking_uri = start_runtime(args)
+    import torch
+
+    from mar3d.inference import load_vae
 
     data, eval_data = args.data, args.eval_data
     if data is None:
@@ -370,10 +444,7 @@ def main(argv=None) -> dict:
 
     cfgs = {kind: train_config(args, kind, data, eval_data, tracking_uri) for kind in KINDS}
     trained = {kind: train_or_reuse(cfg) for kind, cfg in cfgs.items()}
-    # Reconstruction uses the points per level the models were trained with.
-    from mar3d.data.prepare import load_manifest
-    stored = tuple(load_manifest(data)["config"]["surface_sizes"])
-    sizes = tuple(cfgs["pyramid"].surface_sizes) or stored
+    sizes = input_sizes(cfgs["pyramid"], data)
 
     torch.manual_seed(args.seed)
     models = {kind: load_vae(m.model_dir)[0] for kind, m in trained.items()}
@@ -385,32 +456,19 @@ def main(argv=None) -> dict:
 
     summaries = {split: summarize(r) for split, r in rows.items()}
     cfg = cfgs["pyramid"]
-    header = (f"Pyramid vs standard VAE, {args.tokens} HR tokens each: {args.steps} steps "
-              f"(vae_level={args.vae_level}), seed {args.seed}, batch {cfg.batch_size} x "
-              f"{cfg.num_workers} workers, lr {cfg.lr}, surface points per level {list(sizes)}, "
-              f"width {cfg.vae.width}, enc/dec layers {cfg.vae.enc_layers}/{cfg.vae.dec_layers}, "
-              f"query_mode {cfg.vae.query_mode}; extraction {args.resolution}^3 hierarchical; "
+    header = (f"Pyramid vs standard VAE, {args.tokens} HR tokens each: {training_summary(cfg, args, sizes)}; "
               f"CD/F(tau=0.05)/NC vs stored surface_0, IoUs from decoder logits.")
-    titles = {"train": "Training shapes (reconstruction)", "heldout": "Held-out shapes (generalization)"}
-    text = "\n\n".join([header] + [table(s, titles[split]) for split, s in summaries.items()])
     timing = {"prepare_s": prepared_s, "eval_s": eval_s, "total_s": time.perf_counter() - started,
               **{f"train_{k}_s": m.seconds for k, m in trained.items()}}
-    text += "\n\nTimes: " + ", ".join(f"{k} {v:.0f}s" for k, v in timing.items())
-    print("\n" + text, flush=True)
-
+    text = report_text(header, [table(s, SPLIT_TITLES[split]) for split, s in summaries.items()], timing)
     # One report per run definition (the training runs' hash), so seeds do not overwrite.
     stem = f"vae_ablation-T{args.tokens}-seed{args.seed}-{cfg.run_name.rsplit('-', 1)[1]}"
-    report = args.workdir / f"{stem}.md"
-    report.write_text(text + "\n")
-    results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "data": str(data), "eval_data": str(eval_data) if eval_data else None,
+    results = {"data": str(data), "eval_data": str(eval_data) if eval_data else None,
                "surface_sizes": list(sizes), "tracking_uri": tracking_uri,
-               "runs": {k: {"run_id": m.run_id, "model_dir": str(m.model_dir), "reused": m.reused,
-                            "final_train_metrics": m.final_metrics} for k, m in trained.items()},
+               "runs": {k: run_record(m) for k, m in trained.items()},
                "summary": summaries, "per_shape": rows, "timing": timing}
-    (args.workdir / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
+    report = write_report(args, stem, text, results)
     log_to_mlflow(tracking_uri, trained, summaries, report)
-    print(f"\nwrote {report} and {args.workdir / stem}.json", flush=True)
     return results
 
 

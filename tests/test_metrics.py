@@ -1,6 +1,7 @@
 """Reconstruction metrics on meshes with known answers."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -8,8 +9,9 @@ import pytest
 import trimesh
 
 from _ycb import ycb_mesh
-from mar3d.metrics import (chamfer_distance, f_score, mesh_metrics, normal_consistency,
-                           normalization_transform, sample_surface, volume_iou)
+from mar3d.metrics import (chamfer_distance, edge_metrics, f_score, mesh_metrics,
+                           normal_consistency, normalization_transform, sample_surface,
+                           segment_distance, volume_iou)
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +100,47 @@ def test_real_scan_against_a_perturbed_copy(ycb_root):
     assert scores[0]["chamfer"] < scores[1]["chamfer"] < scores[2]["chamfer"]
     assert scores[0]["f_score"] >= scores[1]["f_score"] > scores[2]["f_score"]
     assert scores[1]["volume_iou"] > scores[2]["volume_iou"]
+
+
+def cube_edges(half: float = 0.5) -> np.ndarray:
+    corners = np.array(list(itertools.product((-half, half), repeat=3)))
+    pairs = [(i, j) for i in range(8) for j in range(i + 1, 8) if (corners[i] != corners[j]).sum() == 1]
+    return corners[np.array(pairs)]
+
+
+def test_segment_distance_is_exact_up_to_the_limit():
+    edges = cube_edges()
+    assert len(edges) == 12
+    points = np.array([[0.5, 0.5, 0.5], [0.55, 0.3, 0.5], [0.45, 0.2, 0.45], [0.6, 0.6, 0.0],
+                       [0.0, 0.0, 0.0], [0.0, 0.5, 0.51]])
+    d = segment_distance(points, edges, 0.2)
+    np.testing.assert_allclose(d[[0, 1, 2, 3, 5]], [0.0, 0.05, 0.05 * math.sqrt(2), 0.1 * math.sqrt(2), 0.01],
+                               atol=1e-12)
+    assert math.isinf(d[4])  # the centre is 0.71 from every edge
+    # the middle of a length-1 edge is found although the limit is far below its length
+    assert segment_distance(points[5:], edges, 0.02)[0] == pytest.approx(0.01)
+    assert np.isinf(segment_distance(points, np.zeros((0, 2, 3)), 0.1)).all()
+
+
+def test_edge_metrics_on_a_cube():
+    box, edges, d = trimesh.creation.box((1, 1, 1)), cube_edges(), 0.1
+    points, normals = sample_surface(box, 100_000, seed=0)
+    # The band covers each unit face but its inner (1 - 2d)^2 square.
+    assert np.isfinite(segment_distance(points, edges, d)).mean() == pytest.approx(4 * d - 4 * d * d, abs=0.01)
+    same = edge_metrics(points, normals, points, normals, edges, d)
+    assert same["edge_chamfer"] == 0.0 and same["edge_nc"] == pytest.approx(1.0)
+    # A 1.2x cube: each GT band point is 0.1 from the parallel face; the big cube's points
+    # mapped into the band are >= 0.1 away (more around the corners, up to 0.1 * sqrt 2).
+    big = box.copy()
+    big.apply_scale(1.2)
+    m = edge_metrics(*sample_surface(big, 100_000, seed=1), points, normals, edges, d)
+    assert m["edge_completeness"] == pytest.approx(0.1, abs=0.003)
+    assert 0.1 < m["edge_accuracy"] < 0.1 * math.sqrt(2)
+    assert m["edge_chamfer"] == pytest.approx(0.5 * (m["edge_completeness"] + m["edge_accuracy"]))
+    # A small sphere inside: no point of it maps into the band, so accuracy is undefined.
+    inner = edge_metrics(*sample_surface(trimesh.creation.icosphere(3, radius=0.3), 20_000),
+                         points, normals, edges, d)
+    assert inner["edge_pred_points"] == 0 and math.isnan(inner["edge_chamfer"])
+    assert inner["edge_completeness"] > 0.2
+    empty = edge_metrics(np.zeros((0, 3)), np.zeros((0, 3)), points, normals, edges, d)
+    assert empty["edge_gt_points"] == m["edge_gt_points"] and math.isnan(empty["edge_completeness"])
