@@ -45,7 +45,8 @@ class DataConfig:
     surface_sizes: tuple[int, ...] = (16384, 4096, 1024)
     # Fraction of each level's points placed on sharp edges (Dora's sharp-edge sampling);
     # 0 disables. Sharp edges are detected on the ORIGINAL mesh (marching-cubes meshes
-    # have staircase dihedrals everywhere) and projected onto the watertight surface.
+    # have staircase dihedrals everywhere); with the offset method they are projected
+    # onto the watertight surface.
     # 0: Dora's 0.5 gave no consistent gain on edge-rich YCB objects (benchmarks/sharp_edges.py, README).
     sharp_edge_fraction: float = 0.0
     sharp_edge_angle_deg: float = 30.0
