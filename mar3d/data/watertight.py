@@ -17,7 +17,7 @@ a voxel fat. ``method="snap"`` (the default) moves each marching-cubes vertex ba
 its closest point of the input (``snap_to_input``) and keeps the mesh's connectivity, so
 the result stays closed and manifold while its geometry follows the original surface.
 Where both sides of the level set would land on the same place (open sheets, walls
-thinner than epsilon / 4, see ``on_sheet``), snapping would leave zero volume that no
+thinner than epsilon / 10, see ``on_sheet``), snapping would leave zero volume that no
 occupancy label or decoder can see, so there the vertices stop ``epsilon / 2`` short:
 such parts keep a one-epsilon-thick shell.
 """
@@ -245,9 +245,9 @@ def snap_to_input(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray, e
 def on_sheet(closest: np.ndarray, away: np.ndarray, epsilon: float, voxel: float) -> np.ndarray:
     """Boolean [N]: the point's snapped position lies on a sheet, i.e. the level set's
     other side snaps onto the same place: another point within a voxel of it, facing the
-    opposite way, less than epsilon / 4 away along its normal. On a solid the other side
-    is the solid's thickness away, so walls down to epsilon / 4 (a plate scanned at a
-    quarter voxel) keep their true thickness, while open sheets, the rims of sheets and
+    opposite way, less than epsilon / 10 away along its normal. On a solid the other side
+    is the solid's thickness away, so walls down to epsilon / 10 (a plate scanned at a
+    third of a voxel) keep their true thickness, while open sheets, the rims of sheets and
     knife edges keep a thin shell. Purely geometric: holes or flipped faces in the input
     do not change the answer (a winding-number probe of the input did, and cost 4x more)."""
     from scipy.spatial import cKDTree
@@ -256,7 +256,7 @@ def on_sheet(closest: np.ndarray, away: np.ndarray, epsilon: float, voxel: float
     i, j = pairs[:, 0], pairs[:, 1]
     facing = (away[i] * away[j]).sum(1) < -0.5
     gap = np.abs(((closest[j] - closest[i]) * away[i]).sum(1))
-    both = facing & (gap < 0.25 * epsilon)
+    both = facing & (gap < 0.1 * epsilon)
     sheet = np.zeros(len(closest), bool)
     sheet[i[both]] = True
     sheet[j[both]] = True
