@@ -1,5 +1,15 @@
-"""Batch-generation throughput: shapes/s of `mar3d.generate.batch_generate` with 1 vs 2
-actors on CPU, and the same on GPU when CUDA is available (rows say "skipped" otherwise).
+"""Batch-generation throughput: shapes/s of batched sampling at batch 1, 4, 16 (one
+pipeline, in process) and of `mar3d.generate.batch_generate` with 1 vs 2 actors, on CPU and
+on GPU when CUDA is available (rows say "skipped" otherwise).
+
+Batch sizes (--batch-sizes): the same N images go through `MAR3DPipeline.generate_tokens`
+in chunks of each batch size ("sampling": condition + MAR-LR + MAR-HR), then through
+per-item decoding and mesh extraction ("end-to-end" adds that). shapes/s are N over the
+process CPU seconds on CPU (--threads torch threads, default 1: per-core throughput,
+robust to other load on the machine) and over wall seconds on GPU; ratios are to the
+first batch size, measured in the same run (best of --repeats interleaved runs). The
+"max |diff|" column checks batch invariance: the largest token difference between an
+item sampled in that batch size and in batches of the first size.
 
 Every configuration generates the same N images into a fresh output folder. "job" numbers
 time the whole job as a user sees it (listing, actor start-up with one model load per
@@ -42,7 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="actor counts to time")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="actors' batch_size (items per model call)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16],
+                   help="batch sizes of the in-process sampling table")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process table (CPU)")
+    p.add_argument("--skip-actors", action="store_true", help="only the in-process batch-size table")
     p.add_argument("--num-iters", type=int, default=None, help="AR steps (default: model's; tiny: 4)")
     p.add_argument("--diffusion-steps", type=int, default=None, help="(default: model's; tiny: 5)")
     p.add_argument("--resolution", type=int, default=None, help="marching-cubes grid (default 128; tiny: 32)")
@@ -93,6 +107,68 @@ def run_one(images: Path, model: str, tracking_uri: str | None, gen_kwargs: dict
             "item": float(np.mean(table.column("seconds").to_numpy()))}
 
 
+def _clock(device: str) -> float:
+    import time
+
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def time_batch_size(pipe, images: list, batch: int) -> dict:
+    """Sampling, then per-item decoding + extraction, of ``images`` in chunks of ``batch``;
+    item i has seed i whatever its chunk."""
+    import torch
+
+    device = pipe.device.type
+    t0 = _clock(device)
+    chunks = [range(i, min(i + batch, len(images))) for i in range(0, len(images), batch)]
+    tokens = torch.cat([pipe.generate_tokens([images[j] for j in c], seed=list(c))[0] for c in chunks])
+    t1 = _clock(device)
+    faces = [len(pipe.decode(t).mesh.faces) for t in tokens.split(1)]
+    t2 = _clock(device)
+    return {"sample": t1 - t0, "e2e": t2 - t0, "tokens": tokens.cpu(), "faces": faces}
+
+
+def batch_size_table(model: str, tracking_uri: str | None, gen_kwargs: dict, images: Path, args) -> None:
+    import torch
+
+    from mar3d.inference import GenerateConfig, MAR3DPipeline
+
+    paths = sorted(images.iterdir())
+    print("| device | batch | images | sampling s | shapes/s (sampling) | speed-up | end-to-end s | "
+          "shapes/s (end-to-end) | speed-up | max abs diff vs first |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for device in ("cpu", "cuda"):
+        if device == "cuda" and (args.skip_gpu or not torch.cuda.is_available()):
+            why = "--skip-gpu" if args.skip_gpu else "no CUDA"
+            for b in args.batch_sizes:
+                print(f"| gpu | {b} | {len(paths)} | skipped: {why} | | | | | | |")
+            continue
+        if device == "cpu":
+            torch.set_num_threads(args.threads)
+        pipe = MAR3DPipeline.from_pretrained(model, config=GenerateConfig(**gen_kwargs), device=device,
+                                             tracking_uri=tracking_uri)
+        time_batch_size(pipe, paths[:1], 1)  # warm-up: allocator, kernels, lazy imports
+        best: dict[int, dict] = {}
+        for _ in range(args.repeats):
+            for b in args.batch_sizes:
+                r = time_batch_size(pipe, paths, b)
+                if b not in best or r["e2e"] < best[b]["e2e"]:
+                    best[b] = r
+        base = best[args.batch_sizes[0]]
+        for b in args.batch_sizes:
+            r = best[b]
+            diff = (r["tokens"] - base["tokens"]).abs().max().item()
+            print(f"| {'gpu' if device == 'cuda' else 'cpu'} | {b} | {len(paths)} | {r['sample']:.2f} | "
+                  f"{len(paths) / r['sample']:.2f} | {base['sample'] / r['sample']:.2f}x | {r['e2e']:.2f} | "
+                  f"{len(paths) / r['e2e']:.2f} | {base['e2e'] / r['e2e']:.2f}x | {diff:.1e} |", flush=True)
+    print()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))
@@ -112,6 +188,13 @@ def main(argv=None) -> int:
     gen_kwargs = {**defaults, **gen_kwargs, "use_hr": not args.no_hr}
     images = make_images(workdir / "images", args.num_images, args.image_size)
 
+    print(f"model: {'tiny random release' if args.model is None else model}; settings {gen_kwargs}; "
+          f"{args.num_images} images {args.image_size}px; {os.cpu_count()} CPU cores; "
+          f"{args.threads} torch thread(s) in process; load average before: {os.getloadavg()[0]:.1f}\n")
+    batch_size_table(model, args.tracking_uri, gen_kwargs, images, args)
+    if args.skip_actors:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     has_cuda = torch.cuda.is_available() and ray.cluster_resources().get("GPU", 0) > 0

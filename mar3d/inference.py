@@ -2,6 +2,7 @@
 
     pipe = MAR3DPipeline.from_pretrained("models:/mar3d@champion")   # or a local folder
     mesh = pipe(image, seed=0)                                         # trimesh.Trimesh
+    meshes = pipe([im0, im1, im2], seed=0)                             # one batch -> 3 meshes
 
 The cascade: condition tokens (CLIP + DINOv2) -> MAR-LR samples LR latent tokens ->
 MAR-HR samples HR tokens conditioned on the image and the LR tokens (skipped with
@@ -9,9 +10,10 @@ MAR-HR samples HR tokens conditioned on the image and the LR tokens (skipped wit
 -> marching cubes (hierarchical by default). Weights come only from safetensors folders
 (``mar3d.weights``); nothing is unpickled.
 
-Reproducibility: one ``torch.Generator`` seeded with ``seed`` drives all sampling of a
-call, so the same image, seed and settings give the same mesh, whatever else is generated
-in the same process.
+Reproducibility: one ``torch.Generator`` per image (seeded with its seed, or given
+diffusers style) drives all of that image's sampling, so the same image, seed and
+settings give the same mesh, whatever else is generated in the same process and whatever
+batch the image is sampled in (up to float summation order in batched matrix products).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from mar3d.config import from_dict
 from mar3d.geometry.extract import ExtractionResult, extract_mesh, latent_occupancy_fn
 from mar3d.models.condition import ConditionConfig
 from mar3d.models.mar import ConditionalMAR, MARConfig
+from mar3d.models.rng import Generators
 from mar3d.models.vae import ShapeVAE, VAEConfig
 from mar3d.weights import load_model_dir
 
@@ -130,6 +133,19 @@ def _check_size(width: int, height: int, cfg: GenerateConfig) -> None:
     if width * height > cfg.max_image_pixels:
         raise InvalidImageError(f"image is {width}x{height} = {width * height} px, over the "
                                 f"limit of {cfg.max_image_pixels}")
+
+
+def is_image_list(images: Any) -> bool:
+    """A list/tuple of images (a batch), as opposed to one image (an array, PIL, path...)."""
+    return isinstance(images, (list, tuple))
+
+
+def as_image_list(images: Any) -> list:
+    if not is_image_list(images):
+        return [images]
+    if not images:
+        raise ValueError("no images given")
+    return list(images)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -248,30 +264,56 @@ class MAR3DPipeline:
         out.update({k: v for k, v in overrides.items() if k in keys and v is not None})
         return out
 
-    @torch.no_grad()
-    def generate_tokens(self, image: Any, seed: int = 0, use_hr: bool | None = None,
-                        **sampling) -> tuple[torch.Tensor, str]:
-        """One image -> (VAE latents [1, T, C], "hr" or "lr").
+    def item_generators(self, count: int, seed: int | Sequence[int] = 0,
+                        generator: Generators = None) -> list[torch.Generator]:
+        """One generator per item, so every item samples as if it were alone.
 
+        ``generator``: one per item (diffusers style), or a single one, used as is for one
+        item and, for several, drawing one child seed per item. Without it ``seed`` is one
+        seed per item, or an int: item i of the batch gets ``seed + i`` (so
+        ``pipe(images, seed=s)[i]`` is ``pipe(images[i], seed=s + i)``)."""
+        if isinstance(generator, torch.Generator):
+            if count == 1:
+                return [generator]
+            children = torch.randint(0, 2 ** 62, (count,), generator=generator, device=generator.device)
+            seed, generator = [int(c) for c in children], None
+        if generator is not None:
+            gens = list(generator)
+            if len(gens) != count:
+                raise ValueError(f"got {len(gens)} generators for {count} images: give one per image")
+            return gens
+        seeds = [int(seed) + i for i in range(count)] if np.ndim(seed) == 0 else [int(x) for x in seed]
+        if len(seeds) != count:
+            raise ValueError(f"got {len(seeds)} seeds for {count} images: give one per image or one int")
+        return [torch.Generator(device=self.device).manual_seed(x) for x in seeds]
+
+    @torch.no_grad()
+    def generate_tokens(self, images: Any, seed: int | Sequence[int] = 0, use_hr: bool | None = None,
+                        generator: Generators = None, **sampling) -> tuple[torch.Tensor, str]:
+        """One image or a list -> (VAE latents [B, T, C], "hr" or "lr"); B = 1 for one image.
+
+        A list is sampled as one batch (one forward per AR step for all items, conditional
+        and unconditional halves together) with one generator per item
+        (:meth:`item_generators`): an item's tokens do not depend on its batch mates.
         Each MAR model generates in its own normalized token space; the tokens are mapped
         back to VAE latents with the statistics stored in its config (and, for MAR-HR,
         the LR latents into its prefix space)."""
-        rgba = torch.from_numpy(load_image(image, self.config)).unsqueeze(0).to(self.device)
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        lr_latents = self.generate_lr(rgba, gen, **sampling)
+        rgba = [load_image(im, self.config) for im in as_image_list(images)]
+        gens = self.item_generators(len(rgba), seed, generator)
+        lr_latents = self.generate_lr(rgba, gens, **sampling)
         hr_wanted = self.uses_hr if use_hr is None else use_hr
         if hr_wanted:
-            return self.generate_hr(rgba, lr_latents, gen, **sampling), "hr"
+            return self.generate_hr(rgba, lr_latents, gens, **sampling), "hr"
         return lr_latents, "lr"
 
     @torch.no_grad()
-    def generate_lr(self, rgba: torch.Tensor, generator: torch.Generator, **sampling) -> torch.Tensor:
-        """MAR-LR: RGBA uint8 [B, H, W, 4] -> LR VAE latents."""
+    def generate_lr(self, rgba: Any, generator: Generators, **sampling) -> torch.Tensor:
+        """MAR-LR: RGBA uint8 [B, H, W, 4] (or a list of [H, W, 4]) -> LR VAE latents."""
         tokens = self.lr.generate(rgba, generator=generator, **self._sampling(sampling))
         return self.lr.mar.denormalize(tokens)
 
     @torch.no_grad()
-    def generate_hr(self, rgba: torch.Tensor, lr_latents: torch.Tensor, generator: torch.Generator,
+    def generate_hr(self, rgba: Any, lr_latents: torch.Tensor, generator: Generators,
                     **sampling) -> torch.Tensor:
         """MAR-HR: RGBA uint8 images + LR VAE latents -> HR VAE latents."""
         if self.hr is None:
@@ -294,20 +336,27 @@ class MAR3DPipeline:
         kv = self.vae.decode(tokens.to(self.device).float())
         return latent_occupancy_fn(self.vae, kv)(points)
 
-    def run(self, image: Any, seed: int = 0, use_hr: bool | None = None,
-            resolution: int | None = None, **sampling) -> dict[str, Any]:
-        """Like ``__call__`` but also returns tokens and timings."""
+    def run(self, images: Any, seed: int | Sequence[int] = 0, use_hr: bool | None = None,
+            resolution: int | None = None, generator: Generators = None, **sampling):
+        """Like ``__call__`` but each mesh comes in a dict with its tokens and timings; a list
+        of images gives a list of dicts. A batch's sampling time is shared evenly between
+        its items (``sample_seconds``; ``batch_sample_seconds`` is the whole)."""
         t0 = time.perf_counter()
-        tokens, level = self.generate_tokens(image, seed=seed, use_hr=use_hr, **sampling)
-        t1 = time.perf_counter()
-        extraction = self.decode(tokens, resolution)
-        return {"mesh": extraction.mesh, "tokens": tokens, "level": level,
-                "sample_seconds": t1 - t0, "decode_seconds": extraction.seconds,
-                "num_queries": extraction.num_queries}
+        tokens, level = self.generate_tokens(images, seed=seed, use_hr=use_hr, generator=generator, **sampling)
+        batch_seconds = time.perf_counter() - t0
+        outs = []
+        for item_tokens in tokens.split(1):
+            extraction = self.decode(item_tokens, resolution)
+            outs.append({"mesh": extraction.mesh, "tokens": item_tokens, "level": level,
+                         "sample_seconds": batch_seconds / len(tokens), "batch_sample_seconds": batch_seconds,
+                         "decode_seconds": extraction.seconds, "num_queries": extraction.num_queries})
+        return outs if is_image_list(images) else outs[0]
 
-    def __call__(self, image: Any, seed: int = 0, steps: int | None = None, cfg: float | None = None,
-                 temperature: float | None = None, use_hr: bool | None = None,
-                 resolution: int | None = None):
-        """One image (path, bytes, PIL or uint8 array) -> ``trimesh.Trimesh``."""
-        return self.run(image, seed=seed, use_hr=use_hr, resolution=resolution, num_iters=steps,
-                        cfg=cfg, temperature=temperature)["mesh"]
+    def __call__(self, images: Any, seed: int | Sequence[int] = 0, steps: int | None = None,
+                 cfg: float | None = None, temperature: float | None = None, use_hr: bool | None = None,
+                 resolution: int | None = None, generator: Generators = None):
+        """One image (path, bytes, PIL or uint8 array) -> ``trimesh.Trimesh``; a list of
+        images -> a list of meshes, sampled as one batch (see :meth:`generate_tokens`)."""
+        out = self.run(images, seed=seed, use_hr=use_hr, resolution=resolution, generator=generator,
+                       num_iters=steps, cfg=cfg, temperature=temperature)
+        return [o["mesh"] for o in out] if is_image_list(images) else out["mesh"]

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from mar3d.models.rng import Generators, draw
+
 
 @dataclass
 class DiffusionConfig:
@@ -55,12 +57,12 @@ class DiffusionConfig:
                              f"{self.timestep_spacing!r}")
 
 
-def gaussian_noise(shape: tuple[int, ...], generator: torch.Generator | None,
+def gaussian_noise(shape: tuple[int, ...], generator: Generators,
                    like: torch.Tensor) -> torch.Tensor:
     """Gaussian noise drawn on the generator's device (so a CPU generator gives the same
-    numbers whatever device the model is on), then moved to ``like``'s device/dtype."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device).to(like.device, like.dtype)
+    numbers whatever device the model is on), then moved to ``like``'s device/dtype.
+    A list of generators splits the rows between them (:func:`mar3d.models.rng.draw`)."""
+    return draw(torch.randn, shape, generator, like.device).to(like.device, like.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -340,12 +342,13 @@ class GaussianDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, num_steps: int = 100, temperature: float = 1.0,
                cfg: torch.Tensor | float | None = None,
-               generator: torch.Generator | None = None, spacing: str | None = None) -> torch.Tensor:
+               generator: Generators = None, spacing: str | None = None) -> torch.Tensor:
         """Sample tokens [N, C] for conditions ``z`` [N, D] by ancestral DDPM sampling.
 
         ``temperature`` scales the noise added at each step (not the initial noise), as in
         MAR. With ``cfg`` (scalar or [N/2]) ``z`` must be [z_cond; z_uncond] (N even) and
-        the result is [N, C] with identical halves; callers keep the first half.
+        the result is [N, C] with identical halves; callers keep the first half. With a
+        list of G generators the rows (of each half) are G item-major groups, one per generator.
         """
         if z.dim() != 2:
             raise ValueError(f"z must be [N, D], got {tuple(z.shape)}")

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -38,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from mar3d.models.attention import Block
 from mar3d.models.condition import ConditionConfig, ImageConditioner
 from mar3d.models.diffusion import DiffusionConfig, GaussianDiffusion, gaussian_noise
+from mar3d.models.rng import Generators, check_per_item
 from mar3d.models.schedules import (cfg_scale, cosine_mask_schedule, mask_from_orders,
                                     random_orders, sample_mask_ratio)
 
@@ -158,7 +160,7 @@ class GeneratorConfig:
 
 
 def augment_lr(x_lr: torch.Tensor, t: float | torch.Tensor,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: Generators = None) -> torch.Tensor:
     """Condition augmentation ``t * eps + (1 - t) * x_lr``; ``t`` a scalar or one per sample [B]."""
     if not torch.is_tensor(t):
         t = torch.tensor(float(t))
@@ -348,12 +350,15 @@ class MAR(nn.Module):
     @torch.no_grad()
     def generate(self, cond: torch.Tensor, num_iters: int | None = None, cfg: float | None = None,
                  temperature: float | None = None, diffusion_steps: int | None = None,
-                 lr_tokens: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 lr_tokens: torch.Tensor | None = None, generator: Generators = None,
                  aug_t: float | None = None, timestep_spacing: str | None = None) -> torch.Tensor:
         """Sample tokens [B, T, C]. Arguments left None come from ``cfg.sampling`` (and
         ``aug_t`` from ``cond_aug_t_infer``, ``timestep_spacing`` from ``cfg.diffusion``).
-        Same ``generator`` state -> same tokens."""
+        Same ``generator`` state -> same tokens. ``generator`` may be one generator per
+        sample: each sample then draws only from its own (mask order, condition
+        augmentation, diffusion noise), so its tokens do not depend on its batch mates."""
         self._check_inputs(cond, lr_tokens)
+        check_per_item(generator, cond.shape[0])
         s = self.cfg.sampling
         num_iters = s.num_iters if num_iters is None else num_iters
         cfg = s.cfg if cfg is None else cfg
@@ -418,11 +423,18 @@ class ConditionalMAR(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, lr_tokens: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, **sampling) -> torch.Tensor:
+                 generator: Generators = None, **sampling) -> torch.Tensor:
         was_training = self.training
         self.eval()
         try:
-            cond = self.conditioner(images)
+            cond = self.condition(images)
         finally:
             self.train(was_training)
         return self.mar.generate(cond, lr_tokens=lr_tokens, generator=generator, **sampling)
+
+    def condition(self, images) -> torch.Tensor:
+        """Condition tokens [B, Tc, D]. A list of images of different sizes cannot share one
+        tensor, so it is conditioned one image at a time (the conditioner resizes anyway)."""
+        if isinstance(images, (list, tuple)) and len({np.shape(im) for im in images}) > 1:
+            return torch.cat([self.conditioner([im]) for im in images])
+        return self.conditioner(images)

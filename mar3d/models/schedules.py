@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from mar3d.models.rng import Generators, draw
+
 
 def cosine_mask_schedule(seq_len: int, num_iters: int) -> list[int]:
     """Tokens revealed at each of ``num_iters`` steps; sums to ``seq_len``.
@@ -75,12 +77,11 @@ def sample_mask_ratio(num: int, generator: torch.Generator | None = None, *,
     return ratio.clamp(low, high).float()
 
 
-def random_orders(batch: int, seq_len: int, generator: torch.Generator | None = None,
+def random_orders(batch: int, seq_len: int, generator: Generators = None,
                   device: torch.device | str | None = None) -> torch.Tensor:
-    """One random permutation of token indices per sample: [batch, seq_len] int64."""
-    noise = torch.rand(batch, seq_len, generator=generator,
-                       device=generator.device if generator is not None else device)
-    return noise.argsort(dim=1).to(device)
+    """One random permutation of token indices per sample: [batch, seq_len] int64.
+    With a list of generators, sample i's order comes from generator i alone."""
+    return draw(torch.rand, (batch, seq_len), generator, device).argsort(dim=1).to(device)
 
 
 def mask_from_orders(orders: torch.Tensor, num_masked: int) -> torch.Tensor:
