@@ -258,9 +258,12 @@ def extract_mesh(occupancy_fn: OccupancyFn, resolution: int = 256, bounds: float
                             resolution=resolution, grid=values if return_grid else None)
 
 
-def latent_occupancy_fn(model, kv, dtype=None) -> OccupancyFn:
+def latent_occupancy_fn(model, kv, dtype=None, kv_select=None) -> OccupancyFn:
     """Wrap a VAE's ``query(kv, points[B,M,3]) -> logits[B,M]`` for one shape (kv [1,T,D])
-    as a numpy occupancy function for :func:`extract_mesh`."""
+    as a numpy occupancy function for :func:`extract_mesh`. ``kv_select``
+    (:class:`mar3d.models.attention.KVSelect`, default off = exact) turns on adaptive KV
+    selection: blocks of nearby points of each ``batch_size`` chunk attend only to
+    their top-k latent tokens."""
     import torch
 
     if kv.ndim != 3 or kv.shape[0] != 1:
@@ -269,7 +272,7 @@ def latent_occupancy_fn(model, kv, dtype=None) -> OccupancyFn:
     @torch.no_grad()
     def fn(points: np.ndarray) -> np.ndarray:
         p = torch.as_tensor(points, device=kv.device, dtype=dtype or kv.dtype).unsqueeze(0)
-        return model.query(kv, p)[0].float().cpu().numpy()
+        return model.query(kv, p, kv_select)[0].float().cpu().numpy()
     return fn
 
 
