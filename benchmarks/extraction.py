@@ -1,5 +1,6 @@
-"""Dense vs hierarchical (coarse-to-fine) mesh extraction: decoder queries, wall time and
-agreement of the occupied voxels, per shape and resolution. Prints a markdown table.
+"""Dense vs hierarchical (coarse-to-fine) vs hierarchical + adaptive KV selection mesh
+extraction: decoder queries, time and agreement of the occupied voxels with the dense
+grid, per shape and resolution. Prints a markdown table.
 
 Occupancy fields benchmarked:
   * analytic SDFs (sphere, torus, thin plate) as logits -100 * sdf: exact geometry,
@@ -10,14 +11,23 @@ Occupancy fields benchmarked:
     (``--vae-steps``), or ``--checkpoint`` loads a trained VAE model folder (as written
     by mar3d training) and encodes ``--mesh``.
 
+``--kv-top-k K ...`` adds a ``hierarchical+kv`` row per K for the VAE fields: the hierarchical
+decoder whose query blocks (``--kv-block`` Morton-ordered points) attend only to their
+top-K latent tokens (``mar3d.models.attention.KVSelect``). Speed-ups are ratios of the
+process CPU time of the whole extraction (robust on a shared machine), wall seconds
+are shown too; IoU is over the (R+1)^3 grid points, each method against the dense grid.
+
 Examples:
   python benchmarks/extraction.py
   python benchmarks/extraction.py --resolutions 128 256 --shapes sphere ycb:025_mug vae
   python benchmarks/extraction.py --checkpoint runs/vae/checkpoint --mesh obj.glb --device cuda
+  python benchmarks/extraction.py --shapes vae --vae-steps 300 --vae-tokens 512 \
+      --resolutions 256 384 --kv-top-k 32
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -61,8 +71,9 @@ def surface_pyramid(mesh, sizes, seed: int = 0):
     return levels
 
 
-def train_tiny_vae(steps: int, device: str, seed: int = 0):
-    """Tiny Pyramid VAE fitted to one torus (fresh occupancy queries each step)."""
+def train_tiny_vae(steps: int, device: str, seed: int = 0, hr_tokens: int | None = None):
+    """Tiny Pyramid VAE fitted to one torus (fresh occupancy queries each step);
+    ``hr_tokens`` overrides the config's HR latent token count (at most 2048)."""
     import torch
     import trimesh
 
@@ -74,7 +85,10 @@ def train_tiny_vae(steps: int, device: str, seed: int = 0):
     mesh = trimesh.creation.torus(major_radius=0.55, minor_radius=0.25, major_sections=64, minor_sections=32)
     surfaces = [s.to(device) for s in surface_pyramid(mesh, (2048, 512, 128), seed)]
     inside = lambda p: -torus_sdf(0.55, 0.25)(p) > 0  # noqa: E731
-    model = ShapeVAE(load_config(VAEConfig, "vae_tiny")).to(device)
+    cfg = load_config(VAEConfig, "vae_tiny")
+    if hr_tokens is not None:
+        cfg = dataclasses.replace(cfg, hr_tokens=hr_tokens)
+    model = ShapeVAE(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps, pct_start=0.1)
     for step in range(steps):
@@ -92,17 +106,19 @@ def train_tiny_vae(steps: int, device: str, seed: int = 0):
     return model, surfaces, float(out["iou"])
 
 
-def vae_occupancy(model, surfaces):
+def vae_occupancy(model, surfaces, kv_selects):
+    """The exact occupancy function and {method label: KV-selecting one} per ``kv_selects``."""
     import torch
 
     from mar3d.geometry import latent_occupancy_fn
 
     with torch.no_grad():
         kv = model.decode(model.encode(surfaces, level="hr", sample=False))
-    return latent_occupancy_fn(model, kv)
+    return latent_occupancy_fn(model, kv), {f"hierarchical+kv (top {s.top_k})": latent_occupancy_fn(model, kv, kv_select=s)
+                                            for s in kv_selects}
 
 
-def checkpoint_occupancy(checkpoint: str, mesh_path: Path, device: str):
+def checkpoint_occupancy(checkpoint: str, mesh_path: Path, device: str, kv_selects):
     from mar3d.config import from_dict
     from mar3d.models.vae import ShapeVAE, VAEConfig
     from mar3d.registry import resolve_model_dir
@@ -114,43 +130,63 @@ def checkpoint_occupancy(checkpoint: str, mesh_path: Path, device: str):
     model.eval().to(device)
     sizes = [16384 // 4 ** k for k in range(model.cfg.num_levels)]
     surfaces = [s.to(device) for s in surface_pyramid(load_normalized_mesh(mesh_path, 1.0), sizes)]
-    return vae_occupancy(model, surfaces)
+    return model.cfg.hr_tokens, vae_occupancy(model, surfaces, kv_selects)
+
+
+def kv_selections(args):
+    from mar3d.models.attention import KVSelect
+
+    return [KVSelect(k, args.kv_block, args.kv_score_queries) for k in args.kv_top_k]
 
 
 def occupancy_functions(args):
+    """(name, exact occupancy fn, {label: KV-selecting fn}) per requested field."""
     for name in args.shapes:
         if name in ANALYTIC:
-            yield name, ANALYTIC[name]()
+            yield name, ANALYTIC[name](), {}
         elif name.startswith("ycb:"):
             mesh = load_normalized_mesh(args.ycb_root / name[4:] / "textured.obj")
             yield f"{name} ({len(mesh.faces)} faces, winding number)", \
-                winding_number_occupancy_fn(mesh.vertices, mesh.faces)
+                winding_number_occupancy_fn(mesh.vertices, mesh.faces), {}
         elif name == "vae":
             if args.checkpoint:
-                yield f"VAE {args.checkpoint} on {args.mesh.name}", \
-                    checkpoint_occupancy(args.checkpoint, args.mesh, args.device)
+                tokens, fns = checkpoint_occupancy(args.checkpoint, args.mesh, args.device, kv_selections(args))
+                yield (f"VAE {args.checkpoint} on {args.mesh.name} ({tokens} tokens)", *fns)
             else:
                 t0 = time.perf_counter()
-                model, surfaces, iou = train_tiny_vae(args.vae_steps, args.device)
+                model, surfaces, iou = train_tiny_vae(args.vae_steps, args.device, hr_tokens=args.vae_tokens)
                 print(f"# tiny VAE trained on a torus: {args.vae_steps} steps in "
                       f"{time.perf_counter() - t0:.1f} s, last-step query IoU {iou:.3f}", file=sys.stderr)
-                yield f"tiny VAE ({args.device}, torus)", vae_occupancy(model, surfaces)
+                yield (f"tiny VAE ({args.device}, torus, {model.cfg.hr_tokens} tokens)",
+                       *vae_occupancy(model, surfaces, kv_selections(args)))
         else:
             raise SystemExit(f"unknown shape {name!r}: use {sorted(ANALYTIC)}, ycb:<object> or vae")
 
 
-def compare(fn, resolution: int, args) -> dict:
-    dense = extract_mesh(fn, resolution=resolution, method="dense", batch_size=args.batch_size, return_grid=True)
-    fast = extract_mesh(fn, resolution=resolution, method="hierarchical", batch_size=args.batch_size,
-                        coarse_resolution=args.coarse_resolution, band=args.band, return_grid=True)
-    a, b = dense.grid > 0, fast.grid > 0
-    union = (a | b).sum()
-    return {
-        "dense_q": dense.num_queries, "fast_q": fast.num_queries, "fraction": fast.query_fraction,
-        "dense_s": dense.seconds, "fast_s": fast.seconds,
-        "iou": 1.0 if union == 0 else (a & b).sum() / union,
-        "faces": (len(dense.mesh.faces), len(fast.mesh.faces)),
-    }
+def timed_extraction(fn, resolution: int, args, method: str):
+    """(ExtractionResult with the grid, process CPU seconds of the whole extraction)."""
+    options = {} if method == "dense" else dict(coarse_resolution=args.coarse_resolution, band=args.band)
+    cpu = time.process_time()
+    result = extract_mesh(fn, resolution=resolution, method=method, batch_size=args.batch_size,
+                          return_grid=True, **options)
+    return result, time.process_time() - cpu
+
+
+def compare(fn, kv_fns: dict, resolution: int, args) -> list[dict]:
+    """One row per method; speed-up and IoU against the dense grid."""
+    runs = [("dense", fn), ("hierarchical", fn), *kv_fns.items()]
+    rows = []
+    for label, f in runs:
+        result, cpu = timed_extraction(f, resolution, args, label.split("+")[0])
+        if not rows:
+            dense_grid, dense_cpu = result.grid > 0, cpu
+        occupied = result.grid > 0
+        union = (dense_grid | occupied).sum()
+        rows.append({"method": label, "queries": result.num_queries, "fraction": result.query_fraction,
+                     "cpu_s": cpu, "wall_s": result.seconds, "speedup": dense_cpu / cpu,
+                     "iou": 1.0 if union == 0 else (dense_grid & occupied).sum() / union,
+                     "faces": len(result.mesh.faces)})
+    return rows
 
 
 def main(argv=None) -> None:
@@ -163,6 +199,13 @@ def main(argv=None) -> None:
     parser.add_argument("--coarse-resolution", type=int, default=None, help="default: resolution / 4")
     parser.add_argument("--band", type=float, default=None, help="also refine cells with |logit| < band")
     parser.add_argument("--vae-steps", type=int, default=400, help="training steps of the in-process tiny VAE")
+    parser.add_argument("--vae-tokens", type=int, default=None,
+                        help="HR latent tokens of the in-process tiny VAE (default: vae_tiny's 128)")
+    parser.add_argument("--kv-top-k", type=int, nargs="*", default=[],
+                        help="add a hierarchical+kv row per k: each query block attends to its top-k latent tokens")
+    parser.add_argument("--kv-block", type=int, default=1024, help="queries per KV-selection block")
+    parser.add_argument("--kv-score-queries", type=int, default=32,
+                        help="queries per block that score the latent tokens")
     parser.add_argument("--checkpoint", default=None, help="trained VAE model folder or MLflow URI")
     parser.add_argument("--mesh", type=Path, default=DEFAULT_YCB / "025_mug" / "textured.obj",
                         help="mesh encoded by --checkpoint")
@@ -170,18 +213,18 @@ def main(argv=None) -> None:
     parser.add_argument("--output", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
 
-    lines = ["| field | res | dense queries | hier. queries | hier./dense | dense s | hier. s | speed-up "
-             "| occupancy IoU | faces dense / hier. |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| field | res | method | queries | of dense | CPU s | wall s | speed-up (CPU) "
+             "| occupancy IoU vs dense | faces |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
-    for name, fn in occupancy_functions(args):
+    for name, fn, kv_fns in occupancy_functions(args):
         for res in args.resolutions:
-            r = compare(fn, res, args)
-            line = (f"| {name} | {res} | {r['dense_q']:,} | {r['fast_q']:,} | {r['fraction']:.1%} | "
-                    f"{r['dense_s']:.2f} | {r['fast_s']:.2f} | {r['dense_s'] / r['fast_s']:.1f}x | "
-                    f"{r['iou']:.4f} | {r['faces'][0]:,} / {r['faces'][1]:,} |")
-            lines.append(line)
-            print(line, flush=True)
+            for r in compare(fn, kv_fns, res, args):
+                line = (f"| {name} | {res} | {r['method']} | {r['queries']:,} | {r['fraction']:.1%} | "
+                        f"{r['cpu_s']:.1f} | {r['wall_s']:.1f} | {r['speedup']:.1f}x | {r['iou']:.4f} | "
+                        f"{r['faces']:,} |")
+                lines.append(line)
+                print(line, flush=True)
     if args.output:
         args.output.write_text("\n".join(lines) + "\n")
 

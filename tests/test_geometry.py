@@ -12,13 +12,25 @@ from _ycb import ycb_mesh
 from mar3d.geometry import extract_mesh, keep_large_components, save_mesh
 from mar3d.geometry.analytic import (box_sdf, sdf_occupancy_fn, sphere_sdf, torus_sdf,
                                      winding_number_occupancy_fn)
-from mar3d.geometry.extract import grid_coordinates
+from mar3d.geometry.extract import _upsample2, grid_coordinates
 
 SHAPES = {
     "sphere": (sphere_sdf(0.8), 4 / 3 * math.pi * 0.8 ** 3),
     "torus": (torus_sdf(0.6, 0.2), 2 * math.pi ** 2 * 0.6 * 0.2 ** 2),
     "thin_plate": (box_sdf((0.8, 0.8, 0.04)), 1.6 * 1.6 * 0.08),
 }
+
+
+def test_upsample2_is_trilinear():
+    # Trilinear interpolation keeps the coarse points and reproduces a product of
+    # per-axis linear functions exactly at the new midpoints.
+    i, j, k = np.meshgrid(np.arange(5.0), np.arange(4.0), np.arange(3.0), indexing="ij")
+    coarse = ((1 + 2 * i) * (3 - j) * (0.5 + k)).astype(np.float32)
+    fi, fj, fk = np.meshgrid(np.arange(9) / 2, np.arange(7) / 2, np.arange(5) / 2, indexing="ij")
+    fine = _upsample2(coarse)
+    assert fine.shape == (9, 7, 5) and fine.dtype == np.float32 and fine.flags.c_contiguous
+    np.testing.assert_allclose(fine, (1 + 2 * fi) * (3 - fj) * (0.5 + fk), rtol=1e-6)
+    assert np.array_equal(fine[::2, ::2, ::2], coarse)
 
 
 def grid_iou(a: np.ndarray, b: np.ndarray, level: float = 0.0) -> float:

@@ -92,13 +92,22 @@ def _to_numpy(values) -> np.ndarray:
 
 def _upsample2(values: np.ndarray) -> np.ndarray:
     """Trilinear x2 upsampling of a grid of (r+1)^3 points to (2r+1)^3 points."""
+    # One axis at a time, indexing that axis in place: moving it to the front instead
+    # made every pass a transposing copy (10 s of a 384^3 extraction, now ~1 s).
     for axis in range(3):
-        v = np.moveaxis(values, axis, 0)
-        up = np.empty((2 * v.shape[0] - 1,) + v.shape[1:], dtype=values.dtype)
-        up[0::2] = v
-        up[1::2] = 0.5 * (v[:-1] + v[1:])
-        values = np.moveaxis(up, 0, axis)
-    return np.ascontiguousarray(values)
+        n = values.shape[axis]
+        shape = list(values.shape)
+        shape[axis] = 2 * n - 1
+        up = np.empty(shape, dtype=values.dtype)
+
+        def at(index):
+            return (slice(None),) * axis + (index,)
+
+        up[at(slice(0, None, 2))] = values
+        np.add(values[at(slice(None, -1))], values[at(slice(1, None))], out=up[at(slice(1, None, 2))])
+        up[at(slice(1, None, 2))] *= 0.5
+        values = up
+    return values
 
 
 def _corner_views(points: np.ndarray):
@@ -258,9 +267,12 @@ def extract_mesh(occupancy_fn: OccupancyFn, resolution: int = 256, bounds: float
                             resolution=resolution, grid=values if return_grid else None)
 
 
-def latent_occupancy_fn(model, kv, dtype=None) -> OccupancyFn:
+def latent_occupancy_fn(model, kv, dtype=None, kv_select=None) -> OccupancyFn:
     """Wrap a VAE's ``query(kv, points[B,M,3]) -> logits[B,M]`` for one shape (kv [1,T,D])
-    as a numpy occupancy function for :func:`extract_mesh`."""
+    as a numpy occupancy function for :func:`extract_mesh`. ``kv_select``
+    (:class:`mar3d.models.attention.KVSelect`, default off = exact) turns on adaptive KV
+    selection: blocks of nearby points of each ``batch_size`` chunk attend only to
+    their top-k latent tokens."""
     import torch
 
     if kv.ndim != 3 or kv.shape[0] != 1:
@@ -269,7 +281,7 @@ def latent_occupancy_fn(model, kv, dtype=None) -> OccupancyFn:
     @torch.no_grad()
     def fn(points: np.ndarray) -> np.ndarray:
         p = torch.as_tensor(points, device=kv.device, dtype=dtype or kv.dtype).unsqueeze(0)
-        return model.query(kv, p)[0].float().cpu().numpy()
+        return model.query(kv, p, kv_select)[0].float().cpu().numpy()
     return fn
 
 

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mar3d.models.attention import Block, CrossBlock
+from mar3d.models.attention import Block, CrossBlock, KVSelect, block_order
 from mar3d.models.embed import PointEmbed
 
 Level = Literal["hr", "lr"]
@@ -350,12 +350,24 @@ class OccupancyDecoder(nn.Module):
             h = block(h)
         return h
 
-    def query(self, kv: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    def query(self, kv: torch.Tensor, points: torch.Tensor, kv_select: KVSelect | None = None) -> torch.Tensor:
         if points.ndim != 3 or points.shape[-1] != 3:
             raise ValueError(f"query points must be [B, M, 3], got {tuple(points.shape)}")
         if points.shape[0] != kv.shape[0]:
             raise ValueError(f"query batch {points.shape[0]} does not match latent batch {kv.shape[0]}")
-        h = self.cross(self.query_embed(points.to(kv.dtype)), kv)
+        points = points.to(kv.dtype)
+        if kv_select is None:
+            return self._logits(kv, points)
+        # Blocks of spatially close points (Morton order) share their selected tokens;
+        # the padding repeats a point and is dropped again by the scatter.
+        m = points.shape[1]
+        order = block_order(points, kv_select.block)
+        ordered = torch.gather(points, 1, order.unsqueeze(-1).expand(-1, -1, 3))
+        logits = self._logits(kv, ordered, kv_select)
+        return torch.empty_like(logits[:, :m]).scatter_(1, order[:, :m], logits[:, :m])
+
+    def _logits(self, kv: torch.Tensor, points: torch.Tensor, kv_select: KVSelect | None = None) -> torch.Tensor:
+        h = self.cross(self.query_embed(points), kv, kv_select=kv_select)
         return self.head(self.norm(h)).squeeze(-1)
 
 
@@ -439,9 +451,11 @@ class ShapeVAE(nn.Module):
             raise ValueError(f"latents must be [B, T, {self.cfg.latent_channels}], got {tuple(z.shape)}")
         return self.decoder.latents_to_kv(z)
 
-    def query(self, kv: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """Occupancy logits [B, M] (> 0 inside) at ``points`` [B, M, 3]."""
-        return self.decoder.query(kv, points)
+    def query(self, kv: torch.Tensor, points: torch.Tensor, kv_select: KVSelect | None = None) -> torch.Tensor:
+        """Occupancy logits [B, M] (> 0 inside) at ``points`` [B, M, 3]; with ``kv_select``
+        each block of nearby points attends only to its top-k latent tokens (approximate,
+        faster decoding with many tokens, see :class:`mar3d.models.attention.KVSelect`)."""
+        return self.decoder.query(kv, points, kv_select)
 
     def forward(self, batch: dict, level: Level = "hr", sample: bool = True) -> dict:
         surfaces = surfaces_from_batch(batch, self.required_levels())
