@@ -135,13 +135,12 @@ def test_candidate_faces_find_nearly_the_closest_points():
     # The distance grid's nearest faces at a marching-cubes edge's two ends stand in for a
     # search over all faces: every snapped point is on the input, and its distance from
     # the level-set vertex is within a small fraction of a voxel of the true nearest.
-    from mar3d.data.watertight import edge_end_faces, narrow_band_udf, snap_to_input
+    from mar3d.data.watertight import edge_end_faces, grid_axis, narrow_band_udf, snap_to_input
 
     mesh = load_mesh(ycb_mesh("037_scissors"), max_faces=10**7, max_file_bytes=10**9)
     original = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
     offset = make_watertight(mesh.vertices, mesh.faces, resolution=96, method="offset")
-    bound = (96 - 1) / (96 - 1 - 2 * 4.0)  # make_watertight's grid at epsilon = 1 voxel
-    axis = np.linspace(-bound, bound, 96)
+    axis = grid_axis(96, 1.0, 1.0)
     assert np.isclose(axis[1] - axis[0], offset.voxel)
     eps, voxel = offset.epsilon, offset.voxel
     _, _, nearest = narrow_band_udf(mesh.vertices, mesh.faces, axis, eps + 1.25 * voxel, eps - 1.25 * voxel)

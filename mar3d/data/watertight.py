@@ -117,6 +117,15 @@ def narrow_band_udf(vertices: np.ndarray, faces: np.ndarray, axis: np.ndarray, b
     return udf, queries, NearestFaces(flat=flat[order], face=face[order])
 
 
+def grid_axis(resolution: int, epsilon_voxels: float, extent: float) -> np.ndarray:
+    """Coordinates of the distance grid along each axis."""
+    # Pad so the offset surface sits >= 3 voxels inside the grid border: the flood fill
+    # then starts from a border that is entirely outside.
+    pad_voxels = epsilon_voxels + 3.0
+    bound = extent * (resolution - 1) / (resolution - 1 - 2 * pad_voxels)
+    return np.linspace(-bound, bound, resolution)
+
+
 def make_watertight(vertices: np.ndarray, faces: np.ndarray, resolution: int = 128,
                     epsilon_voxels: float = 1.0, extent: float = 1.0,
                     method: str = "snap") -> WatertightResult:
@@ -125,11 +134,7 @@ def make_watertight(vertices: np.ndarray, faces: np.ndarray, resolution: int = 1
         raise ValueError(f"unknown watertight method {method!r}; choose from {WATERTIGHT_METHODS}")
     vertices = np.ascontiguousarray(vertices, np.float64)
     faces = np.ascontiguousarray(faces, np.int64)
-    # Pad so the offset surface sits >= 3 voxels inside the grid border: the flood fill
-    # then starts from a border that is entirely outside.
-    pad_voxels = epsilon_voxels + 3.0
-    bound = extent * (resolution - 1) / (resolution - 1 - 2 * pad_voxels)
-    axis = np.linspace(-bound, bound, resolution)
+    axis = grid_axis(resolution, epsilon_voxels, extent)
     voxel = float(axis[1] - axis[0])
     eps = epsilon_voxels * voxel
     # Marching cubes interpolates only along grid edges that cross the eps level, whose
@@ -184,7 +189,7 @@ def _closed_mesh(verts: np.ndarray, tris: np.ndarray) -> trimesh.Trimesh:
     # coincident ones would glue touching sheets into non-manifold edges.
     mesh = trimesh.Trimesh(verts, tris.astype(np.int64), process=False)
     check_watertight(mesh)
-    if mesh.volume < 0:
+    if signed_volume(mesh) < 0:
         mesh.invert()
     return mesh
 
@@ -278,5 +283,5 @@ def check_watertight(mesh: trimesh.Trimesh) -> None:
         raise MeshError("watertight_failed", "result has boundary or non-manifold edges")
     if not mesh.is_winding_consistent:
         raise MeshError("watertight_failed", "result has inconsistent face winding")
-    if not abs(mesh.volume) > 0:
+    if not abs(signed_volume(mesh)) > 0:
         raise MeshError("watertight_failed", "result encloses zero volume")
