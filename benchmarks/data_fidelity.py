@@ -116,30 +116,29 @@ def label_scores(row: dict, original, sigmas: tuple[float, ...]) -> dict:
     return out
 
 
-def measure(loaded, original, sha256: str, cfg, miss_distance: float) -> dict:
+def measure(loaded, original, gt: tuple[np.ndarray, np.ndarray], sha256: str, cfg,
+            miss_distance: float) -> dict:
+    """Scores of one config's geometry; ``gt``: points + normals sampled on the original,
+    as many as ``surface_0`` holds."""
     from mar3d.data.prepare import sample_geometry
-    from mar3d.metrics import sample_surface
 
     rng = np.random.default_rng([cfg.seed, int(sha256[:12], 16)])  # as process_mesh seeds it
     start, start_cpu = time.perf_counter(), time.process_time()
     row = sample_geometry(loaded, cfg, rng)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     surface = row["surface_0"]
-    gt_points, gt_normals = sample_surface(original, len(surface), seed=1)
-    scores = surface_scores(surface[:, :3], surface[:, 3:], gt_points, gt_normals, miss_distance,
-                            original)
+    scores = surface_scores(surface[:, :3], surface[:, 3:], *gt, miss_distance, original)
     scores.update(label_scores(row, original, cfg.near_sigmas))
     scores["seconds"], scores["cpu_seconds"] = seconds, cpu_seconds
     return scores
 
 
-def floor_scores(original, count: int, miss_distance: float) -> dict:
-    """A perfect sampler: a second independent sample of the original vs the first."""
+def floor_scores(original, gt: tuple[np.ndarray, np.ndarray], miss_distance: float) -> dict:
+    """A perfect sampler: a second independent sample of the original vs ``gt``."""
     from mar3d.metrics import sample_surface
 
-    gt_points, gt_normals = sample_surface(original, count, seed=1)
-    points, normals = sample_surface(original, count, seed=2)
-    return surface_scores(points, normals, gt_points, gt_normals, miss_distance, original)
+    points, normals = sample_surface(original, len(gt[0]), seed=2)
+    return surface_scores(points, normals, *gt, miss_distance, original)
 
 
 def mean_of(rows: list[dict]) -> dict:
@@ -172,6 +171,7 @@ def main(argv=None) -> dict:
     from mar3d.config import load_config
     from mar3d.data.config import DataConfig
     from mar3d.logs import progress_bar
+    from mar3d.metrics import sample_surface
 
     paths = [args.ycb / name / "textured.obj" for name in args.objects]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -188,10 +188,11 @@ def main(argv=None) -> dict:
     bar = progress_bar(len(paths) * len(configs), "data fidelity", "run")
     for name, path in zip(args.objects, paths):
         loaded, original, sha256 = original_mesh(path)
-        first = next(iter(configs.values()))
-        floors.append(floor_scores(original, first.surface_sizes[0], args.miss_distance))
+        # --set applies to every config, so all share one surface_0 size and one GT sample.
+        gt = sample_surface(original, next(iter(configs.values())).surface_sizes[0], seed=1)
+        floors.append(floor_scores(original, gt, args.miss_distance))
         for (r, m), cfg in configs.items():
-            per_mesh[f"{r}/{m}"][name] = measure(loaded, original, sha256, cfg, args.miss_distance)
+            per_mesh[f"{r}/{m}"][name] = measure(loaded, original, gt, sha256, cfg, args.miss_distance)
             bar.update(1)
     bar.close()
     baseline = (mean_of(list(per_mesh["128/offset"].values()))["cpu_seconds"]
