@@ -3,8 +3,9 @@
 For each model size, the same condition image is generated ``--num-shapes`` times
 (after one warm-up shape) in each mode, and the time is split into
 
-* **LR sampling**: condition encoders + MAR-LR (``num_iters`` AR steps, CFG doubles the batch);
-* **HR sampling**: condition encoders + MAR-HR on the LR tokens (LR+HR mode only);
+* **LR sampling**: the image encoders (run once per image, shared with HR) + MAR-LR
+  (``num_iters`` AR steps, CFG doubles the batch);
+* **HR sampling**: MAR-HR on the same encoder features and the LR tokens (LR+HR mode only);
 * **decode + extract**: the VAE's latent decoder and marching cubes over the occupancy
   field (``--extraction``, ``--resolution``).
 
@@ -79,7 +80,7 @@ def random_pipeline(size: str, gen_cfg, device):
 
     from mar3d.config import load_config
     from mar3d.inference import MAR3DPipeline
-    from mar3d.models.condition import ConditionConfig
+    from mar3d.models.condition import ConditionConfig, ImageEncoder
     from mar3d.models.mar import ConditionalMAR, MARConfig
     from mar3d.models.vae import ShapeVAE, VAEConfig
 
@@ -89,11 +90,12 @@ def random_pipeline(size: str, gen_cfg, device):
     if not cond.tiny and (cond.clip_pretrained or cond.dino_pretrained):
         raise ValueError("timing uses random encoders: the mar_paper preset must leave "
                          "clip_pretrained/dino_pretrained null")
-    lr, hr = (ConditionalMAR(cond, load_config(MARConfig, f"mar_{size}", section=s))
+    encoder = ImageEncoder(cond)
+    lr, hr = (ConditionalMAR(cond, load_config(MARConfig, f"mar_{size}", section=s), encoder.spec)
               for s in ("lr", "hr"))
     for m in (vae, lr, hr):
         m.requires_grad_(False).eval()
-    return MAR3DPipeline(vae, lr, hr, gen_cfg, device)
+    return MAR3DPipeline(vae, encoder, lr, hr, gen_cfg, device)
 
 
 def condition_image(size: int) -> np.ndarray:
@@ -206,11 +208,12 @@ def generate_one(pipe, image: np.ndarray, seed: int, use_hr: bool, sampling: dic
         gen = torch.Generator(device=pipe.device).manual_seed(seed)
         sync()
         t0 = time.perf_counter()
-        tokens = pipe.generate_lr(rgba, gen, **sampling)
+        features = pipe.encode(rgba)
+        tokens = pipe.generate_lr(features, gen, **sampling)
         sync()
         t1 = time.perf_counter()
         if use_hr:
-            tokens = pipe.generate_hr(rgba, tokens, gen, **sampling)
+            tokens = pipe.generate_hr(features, tokens, gen, **sampling)
         sync()
         t2 = time.perf_counter()
         extraction = pipe.decode(tokens)

@@ -81,6 +81,8 @@ def train_budget(args, preset: dict, data: Path, factor: float, tracking_uri: st
                      *scaled_steps(config, factor)]
         if stage != "vae":
             overrides.append(f"vae_model_uri={results['vae'].model_uri}")
+        if stage == "hr":  # one image encoder per release: HR trains on LR's
+            overrides.append(f"condition_model_uri={results['lr'].condition_model_uri}")
         cfg = load_train_config(stage, config, overrides)
         started = time.monotonic()
         results[stage] = run_training(cfg)

@@ -4,8 +4,9 @@ Each stage reads the prepared shards, trains with Ray Train (+ DeepSpeed) on the
 or a local Ray, logs to MLflow and outputs a pointer to its exported model
 (``model_uri``: ``runs:/<run>/model``) and checkpoint. MAR-LR and MAR-HR both learn on
 latents of the frozen VAE, so both take the VAE model; HR is trained with ground-truth
-(augmented) LR latents and so needs no LR weights, but runs after LR in the DAG (one
-stage at a time on the GPU pool)."""
+(augmented) LR latents and so needs no LR weights, but it takes the frozen image encoder
+LR was trained with (``condition_model_uri`` of LR's result), so that a release stores
+and runs one encoder."""
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -42,8 +43,8 @@ def train_lr(dataset: Input[Dataset], vae_model: Input[Model], workdir: str, job
 
 
 @dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
-def train_hr(dataset: Input[Dataset], vae_model: Input[Model], workdir: str, job_id: str,
-             resume_run_id: str,
+def train_hr(dataset: Input[Dataset], vae_model: Input[Model], lr_model: Input[Model], workdir: str,
+             job_id: str, resume_run_id: str,
              config: str, overrides: list, num_workers: int, use_gpu: bool,
              mlflow_tracking_uri: str, ray_address: str, model: Output[Model]):
     """Train MAR-HR (image + LR latents -> HR latent tokens of the frozen VAE)."""
@@ -52,5 +53,6 @@ def train_hr(dataset: Input[Dataset], vae_model: Input[Model], workdir: str, job
     storage = step_dir(workdir, resume_run_id or job_id, "train")
     argv = train_argv("hr", read_pointer(dataset)["location"], storage, config, overrides,
                       num_workers, use_gpu, mlflow_tracking_uri,
-                      vae_model_uri=read_pointer(vae_model)["model_uri"])
+                      vae_model_uri=read_pointer(vae_model)["model_uri"],
+                      condition_model_uri=read_pointer(lr_model)["condition_model_uri"])
     write_pointer(model, run_step(argv, ray_address, log_dir=f"{storage}/hr"), f"{storage}/hr")

@@ -72,6 +72,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = run_training(cfg)
     out = {"run_id": result.run_id, "model_uri": result.model_uri,
            "checkpoint": str(result.checkpoint_path), "metrics": result.metrics}
+    if result.condition_model_uri:
+        out["condition_model_uri"] = result.condition_model_uri
     print(json.dumps(out, indent=2, default=str))
     write_result(args, out)
     return 0

@@ -4,7 +4,8 @@
     mesh = pipe(image, seed=0)                                         # trimesh.Trimesh
     meshes = pipe([im0, im1, im2], seed=0)                             # one batch -> 3 meshes
 
-The cascade: condition tokens (CLIP + DINOv2) -> MAR-LR samples LR latent tokens ->
+The cascade: the release's frozen image encoder (CLIP + DINOv2, run once per image) ->
+each stage's condition projection -> MAR-LR samples LR latent tokens ->
 MAR-HR samples HR tokens conditioned on the image and the LR tokens (skipped with
 ``use_hr=False``) -> the frozen Pyramid VAE decodes the tokens into an occupancy field
 -> marching cubes (hierarchical by default). Weights come only from safetensors folders
@@ -29,11 +30,12 @@ import torch
 
 from mar3d.config import from_dict
 from mar3d.geometry.extract import ExtractionResult, extract_mesh, latent_occupancy_fn
-from mar3d.models.condition import ConditionConfig
+from mar3d.models.condition import (ConditionConfig, EncoderFeatures, EncoderSpec, ImageEncoder,
+                                    encoder_config, encoder_differences)
 from mar3d.models.mar import ConditionalMAR, MARConfig
 from mar3d.models.rng import Generators
 from mar3d.models.vae import ShapeVAE, VAEConfig
-from mar3d.weights import load_model_dir
+from mar3d.weights import content_id, load_model_dir, save_model_dir
 
 
 class InvalidImageError(ValueError):
@@ -189,18 +191,121 @@ def check_vae_fits_mar(vae_cfg: VAEConfig, mar_cfg: MARConfig) -> None:
         raise ValueError("MAR config does not fit the frozen VAE: " + "; ".join(problems))
 
 
-def load_mar(directory: str | Path, kind: str, device: str | torch.device = "cpu") -> ConditionalMAR:
+# Tensors of the frozen image encoder inside a MAR model folder: releases written before
+# the encoder became one shared component (kind "cond") stored it in every MAR folder.
+LEGACY_ENCODER_PREFIXES = ("conditioner.clip.", "conditioner.dino.")
+
+
+def save_conditioner(encoder: ImageEncoder, directory: str | Path,
+                     extra: dict[str, Any] | None = None) -> str:
+    """Write the frozen image encoder as a model folder of kind ``cond``; returns its
+    ``conditioner_id`` (content hash of the weights, also stored in config.yaml)."""
+    state = encoder.state_dict()
+    conditioner_id = content_id(state)
+    save_model_dir(directory, state, {"condition": encoder_config(encoder.cfg),
+                                      "encoder": dataclasses.asdict(encoder.spec)},
+                   kind="cond", extra={"conditioner_id": conditioner_id, **(extra or {})})
+    return conditioner_id
+
+
+def encoder_from_state(cfg: ConditionConfig, state: dict[str, torch.Tensor],
+                       device: str | torch.device = "cpu") -> ImageEncoder:
+    """An :class:`ImageEncoder` holding ``state``: the towers are built on the meta device
+    (no random init, no pretrained download) and take the given tensors."""
+    with torch.device("meta"):
+        encoder = ImageEncoder(dataclasses.replace(cfg, clip_pretrained=None, dino_pretrained=None))
+    encoder.load_state_dict(state, assign=True)
+    encoder.cfg = cfg  # remember where the weights came from
+    return encoder.requires_grad_(False).eval().to(device)
+
+
+def load_conditioner(directory: str | Path,
+                     device: str | torch.device = "cpu") -> tuple[ImageEncoder, str]:
+    """The shared image encoder of a ``cond`` model folder and its ``conditioner_id``;
+    weights that do not hash to the recorded id are refused."""
+    state, doc = load_model_dir(directory, kind="cond")
+    recorded = (doc.get("extra") or {}).get("conditioner_id")
+    actual = content_id(state)
+    if recorded != actual:
+        raise ValueError(f"{directory}: conditioner weights hash to {actual}, but the folder records "
+                         f"conditioner_id {recorded!r}: the folder is damaged or was edited")
+    return encoder_from_state(from_dict(ConditionConfig, doc["model"]["condition"]), state, device), actual
+
+
+def load_frozen_conditioner(uri: str, expected: ConditionConfig, tracking_uri: str | None,
+                            device: str | torch.device = "cpu") -> tuple[ImageEncoder, str]:
+    """:func:`load_conditioner` of a model URI, refused unless it is the encoder that the
+    ``expected`` condition config describes (a stage trained on another encoder than its
+    config says would be a silent mix-up)."""
+    from mar3d.registry import resolve_model_dir
+
+    encoder, conditioner_id = load_conditioner(resolve_model_dir(uri, tracking_uri), device)
+    differences = encoder_differences(expected, encoder.cfg)
+    if differences:
+        raise ValueError(f"conditioner {uri} is not the image encoder this config describes ("
+                         + "; ".join(differences) + "): give the matching condition settings, or "
+                         "leave condition_model_uri empty to build one from them")
+    return encoder, conditioner_id
+
+
+@dataclass
+class LoadedStage:
+    """A MAR model folder: the model, the id of the conditioner it was trained with and,
+    for a folder of the old layout, the encoder it carried itself."""
+    model: ConditionalMAR
+    conditioner_id: str
+    legacy_encoder: ImageEncoder | None = None
+
+
+def load_mar(directory: str | Path, kind: str, device: str | torch.device = "cpu") -> LoadedStage:
+    """A MAR-LR / MAR-HR model folder. Folders of the old layout (encoder tensors
+    inside) load too: their encoder comes back as ``legacy_encoder``."""
     state, doc = load_model_dir(directory, kind=kind)
     model_doc = doc["model"]
-    model = ConditionalMAR(from_dict(ConditionConfig, model_doc["condition"]),
-                           from_dict(MARConfig, model_doc["mar"]))
+    cond_cfg = from_dict(ConditionConfig, model_doc["condition"])
+    legacy = {k[len("conditioner."):]: v for k, v in state.items() if k.startswith(LEGACY_ENCODER_PREFIXES)}
+    if legacy:
+        encoder = encoder_from_state(cond_cfg, legacy, device)
+        spec, conditioner_id = encoder.spec, content_id(legacy)
+        state = {k: v for k, v in state.items() if not k.startswith(LEGACY_ENCODER_PREFIXES)}
+    else:
+        encoder, conditioner_id = None, (doc.get("extra") or {}).get("conditioner_id")
+        if "encoder" not in model_doc or not conditioner_id:
+            raise ValueError(f"{directory}: a {kind} model folder without encoder tensors must record "
+                             "model.encoder and extra.conditioner_id; it was not written by mar3d")
+        spec = EncoderSpec(**model_doc["encoder"])
+    model = ConditionalMAR(cond_cfg, from_dict(MARConfig, model_doc["mar"]), spec)
     model.load_state_dict(state)
-    return model.requires_grad_(False).eval().to(device)
+    return LoadedStage(model.requires_grad_(False).eval().to(device), conditioner_id, encoder)
+
+
+def stage_encoders(stages: dict[str, LoadedStage], cond_dir: Path | None,
+                   device: str | torch.device = "cpu") -> dict[str, ImageEncoder]:
+    """Stage -> the encoder it was trained with: the release's conditioner (``cond/``) or,
+    for stages of the old layout, the encoder stored with them. Stages whose encoders
+    have equal weights share one object, so such images are encoded once."""
+    by_id: dict[str, ImageEncoder] = {}
+    if cond_dir is not None:
+        encoder, conditioner_id = load_conditioner(cond_dir, device)
+        by_id[conditioner_id] = encoder
+    for stage in stages.values():
+        if stage.legacy_encoder is not None:
+            by_id.setdefault(stage.conditioner_id, stage.legacy_encoder)
+    out = {}
+    for name, stage in stages.items():
+        if stage.conditioner_id not in by_id:
+            have = f"its conditioner is {sorted(by_id)}" if by_id else "it has no conditioner (cond/)"
+            raise ValueError(f"MAR-{name.upper()} was trained with image encoder {stage.conditioner_id}, "
+                             f"but {have}: this release mixes models of different conditioners")
+        out[name] = by_id[stage.conditioner_id]
+    return out
 
 
 def resolve_component_dirs(uri: str, tracking_uri: str | None = None) -> dict[str, Path]:
     """``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` of a release, or a local folder
-    with ``vae/``, ``lr/`` and optionally ``hr/`` model folders -> component -> folder."""
+    with ``vae/``, ``cond/`` (the shared image encoder), ``lr/`` and optionally ``hr/``
+    model folders -> component -> folder. Releases of the old layout have no ``cond/``:
+    their encoder is inside ``lr/`` and ``hr/``."""
     from mar3d.registry import download_release, get_release
     from mar3d.uris import validate_model_uri
 
@@ -211,20 +316,57 @@ def resolve_component_dirs(uri: str, tracking_uri: str | None = None) -> dict[st
         raise ValueError(f"{uri}: a run holds one component; give a release (models:/NAME@ALIAS) "
                          "or a folder with vae/, lr/ and hr/")
     root = Path(uri)
-    dirs = {c: root / c for c in ("vae", "lr", "hr") if (root / c).is_dir()}
+    dirs = {c: root / c for c in ("vae", "cond", "lr", "hr") if (root / c).is_dir()}
     missing = {"vae", "lr"} - set(dirs)
     if missing:
         raise FileNotFoundError(f"{root} is not a mar3d release folder: missing {sorted(missing)} "
-                                "(expected vae/, lr/ and optionally hr/ model folders)")
+                                "(expected vae/, cond/, lr/ and optionally hr/ model folders)")
     return dirs
 
 
-class MAR3DPipeline:
-    """The whole cascade for inference; construct with :meth:`from_pretrained`."""
+def migrate_release_dir(src: str | Path, dst: str | Path) -> Path:
+    """Rewrite a release folder of the old layout (the image encoder inside ``lr/`` and
+    ``hr/``) in the current one: the encoder once, as ``cond/``; ``lr/`` and ``hr/``
+    without it. Same weights, so the same seed gives the same mesh. Refused when the two
+    stages carry different encoders (they cannot share one; the old folder still loads)."""
+    import shutil
 
-    def __init__(self, vae: ShapeVAE, lr: ConditionalMAR, hr: ConditionalMAR | None,
-                 config: GenerateConfig | None = None, device: str | torch.device = "cpu",
-                 vae_surface_sizes: list[int] | None = None):
+    dirs = resolve_component_dirs(str(src))
+    if "cond" in dirs:
+        raise ValueError(f"{src} already has a cond/ folder: it is in the current layout")
+    stages = {s: load_mar(dirs[s], s) for s in ("lr", "hr") if s in dirs}
+    if any(st.legacy_encoder is None for st in stages.values()):
+        raise ValueError(f"{src}: a MAR folder without encoder tensors and no cond/ folder; not a release "
+                         "of the old layout")
+    ids = {s: st.conditioner_id for s, st in stages.items()}
+    if len(set(ids.values())) > 1:
+        raise ValueError(f"{src}: MAR-LR and MAR-HR carry different image encoders ({ids}); they cannot "
+                         "share one conditioner (the folder still loads as it is)")
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} is not empty")
+    shutil.copytree(dirs["vae"], dst / "vae")
+    conditioner_id = save_conditioner(stages["lr"].legacy_encoder, dst / "cond",
+                                      extra={"migrated_from": str(Path(src).resolve())})
+    for name, stage in stages.items():
+        _, doc = load_model_dir(dirs[name], kind=name)
+        save_model_dir(dst / name, stage.model.state_dict(),
+                       {**doc["model"], "encoder": dataclasses.asdict(stage.model.conditioner.spec)},
+                       kind=name, extra={**(doc.get("extra") or {}), "conditioner_id": conditioner_id})
+    return dst
+
+
+class MAR3DPipeline:
+    """The whole cascade for inference; construct with :meth:`from_pretrained`.
+
+    ``encoder`` is the frozen image encoder both stages were trained with: each image is
+    encoded once and its features feed MAR-LR and MAR-HR. ``hr_encoder`` is only for
+    releases of the old layout whose HR model carried an encoder with other weights."""
+
+    def __init__(self, vae: ShapeVAE, encoder: ImageEncoder, lr: ConditionalMAR,
+                 hr: ConditionalMAR | None, config: GenerateConfig | None = None,
+                 device: str | torch.device = "cpu", vae_surface_sizes: list[int] | None = None,
+                 hr_encoder: ImageEncoder | None = None):
         self.config = config or GenerateConfig()
         self.config.validate()
         self.device = _device(device)
@@ -232,12 +374,17 @@ class MAR3DPipeline:
         # ground-truth surface for reconstruction uses subsets of these sizes.
         self.vae_surface_sizes = list(vae_surface_sizes) if vae_surface_sizes else None
         self.vae, self.lr, self.hr = vae.to(self.device), lr.to(self.device), hr.to(self.device) if hr else None
+        self.encoder = encoder.to(self.device)
+        self.hr_encoder = hr_encoder.to(self.device) if hr_encoder is not None and hr_encoder is not encoder else None
         self._check_shapes()
 
     def _check_shapes(self) -> None:
-        for model in (self.lr, self.hr):
+        for model, encoder in ((self.lr, self.encoder), (self.hr, self.hr_encoder or self.encoder)):
             if model is not None:
                 check_vae_fits_mar(self.vae.cfg, model.mar.cfg)
+                if model.conditioner.spec != encoder.spec:
+                    raise ValueError(f"MAR-{model.mar.cfg.stage.upper()} was built for encoder features "
+                                     f"{model.conditioner.spec}, the encoder gives {encoder.spec}")
 
     @classmethod
     def from_pretrained(cls, uri: str, config: GenerateConfig | None = None, device: str = "auto",
@@ -247,12 +394,16 @@ class MAR3DPipeline:
         if use_hr is not None:
             config.use_hr = use_hr
         dev = _device(device)
-        hr = load_mar(dirs["hr"], "hr", dev) if config.use_hr and "hr" in dirs else None
-        if config.use_hr and hr is None:
+        stages = {"lr": load_mar(dirs["lr"], "lr", dev)}
+        if config.use_hr and "hr" in dirs:
+            stages["hr"] = load_mar(dirs["hr"], "hr", dev)
+        elif config.use_hr:
             raise FileNotFoundError(f"{uri} has no MAR-HR model; pass use_hr=False for LR-only generation")
+        encoders = stage_encoders(stages, dirs.get("cond"), dev)
         vae, vae_extra = load_vae(dirs["vae"], dev)
-        return cls(vae, load_mar(dirs["lr"], "lr", dev), hr, config, dev,
-                   vae_surface_sizes=vae_extra.get("surface_sizes"))
+        hr = stages.get("hr")
+        return cls(vae, encoders["lr"], stages["lr"].model, hr.model if hr else None, config, dev,
+                   vae_surface_sizes=vae_extra.get("surface_sizes"), hr_encoder=encoders.get("hr"))
 
     @property
     def uses_hr(self) -> bool:
@@ -292,33 +443,41 @@ class MAR3DPipeline:
                         generator: Generators = None, **sampling) -> tuple[torch.Tensor, str]:
         """One image or a list -> (VAE latents [B, T, C], "hr" or "lr"); B = 1 for one image.
 
-        A list is sampled as one batch (one forward per AR step for all items, conditional
-        and unconditional halves together) with one generator per item
+        Each image is encoded once; its features condition both stages. A list is sampled
+        as one batch (one forward per AR step for all items, conditional and
+        unconditional halves together) with one generator per item
         (:meth:`item_generators`): an item's tokens do not depend on its batch mates.
         Each MAR model generates in its own normalized token space; the tokens are mapped
         back to VAE latents with the statistics stored in its config (and, for MAR-HR,
         the LR latents into its prefix space)."""
         rgba = [load_image(im, self.config) for im in as_image_list(images)]
         gens = self.item_generators(len(rgba), seed, generator)
-        lr_latents = self.generate_lr(rgba, gens, **sampling)
+        features = self.encode(rgba)
+        lr_latents = self.generate_lr(features, gens, **sampling)
         hr_wanted = self.uses_hr if use_hr is None else use_hr
         if hr_wanted:
-            return self.generate_hr(rgba, lr_latents, gens, **sampling), "hr"
+            hr_features = features if self.hr_encoder is None else self.hr_encoder.encode(rgba)
+            return self.generate_hr(hr_features, lr_latents, gens, **sampling), "hr"
         return lr_latents, "lr"
 
     @torch.no_grad()
-    def generate_lr(self, rgba: Any, generator: Generators, **sampling) -> torch.Tensor:
-        """MAR-LR: RGBA uint8 [B, H, W, 4] (or a list of [H, W, 4]) -> LR VAE latents."""
-        tokens = self.lr.generate(rgba, generator=generator, **self._sampling(sampling))
+    def encode(self, rgba: Any) -> EncoderFeatures:
+        """RGBA uint8 images [B, H, W, 4] (or a list of [H, W, 4]) -> encoder features."""
+        return self.encoder.encode(rgba)
+
+    @torch.no_grad()
+    def generate_lr(self, features: EncoderFeatures, generator: Generators, **sampling) -> torch.Tensor:
+        """MAR-LR: encoder features (:meth:`encode`) -> LR VAE latents."""
+        tokens = self.lr.generate(features, generator=generator, **self._sampling(sampling))
         return self.lr.mar.denormalize(tokens)
 
     @torch.no_grad()
-    def generate_hr(self, rgba: Any, lr_latents: torch.Tensor, generator: Generators,
+    def generate_hr(self, features: EncoderFeatures, lr_latents: torch.Tensor, generator: Generators,
                     **sampling) -> torch.Tensor:
-        """MAR-HR: RGBA uint8 images + LR VAE latents -> HR VAE latents."""
+        """MAR-HR: encoder features + LR VAE latents -> HR VAE latents."""
         if self.hr is None:
             raise ValueError("this pipeline has no MAR-HR model")
-        tokens = self.hr.generate(rgba, lr_tokens=self.hr.mar.normalize_lr(lr_latents),
+        tokens = self.hr.generate(features, lr_tokens=self.hr.mar.normalize_lr(lr_latents),
                                   generator=generator, **self._sampling(sampling))
         return self.hr.mar.denormalize(tokens)
 

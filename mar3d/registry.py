@@ -1,7 +1,8 @@
 """MLflow model registry: releases, the evaluation gate, and alias-based promotion.
 
-A *release* is the three models that belong together (VAE, MAR-LR, MAR-HR). Each
-component is its own registered model (``<name>-vae``, ``<name>-lr``, ``<name>-hr``);
+A *release* is the models that belong together: VAE, the frozen image encoder both
+MAR stages were trained on (``cond``, stored once), MAR-LR and MAR-HR. Each component is
+its own registered model (``<name>-vae``, ``<name>-cond``, ``<name>-lr``, ``<name>-hr``);
 the release itself is a version of the registered model ``<name>`` whose tags pin the
 exact component versions and whose artifact is a ``release.json`` with the same content.
 
@@ -30,7 +31,7 @@ from mar3d.uris import MODELS_URI as _MODELS_URI, NAME as _NAME, RUNS_URI as _RU
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("vae", "lr", "hr")
+COMPONENTS = ("vae", "cond", "lr", "hr")
 PROMOTION_EXPERIMENT = "mar3d-promotions"
 
 
@@ -218,11 +219,13 @@ def _release_from_version(mv) -> Release:
 def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | None = None,
                      alias: str | None = None, description: str = "",
                      tracking_uri: str | None = None) -> Release:
-    """Register VAE/LR(/HR) model artifacts as component versions plus one release version.
+    """Register VAE/cond/LR(/HR) model artifacts as component versions plus one release version.
 
     ``component_uris`` maps "vae", "lr" and optionally "hr" to ``runs:/RUN_ID/model`` URIs
-    (artifact folders with safetensors + config). Sets ``alias`` (default: the candidate
-    alias) on the new release version.
+    (artifact folders with safetensors + config). "cond", the image encoder, defaults to
+    the one MAR-LR records it was trained with (MAR-HR must record the same); MAR models
+    of the old layout carry their encoder and get none. Sets ``alias`` (default: the
+    candidate alias) on the new release version.
     """
     import mlflow
 
@@ -235,6 +238,10 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
     if unknown:
         raise ValueError(f"unknown release components {sorted(unknown)}")
     client = _client(tracking_uri)
+    if "cond" not in component_uris:
+        conditioner = trained_conditioner({c: u for c, u in component_uris.items() if c in ("lr", "hr")},
+                                          _read_model_config)
+        component_uris = {**component_uris, **({"cond": conditioner} if conditioner else {})}
     pinned: dict[str, tuple[str, str]] = {}
     for comp, uri in component_uris.items():
         m = _RUNS_URI.match(validate_model_uri(uri))
@@ -259,6 +266,36 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
     client.set_registered_model_alias(cfg.name, alias or cfg.candidate_alias, mv.version)
     log.info("registered release %s/%s: %s", cfg.name, mv.version, tags)
     return _release_from_version(client.get_model_version(cfg.name, mv.version))
+
+
+def _read_model_config(uri: str) -> dict:
+    """config.yaml of a model artifact URI (only that file is fetched)."""
+    import mlflow
+    import yaml
+
+    from mar3d.weights import CONFIG_FILE
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{CONFIG_FILE}")
+    return yaml.safe_load(Path(local).read_text())
+
+
+def trained_conditioner(stage_uris: dict[str, str], read_config) -> str | None:
+    """The conditioner URI the MAR models (``{"lr": uri, "hr": uri}``) were trained with,
+    from their config.yaml (``read_config(uri) -> dict``); None for models of the old
+    layout, which carry their own encoder. Stages trained on different encoders (by
+    content, ``conditioner_id``) cannot form a release."""
+    extras = {stage: read_config(uri).get("extra") or {} for stage, uri in stage_uris.items()}
+    ids = {stage: extra.get("conditioner_id") for stage, extra in extras.items()}
+    if not any(ids.values()):
+        return None
+    if len(set(ids.values())) > 1:
+        raise RegistryError("MAR-LR and MAR-HR were trained with different image encoders "
+                            f"({ids}); train MAR-HR with condition_model_uri set to MAR-LR's")
+    stage = "lr" if ids.get("lr") else next(s for s, i in ids.items() if i)
+    uri = extras[stage].get("condition_model_uri")
+    if not uri:
+        raise RegistryError(f"MAR-{stage.upper()} {stage_uris[stage]} records no condition_model_uri")
+    return uri
 
 
 def _ensure_registered_model(client, name: str) -> None:

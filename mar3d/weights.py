@@ -8,7 +8,8 @@ cannot execute code.
 ``config.yaml`` holds::
 
     format: mar3d-weights/v1
-    kind: vae | lr | hr                # which model the tensors belong to
+    kind: vae | cond | lr | hr         # which model the tensors belong to (cond: the
+                                       # frozen image encoder one release shares)
     model: {...}                       # the model config dataclass as plain data
     extra: {...}                       # anything else worth keeping (condition config,
                                        # training step, source run id, ...)
@@ -28,7 +29,22 @@ FORMAT = "mar3d-weights/v1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 MLMODEL_FILE = "MLmodel"
-KINDS = ("vae", "lr", "hr")
+KINDS = ("vae", "cond", "lr", "hr")
+
+
+def content_id(state_dict: dict[str, Any]) -> str:
+    """Identity of a set of weights: sha256 over every tensor's name, dtype, shape and
+    bytes (sorted by name). Equal weights give equal ids however they were made."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 def save_model_dir(directory: str | Path, state_dict: dict[str, Any], config: dict[str, Any],

@@ -72,11 +72,12 @@ def mar3d_pipeline(
                        ray_address=ray_address)
     lr_model = lr_task.outputs["model"]
     # HR learns from (augmented) ground-truth LR latents, so it needs no LR weights; it
-    # runs after LR so the stages take the GPU pool one at a time, in the paper's order.
-    hr_task = train_hr(dataset=shards, vae_model=vae_model, workdir=workdir, **run,
-                       config=hr_config, overrides=hr_overrides, num_workers=num_workers,
+    # takes LR's frozen image encoder (one per release) and so runs after LR, which also
+    # gives the GPU pool to one stage at a time, in the paper's order.
+    hr_task = train_hr(dataset=shards, vae_model=vae_model, lr_model=lr_model, workdir=workdir,
+                       **run, config=hr_config, overrides=hr_overrides, num_workers=num_workers,
                        use_gpu=use_gpu, mlflow_tracking_uri=mlflow_tracking_uri,
-                       ray_address=ray_address).after(lr_task)
+                       ray_address=ray_address)
     hr_model = hr_task.outputs["model"]
     eval_task = evaluate(dataset=shards, vae_model=vae_model, lr_model=lr_model,
                          hr_model=hr_model, workdir=workdir, **run, config=eval_config,

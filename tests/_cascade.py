@@ -59,6 +59,8 @@ def train_cascade(shards: Path, storage: Path, mlflow_uri: str, steps: dict[str,
                   "split=all"]
         if stage != "vae":
             common += [f"vae_model_uri={results['vae'].model_uri}", *SMALL_CONDITION]
+        if stage == "hr":  # one image encoder per release: HR trains on LR's
+            common.append(f"condition_model_uri={results['lr'].condition_model_uri}")
         cfg = load_train_config(stage, f"train_{stage}_tiny",
                                 common + list(overrides.get(stage, ())))
         results[stage] = run_training(cfg)
@@ -66,16 +68,18 @@ def train_cascade(shards: Path, storage: Path, mlflow_uri: str, steps: dict[str,
 
 
 def assemble_release(results: dict, folder: Path) -> Path:
-    """A release folder (vae/, lr/, hr/) of the models *as logged to MLflow*: each
-    component is downloaded from its run's ``runs:/<id>/model`` URI, so the test covers
-    what a registry release would serve, not just the trainer's local copy."""
+    """A release folder (vae/, cond/, lr/, hr/) of the models *as logged to MLflow*: each
+    component is downloaded from its run's ``runs:/<id>/model`` URI (the image encoder
+    from LR's ``condition_model_uri``), so the test covers what a registry release would
+    serve, not just the trainer's local copy."""
     from mar3d.registry import resolve_model_dir
 
     folder.mkdir(parents=True, exist_ok=True)
-    for stage, result in results.items():
-        downloaded = resolve_model_dir(result.model_uri, result.tracking_uri,
-                                       dst=folder / "_mlflow" / stage)
-        downloaded.rename(folder / stage)
+    uris = {stage: result.model_uri for stage, result in results.items()}
+    uris["cond"] = results["lr"].condition_model_uri
+    for component, uri in uris.items():
+        downloaded = resolve_model_dir(uri, results["lr"].tracking_uri, dst=folder / "_mlflow" / component)
+        downloaded.rename(folder / component)
     return folder
 
 

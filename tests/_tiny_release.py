@@ -1,16 +1,18 @@
-"""Write a tiny release folder (vae/, lr/, hr/ safetensors model folders) for tests.
+"""Write a tiny release folder (vae/, cond/, lr/, hr/ safetensors model folders) for tests.
 
 The weights are randomly initialised (no training): enough to exercise loading,
 sampling, decoding and the batch/error paths, not to judge quality.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from mar3d.config import load_config, to_dict
-from mar3d.models.condition import ConditionConfig
+from mar3d.inference import save_conditioner
+from mar3d.models.condition import ConditionConfig, ImageEncoder
 from mar3d.models.mar import ConditionalMAR, MARConfig
 from mar3d.models.vae import ShapeVAE, VAEConfig
 from mar3d.weights import save_model_dir
@@ -21,9 +23,14 @@ def write_tiny_release(root: Path, seed: int = 0) -> Path:
     vae_cfg = load_config(VAEConfig, "vae_tiny")
     cond_cfg = load_config(ConditionConfig, "mar_tiny", section="condition")
     save_model_dir(root / "vae", ShapeVAE(vae_cfg).state_dict(), to_dict(vae_cfg), kind="vae")
+    encoder = ImageEncoder(cond_cfg)
+    conditioner_id = save_conditioner(encoder, root / "cond")
     for stage in ("lr", "hr"):
         mar_cfg = load_config(MARConfig, "mar_tiny", section=stage)
-        model = ConditionalMAR(cond_cfg, mar_cfg)
+        model = ConditionalMAR(cond_cfg, mar_cfg, encoder.spec)
         save_model_dir(root / stage, model.state_dict(),
-                       {"mar": to_dict(mar_cfg), "condition": to_dict(cond_cfg)}, kind=stage)
+                       {"mar": to_dict(mar_cfg), "condition": to_dict(cond_cfg),
+                        "encoder": dataclasses.asdict(encoder.spec)},
+                       kind=stage, extra={"conditioner_id": conditioner_id,
+                                          "condition_model_uri": str((root / "cond").resolve())})
     return root

@@ -1,4 +1,5 @@
-"""Image conditioner: tiny open_clip + timm encoders of the real classes, preprocessing, weights."""
+"""Image conditioner: tiny open_clip + timm encoders of the real classes (the frozen, shared
+ImageEncoder), preprocessing, weights, and a stage's trainable ConditionProjection."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,14 +8,24 @@ import torch
 from PIL import Image
 
 from mar3d.config import ConfigError, load_config
-from mar3d.models.condition import (CLIP_MEAN, CLIP_STD, ConditionConfig, ImageConditioner,
-                                    composite_on_white, resize_center_crop)
+from mar3d.models.condition import (CLIP_MEAN, CLIP_STD, ConditionConfig, ConditionProjection,
+                                    ImageEncoder, composite_on_white, resize_center_crop)
+from mar3d.weights import content_id
+
+TINY = ConditionConfig(tiny=True, out_dim=32)
 
 
 @pytest.fixture(scope="module")
-def conditioner() -> ImageConditioner:
+def encoder() -> ImageEncoder:
+    return ImageEncoder(TINY)
+
+
+@pytest.fixture(scope="module")
+def conditioner(encoder):
+    """Encoder + a stage's projection: images -> condition tokens."""
     torch.manual_seed(0)
-    return ImageConditioner(ConditionConfig(tiny=True, out_dim=32))
+    projection = ConditionProjection(TINY, encoder.spec)
+    return lambda images: projection(encoder(images))
 
 
 def rgba_batch(b: int = 2, h: int = 224, w: int = 224, seed: int = 0) -> torch.Tensor:
@@ -22,12 +33,25 @@ def rgba_batch(b: int = 2, h: int = 224, w: int = 224, seed: int = 0) -> torch.T
     return torch.randint(0, 256, (b, h, w, 4), generator=g, dtype=torch.uint8)
 
 
-def test_tiny_encoders_are_the_real_classes(conditioner):
+def test_tiny_encoders_are_the_real_classes(encoder):
     import open_clip.transformer
     import timm.models.vision_transformer
 
-    assert isinstance(conditioner.clip, open_clip.transformer.VisionTransformer)
-    assert isinstance(conditioner.dino, timm.models.vision_transformer.VisionTransformer)
+    assert isinstance(encoder.clip, open_clip.transformer.VisionTransformer)
+    assert isinstance(encoder.dino, timm.models.vision_transformer.VisionTransformer)
+
+
+def test_random_encoder_weights_come_from_init_seed_alone():
+    """Two stages that build the encoder from one config get the same weights (and id),
+    whatever ran before; another init_seed gives other weights."""
+    torch.manual_seed(1)
+    a = ImageEncoder(TINY)
+    torch.manual_seed(2)
+    torch.rand(100)
+    b = ImageEncoder(TINY)
+    c = ImageEncoder(ConditionConfig(tiny=True, out_dim=32, init_seed=1))
+    assert content_id(a.state_dict()) == content_id(b.state_dict()) != content_id(c.state_dict())
+    assert not any(p.requires_grad for p in a.parameters())
 
 
 def test_composite_on_white():
@@ -58,28 +82,42 @@ def test_resize_center_crop():
     assert out[..., 56, 56].min() > 0.99 and out[..., 56, 0].max() > 0.5
 
 
-def test_preprocess_uses_each_encoders_normalisation(conditioner):
+def test_preprocess_uses_each_encoders_normalisation(encoder):
     transparent = torch.zeros(1, 64, 64, 4, dtype=torch.uint8)   # -> pure white
-    clip_in, dino_in = conditioner.preprocess(transparent)
+    clip_in, dino_in = encoder.preprocess(transparent)
     assert clip_in.shape == dino_in.shape == (1, 3, 224, 224)
     clip_white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    dino_cfg = conditioner.dino.pretrained_cfg
+    dino_cfg = encoder.dino.pretrained_cfg
     dino_white = (1 - torch.tensor(dino_cfg["mean"])) / torch.tensor(dino_cfg["std"])
     assert torch.allclose(clip_in[0, :, 100, 100], clip_white, atol=1e-5)
     assert torch.allclose(dino_in[0, :, 100, 100], dino_white, atol=1e-5)
     assert not torch.allclose(clip_white, dino_white)
 
 
-def test_forward_shapes_and_token_layout(conditioner):
+def test_forward_shapes_and_token_layout(encoder, conditioner):
+    features = encoder(rgba_batch(3, 240, 200))
+    # The encoder gives every token: CLIP 224/32 -> CLS + 7x7, DINOv2 224/28 -> CLS + 8x8.
+    assert features["clip"].shape == (3, 1 + 49, 64) and features["dino"].shape == (3, 1 + 64, 64)
+    full = ConditionProjection(TINY, encoder.spec)
+    assert full.num_tokens == (1 + 49) + (1 + 64)
     out = conditioner(rgba_batch(3, 240, 200))
-    # CLIP 224/32 -> 7x7 patches + CLS, DINOv2 224/28 -> 8x8 patches + CLS.
-    assert conditioner.num_tokens == (1 + 49) + (1 + 64)
-    assert out.shape == (3, conditioner.num_tokens, 32)
+    assert out.shape == (3, full.num_tokens, 32)
     assert torch.isfinite(out).all()
-    torch.manual_seed(0)
-    short = ImageConditioner(ConditionConfig(tiny=True, out_dim=32, clip_tokens="cls", dino_tokens="patch"))
+    short = ConditionProjection(ConditionConfig(tiny=True, out_dim=32, clip_tokens="cls", dino_tokens="patch"),
+                                encoder.spec)
     assert short.num_tokens == 1 + 64
-    assert short(rgba_batch(2)).shape == (2, 65, 32)
+    out = short(features)
+    assert out.shape == (3, 65, 32)
+    # CLS of CLIP first, then DINOv2's patches without its CLS.
+    assert torch.allclose(out[:, :1], short.clip_proj(features["clip"][:, :1]))
+    assert torch.allclose(out[:, 1:], short.dino_proj(features["dino"][:, 1:]))
+
+
+def test_projection_refuses_features_of_another_encoder(encoder):
+    projection = ConditionProjection(TINY, encoder.spec)
+    features = encoder(rgba_batch(1))
+    with pytest.raises(ValueError, match="clip features must be"):
+        projection({**features, "clip": features["clip"][:, :10]})
 
 
 def test_accepts_pil_lists_and_numpy(conditioner):
@@ -90,30 +128,38 @@ def test_accepts_pil_lists_and_numpy(conditioner):
     assert torch.allclose(conditioner(batch.numpy()), a, atol=1e-5)
     assert torch.allclose(conditioner(batch[0]), a[:1], atol=1e-5)   # a single [H, W, 4] image
     rgb = [Image.fromarray(np.full((32, 32, 3), 200, np.uint8))]     # RGB PIL -> opaque RGBA
-    assert conditioner(rgb).shape == (1, conditioner.num_tokens, 32)
+    assert conditioner(rgb).shape == (1, (1 + 49) + (1 + 64), 32)
     with pytest.raises(ValueError, match="share a shape"):
         conditioner([batch[0].numpy(), batch[0, :50].numpy()])
 
 
-def test_encoders_frozen_projections_trainable(conditioner):
-    conditioner.train()
-    assert not conditioner.clip.training and not conditioner.dino.training
-    assert all(not p.requires_grad for p in conditioner.clip.parameters())
-    assert all(not p.requires_grad for p in conditioner.dino.parameters())
-    conditioner.zero_grad()
-    conditioner(rgba_batch(1)).square().mean().backward()
-    assert conditioner.clip_proj.weight.grad is not None
-    assert conditioner.dino_proj.weight.grad is not None
-    conditioner.eval()
+def test_encode_takes_images_of_different_sizes_one_at_a_time(encoder):
+    a, b = rgba_batch(1, 96, 96)[0].numpy(), rgba_batch(1, 64, 80, seed=1)[0].numpy()
+    mixed = encoder.encode([a, b])
+    for key in ("clip", "dino"):
+        assert torch.allclose(mixed[key][:1], encoder([a])[key], atol=1e-6)
+        assert torch.allclose(mixed[key][1:], encoder([b])[key], atol=1e-6)
+
+
+def test_encoders_frozen_projections_trainable(encoder):
+    encoder.train()
+    assert not encoder.training and not encoder.clip.training and not encoder.dino.training
+    assert all(not p.requires_grad for p in encoder.parameters())
+    features = encoder(rgba_batch(1))
+    assert not features["clip"].requires_grad
+    projection = ConditionProjection(TINY, encoder.spec)
+    projection(features).square().mean().backward()
+    assert projection.clip_proj.weight.grad is not None
+    assert projection.dino_proj.weight.grad is not None
 
 
 def test_missing_local_weights_give_a_clear_error(tmp_path):
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(FileNotFoundError, match="nope.safetensors.*not an open_clip tag"):
-        ImageConditioner(ConditionConfig(clip_model="ViT-S-32", clip_pretrained=str(missing)))
+        ImageEncoder(ConditionConfig(clip_model="ViT-S-32", clip_pretrained=str(missing)))
     with pytest.raises(FileNotFoundError, match="dino_pretrained.*nope.safetensors"):
-        ImageConditioner(ConditionConfig(clip_model="ViT-S-32", dino_model="vit_small_patch14_dinov2",
-                                         dino_pretrained=str(missing)))
+        ImageEncoder(ConditionConfig(clip_model="ViT-S-32", dino_model="vit_small_patch14_dinov2",
+                                     dino_pretrained=str(missing)))
 
 
 def test_local_weights_load_into_the_real_architectures(tmp_path):
@@ -127,14 +173,16 @@ def test_local_weights_load_into_the_real_architectures(tmp_path):
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp_path / "clip.safetensors")
     dino = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)  # 518 px
     save_file({k: v.contiguous() for k, v in dino.state_dict().items()}, tmp_path / "dino.safetensors")
-    cond = ImageConditioner(ConditionConfig(
+    cfg = ConditionConfig(
         clip_model="ViT-S-32", clip_pretrained=str(tmp_path / "clip.safetensors"),
         dino_model="vit_small_patch14_dinov2", dino_pretrained=str(tmp_path / "dino.safetensors"),
-        out_dim=16))
+        out_dim=16)
+    cond = ImageEncoder(cfg)
     assert torch.equal(cond.clip.conv1.weight, clip.visual.conv1.weight)
     assert torch.equal(cond.dino.blocks[0].attn.qkv.weight, dino.blocks[0].attn.qkv.weight)
     assert cond.dino.pos_embed.shape[1] == 1 + 16 * 16     # resampled from 518 px to 224 px
-    assert cond(rgba_batch(1)).shape == (1, cond.num_tokens, 16)
+    projection = ConditionProjection(cfg, cond.spec)
+    assert projection(cond(rgba_batch(1))).shape == (1, projection.num_tokens, 16)
 
 
 def test_config_validation():

@@ -183,6 +183,8 @@ def test_assemble_release_dir_links_local_components(tmp_path):
     out = assemble_release_dir(str(release / "vae"), str(release / "lr"), None, tmp_path / "assembled")
     assert (out / "vae" / "model.safetensors").is_file() and (out / "lr").is_symlink()
     assert not (out / "hr").exists()
+    # The image encoder is the one the MAR model records it was trained with.
+    assert (out / "cond").resolve() == (release / "cond").resolve()
     with pytest.raises(FileExistsError):
         assemble_release_dir(str(release / "vae"), str(release / "lr"), None, out)
 
@@ -209,9 +211,9 @@ def _registered_tiny_release(tracking_uri: str, root) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("test-eval-models")
     with mlflow.start_run(run_name="tiny-release") as run:
-        for component in ("vae", "lr", "hr"):
+        for component in ("vae", "cond", "lr", "hr"):
             mlflow.log_artifacts(str(release / component), component)
-    uris = {c: f"runs:/{run.info.run_id}/{c}" for c in ("vae", "lr", "hr")}
+    uris = {c: f"runs:/{run.info.run_id}/{c}" for c in ("vae", "cond", "lr", "hr")}
     rel = register_release(uris, cfg=RegistryConfig(name="mar3d-evaltest"), tracking_uri=tracking_uri)
     return f"models:/{rel.name}/{rel.version}"
 

@@ -307,7 +307,7 @@ def test_registry_alias_is_pinned_to_a_version(ray_local, release, mlflow_server
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_experiment("test-generate")
     uris = {}
-    for comp in ("vae", "lr", "hr"):
+    for comp in ("vae", "cond", "lr", "hr"):
         with mlflow.start_run(run_name=f"tiny-{comp}") as run:
             mlflow.log_artifacts(str(release / comp), "model")
         uris[comp] = f"runs:/{run.info.run_id}/model"

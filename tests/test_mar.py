@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from mar3d.config import ConfigError, from_dict, load_config, to_dict
-from mar3d.models.condition import ConditionConfig
+from mar3d.models.condition import ConditionConfig, ImageEncoder
 from mar3d.models.diffusion import DiffusionConfig
 from mar3d.models.mar import (MAR, ConditionalMAR, GeneratorConfig, MARConfig, SamplingConfig,
                               augment_lr)
@@ -295,17 +295,20 @@ def test_per_item_generators_make_samples_batch_invariant(stage, cfg):
 
 
 def test_lr_only_cascade_from_images():
-    """The --no-hr path: RGBA images -> tiny CLIP/DINOv2 tokens -> MAR-LR tokens."""
+    """The --no-hr path: RGBA images -> tiny CLIP/DINOv2 features -> MAR-LR tokens."""
     torch.manual_seed(0)
-    model = ConditionalMAR(ConditionConfig(tiny=True, out_dim=32), small_cfg("lr"))
-    images = torch.randint(0, 256, (2, 128, 128, 4), dtype=torch.uint8)
-    out = model(images, randn(2, 32, 4))
+    cond_cfg = ConditionConfig(tiny=True, out_dim=32)
+    encoder = ImageEncoder(cond_cfg)
+    model = ConditionalMAR(cond_cfg, small_cfg("lr"), encoder.spec)
+    assert not any(n.startswith(("conditioner.clip.", "conditioner.dino.")) for n in model.state_dict())
+    features = encoder(torch.randint(0, 256, (2, 128, 128, 4), dtype=torch.uint8))
+    out = model(features, randn(2, 32, 4))
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert model.conditioner.clip_proj.weight.grad is not None
-    tokens = model.generate(images, generator=torch.Generator().manual_seed(0), num_iters=4)
+    tokens = model.generate(features, generator=torch.Generator().manual_seed(0), num_iters=4)
     assert tokens.shape == (2, 32, 4)
-    assert torch.equal(tokens, model.generate(images, generator=torch.Generator().manual_seed(0),
+    assert torch.equal(tokens, model.generate(features, generator=torch.Generator().manual_seed(0),
                                               num_iters=4))
 
 

@@ -43,7 +43,8 @@ EXPECTED_PARAMETERS = {
 EXPECTED_ARTIFACT_EDGES = {
     "train-vae": {"dataset": ("prepare", "dataset")},
     "train-lr": {"dataset": ("prepare", "dataset"), "vae_model": ("train-vae", "model")},
-    "train-hr": {"dataset": ("prepare", "dataset"), "vae_model": ("train-vae", "model")},
+    "train-hr": {"dataset": ("prepare", "dataset"), "vae_model": ("train-vae", "model"),
+                 "lr_model": ("train-lr", "model")},  # LR's image encoder (condition_model_uri)
     "evaluate": {"dataset": ("prepare", "dataset"), "vae_model": ("train-vae", "model"),
                  "lr_model": ("train-lr", "model"), "hr_model": ("train-hr", "model")},
     "promote": {"vae_model": ("train-vae", "model"), "lr_model": ("train-lr", "model"),

@@ -70,7 +70,7 @@ def test_local_pipeline_end_to_end(tmp_path, ycb_small_dir):
     mlflow.set_tracking_uri(result["mlflow_uri"])
     client = MlflowClient()
     champion = client.get_model_version_by_alias("mar3d", "champion")
-    for comp in ("vae", "lr", "hr"):
+    for comp in ("vae", "cond", "lr", "hr"):  # cond: the one image encoder of the release
         assert champion.tags[f"component.{comp}"].startswith(f"mar3d-{comp}/")
     # The gate's group (held-out objects) next to its mean-shape baseline, both groups logged.
     assert {"metric.heldout_objects/f_score", "metric.heldout_objects/baseline/f_score",

@@ -114,8 +114,7 @@ def test_train_vae_two_workers(trained_vae, shards, mlflow_server):
 
 @pytest.mark.parametrize("stage", ["lr", "hr"])
 def test_train_mar_stage_on_frozen_vae(stage, trained_vae, shards, mlflow_server, tmp_path):
-    from mar3d.models.condition import ConditionConfig
-    from mar3d.models.mar import ConditionalMAR, MARConfig
+    from mar3d.inference import load_frozen_conditioner, load_mar
     from mar3d.registry import resolve_model_dir
     from mar3d.weights import load_model_dir
 
@@ -135,8 +134,22 @@ def test_train_mar_stage_on_frozen_vae(stage, trained_vae, shards, mlflow_server
     assert client.get_metric_history(result.run_id, "train/latent_ms")
     assert client.get_metric_history(result.run_id, "eval/loss")
 
-    state, doc = load_model_dir(resolve_model_dir(result.model_uri, mlflow_server), kind=stage)
+    model_dir = resolve_model_dir(result.model_uri, mlflow_server)
+    state, doc = load_model_dir(model_dir, kind=stage)
     assert doc["extra"]["vae_model_uri"] == vae.model_uri and doc["extra"]["weights"] == "ema"
-    model = ConditionalMAR(from_dict(ConditionConfig, doc["model"]["condition"]),
-                           from_dict(MARConfig, doc["model"]["mar"]))
-    model.load_state_dict(state)
+    # The frozen image encoder was built once by the driver and logged to the run; the
+    # stage's weights and its DeepSpeed checkpoints hold only the trainable projection.
+    assert result.condition_model_uri == f"runs:/{result.run_id}/conditioner"
+    assert doc["extra"]["condition_model_uri"] == result.condition_model_uri
+    encoder, conditioner_id = load_frozen_conditioner(result.condition_model_uri, cfg.condition, mlflow_server)
+    assert doc["extra"]["conditioner_id"] == conditioner_id
+    assert not [k for k in state if k.startswith(("conditioner.clip.", "conditioner.dino."))]
+    assert "conditioner.clip_proj.weight" in state
+    module_states = list(Path(result.checkpoint_path).glob("**/*model_states.pt"))
+    assert module_states
+    for path in module_states:
+        saved = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        assert "conditioner.clip_proj.weight" in saved
+        assert not [k for k in saved if k.startswith(("conditioner.clip.", "conditioner.dino."))]
+    model = load_mar(model_dir, stage).model
+    assert model.conditioner.spec == encoder.spec

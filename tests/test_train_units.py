@@ -72,25 +72,25 @@ def test_weight_decay_exempts_embeddings_tokens_queries_and_the_diffusion_head(s
     """The decay groups of the real models: every positional embedding, learned token and
     VAE query set, and the whole diffusion head (as MAR exempts ``diffloss``) are exempt;
     every other weight matrix is decayed. The paper models are built on the meta device."""
-    from mar3d.models.condition import ConditionConfig
+    from mar3d.models.condition import ConditionConfig, ImageEncoder
     from mar3d.models.mar import ConditionalMAR, MARConfig
     from mar3d.models.vae import ShapeVAE, VAEConfig
     from mar3d.train.optim import no_decay_reason
 
     with torch.device("meta" if size == "paper" else "cpu"):
         vae = ShapeVAE(load_config(VAEConfig, f"vae_{size}", ["query_mode=learnable"]))
-        cond = load_config(ConditionConfig, f"mar_{size}", ["train_encoders=true"], section="condition")
-        hr = ConditionalMAR(cond, load_config(MARConfig, f"mar_{size}", section="hr"))
+        cond = load_config(ConditionConfig, f"mar_{size}", section="condition")
+        hr = ConditionalMAR(cond, load_config(MARConfig, f"mar_{size}", section="hr"), ImageEncoder(cond).spec)
     assert _no_decay_matrices(vae) == {"encoder.queries.hr", "encoder.queries.lr"}
+    # The frozen image encoder is not part of the trained model (it never sees the optimizer).
     embeddings = {"mar.fake_cond", "mar.fake_lr", "mar.enc_pos", "mar.mask_token", "mar.dec_pos",
-                  "mar.diff_pos", "conditioner.clip.positional_embedding",
-                  "conditioner.dino.pos_embed", "conditioner.dino.cls_token"}
+                  "mar.diff_pos"}
     head = _diffusion_matrices(hr)
     assert len(head) >= 10 and all(n.startswith("mar.diffusion.head.") for n in head)
     assert _no_decay_matrices(hr) == embeddings | head
     decayed = {n for n, p in hr.named_parameters() if not no_decay_reason(n, p)}
     assert {"mar.cond_proj.weight", "mar.enc_blocks.0.attn.qkv.weight",
-            "conditioner.clip_proj.weight", "conditioner.dino.blocks.0.mlp.fc1.weight"} <= decayed
+            "conditioner.clip_proj.weight", "conditioner.dino_proj.weight"} <= decayed
     assert not any(".diffusion." in f".{n}" or n.endswith("_pos") for n in decayed)
     groups = param_groups(hr, 0.05)
     exempt = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}

@@ -12,8 +12,21 @@ Which tokens each contributes is configurable:
 ``clip_tokens="cls", dino_tokens="patch"`` reproduces the authors' 1 + 256 = 257-token
 prefix for ViT-L/14 + DINOv2-L/14 at 224 px (see the ``mar_paper`` preset).
 
-The encoders are frozen (eval mode, no gradients) unless ``train_encoders``; the two
-projections are trainable and belong to whichever model owns the conditioner.
+The module is split where training splits it:
+
+* :class:`ImageEncoder` -- the two **frozen** towers (eval mode, no gradients). One per
+  release: MAR-LR and MAR-HR share it, it is stored once (its own model folder, kind
+  ``cond``), never in their weights or DeepSpeed checkpoints, and inference runs it once
+  per image for both stages. It returns *all* tokens of both towers
+  (:class:`EncoderFeatures`), so what it computes does not depend on a stage's choices
+  and can be cached.
+* :class:`ConditionProjection` -- the trainable part of each stage: token selection and
+  one Linear per tower to ``out_dim``.
+
+``ENCODER_FIELDS`` of :class:`ConditionConfig` describe the encoder; ``clip_tokens``,
+``dino_tokens`` and ``out_dim`` the projection. Random weights (``tiny``, or no
+pretrained source) are drawn from ``init_seed`` alone, so two stages that build the
+encoder from the same config get the same weights (and the same ``conditioner_id``).
 
 Weights: pretrained weights cannot be downloaded on every machine, so
 ``tiny: true`` builds small randomly initialised encoders of the *same classes* (used by the
@@ -40,6 +53,12 @@ import torch.nn.functional as F
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP statistics (open_clip constants)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# The ConditionConfig fields that define the frozen encoder (everything else belongs to a
+# stage's projection, or is legacy).
+ENCODER_FIELDS = ("clip_model", "clip_pretrained", "dino_model", "dino_pretrained", "image_size",
+                  "init_seed", "tiny", "tiny_width", "tiny_layers", "tiny_heads", "tiny_clip_patch",
+                  "tiny_dino_patch")
+
 
 @dataclass
 class ConditionConfig:
@@ -53,7 +72,11 @@ class ConditionConfig:
     dino_tokens: Literal["all", "patch"] = "all"
     image_size: int = 224
     out_dim: int = 1024                          # width of every condition token
+    # Fine-tuning the towers is not supported: they are shared by MAR-LR and MAR-HR and
+    # stored once per release. The field stays so that configs and releases written
+    # before still parse; training refuses true (mar3d.train.config).
     train_encoders: bool = False
+    init_seed: int = 0                           # random tower weights come from this seed alone
     tiny: bool = False
     tiny_width: int = 64
     tiny_layers: int = 2
@@ -189,8 +212,34 @@ def images_to_tensor(images: torch.Tensor | np.ndarray | Sequence) -> torch.Tens
     return torch.stack(arrays)
 
 
-class ImageConditioner(nn.Module):
-    """RGBA views -> condition tokens [B, T_cond, out_dim] = [CLIP tokens; DINOv2 tokens]."""
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Shapes of :class:`ImageEncoder`'s output that a projection is built for (saved in
+    every MAR model folder, so a stage can be rebuilt without its encoder)."""
+
+    clip_width: int
+    dino_width: int
+    clip_patches: int        # CLIP tokens = 1 (CLS) + clip_patches
+    dino_prefix: int         # DINOv2 tokens = dino_prefix (CLS, registers) + dino_patches
+    dino_patches: int
+
+
+EncoderFeatures = dict  # {"clip": [B, 1 + Pc, Dc], "dino": [B, prefix + Pd, Dd]}
+
+
+def encoder_config(cfg: ConditionConfig) -> dict:
+    """The encoder part of a condition config, as plain data."""
+    return {name: getattr(cfg, name) for name in ENCODER_FIELDS}
+
+
+def encoder_differences(a: ConditionConfig, b: ConditionConfig) -> list[str]:
+    """``field: a != b`` for each encoder field on which two configs disagree."""
+    return [f"{n}: {getattr(a, n)!r} != {getattr(b, n)!r}" for n in ENCODER_FIELDS
+            if getattr(a, n) != getattr(b, n)]
+
+
+class ImageEncoder(nn.Module):
+    """RGBA views -> all CLIP and DINOv2 tokens (:data:`EncoderFeatures`). Frozen."""
 
     def __init__(self, cfg: ConditionConfig):
         super().__init__()
@@ -198,38 +247,35 @@ class ImageConditioner(nn.Module):
         if not cfg.tiny and cfg.dino_pretrained not in (None, "hub"):
             _require_file(cfg.dino_pretrained, "condition.dino_pretrained")  # fail before building CLIP
         self.cfg = cfg
-        self.clip = build_clip_visual(cfg)
-        self.dino = build_dino(cfg)
+        # Random weights depend on init_seed only, not on whatever ran before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            self.clip = build_clip_visual(cfg)
+            self.dino = build_dino(cfg)
+        self.register_normalization()
+        self.requires_grad_(False)
+        self.train(False)
+
+    def register_normalization(self) -> None:
+        """Each tower's input mean/std (not saved: they follow from the towers)."""
         clip_mean = getattr(self.clip, "image_mean", None) or CLIP_MEAN
         clip_std = getattr(self.clip, "image_std", None) or CLIP_STD
         dino_data = self.dino.pretrained_cfg
-        self.register_buffer("clip_mean", torch.tensor(clip_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("clip_std", torch.tensor(clip_std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("dino_mean", torch.tensor(dino_data["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("dino_std", torch.tensor(dino_data["std"]).view(1, 3, 1, 1), persistent=False)
-        self.clip_proj = nn.Linear(self.clip.transformer.width, cfg.out_dim)
-        self.dino_proj = nn.Linear(self.dino.embed_dim, cfg.out_dim)
-        if not cfg.train_encoders:
-            self.clip.requires_grad_(False)
-            self.dino.requires_grad_(False)
-        self.train(False)
+        with torch.device("cpu"):  # real values even when the towers are built on "meta"
+            for name, values in (("clip_mean", clip_mean), ("clip_std", clip_std),
+                                 ("dino_mean", dino_data["mean"]), ("dino_std", dino_data["std"])):
+                self.register_buffer(name, torch.tensor(values).view(1, 3, 1, 1), persistent=False)
 
     @property
-    def num_tokens(self) -> int:
-        clip_grid = self.clip.grid_size[0] * self.clip.grid_size[1]
-        dino_grid = self.dino.patch_embed.num_patches
-        clip_n = 1 + clip_grid if self.cfg.clip_tokens == "all" else 1
-        dino_prefix = self.dino.num_prefix_tokens
-        dino_n = dino_prefix + dino_grid if self.cfg.dino_tokens == "all" else dino_grid
-        return clip_n + dino_n
+    def spec(self) -> EncoderSpec:
+        return EncoderSpec(clip_width=self.clip.transformer.width, dino_width=self.dino.embed_dim,
+                           clip_patches=self.clip.grid_size[0] * self.clip.grid_size[1],
+                           dino_prefix=self.dino.num_prefix_tokens,
+                           dino_patches=self.dino.patch_embed.num_patches)
 
-    def train(self, mode: bool = True) -> "ImageConditioner":
-        # Frozen encoders stay in eval mode (dropout/drop-path off) even while the owner trains.
-        super().train(mode)
-        if not self.cfg.train_encoders:
-            self.clip.eval()
-            self.dino.eval()
-        return self
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        # Frozen: eval mode (dropout/drop-path off) whatever its owner does.
+        return super().train(False)
 
     def preprocess(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         """RGBA uint8 images -> (CLIP input, DINOv2 input), float [B, 3, S, S] each."""
@@ -241,21 +287,55 @@ class ImageConditioner(nn.Module):
         out = self.clip.forward_intermediates(
             x, indices=1, normalize_intermediates=True, intermediates_only=True,
             output_fmt="NLC", output_extra_tokens=True)
-        cls, patches = out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]
-        return cls if self.cfg.clip_tokens == "cls" else torch.cat([cls, patches], dim=1)
+        return torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
 
-    def encode_dino(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.dino.forward_features(x)  # final norm applied; [B, prefix + patches, D]
-        if self.cfg.dino_tokens == "patch":
-            tokens = tokens[:, self.dino.num_prefix_tokens:]
-        return tokens
-
-    def forward(self, images) -> torch.Tensor:
+    @torch.no_grad()
+    def forward(self, images) -> EncoderFeatures:
+        """Images [B, H, W, C] (or a list of same-sized images) -> features of B images."""
         clip_in, dino_in = self.preprocess(images)
-        # Match the encoders' weights if the module was cast (e.g. DeepSpeed bf16).
-        clip_in = clip_in.to(self.clip_proj.weight.dtype)
-        dino_in = dino_in.to(self.dino_proj.weight.dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train_encoders):
-            clip_tokens = self.encode_clip(clip_in)
-            dino_tokens = self.encode_dino(dino_in)
-        return torch.cat([self.clip_proj(clip_tokens), self.dino_proj(dino_tokens)], dim=1)
+        dtype = self.clip.conv1.weight.dtype  # match the towers if the module was cast
+        return {"clip": self.encode_clip(clip_in.to(dtype)),
+                # final norm applied; [B, prefix + patches, D]
+                "dino": self.dino.forward_features(dino_in.to(dtype))}
+
+    def encode(self, images) -> EncoderFeatures:
+        """Like ``forward``, but a list of images of different sizes is encoded one image at
+        a time (they cannot share one tensor; the encoder resizes anyway)."""
+        if isinstance(images, (list, tuple)) and len({np.shape(im) for im in images}) > 1:
+            parts = [self([im]) for im in images]
+            return {k: torch.cat([p[k] for p in parts]) for k in ("clip", "dino")}
+        return self(images)
+
+
+class ConditionProjection(nn.Module):
+    """A stage's trainable view of the encoder features: the configured tokens of each
+    tower, each mapped by its own Linear to ``out_dim``, concatenated
+    ``[CLIP tokens; DINOv2 tokens]`` -> [B, num_tokens, out_dim]."""
+
+    def __init__(self, cfg: ConditionConfig, spec: EncoderSpec):
+        super().__init__()
+        cfg.validate()
+        self.cfg, self.spec = cfg, spec
+        self.clip_proj = nn.Linear(spec.clip_width, cfg.out_dim)
+        self.dino_proj = nn.Linear(spec.dino_width, cfg.out_dim)
+
+    @property
+    def num_tokens(self) -> int:
+        clip_n = 1 + self.spec.clip_patches if self.cfg.clip_tokens == "all" else 1
+        dino_n = self.spec.dino_patches + (self.spec.dino_prefix if self.cfg.dino_tokens == "all" else 0)
+        return clip_n + dino_n
+
+    def forward(self, features: EncoderFeatures) -> torch.Tensor:
+        clip, dino = features["clip"], features["dino"]
+        expected = {"clip": (1 + self.spec.clip_patches, self.spec.clip_width),
+                    "dino": (self.spec.dino_prefix + self.spec.dino_patches, self.spec.dino_width)}
+        for name, tensor in (("clip", clip), ("dino", dino)):
+            if tensor.dim() != 3 or tuple(tensor.shape[1:]) != expected[name]:
+                raise ValueError(f"{name} features must be [B, {expected[name][0]}, {expected[name][1]}] "
+                                 f"(the encoder this model was trained with), got {tuple(tensor.shape)}")
+        if self.cfg.clip_tokens == "cls":
+            clip = clip[:, :1]
+        if self.cfg.dino_tokens == "patch":
+            dino = dino[:, self.spec.dino_prefix:]
+        return torch.cat([self.clip_proj(clip.to(self.clip_proj.weight.dtype)),
+                          self.dino_proj(dino.to(self.dino_proj.weight.dtype))], dim=1)

@@ -22,8 +22,9 @@ A port of MAR (Li et al. 2024, LTH14/mar) to MAR-3D's cascade:
 * Inference: ``num_iters`` steps reveal tokens on the cosine schedule, each sampled by the
   diffusion head with CFG whose scale ramps linearly with the fraction generated.
 
-``ConditionalMAR`` bundles an :class:`~mar3d.models.condition.ImageConditioner` with a MAR
-model so callers go straight from RGBA images to tokens.
+``ConditionalMAR`` bundles a stage's condition projection with a MAR model, so callers go
+straight from image-encoder features to tokens; the frozen encoder itself is shared by the
+cascade and kept outside (:mod:`mar3d.models.condition`).
 """
 from __future__ import annotations
 
@@ -31,13 +32,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from mar3d.models.attention import Block
-from mar3d.models.condition import ConditionConfig, ImageConditioner
+from mar3d.models.condition import ConditionConfig, ConditionProjection, EncoderFeatures, EncoderSpec
 from mar3d.models.diffusion import DiffusionConfig, GaussianDiffusion, gaussian_noise
 from mar3d.models.rng import Generators, check_per_item
 from mar3d.models.schedules import (cfg_scale, cosine_mask_schedule, mask_from_orders,
@@ -410,31 +410,21 @@ class MAR(nn.Module):
 
 
 class ConditionalMAR(nn.Module):
-    """ImageConditioner + MAR: RGBA images (uint8 [B,H,W,4]) straight to tokens / loss."""
+    """A stage's trainable condition projection + MAR: image-encoder features
+    (:class:`~mar3d.models.condition.ImageEncoder` output, computed outside: the encoder is
+    frozen and shared by both stages) straight to tokens / loss."""
 
-    def __init__(self, cond_cfg: ConditionConfig, mar_cfg: MARConfig):
+    def __init__(self, cond_cfg: ConditionConfig, mar_cfg: MARConfig, encoder: EncoderSpec):
         super().__init__()
-        self.conditioner = ImageConditioner(cond_cfg)
+        self.conditioner = ConditionProjection(cond_cfg, encoder)
         self.mar = MAR(mar_cfg, cond_dim=cond_cfg.out_dim, cond_len=self.conditioner.num_tokens)
 
-    def forward(self, images, tokens: torch.Tensor,
+    def forward(self, features: EncoderFeatures, tokens: torch.Tensor,
                 lr_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.mar(tokens, self.conditioner(images), lr_tokens)
+        return self.mar(tokens, self.conditioner(features), lr_tokens)
 
     @torch.no_grad()
-    def generate(self, images, lr_tokens: torch.Tensor | None = None,
+    def generate(self, features: EncoderFeatures, lr_tokens: torch.Tensor | None = None,
                  generator: Generators = None, **sampling) -> torch.Tensor:
-        was_training = self.training
-        self.eval()
-        try:
-            cond = self.condition(images)
-        finally:
-            self.train(was_training)
-        return self.mar.generate(cond, lr_tokens=lr_tokens, generator=generator, **sampling)
-
-    def condition(self, images) -> torch.Tensor:
-        """Condition tokens [B, Tc, D]. A list of images of different sizes cannot share one
-        tensor, so it is conditioned one image at a time (the conditioner resizes anyway)."""
-        if isinstance(images, (list, tuple)) and len({np.shape(im) for im in images}) > 1:
-            return torch.cat([self.conditioner([im]) for im in images])
-        return self.conditioner(images)
+        return self.mar.generate(self.conditioner(features), lr_tokens=lr_tokens,
+                                 generator=generator, **sampling)

@@ -7,6 +7,9 @@ The driver (this process):
    ``<storage_path>/<run_name>/mar3d_run.json`` when the same run is started again;
 2. logs the flattened config as params and starts a ``TorchTrainer`` whose workers run
    :func:`mar3d.train.loop.train_loop_per_worker` (rank 0 logs metrics into the run);
+   MAR-LR/HR get the frozen image encoder from ``condition_model_uri``; when it is empty
+   the driver builds it from ``condition`` once, logs it as the run's ``conditioner``
+   artifact (a re-run keeps the one logged first) and points the workers at it;
 3. after ``fit()`` returns, copies the final model folder (safetensors + config.yaml +
    MLmodel) out of the last checkpoint to ``<storage_path>/<run_name>/model`` and logs it
    as the run's ``model`` artifact, so ``runs:/<run_id>/model`` is the model URI.
@@ -48,6 +51,7 @@ from mar3d.train.loop import MODEL_DIR, TRACKING_BACKLOG
 log = logging.getLogger(__name__)
 
 RUN_STATE = "mar3d_run.json"
+CONDITIONER_DIR = "conditioner"
 
 
 class TrainingError(RuntimeError):
@@ -62,6 +66,7 @@ class TrainResult:
     checkpoint_path: str               # latest Ray Train checkpoint
     metrics: dict[str, Any] = field(default_factory=dict)
     tracking_uri: str = ""
+    condition_model_uri: str = ""      # lr/hr: the frozen image encoder the model was trained with
     seconds: float = 0.0
     run_location: str = ""             # <storage_path>/<run_name>: a folder or an s3:// URI
 
@@ -100,10 +105,34 @@ def _check_stage_inputs(cfg: TrainConfig, tracking_uri: str) -> None:
     the MAR config (wrong token count/channels) or cannot be found."""
     if cfg.stage == "vae":
         return
-    from mar3d.inference import check_vae_fits_mar, load_frozen_vae
+    from mar3d.inference import check_vae_fits_mar, load_frozen_conditioner, load_frozen_vae
 
     vae, _ = load_frozen_vae(cfg.vae_model_uri, tracking_uri)
     check_vae_fits_mar(vae.cfg, cfg.mar)
+    if cfg.condition_model_uri:
+        load_frozen_conditioner(cfg.condition_model_uri, cfg.condition, tracking_uri)
+
+
+def _prepare_conditioner(cfg: TrainConfig, tracking_uri: str, run_id: str, run_dir: Path) -> None:
+    """lr/hr without ``condition_model_uri``: build the frozen image encoder from
+    ``cfg.condition`` here, once, log it as the run's ``conditioner`` artifact and point
+    ``cfg.condition_model_uri`` (what the workers load) at it. A re-run of the same run
+    reuses the artifact it logged first: its checkpoints were trained on that one."""
+    from mar3d import tracking
+    from mar3d.inference import save_conditioner
+    from mar3d.models.condition import ImageEncoder
+
+    if cfg.stage == "vae" or cfg.condition_model_uri:
+        return
+    if not list(tracking.list_artifacts(tracking_uri, run_id, CONDITIONER_DIR)):
+        folder = run_dir / CONDITIONER_DIR
+        if folder.exists():
+            shutil.rmtree(folder)
+        conditioner_id = save_conditioner(ImageEncoder(cfg.condition), folder)
+        tracking.log_artifacts(tracking_uri, run_id, folder, CONDITIONER_DIR)
+        log.info("image encoder %s logged as runs:/%s/%s", conditioner_id, run_id, CONDITIONER_DIR)
+    cfg.condition_model_uri = f"runs:/{run_id}/{CONDITIONER_DIR}"
+    tracking.client(tracking_uri).set_tag(run_id, "mar3d.condition_model_uri", cfg.condition_model_uri)
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
@@ -127,6 +156,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     tracking.check_reachable(tracking_uri)
     _check_stage_inputs(cfg, tracking_uri)
     run_id = _open_tracking_run(cfg, run_location, tracking_uri)
+    _prepare_conditioner(cfg, tracking_uri, run_id, run_dir)
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS if set (a cluster), else a local instance
@@ -146,7 +176,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     return TrainResult(run_id=run_id, model_uri=f"runs:/{run_id}/{MODEL_DIR}", model_dir=model_dir,
                        run_location=run_location,
                        checkpoint_path=str(result.checkpoint.path), metrics=dict(result.metrics or {}),
-                       tracking_uri=tracking_uri, seconds=time.monotonic() - started)
+                       tracking_uri=tracking_uri, seconds=time.monotonic() - started,
+                       condition_model_uri=cfg.condition_model_uri)
 
 
 def _open_tracking_run(cfg: TrainConfig, run_location: str, tracking_uri: str) -> str:

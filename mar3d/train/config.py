@@ -40,7 +40,7 @@ STAGES = ("vae", "lr", "hr")
 STAGE_ONLY_KEYS = {
     "vae": (("vae", "vae_level", "latent_stats_shapes"),
             "the lr/hr stages encode with the frozen VAE of vae_model_uri and its own saved config"),
-    "mar": (("mar", "condition", "vae_model_uri", "latent_target", "latent_norm"),
+    "mar": (("mar", "condition", "vae_model_uri", "condition_model_uri", "latent_target", "latent_norm"),
             "they configure the lr/hr (MAR) stages, not the VAE stage"),
 }
 
@@ -111,6 +111,11 @@ class TrainConfig:
     # --- stage specific --------------------------------------------------------------------
     vae_level: Literal["alternate", "hr", "lr"] = "alternate"  # VAE: which latent set per step
     vae_model_uri: str = ""              # lr/hr: frozen VAE (runs:/.., models:/.., or a folder)
+    # lr/hr: the frozen image encoder (a "cond" model folder: runs:/.., models:/.., or a
+    # folder). "" builds it from `condition` and logs it to this run as `conditioner`;
+    # give MAR-HR the one MAR-LR used (its result's condition_model_uri) so a release
+    # stores and runs one encoder.
+    condition_model_uri: str = ""
     # VAE: after training, the latent statistics (shift, scale) are measured on this many
     # training shapes and stored with the weights; MAR stages normalize with them.
     latent_stats_shapes: int = 64
@@ -194,6 +199,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.surface_sizes must be positive, got {self.surface_sizes}")
         if not self.tracking_retry_s > 0:
             raise ValueError(f"TrainConfig.tracking_retry_s must be > 0, got {self.tracking_retry_s}")
+        if self.stage in ("lr", "hr") and self.condition.train_encoders:
+            raise ValueError("condition.train_encoders: true is not supported: the image encoders are "
+                             "frozen, shared by MAR-LR and MAR-HR and stored once per release (only "
+                             "each stage's condition projection trains)")
         if self.stage in ("lr", "hr") and not self.vae_model_uri:
             raise ValueError(f"stage {self.stage!r} needs vae_model_uri (the trained VAE: "
                              "runs:/RUN_ID/model, models:/NAME@ALIAS or a local model folder)")

@@ -6,8 +6,10 @@ becomes a loss, how to evaluate, and what goes into the saved model's config:
 
 * :class:`VAEStage` trains the shape VAE; each step uses HR or LR latents
   (``vae_level``: alternate by default, so the one decoder learns both token counts).
-* :class:`MARStage` trains MAR-LR or MAR-HR (a :class:`ConditionalMAR`: image
-  conditioner + MAR) against latents of a **frozen** VAE, computed on the fly from the
+* :class:`MARStage` trains MAR-LR or MAR-HR (a :class:`ConditionalMAR`: condition
+  projection + MAR) on features of the **frozen** image encoder (``condition_model_uri``,
+  never part of the trained module, its DeepSpeed checkpoints or its saved weights)
+  against latents of a **frozen** VAE, computed on the fly from the
   batch's surface pyramid: posterior samples (``latent_target: sample``, as the MAR-3D
   authors) or means, normalized with the statistics the VAE stage measured
   (``latent_norm``; the values used are written into the MAR model's config). The cost
@@ -20,6 +22,7 @@ and they are saved with its weights (``extra.latent_stats`` in config.yaml).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
@@ -31,7 +34,7 @@ from torch import nn
 from mar3d.config import to_dict
 from mar3d.models.vae import (ShapeVAE, latent_stats_from_sums, latent_sums,
                               occupancy_iou, surfaces_from_batch)
-from mar3d.inference import check_vae_fits_mar, load_frozen_vae
+from mar3d.inference import check_vae_fits_mar, load_frozen_conditioner, load_frozen_vae
 from mar3d.train.config import TrainConfig
 from mar3d.train.data import dataset_kwargs
 from mar3d.train.distributed import all_reduce_sum
@@ -156,15 +159,22 @@ class MARStage(Stage):
         self.cfg = cfg
         self.kind = level
         self.vae: ShapeVAE | None = None
+        self.encoder = None                 # frozen ImageEncoder, loaded by setup()
+        self.conditioner_id = ""
+        self.precision = cfg.resolved_precision()
         self.latent_seconds = 0.0
         self.latent_calls = 0
 
     def build_model(self) -> nn.Module:
         from mar3d.models.mar import ConditionalMAR
 
-        return ConditionalMAR(self.cfg.condition, self.cfg.mar)
+        if self.encoder is None:
+            raise RuntimeError("MARStage.setup() must load the image encoder before the model is built")
+        return ConditionalMAR(self.cfg.condition, self.cfg.mar, self.encoder.spec)
 
     def setup(self, device: torch.device, tracking_uri: str) -> None:
+        self.encoder, self.conditioner_id = load_frozen_conditioner(
+            self.cfg.condition_model_uri, self.cfg.condition, tracking_uri, device)
         self.vae, extra = load_frozen_vae(self.cfg.vae_model_uri, tracking_uri, device)
         check_vae_fits_mar(self.vae.cfg, self.cfg.mar)
         if self.cfg.latent_norm:
@@ -199,9 +209,16 @@ class MARStage(Stage):
         self.latent_calls += 1
         return lr, hr
 
+    @torch.no_grad()
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Frozen image-encoder features of the batch's views (in bf16 when training in bf16,
+        as the encoder ran inside the model's autocast before it was split out)."""
+        with autocast_context(batch["image"].device, self.precision):
+            return self.encoder(batch["image"])
+
     def loss(self, engine, batch: dict, step: int) -> dict[str, torch.Tensor]:
         tokens, lr_tokens = self.latents(batch, engine.module)
-        out = engine(batch["image"], tokens, lr_tokens)
+        out = engine(self.features(batch), tokens, lr_tokens)
         return {"loss": out["loss"], "mask_ratio": out["mask_ratio"].detach().float()}
 
     def latent_ms(self) -> float:
@@ -216,11 +233,18 @@ class MARStage(Stage):
         # The diffusion loss on held-out shapes/views with the training masking is the
         # cheap, comparable number; generation quality is the evaluation job's business.
         tokens, lr_tokens = self.latents(batch, model)
-        out = model(batch["image"], tokens, lr_tokens)
+        out = model(self.features(batch), tokens, lr_tokens)
         return {"loss": float(out["loss"])}
 
     def model_config(self) -> dict[str, Any]:
-        return {"mar": to_dict(self.cfg.mar), "condition": to_dict(self.cfg.condition)}
+        return {"mar": to_dict(self.cfg.mar), "condition": to_dict(self.cfg.condition),
+                "encoder": dataclasses.asdict(self.encoder.spec)}
+
+    def export_extra(self, model: nn.Module, ema, rank: int, world: int,
+                     device: torch.device) -> dict[str, Any]:
+        """Which conditioner the model was trained with (a release must pair them)."""
+        return {"conditioner_id": self.conditioner_id,
+                "condition_model_uri": self.cfg.condition_model_uri}
 
 
 def make_stage(cfg: TrainConfig) -> Stage:
