@@ -200,7 +200,7 @@ def mar_step(size: str, level: str, batch: int | None, full: bool, device: torch
         if not full:
             return float(sum(z.sum() for z in stage.vae_latents(data) if z is not None))
         tokens, lr_tokens = stage.latents(data, model)
-        loss = model(data["image"], tokens, lr_tokens)["loss"]
+        loss = model(stage.features(data), tokens, lr_tokens)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -283,6 +283,10 @@ def train_loop_per_worker(config: dict) -> None:
         if do_log:
             metrics.update(window.metrics(device))
             metrics["train/lr"] = scheduler.get_last_lr()[0]
+            if device.type == "cuda":
+                # Rank 0's high-water mark since start-up (ZeRO balances ranks); what a
+                # batch size or config costs in GPU memory, e.g. benchmarks/gpu_figures.py.
+                metrics["train/gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             if hasattr(stage, "latent_ms"):
                 metrics["train/latent_ms"] = stage.latent_ms()
             bar.set_postfix(loss=metrics["train/loss"])

@@ -173,8 +173,15 @@ class MARStage(Stage):
         return ConditionalMAR(self.cfg.condition, self.cfg.mar, self.encoder.spec)
 
     def setup(self, device: torch.device, tracking_uri: str) -> None:
-        self.encoder, self.conditioner_id = load_frozen_conditioner(
-            self.cfg.condition_model_uri, self.cfg.condition, tracking_uri, device)
+        if self.cfg.condition_model_uri:
+            self.encoder, self.conditioner_id = load_frozen_conditioner(
+                self.cfg.condition_model_uri, self.cfg.condition, tracking_uri, device)
+        else:  # a stage used outside run_training (benchmarks): the encoder its config describes
+            from mar3d.models.condition import ImageEncoder
+            from mar3d.weights import content_id
+
+            self.encoder = ImageEncoder(self.cfg.condition).to(device)
+            self.conditioner_id = content_id(self.encoder.state_dict())
         self.vae, extra = load_frozen_vae(self.cfg.vae_model_uri, tracking_uri, device)
         check_vae_fits_mar(self.vae.cfg, self.cfg.mar)
         if self.cfg.latent_norm:
