@@ -13,6 +13,8 @@ training preset had ``data_loader: ray``, so the test checks that and compares t
 ``DataConfig.watertight_method`` was added later on purpose (issue 15): the data presets
 now put their geometry on the input surface ("snap"), a measured behaviour change
 (benchmarks/data_fidelity.py); the test checks that value and compares the rest.
+``GenerateConfig.kv_top_k`` / ``kv_block`` / ``kv_score_queries`` (adaptive KV selection,
+issue 14) were added later too, default off (exact decoding) in every preset.
 """
 from __future__ import annotations
 
@@ -63,8 +65,10 @@ def preset_values(key: str) -> dict:
 # Keys removed from a config since the fixture was written -> the value every preset had
 # (the behaviour that was kept).
 REMOVED = {"data_loader": "ray"}
-# Keys added to a config since -> the value every preset that has the key now loads.
-ADDED = {"watertight_method": "snap"}
+# Keys added to a config since -> the value every preset that has the key now loads
+# (dotted: a key of a nested section).
+ADDED = {"watertight_method": "snap", "generate.kv_top_k": None, "generate.kv_block": 1024,
+         "generate.kv_score_queries": 32}
 
 
 @pytest.mark.parametrize("key", sorted(EXPECTED))
@@ -75,8 +79,12 @@ def test_every_preset_loads_to_the_same_values_as_before(key):
             assert expected.pop(removed) == kept
     loaded = preset_values(key)
     for added, value in ADDED.items():
-        if added in loaded and added not in expected:
-            assert loaded.pop(added) == value
+        *sections, name = added.split(".")
+        new, old = loaded, expected
+        for section in sections:
+            new, old = new.get(section, {}), old.get(section, {})
+        if name in new and name not in old:
+            assert new.pop(name) == value
     assert loaded == expected
 
 
