@@ -12,7 +12,7 @@ from _ycb import ycb_mesh
 from mar3d.geometry import extract_mesh, keep_large_components, save_mesh
 from mar3d.geometry.analytic import (box_sdf, sdf_occupancy_fn, sphere_sdf, torus_sdf,
                                      winding_number_occupancy_fn)
-from mar3d.geometry.extract import _upsample2, grid_coordinates
+from mar3d.geometry.extract import _default_coarse_resolution, _upsample2, grid_coordinates
 
 SHAPES = {
     "sphere": (sphere_sdf(0.8), 4 / 3 * math.pi * 0.8 ** 3),
@@ -122,6 +122,13 @@ def test_real_mesh_winding_number_field(ycb_root):
     assert grid_iou(dense.grid, fast.grid) >= 0.99
     assert fast.num_queries < 0.5 * dense.num_queries
     assert len(fast.mesh.faces) > 1000
+
+
+def test_default_coarse_grid_stops_growing_above_128():
+    # resolution / 4 up to 128; above, at least 32 cells and at most 8 fine cells per
+    # coarse cell (the surface is followed, so the coarse grid only has to find it)
+    assert {r: _default_coarse_resolution(r) for r in (32, 96, 128, 192, 256, 384, 512)} == \
+        {32: 8, 96: 24, 128: 32, 192: 48, 256: 32, 384: 48, 512: 64}
 
 
 def test_batches_torch_outputs_and_query_counting():

@@ -162,12 +162,13 @@ def _offsets(n: int, span: int) -> np.ndarray:
 
 
 def _default_coarse_resolution(resolution: int) -> int:
-    # resolution / 4 up to 128, then a coarse grid of 32 cells per axis (at most 8 fine
-    # cells per coarse cell): above 128 the coarse grid keeps the same thinnest part it
-    # can see instead of growing with the resolution, since the decoded surface is
-    # followed from coarse sign changes (``_Level.refine``) rather than a wide band.
+    # Halved while it stays >= resolution / 4 up to 128 cells and >= 32 cells (and
+    # resolution / 8) above: the decoded surface is followed from coarse sign changes
+    # (``_Level.refine``), so the coarse grid need not grow with the resolution; what
+    # fixes the thinnest separate part it can see is its own spacing.
+    lowest = max(resolution // 8, min(resolution // 4, 32), 8)
     coarse = resolution
-    while coarse % 2 == 0 and coarse > max(resolution // 8, min(resolution // 4, 32), 8):
+    while coarse % 2 == 0 and coarse // 2 >= lowest:
         coarse //= 2
     return coarse
 
@@ -284,12 +285,12 @@ def extract_mesh(occupancy_fn: OccupancyFn, resolution: int = 256, bounds: float
     """Decode ``occupancy_fn`` (points [N,3] float32 -> logits [N], > ``level`` inside) on a
     grid over [-bounds, bounds]^3 and run marching cubes.
 
-    ``coarse_resolution`` (hierarchical only) defaults to resolution / 4 up to 128 and
-    to 32 (at most resolution / 8) above, divided by powers of two while it stays even
-    and above 8; ``dilate`` grows the refined region by that many coarse cells around
-    the sign changes before the surface is followed (1: a safety margin, 0: fewest
-    queries); ``remove_small_components`` drops floating pieces
-    with less than that fraction of the largest piece's area."""
+    ``coarse_resolution`` (hierarchical only) defaults to the resolution halved while it
+    stays >= resolution / 4 up to 128, >= 32 and >= resolution / 8 above (128 -> 32,
+    256 -> 32, 384 -> 48, 512 -> 64); ``dilate`` grows the refined region by that many
+    cells around the sign changes at each level before the surface is followed (1: a
+    safety margin, 0: fewest queries); ``remove_small_components`` drops floating
+    pieces with less than that fraction of the largest piece's area."""
     if resolution < 2:
         raise ValueError(f"resolution must be >= 2, got {resolution}")
     if bounds <= 0:
