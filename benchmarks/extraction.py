@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
 import sys
 import time
@@ -106,6 +107,31 @@ def train_tiny_vae(steps: int, device: str, seed: int = 0, hr_tokens: int | None
     return model, surfaces, float(out["iou"])
 
 
+def cached_tiny_vae(args):
+    """The in-process tiny VAE and its torus surfaces, trained once per ``--vae-cache``
+    file (keyed by steps and token count: a cache made with other settings is retrained)."""
+    import torch
+
+    from mar3d.models.vae import ShapeVAE
+
+    key = {"steps": args.vae_steps, "tokens": args.vae_tokens}
+    if args.vae_cache and args.vae_cache.exists():
+        saved = torch.load(args.vae_cache, map_location=args.device, weights_only=False)
+        if saved["key"] == key:
+            model = ShapeVAE(saved["cfg"]).to(args.device)
+            model.load_state_dict(saved["state"])
+            print(f"# tiny VAE loaded from {args.vae_cache}", file=sys.stderr)
+            return model.eval(), saved["surfaces"]
+    t0 = time.perf_counter()
+    model, surfaces, iou = train_tiny_vae(args.vae_steps, args.device, hr_tokens=args.vae_tokens)
+    print(f"# tiny VAE trained on a torus: {args.vae_steps} steps in "
+          f"{time.perf_counter() - t0:.1f} s, last-step query IoU {iou:.3f}", file=sys.stderr)
+    if args.vae_cache:
+        args.vae_cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "cfg": model.cfg, "state": model.state_dict(), "surfaces": surfaces}, args.vae_cache)
+    return model, surfaces
+
+
 def vae_occupancy(model, surfaces, kv_selects):
     """The exact occupancy function and {method label: KV-selecting one} per ``kv_selects``."""
     import torch
@@ -153,10 +179,7 @@ def occupancy_functions(args):
                 tokens, fns = checkpoint_occupancy(args.checkpoint, args.mesh, args.device, kv_selections(args))
                 yield (f"VAE {args.checkpoint} on {args.mesh.name} ({tokens} tokens)", *fns)
             else:
-                t0 = time.perf_counter()
-                model, surfaces, iou = train_tiny_vae(args.vae_steps, args.device, hr_tokens=args.vae_tokens)
-                print(f"# tiny VAE trained on a torus: {args.vae_steps} steps in "
-                      f"{time.perf_counter() - t0:.1f} s, last-step query IoU {iou:.3f}", file=sys.stderr)
+                model, surfaces = cached_tiny_vae(args)
                 yield (f"tiny VAE ({args.device}, torus, {model.cfg.hr_tokens} tokens)",
                        *vae_occupancy(model, surfaces, kv_selections(args)))
         else:
@@ -165,7 +188,8 @@ def occupancy_functions(args):
 
 def timed_extraction(fn, resolution: int, args, method: str):
     """(ExtractionResult with the grid, process CPU seconds of the whole extraction)."""
-    options = {} if method == "dense" else dict(coarse_resolution=args.coarse_resolution, band=args.band)
+    options = {} if method == "dense" else dict(coarse_resolution=args.coarse_resolution, band=args.band,
+                                                dilate=args.dilate)
     cpu = time.process_time()
     result = extract_mesh(fn, resolution=resolution, method=method, batch_size=args.batch_size,
                           return_grid=True, **options)
@@ -198,9 +222,13 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=65536, help="decoder queries per call")
     parser.add_argument("--coarse-resolution", type=int, default=None, help="default: resolution / 4")
     parser.add_argument("--band", type=float, default=None, help="also refine cells with |logit| < band")
+    parser.add_argument("--dilate", type=int, default=inspect.signature(extract_mesh).parameters["dilate"].default,
+                        help="coarse cells refined around each sign change before the surface is followed")
     parser.add_argument("--vae-steps", type=int, default=400, help="training steps of the in-process tiny VAE")
     parser.add_argument("--vae-tokens", type=int, default=None,
                         help="HR latent tokens of the in-process tiny VAE (default: vae_tiny's 128)")
+    parser.add_argument("--vae-cache", type=Path, default=None,
+                        help="reuse the in-process tiny VAE saved here (trained and saved when missing)")
     parser.add_argument("--kv-top-k", type=int, nargs="*", default=[],
                         help="add a hierarchical+kv row per k: each query block attends to its top-k latent tokens")
     parser.add_argument("--kv-block", type=int, default=1024, help="queries per KV-selection block")

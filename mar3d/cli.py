@@ -121,10 +121,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from mar3d.generate import BatchGenerateConfig, batch_generate
+def generate_config(args: argparse.Namespace):
+    """The BatchGenerateConfig of `mar3d generate` args: --config, --set, then --kv-top-k."""
+    from mar3d.generate import BatchGenerateConfig
 
-    cfg = load_config(BatchGenerateConfig, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.kv_top_k is not None:
+        overrides.append(f"generate.kv_top_k={args.kv_top_k}")
+    return load_config(BatchGenerateConfig, args.config, overrides)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mar3d.generate import batch_generate
+
+    cfg = generate_config(args)
     result = batch_generate(args.images, args.model, args.output, cfg,
                             tracking_uri=args.tracking_uri, progress=not args.no_progress)
     print(result.summary())
@@ -313,6 +323,11 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     gen.add_argument("--fail-on-errors", action="store_true",
                      help="exit with status 3 if any input got an error row")
+    gen.add_argument("--kv-top-k", type=int, default=None, metavar="K",
+                     help="adaptive KV selection in mesh decoding: each block of nearby query points "
+                          "attends only to its top K latent tokens (faster, approximate; same as "
+                          "--set generate.kv_top_k=K; block size and scoring points: "
+                          "generate.kv_block, generate.kv_score_queries). Default: exact")
     _add_config_args(gen)
     gen.set_defaults(func=_cmd_generate)
 

@@ -30,6 +30,7 @@ import torch
 
 from mar3d.config import from_dict
 from mar3d.geometry.extract import ExtractionResult, extract_mesh, latent_occupancy_fn
+from mar3d.models.attention import KVSelect
 from mar3d.models.condition import (ConditionConfig, EncoderFeatures, EncoderSpec, ImageEncoder,
                                     encoder_config, encoder_differences)
 from mar3d.models.mar import ConditionalMAR, MARConfig
@@ -54,6 +55,12 @@ class GenerateConfig:
     resolution: int = 128                 # marching-cubes cells per axis
     extraction: Literal["hierarchical", "dense"] = "hierarchical"
     query_batch_size: int = 65536
+    # Adaptive KV selection (FlashVDM): blocks of kv_block nearby query points attend only
+    # to the kv_top_k latent tokens that kv_score_queries of their points rank highest.
+    # None: exact decoding; >= the VAE's token count: exact too (same mesh).
+    kv_top_k: int | None = None
+    kv_block: int = 1024
+    kv_score_queries: int = 32
     remove_small_components: float | None = 0.01  # drop floaters below this face fraction
     min_image_side: int = 32
     max_image_pixels: int = 4096 * 4096
@@ -75,6 +82,14 @@ class GenerateConfig:
             raise ValueError(f"query_batch_size must be >= 1024, got {self.query_batch_size}")
         if self.min_image_side < 1 or self.max_image_pixels < self.min_image_side ** 2:
             raise ValueError("need 1 <= min_image_side and max_image_pixels >= min_image_side**2")
+        try:  # KVSelect's own checks, also for the block settings when kv_top_k is None
+            KVSelect(1 if self.kv_top_k is None else self.kv_top_k, self.kv_block, self.kv_score_queries)
+        except ValueError as e:
+            raise ValueError(f"kv_top_k / kv_block / kv_score_queries: {e}") from None
+
+    def kv_select(self) -> KVSelect | None:
+        """The decoder's KV selection, None for exact decoding."""
+        return None if self.kv_top_k is None else KVSelect(self.kv_top_k, self.kv_block, self.kv_score_queries)
 
 
 def load_image(source: Any, cfg: GenerateConfig | None = None) -> np.ndarray:
@@ -485,7 +500,8 @@ class MAR3DPipeline:
     def decode(self, tokens: torch.Tensor, resolution: int | None = None) -> ExtractionResult:
         kv = self.vae.decode(tokens.to(self.device).float())
         c = self.config
-        return extract_mesh(latent_occupancy_fn(self.vae, kv), resolution=resolution or c.resolution,
+        return extract_mesh(latent_occupancy_fn(self.vae, kv, kv_select=c.kv_select()),
+                            resolution=resolution or c.resolution,
                             batch_size=c.query_batch_size, method=c.extraction,
                             remove_small_components=c.remove_small_components)
 
@@ -493,7 +509,7 @@ class MAR3DPipeline:
     def occupancy(self, tokens: torch.Tensor, points: np.ndarray) -> np.ndarray:
         """Decoder logits of one shape's tokens at ``points`` [N, 3]."""
         kv = self.vae.decode(tokens.to(self.device).float())
-        return latent_occupancy_fn(self.vae, kv)(points)
+        return latent_occupancy_fn(self.vae, kv, kv_select=self.config.kv_select())(points)
 
     def run(self, images: Any, seed: int | Sequence[int] = 0, use_hr: bool | None = None,
             resolution: int | None = None, generator: Generators = None, **sampling):

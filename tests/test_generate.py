@@ -116,6 +116,22 @@ def test_config_validation_and_loading():
         load_config(BatchGenerateConfig, overrides=["num_actor=2"])
 
 
+def test_cli_kv_top_k_flag_sets_the_generate_config():
+    from mar3d.cli import build_parser, generate_config
+
+    def config(*flags):
+        return generate_config(build_parser().parse_args(
+            ["generate", "--images", "in", "--output", "out", "--config", "generate_tiny", *flags]))
+
+    assert config().generate.kv_top_k is None  # exact by default
+    assert config("--kv-top-k", "64").generate.kv_select().top_k == 64
+    # the flag wins over --set, which still sets the other two
+    cfg = config("--set", "generate.kv_top_k=8", "--set", "generate.kv_block=256", "--kv-top-k", "32")
+    assert (cfg.generate.kv_top_k, cfg.generate.kv_block, cfg.generate.resolution) == (32, 256, 64)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        config("--kv-top-k", "0")
+
+
 def test_list_folder_accounts_for_every_file(image_folder):
     out_inside = image_folder / "out"  # an output folder inside the input is not input
     (out_inside / "meshes").mkdir(parents=True)

@@ -12,7 +12,7 @@ from _ycb import ycb_mesh
 from mar3d.geometry import extract_mesh, keep_large_components, save_mesh
 from mar3d.geometry.analytic import (box_sdf, sdf_occupancy_fn, sphere_sdf, torus_sdf,
                                      winding_number_occupancy_fn)
-from mar3d.geometry.extract import _upsample2, grid_coordinates
+from mar3d.geometry.extract import _default_coarse_resolution, _upsample2, grid_coordinates
 
 SHAPES = {
     "sphere": (sphere_sdf(0.8), 4 / 3 * math.pi * 0.8 ** 3),
@@ -65,6 +65,52 @@ def test_feature_between_coarse_points_needs_a_band():
     assert banded.num_queries < 0.3 * dense.num_queries
 
 
+def straddling_points(grid: np.ndarray, level: float = 0.0) -> np.ndarray:
+    """Mask of the grid points that are corners of a cell whose corners straddle ``level``."""
+    inside = grid > level
+    r = [s - 1 for s in grid.shape]
+    views = [(di, dj, dk) for di in (0, 1) for dj in (0, 1) for dk in (0, 1)]
+    corner = [inside[di:di + r[0], dj:dj + r[1], dk:dk + r[2]] for di, dj, dk in views]
+    cells = np.logical_or.reduce(corner) & ~np.logical_and.reduce(corner)
+    points = np.zeros(grid.shape, bool)
+    for di, dj, dk in views:
+        points[di:di + r[0], dj:dj + r[1], dk:dk + r[2]] |= cells
+    return points
+
+
+def fin_field(half_length: float = 0.9):
+    """A ball with a fin 0.02 thick (a third of the coarse spacing at 128 / 32) that lies
+    between coarse grid points along z and reaches out to x = +-``half_length``."""
+    ball, fin = sphere_sdf(0.4), box_sdf((half_length, 0.3, 0.01))
+    return sdf_occupancy_fn(lambda p: np.minimum(ball(p), fin(p - np.array([0.0, 0.0, 0.033]))))
+
+
+@pytest.mark.parametrize("name", ["torus", "fin"])
+@pytest.mark.parametrize("dilate", [0, 1])
+def test_every_surface_cell_is_decoded_exactly(name, dilate):
+    """The hierarchical grid equals the dense one bit for bit at every corner of every
+    cell where the sign changes, so marching cubes builds the same faces there."""
+    fn = fin_field() if name == "fin" else sdf_occupancy_fn(SHAPES[name][0])
+    dense = extract_mesh(fn, resolution=128, method="dense", return_grid=True)
+    fast = extract_mesh(fn, resolution=128, coarse_resolution=32, dilate=dilate, return_grid=True)
+    surface = straddling_points(fast.grid)
+    assert surface.sum() > 10_000
+    assert np.array_equal(fast.grid[surface], dense.grid[surface])
+    assert np.array_equal(straddling_points(dense.grid), surface)
+    assert grid_iou(dense.grid, fast.grid) >= 0.999
+    assert fast.num_queries < (0.12 if dilate == 0 else 0.25) * dense.num_queries
+
+
+def test_surface_is_followed_along_a_fin_the_coarse_grid_misses():
+    """The coarse grid sees the fin only where it leaves the ball (the fin lies between
+    coarse points); following the sign changes at the finer levels recovers all of it."""
+    dense = extract_mesh(fin_field(), resolution=128, method="dense")
+    fast = extract_mesh(fin_field(), resolution=128, coarse_resolution=32, dilate=0)
+    ball_only = extract_mesh(sdf_occupancy_fn(sphere_sdf(0.4)), resolution=128, method="dense")
+    assert fast.mesh.bounds[1, 0] > 0.88 and fast.mesh.bounds[0, 0] < -0.88  # the fin's tips
+    assert len(fast.mesh.faces) == len(dense.mesh.faces) > 1.3 * len(ball_only.mesh.faces)
+
+
 def test_real_mesh_winding_number_field(ycb_root):
     mesh = trimesh.load(ycb_mesh("025_mug"), force="mesh", process=False)
     lo, hi = mesh.bounds
@@ -76,6 +122,13 @@ def test_real_mesh_winding_number_field(ycb_root):
     assert grid_iou(dense.grid, fast.grid) >= 0.99
     assert fast.num_queries < 0.5 * dense.num_queries
     assert len(fast.mesh.faces) > 1000
+
+
+def test_default_coarse_grid_stops_growing_above_128():
+    # resolution / 4 up to 128; above, at least 32 cells and at most 8 fine cells per
+    # coarse cell (the surface is followed, so the coarse grid only has to find it)
+    assert {r: _default_coarse_resolution(r) for r in (32, 96, 128, 192, 256, 384, 512)} == \
+        {32: 8, 96: 24, 128: 32, 192: 48, 256: 32, 384: 48, 512: 64}
 
 
 def test_batches_torch_outputs_and_query_counting():

@@ -138,3 +138,26 @@ def test_batch_seeds_and_generators(release):
         pipe.generate_tokens(images, seed=[1, 2, 3])
     with pytest.raises(ValueError, match="one per image"):
         pipe.generate_tokens(images, generator=[torch.Generator()])
+
+
+def test_kv_selection_with_every_token_gives_the_same_mesh(release):
+    exact = _pipe(release)
+    tokens, _ = exact.generate_tokens(_rgba(), seed=3)
+    every = _pipe(release, kv_top_k=exact.vae.cfg.hr_tokens, kv_block=256, kv_score_queries=8)
+    assert exact.config.kv_select() is None
+    assert every.config.kv_select().top_k == exact.vae.cfg.hr_tokens
+    reference, selected = exact.decode(tokens), every.decode(tokens)
+    assert len(selected.mesh.faces) == len(reference.mesh.faces) > 0
+    assert selected.num_queries == reference.num_queries
+    assert _mesh_distance(selected.mesh, reference.mesh) < 1e-4
+    points = np.random.default_rng(0).uniform(-1, 1, (2000, 3)).astype(np.float32)
+    np.testing.assert_allclose(every.occupancy(tokens, points), exact.occupancy(tokens, points), atol=1e-4)
+    few = _pipe(release, kv_top_k=4, kv_block=256, kv_score_queries=8)
+    assert not np.allclose(few.occupancy(tokens, points), exact.occupancy(tokens, points), atol=1e-4)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(kv_top_k=0), "top_k"), (dict(kv_top_k=8, kv_block=0), "block"),
+                                       (dict(kv_block=16, kv_score_queries=32), "score_queries")])
+def test_kv_selection_settings_are_validated(bad, match):
+    with pytest.raises(ValueError, match=f"kv_top_k / kv_block / kv_score_queries: .*{match}"):
+        GenerateConfig(**bad).validate()

@@ -16,6 +16,8 @@ now put their geometry on the input surface ("snap"), a measured behaviour chang
 ``ConditionConfig.init_seed`` and ``TrainConfig.condition_model_uri`` were added with the
 one shared image encoder per release (issue 14): the seed random encoder weights come
 from (0) and "" (build the encoder from the config); checked the same way, at any depth.
+``GenerateConfig.kv_top_k`` / ``kv_block`` / ``kv_score_queries`` (adaptive KV selection,
+issue 14) were added later too, default off (exact decoding) in every preset.
 """
 from __future__ import annotations
 
@@ -67,7 +69,8 @@ def preset_values(key: str) -> dict:
 # (the behaviour that was kept).
 REMOVED = {"data_loader": "ray"}
 # Keys added to a config since -> the value every preset that has the key now loads.
-ADDED = {"watertight_method": "snap", "init_seed": 0, "condition_model_uri": ""}
+ADDED = {"watertight_method": "snap", "init_seed": 0, "condition_model_uri": "",
+         "kv_top_k": None, "kv_block": 1024, "kv_score_queries": 32}
 
 
 def pop_added(loaded: dict, expected: dict) -> None:
