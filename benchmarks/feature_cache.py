@@ -11,6 +11,11 @@ steps), so Ray/worker start-up and the first stream pass stay out of it; latent_
 data_ms and compute_ms are that window's per-step means. The ratio is cached over
 uncached samples/s of the same config in the same run.
 
+Wall-clock rates on a shared machine move with its load, so a second table times the
+same training step (MARStage.loss + backward + AdamW step, one torch thread, batches
+made beforehand: the step's own cost, no data loading) in this process in **CPU
+seconds**, cached and uncached batches interleaved, best of ``--repeats``.
+
 * ``tiny``: the `train_lr_tiny` preset (tiny CLIP/DINOv2 at 224 px, 64-wide MAR) on the
   tiny VAE;
 * ``mid``: random-init ViT-B-16 CLIP + vit_base_patch14_dinov2 at 224 px, a 256-wide
@@ -50,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training worker")
     p.add_argument("--workdir", default=None, help="where models, caches and runs go (default: a temp folder)")
+    p.add_argument("--loop-steps", type=int, default=10, help="timed steps per repeat of the step-loop table")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of the step-loop table (best kept)")
     return p.parse_args(argv)
 
 
@@ -92,6 +99,61 @@ def train(root: Path, args, name: str, run: str, overrides: list[str]) -> dict:
     return last
 
 
+class _Engine:
+    """What MARStage.loss needs of a DeepSpeed engine: a callable with ``.module``."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+
+def loop_rates(args, vae_dir: Path, cond_dir: Path, overrides: list[str], cache: str) -> dict[str, float]:
+    """Samples per CPU second of the bare training step, uncached vs cached batches."""
+    import numpy as np
+    import torch
+
+    from mar3d.data.dataset import ShapeDataset
+    from mar3d.train import load_train_config
+    from mar3d.train.data import collate, dataset_kwargs
+    from mar3d.train.feature_cache import FeatureCacheReader
+    from mar3d.train.stages import MARStage
+
+    torch.set_num_threads(1)
+    cfg = load_train_config("lr", "train_lr_tiny", [f"vae_model_uri={vae_dir}", f"condition_model_uri={cond_dir}",
+                                                    f"batch_size={args.batch_size}", *overrides])
+    stage = MARStage(cfg, "lr")
+    stage.setup(torch.device("cpu"), "")
+    model = stage.build_model()
+    engine, optimizer = _Engine(model), torch.optim.AdamW(model.parameters(), lr=1e-4)
+    shapes = ShapeDataset(args.data, **dataset_kwargs(cfg, 0, "all"))
+    reader = FeatureCacheReader(cache, args.data, "all", ("lr",))
+    rng = np.random.default_rng(0)
+    n = args.batch_size
+
+    def batches(kind: str) -> list[dict]:
+        if kind == "uncached":
+            items = [shapes[i % len(shapes)] for i in range(n * args.loop_steps)]
+        else:
+            items = [{k: torch.from_numpy(v) for k, v in reader.sample(i % len(reader), rng).items()}
+                     for i in range(n * args.loop_steps)]
+        return [collate(items[i:i + n]) for i in range(0, len(items), n)]
+
+    best = {"uncached": 0.0, "cached": 0.0}
+    for _ in range(args.repeats):
+        for kind in best:
+            data = batches(kind)
+            start = time.process_time()
+            for step, batch in enumerate(data):
+                loss = stage.loss(engine, batch, step)["loss"]
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            best[kind] = max(best[kind], n * len(data) / (time.process_time() - start))
+    return best
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -104,7 +166,7 @@ def main(argv=None) -> int:
     ensure_ray()
     sizes = load_train_config("lr", "train_lr_tiny", ["vae_model_uri=x"]).surface_sizes
     sizes = resolved_surface_sizes(args.data, tuple(sizes))
-    rows = []
+    rows, loops = [], {}
     for name in args.configs:
         vae_dir, cond_dir, overrides = write_frozen(root, name, CONFIGS[name])
         common = [f"vae_model_uri={vae_dir}", f"condition_model_uri={cond_dir}", *overrides]
@@ -114,6 +176,8 @@ def main(argv=None) -> int:
                                     FeatureCacheConfig(surface_sizes=sizes), progress=False)
         build_s = time.perf_counter() - start
         cached = train(root, args, name, "cached", [*common, f"feature_cache={built.output}"])
+        loops[name] = loop_rates(args, vae_dir, cond_dir, overrides, built.output)
+        print(f"{name}: step loop samples per CPU second {loops[name]}", flush=True)
         for run, m in (("uncached", uncached), ("cached", cached)):
             rows.append((name, run, m, build_s if run == "cached" else None,
                          m["samples_per_s"] / uncached["samples_per_s"]))
@@ -127,6 +191,12 @@ def main(argv=None) -> int:
         build = f"{build_s:.1f}" if build_s is not None else "—"
         print(f"| {name} | {run} | {m['samples_per_s']:.2f} | {m['latent_ms']:.1f} | {m['data_ms']:.1f} | "
               f"{m['compute_ms']:.1f} | {build} | {ratio:.2f}× |")
+    print(f"\nThe training step alone, samples per CPU second (1 thread, best of {args.repeats} x "
+          f"{args.loop_steps} steps, batch {args.batch_size}):\n")
+    print("| config | uncached | cached | cached / uncached |")
+    print("|---|---|---|---|")
+    for name, rate in loops.items():
+        print(f"| {name} | {rate['uncached']:.2f} | {rate['cached']:.2f} | {rate['cached'] / rate['uncached']:.2f}× |")
     return 0
 
 
