@@ -74,7 +74,8 @@ def override_flags(overrides: list) -> list[str]:
 
 def train_argv(stage: str, data: str, storage_path: str, config: str, overrides: list,
                num_workers: int, use_gpu: bool, mlflow_tracking_uri: str,
-               vae_model_uri: str = "", condition_model_uri: str = "") -> list[str]:
+               vae_model_uri: str = "", condition_model_uri: str = "",
+               feature_cache: str = "") -> list[str]:
     """`mar3d train <stage>` for a pipeline run: the run's values go in as TrainConfig
     overrides after the user's, so the pipeline's data/outputs/scaling always win."""
     settings = [f"data={data}", f"storage_path={storage_path}", f"run_name={stage}",
@@ -85,6 +86,8 @@ def train_argv(stage: str, data: str, storage_path: str, config: str, overrides:
         settings.append(f"vae_model_uri={vae_model_uri}")
     if condition_model_uri:
         settings.append(f"condition_model_uri={condition_model_uri}")
+    if feature_cache:
+        settings.append(f"feature_cache={feature_cache}")
     return (["mar3d", "train", stage] + optional_flag("--config", config)
             + override_flags(overrides) + override_flags(settings))
 

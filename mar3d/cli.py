@@ -58,11 +58,27 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         cfg.num_workers = args.num_workers
         cfg.validate()
     result = prepare_dataset(args.input, args.output, cfg, progress=not args.no_progress)
+    return _report_job(args, result, result.num_errors)
+
+
+def _report_job(args: argparse.Namespace, result, failed: int) -> int:
+    """Summary and result JSON of a data job; exit status 3 for ``--fail-on-errors``
+    when ``failed`` inputs became error rows."""
     print(result.summary())
     write_result(args, result.to_dict())
-    if args.fail_on_errors and result.num_errors:
-        return 3
-    return 0
+    return 3 if args.fail_on_errors and failed else 0
+
+
+def _cmd_data_cache(args: argparse.Namespace) -> int:
+    from mar3d.train.feature_cache import FeatureCacheConfig, build_feature_cache
+
+    cfg = load_config(FeatureCacheConfig, args.config, args.overrides)
+    for name in ("num_subsets", "dtype", "num_workers"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    result = build_feature_cache(args.data, args.output, args.condition_model, args.vae_model, cfg,
+                                 tracking_uri=args.tracking_uri, progress=not args.no_progress)
+    return _report_job(args, result, result.errors)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -74,6 +90,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
            "checkpoint": str(result.checkpoint_path), "metrics": result.metrics}
     if result.condition_model_uri:
         out["condition_model_uri"] = result.condition_model_uri
+    if result.feature_cache:
+        out["feature_cache"] = result.feature_cache
     print(json.dumps(out, indent=2, default=str))
     write_result(args, out)
     return 0
@@ -137,11 +155,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     cfg = generate_config(args)
     result = batch_generate(args.images, args.model, args.output, cfg,
                             tracking_uri=args.tracking_uri, progress=not args.no_progress)
-    print(result.summary())
-    write_result(args, result.to_dict())
-    if args.fail_on_errors and result.failed:
-        return 3
-    return 0
+    return _report_job(args, result, result.failed)
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
@@ -208,6 +222,7 @@ def _config_classes() -> dict[str, tuple[str, str]]:
         "mar": ("mar3d.models.mar", "MARConfig"),
         "condition": ("mar3d.models.condition", "ConditionConfig"),
         "train": ("mar3d.train.config", "TrainConfig"),
+        "cache": ("mar3d.train.feature_cache", "FeatureCacheConfig"),
         "promote": ("mar3d.registry", "PromoteConfig"),
         "evaluate": ("mar3d.evaluate", "EvalConfig"),
         "generate": ("mar3d.generate", "BatchGenerateConfig"),
@@ -234,7 +249,7 @@ def _cmd_config_presets(args: argparse.Namespace) -> int:
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
-    """`mar3d data prepare`."""
+    """`mar3d data prepare`, `mar3d data cache`."""
     data = sub.add_parser("data", help="dataset jobs (mesh -> Parquet shards)",
                           description="Dataset jobs.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -257,6 +272,42 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
                       help="exit with status 3 if any input mesh was rejected")
     _add_config_args(prep)
     prep.set_defaults(func=_cmd_data_prepare)
+    _add_data_cache_command(data_sub)
+
+
+def _add_data_cache_command(data_sub: argparse._SubParsersAction) -> None:
+    cache = data_sub.add_parser(
+        "cache", help="frozen image-encoder features + VAE posteriors of a dataset -> Parquet (MAR training cache)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the frozen image encoder over every stored view and the frozen VAE over "
+                    "N fixed point subsets of every object of a prepared dataset (a Ray Data job, "
+                    "one actor per worker loading both models once) and write Parquet shards, "
+                    "OUTPUT/manifest.json (which conditioner, VAE, dataset content, surface sizes) "
+                    "and OUTPUT/errors.parquet (objects that failed). MAR training reads it with "
+                    "--set feature_cache=OUTPUT and refuses a cache made from other inputs.",
+        epilog="example:\n"
+               "  mar3d data cache --data outputs/data --output outputs/cache \\\n"
+               "      --condition-model runs:/LR_RUN/conditioner --vae-model runs:/VAE_RUN/model\n"
+               "  mar3d train lr --config train_lr_tiny --set feature_cache=outputs/cache ...\n"
+               "surface sizes: --set surface_sizes=[...] must equal the training run's (default:\n"
+               "as stored in the dataset).")
+    cache.add_argument("--data", required=True, help="prepared dataset (output of `mar3d data prepare`)")
+    cache.add_argument("--output", required=True, help="cache folder (shards, manifest.json, errors.parquet)")
+    cache.add_argument("--condition-model", required=True,
+                       help="the frozen image encoder (a 'cond' model: runs:/RUN/conditioner, models:/.., "
+                            "or a folder): the one the MAR run uses")
+    cache.add_argument("--vae-model", required=True, help="the frozen VAE (runs:/RUN/model, models:/.., or a folder)")
+    cache.add_argument("--subsets", dest="num_subsets", type=int, default=None,
+                       help="fixed point subsets encoded per object (default: config num_subsets, 4)")
+    cache.add_argument("--dtype", choices=["float16", "float32"], default=None,
+                       help="storage type of the encoder features (default float16; latents stay float32)")
+    cache.add_argument("--num-workers", type=int, default=None, help="encoder actors (default: config num_workers)")
+    cache.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
+    cache.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    cache.add_argument("--fail-on-errors", action="store_true",
+                       help="exit with status 3 if any object could not be encoded")
+    _add_config_args(cache)
+    cache.set_defaults(func=_cmd_data_cache)
 
 
 def _add_train_command(sub: argparse._SubParsersAction) -> None:

@@ -34,6 +34,7 @@ def _cmd_pipeline_run(args: argparse.Namespace) -> int:
                        model_name=args.model_name, gate_max_chamfer=args.gate_max_chamfer,
                        gate_min_fscore=args.gate_min_fscore, num_workers=args.num_workers,
                        ray_address=args.ray_address or "", resume=args.resume or "",
+                       extra={"feature_cache": True} if args.feature_cache else None,
                        verbose=args.verbose)
     print(result.summary())
     write_result(args, result.to_dict())
@@ -114,6 +115,9 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--resume", default=None, metavar="RUN_ID",
                      help="continue an earlier run of this work folder (its id is printed when it "
                           "fails): finished data shards are skipped, training resumes from checkpoints")
+    run.add_argument("--feature-cache", action="store_true",
+                     help="MAR-LR first builds a feature/latent cache (frozen encoder features + VAE "
+                          "posteriors, Parquet) into its run folder and MAR-LR/HR train from it")
     run.add_argument("--model-name", default="mar3d", help="registered release name")
     run.add_argument("--gate-max-chamfer", type=float, default=1.0,
                      help="promotion gate: largest acceptable Chamfer distance")

@@ -52,6 +52,7 @@ def mar3d_pipeline(
     generate_input: str = "",
     ray_address: str = "",
     resume_run_id: str = "",
+    feature_cache: bool = False,
 ):
     # Outputs of one run go under <workdir>/<pipeline job id>/<step>; with resume_run_id
     # (the job id of an earlier, failed run) under that run's folders instead, so every
@@ -69,11 +70,12 @@ def mar3d_pipeline(
     lr_task = train_lr(dataset=shards, vae_model=vae_model, workdir=workdir, **run,
                        config=lr_config, overrides=lr_overrides, num_workers=num_workers,
                        use_gpu=use_gpu, mlflow_tracking_uri=mlflow_tracking_uri,
-                       ray_address=ray_address)
+                       ray_address=ray_address, feature_cache=feature_cache)
     lr_model = lr_task.outputs["model"]
     # HR learns from (augmented) ground-truth LR latents, so it needs no LR weights; it
     # takes LR's frozen image encoder (one per release) and so runs after LR, which also
-    # gives the GPU pool to one stage at a time, in the paper's order.
+    # gives the GPU pool to one stage at a time, in the paper's order. With feature_cache
+    # LR builds the feature/latent cache (a Ray Data job) and HR trains from the same one.
     hr_task = train_hr(dataset=shards, vae_model=vae_model, lr_model=lr_model, workdir=workdir,
                        **run, config=hr_config, overrides=hr_overrides, num_workers=num_workers,
                        use_gpu=use_gpu, mlflow_tracking_uri=mlflow_tracking_uri,

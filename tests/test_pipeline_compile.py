@@ -37,6 +37,7 @@ EXPECTED_PARAMETERS = {
     "mlflow_tracking_uri": "STRING", "model_name": "STRING",
     "gate_max_chamfer": "NUMBER_DOUBLE", "gate_min_fscore": "NUMBER_DOUBLE",
     "generate_input": "STRING", "ray_address": "STRING", "resume_run_id": "STRING",
+    "feature_cache": "BOOLEAN",
 }
 
 # consumer task -> {input artifact: (producer task, output key)}
@@ -151,11 +152,13 @@ def test_train_argv_puts_pipeline_values_last():
 def test_train_argv_matches_the_training_config():
     """Every key the pipeline sets exists in TrainConfig (unknown keys would be rejected)."""
     train_config = pytest.importorskip("mar3d.train.config")
-    argv = _run.train_argv("hr", "/d", "/s", "", [], 2, False, "http://m", vae_model_uri="runs:/x/model")
+    argv = _run.train_argv("hr", "/d", "/s", "", [], 2, False, "http://m", vae_model_uri="runs:/x/model",
+                           feature_cache="/s/lr/feature_cache")
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     cfg = train_config.load_train_config("hr", None, overrides)
     assert (cfg.data, cfg.storage_path, cfg.run_name, cfg.num_workers, cfg.use_gpu,
-            cfg.mlflow_uri, cfg.vae_model_uri) == ("/d", "/s", "hr", 2, False, "http://m", "runs:/x/model")
+            cfg.mlflow_uri, cfg.vae_model_uri, cfg.feature_cache) == (
+        "/d", "/s", "hr", 2, False, "http://m", "runs:/x/model", "/s/lr/feature_cache")
 
 
 def test_bad_overrides_and_commands_are_rejected():

@@ -69,7 +69,7 @@ def preset_values(key: str) -> dict:
 # (the behaviour that was kept).
 REMOVED = {"data_loader": "ray"}
 # Keys added to a config since -> the value every preset that has the key now loads.
-ADDED = {"watertight_method": "snap", "init_seed": 0, "condition_model_uri": "",
+ADDED = {"watertight_method": "snap", "init_seed": 0, "condition_model_uri": "", "feature_cache": "",
          "kv_top_k": None, "kv_block": 1024, "kv_score_queries": 32}
 
 

@@ -242,3 +242,12 @@ def test_default_tracking_uri_is_sqlite_next_to_outputs(tmp_path, monkeypatch):
     assert uri == f"sqlite:///{(tmp_path / 'train' / 'mlflow.db').resolve()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert default_tracking_uri(tmp_path) == "http://mlflow:5000"
+
+
+def test_feature_cache_is_a_mar_key_and_refuses_rotation():
+    """The cache holds latents of unrotated shapes; the VAE stage reads no cache."""
+    with pytest.raises(ConfigError, match=r"does not read \['feature_cache'\]"):
+        load_train_config("vae", "train_vae_tiny", ["feature_cache=/some/cache"])
+    with pytest.raises(ValueError, match="unrotated"):
+        load_train_config("lr", "train_lr_tiny", ["vae_model_uri=/some/vae", "feature_cache=build",
+                                                  "rotate=true"]).validate()

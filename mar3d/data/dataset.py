@@ -48,6 +48,28 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
+def read_row_group(files: dict, path: Path | str, group: int, columns: list[str]):
+    """One row group of a shard as a table; ``files`` keeps each shard open (one handle
+    per reader process)."""
+    if path not in files:
+        files[path] = _parquet_file(path)
+    return files[path].read_row_group(group, columns=columns)
+
+
+def lru_get(cache: OrderedDict, size: int, key, load):
+    """``cache[key]``, loaded with ``load()`` on a miss; keeps at most ``size`` entries
+    (least recently used first out; 0 keeps nothing)."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = load()
+    if size:
+        cache[key] = value
+        while len(cache) > size:
+            cache.popitem(last=False)
+    return value
+
+
 def _parquet_file(path: Path | str) -> pq.ParquetFile:
     # A remote shard stays open as one S3 input file: each row group is a ranged GET.
     return pq.ParquetFile(storage.open_input(path) if storage.is_remote(path) else path)
@@ -139,20 +161,14 @@ class ShapeDataset(torch.utils.data.Dataset):
 
     def read_row(self, idx: int) -> dict:
         """The stored row ``idx`` (all samples, no augmentation) as numpy arrays."""
-        if idx in self._cache:
-            self._cache.move_to_end(idx)
-            return self._cache[idx]
+        return lru_get(self._cache, self.cache_rows, idx, lambda: self._load_row(idx))
+
+    def _load_row(self, idx: int) -> dict:
         path, group = self.index[idx]
-        if path not in self._files:
-            self._files[path] = _parquet_file(path)
-        table = self._files[path].read_row_group(group, columns=self._columns())
+        table = read_row_group(self._files, path, group, self._columns())
         row = {"uid": table.column("uid")[0].as_py()}
         for name in table.column_names[1:]:
             row[name] = column_to_numpy(table.column(name))[0]
-        if self.cache_rows:
-            self._cache[idx] = row
-            while len(self._cache) > self.cache_rows:
-                self._cache.popitem(last=False)
         return row
 
     def sample(self, idx: int) -> dict:

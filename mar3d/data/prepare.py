@@ -367,6 +367,16 @@ def _write_parquet_atomic(table: pa.Table, path: Path | str, row_group_size: int
         return sha256_file(tmp)
 
 
+def write_shard(output: Path | str, name: str, batches: list[pa.RecordBatch], schema: pa.Schema) -> dict:
+    """Write ``batches`` atomically as the shard ``output/name``; returns its manifest
+    entry (file, rows, sha256, bytes)."""
+    table = pa.Table.from_batches(batches, schema=schema)
+    path = storage.join(output, name)
+    # One row group per row: the reader fetches single rows without decoding a shard.
+    sha = _write_parquet_atomic(table, path, row_group_size=1)
+    return {"file": name, "rows": table.num_rows, "sha256": sha, "bytes": storage.size(path)}
+
+
 def load_manifest(output: str | Path) -> dict | None:
     path = storage.join(output, MANIFEST)
     if not storage.is_file(path):
@@ -594,11 +604,7 @@ class _ShardWriter:
         if not self.buffer:
             return
         name = f"{SHARDS}/shard-{self.next_index:05d}.parquet"
-        table = pa.Table.from_batches(self.buffer, schema=self.schema)
-        # One row group per row: the reader fetches single rows without decoding a shard.
-        sha = _write_parquet_atomic(table, storage.join(self.output, name), row_group_size=1)
-        self.shards.append({"file": name, "rows": table.num_rows, "sha256": sha,
-                            "bytes": storage.size(storage.join(self.output, name))})
+        self.shards.append(write_shard(self.output, name, self.buffer, self.schema))
         self.written.append(name)
         self.next_index += 1
         self.buffer = []

@@ -9,7 +9,10 @@ The driver (this process):
    :func:`mar3d.train.loop.train_loop_per_worker` (rank 0 logs metrics into the run);
    MAR-LR/HR get the frozen image encoder from ``condition_model_uri``; when it is empty
    the driver builds it from ``condition`` once, logs it as the run's ``conditioner``
-   artifact (a re-run keeps the one logged first) and points the workers at it;
+   artifact (a re-run keeps the one logged first) and points the workers at it; with
+   ``feature_cache: build`` it then builds the feature/latent cache into
+   ``<run>/feature_cache`` (a Ray Data job), and any ``feature_cache`` is checked
+   against the run's conditioner, VAE, dataset and surface sizes before a worker starts;
 3. after ``fit()`` returns, copies the final model folder (safetensors + config.yaml +
    MLmodel) out of the last checkpoint to ``<storage_path>/<run_name>/model`` and logs it
    as the run's ``model`` artifact, so ``runs:/<run_id>/model`` is the model URI.
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 RUN_STATE = "mar3d_run.json"
 CONDITIONER_DIR = "conditioner"
+FEATURE_CACHE_DIR = "feature_cache"
 
 
 class TrainingError(RuntimeError):
@@ -67,6 +71,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     tracking_uri: str = ""
     condition_model_uri: str = ""      # lr/hr: the frozen image encoder the model was trained with
+    feature_cache: str = ""            # lr/hr: the feature/latent cache it trained from, if any
     seconds: float = 0.0
     run_location: str = ""             # <storage_path>/<run_name>: a folder or an s3:// URI
 
@@ -100,17 +105,43 @@ def _worker_env(cfg: TrainConfig) -> dict[str, str]:
     return env
 
 
-def _check_stage_inputs(cfg: TrainConfig, tracking_uri: str) -> None:
+def _check_stage_inputs(cfg: TrainConfig, tracking_uri: str):
     """Fail in the driver, before any worker starts, when the frozen VAE cannot serve
-    the MAR config (wrong token count/channels) or cannot be found."""
+    the MAR config (wrong token count/channels) or cannot be found; returns the VAE
+    (None for the VAE stage)."""
     if cfg.stage == "vae":
-        return
+        return None
     from mar3d.inference import check_vae_fits_mar, load_frozen_conditioner, load_frozen_vae
 
     vae, _ = load_frozen_vae(cfg.vae_model_uri, tracking_uri)
     check_vae_fits_mar(vae.cfg, cfg.mar)
     if cfg.condition_model_uri:
         load_frozen_conditioner(cfg.condition_model_uri, cfg.condition, tracking_uri)
+    return vae
+
+
+def _prepare_feature_cache(cfg: TrainConfig, tracking_uri: str, run_location: str, vae) -> None:
+    """lr/hr with ``feature_cache``: build it into the run folder first when it says
+    ``build`` (a re-run reuses the identical cache built before), then refuse a cache
+    that was made from another conditioner, VAE, dataset or surface sizes."""
+    from mar3d.train.feature_cache import (BUILD, FeatureCacheConfig, build_feature_cache,
+                                           check_cache_fits, conditioner_doc, resolved_surface_sizes,
+                                           vae_id)
+
+    if cfg.stage == "vae" or not cfg.feature_cache:
+        return
+    sizes = resolved_surface_sizes(cfg.data, cfg.surface_sizes)
+    if cfg.feature_cache == BUILD:
+        built = build_feature_cache(cfg.data, storage.join(run_location, FEATURE_CACHE_DIR),
+                                    cfg.condition_model_uri, cfg.vae_model_uri,
+                                    FeatureCacheConfig(surface_sizes=sizes, seed=cfg.seed,
+                                                       gpus_per_worker=1.0 if cfg.use_gpu else 0.0),
+                                    tracking_uri)
+        log.info(built.summary())
+        cfg.feature_cache = built.output
+    check_cache_fits(cfg.feature_cache, data=cfg.data, surface_sizes=sizes, vae_id=vae_id(vae),
+                     conditioner_id=str(conditioner_doc(cfg.condition_model_uri, tracking_uri)
+                                        ["extra"]["conditioner_id"]))
 
 
 def _prepare_conditioner(cfg: TrainConfig, tracking_uri: str, run_id: str, run_dir: Path) -> None:
@@ -154,9 +185,14 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = cfg.mlflow_uri or tracking.default_tracking_uri(root)
     tracking.check_reachable(tracking_uri)
-    _check_stage_inputs(cfg, tracking_uri)
+    vae = _check_stage_inputs(cfg, tracking_uri)
     run_id = _open_tracking_run(cfg, run_location, tracking_uri)
     _prepare_conditioner(cfg, tracking_uri, run_id, run_dir)
+    try:
+        _prepare_feature_cache(cfg, tracking_uri, run_location, vae)
+    except Exception:
+        _end_run_quietly(tracking_uri, run_id, "FAILED")
+        raise
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS if set (a cluster), else a local instance
@@ -177,7 +213,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                        run_location=run_location,
                        checkpoint_path=str(result.checkpoint.path), metrics=dict(result.metrics or {}),
                        tracking_uri=tracking_uri, seconds=time.monotonic() - started,
-                       condition_model_uri=cfg.condition_model_uri)
+                       condition_model_uri=cfg.condition_model_uri, feature_cache=cfg.feature_cache)
 
 
 def _open_tracking_run(cfg: TrainConfig, run_location: str, tracking_uri: str) -> str:

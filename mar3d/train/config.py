@@ -40,7 +40,8 @@ STAGES = ("vae", "lr", "hr")
 STAGE_ONLY_KEYS = {
     "vae": (("vae", "vae_level", "latent_stats_shapes"),
             "the lr/hr stages encode with the frozen VAE of vae_model_uri and its own saved config"),
-    "mar": (("mar", "condition", "vae_model_uri", "condition_model_uri", "latent_target", "latent_norm"),
+    "mar": (("mar", "condition", "vae_model_uri", "condition_model_uri", "latent_target", "latent_norm",
+             "feature_cache"),
             "they configure the lr/hr (MAR) stages, not the VAE stage"),
 }
 
@@ -124,6 +125,11 @@ class TrainConfig:
     # with the VAE's measured statistics (as MAR scales its latents), else on raw z.
     latent_target: Literal["sample", "mean"] = "sample"
     latent_norm: bool = True
+    # lr/hr: train from a feature/latent cache (mar3d/train/feature_cache.py): its folder
+    # (`mar3d data cache --output`), or "build" to have the driver build one into the run
+    # folder first (the result's feature_cache; MAR-HR can take MAR-LR's). "" = compute
+    # encoder features and VAE latents every step. Evaluation always computes them.
+    feature_cache: str = ""
     vae: VAEConfig = field(default_factory=VAEConfig)
     mar: MARConfig = field(default_factory=MARConfig)
     condition: ConditionConfig = field(default_factory=ConditionConfig)
@@ -203,6 +209,9 @@ class TrainConfig:
             raise ValueError("condition.train_encoders: true is not supported: the image encoders are "
                              "frozen, shared by MAR-LR and MAR-HR and stored once per release (only "
                              "each stage's condition projection trains)")
+        if self.feature_cache and self.rotate:
+            raise ValueError("TrainConfig.feature_cache holds latents of unrotated shapes: rotate: true "
+                             "cannot train from it (set feature_cache='' to rotate)")
         if self.stage in ("lr", "hr") and not self.vae_model_uri:
             raise ValueError(f"stage {self.stage!r} needs vae_model_uri (the trained VAE: "
                              "runs:/RUN_ID/model, models:/NAME@ALIAS or a local model folder)")

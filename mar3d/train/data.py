@@ -79,12 +79,15 @@ def eval_batches(cfg, rank: int, world: int, device) -> dict[str, list[dict]]:
 def ray_datasets(cfg, world_size: int) -> dict[str, Any]:
     """Driver side: ``{"train": dataset}`` for Ray Train to split across the workers.
 
-    Each shape is listed ``repeats`` times per pass so that one pass gives every worker
+    With ``feature_cache`` the rows are cached features and posteriors of the same split
+    (:func:`mar3d.train.feature_cache.cached_ray_dataset`). Each shape is listed
+    ``repeats`` times per pass so that one pass gives every worker
     at least MIN_BATCHES_PER_PASS batches (``seed=None``: every listing draws its own
     random point subsets). With a handful of shapes a pass would otherwise be a single
     step, and restarting Ray Data's streaming executor every step costs more than the step.
     """
     from mar3d.data.dataset import ShapeDataset, ray_dataset
+    from mar3d.train.feature_cache import cached_ray_dataset
 
     kwargs = dataset_kwargs(cfg, None)
     rows = len(ShapeDataset(cfg.data, **kwargs))  # validates the arguments up front
@@ -93,7 +96,11 @@ def ray_datasets(cfg, world_size: int) -> dict[str, Any]:
         raise ValueError(f"{cfg.data} has {rows} shapes; {world_size} workers x batch_size "
                          f"{cfg.batch_size} need at least {needed}")
     repeats = max(1, -(-MIN_BATCHES_PER_PASS * needed // rows))
-    train = ray_dataset(cfg.data, repeats=repeats, shuffle=True, with_uid=False, **kwargs)
+    if cfg.feature_cache:
+        levels = ("lr", "hr") if cfg.stage == "hr" else ("lr",)
+        train = cached_ray_dataset(cfg.feature_cache, cfg.data, cfg.split, levels, repeats, cfg.cache_rows)
+    else:
+        train = ray_dataset(cfg.data, repeats=repeats, shuffle=True, with_uid=False, **kwargs)
     train.context.enable_progress_bars = False
     train.context.print_on_execution_start = logs.is_verbose()  # its plan, in its own actor
     return {"train": train}

@@ -13,8 +13,11 @@ becomes a loss, how to evaluate, and what goes into the saved model's config:
   batch's surface pyramid: posterior samples (``latent_target: sample``, as the MAR-3D
   authors) or means, normalized with the statistics the VAE stage measured
   (``latent_norm``; the values used are written into the MAR model's config). The cost
-  of this encoding is measured and logged (``train/latent_ms``) so it can be compared
-  with a Parquet latent cache.
+  of this encoding is measured and logged (``train/latent_ms``). With
+  ``feature_cache`` the training batches carry cached encoder features and VAE
+  posteriors (:mod:`mar3d.train.feature_cache`) and neither frozen network runs in a
+  training step (``latent_ms`` then measures drawing z from the cached posterior);
+  evaluation batches still go through both.
 
 After the last step every rank calls :meth:`Stage.export_extra` (collective): the VAE
 stage measures its latent statistics on ``latent_stats_shapes`` training shapes there,
@@ -32,7 +35,7 @@ import torch
 from torch import nn
 
 from mar3d.config import to_dict
-from mar3d.models.vae import (ShapeVAE, latent_stats_from_sums, latent_sums,
+from mar3d.models.vae import (DiagonalGaussian, ShapeVAE, latent_stats_from_sums, latent_sums,
                               occupancy_iou, surfaces_from_batch)
 from mar3d.inference import check_vae_fits_mar, load_frozen_conditioner, load_frozen_vae
 from mar3d.train.config import TrainConfig
@@ -204,22 +207,29 @@ class MARStage(Stage):
         if self.vae is None:
             raise RuntimeError("MARStage.setup() must load the frozen VAE before training")
         start = time.perf_counter()
-        surfaces = surfaces_from_batch(batch, self.vae.required_levels())
         sample = self.cfg.latent_target == "sample"
-        # Autocast off: the frozen VAE runs in its own (fp32) precision, so targets do not
-        # depend on the precision the MAR model trains in.
-        with torch.autocast(device_type=surfaces[0].device.type, enabled=False):
-            surfaces = [s.float() for s in surfaces]
-            lr = self.vae.encode(surfaces, level="lr", sample=sample)
-            hr = self.vae.encode(surfaces, level="hr", sample=sample) if self.kind == "hr" else None
+        levels = ("lr", "hr") if self.kind == "hr" else ("lr",)
+        if "lr_mean" in batch:  # a feature-cache batch: the VAE's posterior is in it
+            posteriors = [DiagonalGaussian(batch[f"{lv}_mean"], batch[f"{lv}_logvar"]) for lv in levels]
+            latents = [p.sample() if sample else p.mode() for p in posteriors]
+        else:
+            surfaces = surfaces_from_batch(batch, self.vae.required_levels())
+            # Autocast off: the frozen VAE runs in its own (fp32) precision, so targets do
+            # not depend on the precision the MAR model trains in.
+            with torch.autocast(device_type=surfaces[0].device.type, enabled=False):
+                surfaces = [s.float() for s in surfaces]
+                latents = [self.vae.encode(surfaces, level=lv, sample=sample) for lv in levels]
         self.latent_seconds += time.perf_counter() - start
         self.latent_calls += 1
-        return lr, hr
+        return latents[0], (latents[1] if self.kind == "hr" else None)
 
     @torch.no_grad()
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
         """Frozen image-encoder features of the batch's views (in bf16 when training in bf16,
-        as the encoder ran inside the model's autocast before it was split out)."""
+        as the encoder ran inside the model's autocast before it was split out), or the
+        cached ones a feature-cache batch carries."""
+        if "clip" in batch:
+            return {"clip": batch["clip"], "dino": batch["dino"]}
         with autocast_context(batch["image"].device, self.precision):
             return self.encoder(batch["image"])
 
