@@ -112,13 +112,15 @@ def cached_tiny_vae(args):
     file (keyed by steps and token count: a cache made with other settings is retrained)."""
     import torch
 
-    from mar3d.models.vae import ShapeVAE
+    from mar3d.config import from_dict, to_dict
+    from mar3d.models.vae import ShapeVAE, VAEConfig
 
     key = {"steps": args.vae_steps, "tokens": args.vae_tokens}
     if args.vae_cache and args.vae_cache.exists():
-        saved = torch.load(args.vae_cache, map_location=args.device, weights_only=False)
+        # Plain data only (tensors, dicts, lists): nothing is unpickled.
+        saved = torch.load(args.vae_cache, map_location=args.device, weights_only=True)
         if saved["key"] == key:
-            model = ShapeVAE(saved["cfg"]).to(args.device)
+            model = ShapeVAE(from_dict(VAEConfig, saved["cfg"])).to(args.device)
             model.load_state_dict(saved["state"])
             print(f"# tiny VAE loaded from {args.vae_cache}", file=sys.stderr)
             return model.eval(), saved["surfaces"]
@@ -128,7 +130,8 @@ def cached_tiny_vae(args):
           f"{time.perf_counter() - t0:.1f} s, last-step query IoU {iou:.3f}", file=sys.stderr)
     if args.vae_cache:
         args.vae_cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "cfg": model.cfg, "state": model.state_dict(), "surfaces": surfaces}, args.vae_cache)
+        torch.save({"key": key, "cfg": to_dict(model.cfg), "state": model.state_dict(), "surfaces": surfaces},
+                   args.vae_cache)
     return model, surfaces
 
 

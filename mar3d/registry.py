@@ -238,7 +238,8 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
     if unknown:
         raise ValueError(f"unknown release components {sorted(unknown)}")
     client = _client(tracking_uri)
-    if "cond" not in component_uris:
+    derived = "cond" not in component_uris
+    if derived:
         conditioner = trained_conditioner({c: u for c, u in component_uris.items() if c in ("lr", "hr")},
                                           _read_model_config)
         component_uris = {**component_uris, **({"cond": conditioner} if conditioner else {})}
@@ -246,7 +247,9 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
     for comp, uri in component_uris.items():
         m = _RUNS_URI.match(validate_model_uri(uri))
         if not m:
-            raise ValueError(f"component {comp}: expected runs:/RUN_ID/PATH, got {uri!r}")
+            recorded = " (the image encoder MAR-LR records; log it to a run and pass it as cond)" \
+                if comp == "cond" and derived else ""
+            raise ValueError(f"component {comp}: expected runs:/RUN_ID/PATH, got {uri!r}{recorded}")
         name = cfg.component_name(comp)
         _ensure_registered_model(client, name)
         mv = client.create_model_version(name, uri, run_id=m["run_id"],

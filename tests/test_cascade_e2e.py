@@ -139,7 +139,7 @@ def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_serv
     untrained = write_tiny_release(tmp_path / "untrained", seed=123)
     uris = {"vae": results["vae"].model_uri}
     mlflow.set_experiment("test-cascade")
-    for stage in ("lr", "hr"):
+    for stage in ("cond", "lr", "hr"):  # its own (random) image encoder: logged, registered
         with mlflow.start_run(run_name=f"untrained-{stage}") as run:
             mlflow.log_artifacts(str(untrained / stage), "model")
         uris[stage] = f"runs:/{run.info.run_id}/model"
