@@ -179,17 +179,14 @@ def assemble_release_dir(vae_uri: str, lr_uri: str, hr_uri: str | None, dest: st
     was trained with (none for models of the old layout). Remote components are
     downloaded under ``dest/.download``; every component becomes a symlink to its folder
     (nothing is copied)."""
-    import yaml
-
-    from mar3d.registry import trained_conditioner
-    from mar3d.weights import CONFIG_FILE
+    from mar3d.registry import read_model_config, trained_conditioner
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for component, uri in (("vae", vae_uri), ("lr", lr_uri), ("hr", hr_uri)):
         _link_component(dest, component, uri, tracking_uri)
     stages = {c: str(dest / c) for c in ("lr", "hr") if (dest / c).is_dir()}
-    conditioner = trained_conditioner(stages, lambda d: yaml.safe_load((Path(d) / CONFIG_FILE).read_text()))
+    conditioner = trained_conditioner(stages, read_model_config)
     _link_component(dest, "cond", conditioner, tracking_uri)
     return dest
 

@@ -241,7 +241,7 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
     derived = "cond" not in component_uris
     if derived:
         conditioner = trained_conditioner({c: u for c, u in component_uris.items() if c in ("lr", "hr")},
-                                          _read_model_config)
+                                          lambda uri: read_model_config(uri, tracking_uri))
         component_uris = {**component_uris, **({"cond": conditioner} if conditioner else {})}
     pinned: dict[str, tuple[str, str]] = {}
     for comp, uri in component_uris.items():
@@ -271,15 +271,20 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
     return _release_from_version(client.get_model_version(cfg.name, mv.version))
 
 
-def _read_model_config(uri: str) -> dict:
-    """config.yaml of a model artifact URI (only that file is fetched)."""
+def read_model_config(uri: str, tracking_uri: str | None = None) -> dict:
+    """config.yaml of a model folder or model URI, as plain data, without its weights:
+    of a ``runs:/`` URI only that file is fetched."""
     import mlflow
     import yaml
 
     from mar3d.weights import CONFIG_FILE
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{CONFIG_FILE}")
-    return yaml.safe_load(Path(local).read_text())
+    if uri.startswith("runs:"):
+        _client(tracking_uri)
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{CONFIG_FILE}")).parent
+    else:
+        folder = resolve_model_dir(uri, tracking_uri)
+    return yaml.safe_load((folder / CONFIG_FILE).read_text())
 
 
 def trained_conditioner(stage_uris: dict[str, str], read_config) -> str | None:

@@ -104,15 +104,12 @@ class FeatureCacheResult:
 
 # ----------------------------------------------------------------------------- identity
 def conditioner_doc(uri: str, tracking_uri: str | None) -> dict:
-    """config.yaml of a ``cond`` model folder, without loading its weights: its
-    ``conditioner_id`` and encoder shapes (whoever loads the weights verifies them
-    against that id)."""
-    import yaml
+    """config.yaml of a ``cond`` model folder, without its weights (of a ``runs:/`` URI
+    only that file is fetched): its ``conditioner_id`` and encoder shapes (whoever loads
+    the weights verifies them against that id)."""
+    from mar3d.registry import read_model_config
 
-    from mar3d.registry import resolve_model_dir
-    from mar3d.weights import CONFIG_FILE
-
-    doc = yaml.safe_load((resolve_model_dir(uri, tracking_uri) / CONFIG_FILE).read_text())
+    doc = read_model_config(uri, tracking_uri)
     if doc.get("kind") != "cond":
         raise ValueError(f"{uri} holds a {doc.get('kind')!r} model, not the image encoder ('cond')")
     return doc
