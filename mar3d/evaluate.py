@@ -176,7 +176,7 @@ def assemble_release_dir(vae_uri: str, lr_uri: str, hr_uri: str | None, dest: st
     separately given components (local folders or ``runs:/`` / ``models:/`` URIs), so that
     evaluating components that were never registered as a release goes through the same
     loading path as a release. The image encoder (``cond``) is the one MAR-LR records it
-    was trained with (none for models of the old layout). Remote components are
+    was trained with. Remote components are
     downloaded under ``dest/.download``; every component becomes a symlink to its folder
     (nothing is copied)."""
     from mar3d.registry import read_model_config, trained_conditioner

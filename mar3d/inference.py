@@ -206,11 +206,6 @@ def check_vae_fits_mar(vae_cfg: VAEConfig, mar_cfg: MARConfig) -> None:
         raise ValueError("MAR config does not fit the frozen VAE: " + "; ".join(problems))
 
 
-# Tensors of the frozen image encoder inside a MAR model folder: releases written before
-# the encoder became one shared component (kind "cond") stored it in every MAR folder.
-LEGACY_ENCODER_PREFIXES = ("conditioner.clip.", "conditioner.dino.")
-
-
 def save_conditioner(encoder: ImageEncoder, directory: str | Path,
                      extra: dict[str, Any] | None = None) -> str:
     """Write the frozen image encoder as a model folder of kind ``cond``; returns its
@@ -265,62 +260,43 @@ def load_frozen_conditioner(uri: str, expected: ConditionConfig, tracking_uri: s
 
 @dataclass
 class LoadedStage:
-    """A MAR model folder: the model, the id of the conditioner it was trained with and,
-    for a folder of the old layout, the encoder it carried itself."""
+    """A MAR model folder: the model and the id of the conditioner it was trained with."""
     model: ConditionalMAR
     conditioner_id: str
-    legacy_encoder: ImageEncoder | None = None
 
 
 def load_mar(directory: str | Path, kind: str, device: str | torch.device = "cpu") -> LoadedStage:
-    """A MAR-LR / MAR-HR model folder. Folders of the old layout (encoder tensors
-    inside) load too: their encoder comes back as ``legacy_encoder``."""
+    """A MAR-LR / MAR-HR model folder (the frozen image encoder is the release's ``cond/``)."""
     state, doc = load_model_dir(directory, kind=kind)
     model_doc = doc["model"]
-    cond_cfg = from_dict(ConditionConfig, model_doc["condition"])
-    legacy = {k[len("conditioner."):]: v for k, v in state.items() if k.startswith(LEGACY_ENCODER_PREFIXES)}
-    if legacy:
-        encoder = encoder_from_state(cond_cfg, legacy, device)
-        spec, conditioner_id = encoder.spec, content_id(legacy)
-        state = {k: v for k, v in state.items() if not k.startswith(LEGACY_ENCODER_PREFIXES)}
-    else:
-        encoder, conditioner_id = None, (doc.get("extra") or {}).get("conditioner_id")
-        if "encoder" not in model_doc or not conditioner_id:
-            raise ValueError(f"{directory}: a {kind} model folder without encoder tensors must record "
-                             "model.encoder and extra.conditioner_id; it was not written by mar3d")
-        spec = EncoderSpec(**model_doc["encoder"])
-    model = ConditionalMAR(cond_cfg, from_dict(MARConfig, model_doc["mar"]), spec)
+    conditioner_id = (doc.get("extra") or {}).get("conditioner_id")
+    if "encoder" not in model_doc or not conditioner_id:
+        raise ValueError(f"{directory}: a {kind} model folder must record model.encoder and "
+                         "extra.conditioner_id; it was not written by mar3d")
+    model = ConditionalMAR(from_dict(ConditionConfig, model_doc["condition"]),
+                           from_dict(MARConfig, model_doc["mar"]), EncoderSpec(**model_doc["encoder"]))
     model.load_state_dict(state)
-    return LoadedStage(model.requires_grad_(False).eval().to(device), conditioner_id, encoder)
+    return LoadedStage(model.requires_grad_(False).eval().to(device), conditioner_id)
 
 
-def stage_encoders(stages: dict[str, LoadedStage], cond_dir: Path | None,
-                   device: str | torch.device = "cpu") -> dict[str, ImageEncoder]:
-    """Stage -> the encoder it was trained with: the release's conditioner (``cond/``) or,
-    for stages of the old layout, the encoder stored with them. Stages whose encoders
-    have equal weights share one object, so such images are encoded once."""
-    by_id: dict[str, ImageEncoder] = {}
-    if cond_dir is not None:
-        encoder, conditioner_id = load_conditioner(cond_dir, device)
-        by_id[conditioner_id] = encoder
-    for stage in stages.values():
-        if stage.legacy_encoder is not None:
-            by_id.setdefault(stage.conditioner_id, stage.legacy_encoder)
-    out = {}
+def release_encoder(stages: dict[str, LoadedStage], cond_dir: Path | None,
+                    device: str | torch.device = "cpu") -> ImageEncoder:
+    """The release's conditioner (``cond/``), refused unless every stage was trained with it."""
+    if cond_dir is None:
+        raise ValueError("this release has no conditioner (cond/): its MAR models cannot be fed")
+    encoder, conditioner_id = load_conditioner(cond_dir, device)
     for name, stage in stages.items():
-        if stage.conditioner_id not in by_id:
-            have = f"its conditioner is {sorted(by_id)}" if by_id else "it has no conditioner (cond/)"
+        if stage.conditioner_id != conditioner_id:
             raise ValueError(f"MAR-{name.upper()} was trained with image encoder {stage.conditioner_id}, "
-                             f"but {have}: this release mixes models of different conditioners")
-        out[name] = by_id[stage.conditioner_id]
-    return out
+                             f"but its conditioner is {conditioner_id}: this release mixes models of "
+                             "different conditioners")
+    return encoder
 
 
 def resolve_component_dirs(uri: str, tracking_uri: str | None = None) -> dict[str, Path]:
     """``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` of a release, or a local folder
     with ``vae/``, ``cond/`` (the shared image encoder), ``lr/`` and optionally ``hr/``
-    model folders -> component -> folder. Releases of the old layout have no ``cond/``:
-    their encoder is inside ``lr/`` and ``hr/``."""
+    model folders -> component -> folder."""
     from mar3d.registry import download_release, get_release
     from mar3d.uris import validate_model_uri
 
@@ -339,49 +315,15 @@ def resolve_component_dirs(uri: str, tracking_uri: str | None = None) -> dict[st
     return dirs
 
 
-def migrate_release_dir(src: str | Path, dst: str | Path) -> Path:
-    """Rewrite a release folder of the old layout (the image encoder inside ``lr/`` and
-    ``hr/``) in the current one: the encoder once, as ``cond/``; ``lr/`` and ``hr/``
-    without it. Same weights, so the same seed gives the same mesh. Refused when the two
-    stages carry different encoders (they cannot share one; the old folder still loads)."""
-    import shutil
-
-    dirs = resolve_component_dirs(str(src))
-    if "cond" in dirs:
-        raise ValueError(f"{src} already has a cond/ folder: it is in the current layout")
-    stages = {s: load_mar(dirs[s], s) for s in ("lr", "hr") if s in dirs}
-    if any(st.legacy_encoder is None for st in stages.values()):
-        raise ValueError(f"{src}: a MAR folder without encoder tensors and no cond/ folder; not a release "
-                         "of the old layout")
-    ids = {s: st.conditioner_id for s, st in stages.items()}
-    if len(set(ids.values())) > 1:
-        raise ValueError(f"{src}: MAR-LR and MAR-HR carry different image encoders ({ids}); they cannot "
-                         "share one conditioner (the folder still loads as it is)")
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} is not empty")
-    shutil.copytree(dirs["vae"], dst / "vae")
-    conditioner_id = save_conditioner(stages["lr"].legacy_encoder, dst / "cond",
-                                      extra={"migrated_from": str(Path(src).resolve())})
-    for name, stage in stages.items():
-        _, doc = load_model_dir(dirs[name], kind=name)
-        save_model_dir(dst / name, stage.model.state_dict(),
-                       {**doc["model"], "encoder": dataclasses.asdict(stage.model.conditioner.spec)},
-                       kind=name, extra={**(doc.get("extra") or {}), "conditioner_id": conditioner_id})
-    return dst
-
-
 class MAR3DPipeline:
     """The whole cascade for inference; construct with :meth:`from_pretrained`.
 
     ``encoder`` is the frozen image encoder both stages were trained with: each image is
-    encoded once and its features feed MAR-LR and MAR-HR. ``hr_encoder`` is only for
-    releases of the old layout whose HR model carried an encoder with other weights."""
+    encoded once and its features feed MAR-LR and MAR-HR."""
 
     def __init__(self, vae: ShapeVAE, encoder: ImageEncoder, lr: ConditionalMAR,
                  hr: ConditionalMAR | None, config: GenerateConfig | None = None,
-                 device: str | torch.device = "cpu", vae_surface_sizes: list[int] | None = None,
-                 hr_encoder: ImageEncoder | None = None):
+                 device: str | torch.device = "cpu", vae_surface_sizes: list[int] | None = None):
         self.config = config or GenerateConfig()
         self.config.validate()
         self.device = _device(device)
@@ -390,16 +332,15 @@ class MAR3DPipeline:
         self.vae_surface_sizes = list(vae_surface_sizes) if vae_surface_sizes else None
         self.vae, self.lr, self.hr = vae.to(self.device), lr.to(self.device), hr.to(self.device) if hr else None
         self.encoder = encoder.to(self.device)
-        self.hr_encoder = hr_encoder.to(self.device) if hr_encoder is not None and hr_encoder is not encoder else None
         self._check_shapes()
 
     def _check_shapes(self) -> None:
-        for model, encoder in ((self.lr, self.encoder), (self.hr, self.hr_encoder or self.encoder)):
+        for model in (self.lr, self.hr):
             if model is not None:
                 check_vae_fits_mar(self.vae.cfg, model.mar.cfg)
-                if model.conditioner.spec != encoder.spec:
+                if model.conditioner.spec != self.encoder.spec:
                     raise ValueError(f"MAR-{model.mar.cfg.stage.upper()} was built for encoder features "
-                                     f"{model.conditioner.spec}, the encoder gives {encoder.spec}")
+                                     f"{model.conditioner.spec}, the encoder gives {self.encoder.spec}")
 
     @classmethod
     def from_pretrained(cls, uri: str, config: GenerateConfig | None = None, device: str = "auto",
@@ -414,11 +355,11 @@ class MAR3DPipeline:
             stages["hr"] = load_mar(dirs["hr"], "hr", dev)
         elif config.use_hr:
             raise FileNotFoundError(f"{uri} has no MAR-HR model; pass use_hr=False for LR-only generation")
-        encoders = stage_encoders(stages, dirs.get("cond"), dev)
+        encoder = release_encoder(stages, dirs.get("cond"), dev)
         vae, vae_extra = load_vae(dirs["vae"], dev)
         hr = stages.get("hr")
-        return cls(vae, encoders["lr"], stages["lr"].model, hr.model if hr else None, config, dev,
-                   vae_surface_sizes=vae_extra.get("surface_sizes"), hr_encoder=encoders.get("hr"))
+        return cls(vae, encoder, stages["lr"].model, hr.model if hr else None, config, dev,
+                   vae_surface_sizes=vae_extra.get("surface_sizes"))
 
     @property
     def uses_hr(self) -> bool:
@@ -471,8 +412,7 @@ class MAR3DPipeline:
         lr_latents = self.generate_lr(features, gens, **sampling)
         hr_wanted = self.uses_hr if use_hr is None else use_hr
         if hr_wanted:
-            hr_features = features if self.hr_encoder is None else self.hr_encoder.encode(rgba)
-            return self.generate_hr(hr_features, lr_latents, gens, **sampling), "hr"
+            return self.generate_hr(features, lr_latents, gens, **sampling), "hr"
         return lr_latents, "lr"
 
     @torch.no_grad()

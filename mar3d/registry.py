@@ -223,8 +223,7 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
 
     ``component_uris`` maps "vae", "lr" and optionally "hr" to ``runs:/RUN_ID/model`` URIs
     (artifact folders with safetensors + config). "cond", the image encoder, defaults to
-    the one MAR-LR records it was trained with (MAR-HR must record the same); MAR models
-    of the old layout carry their encoder and get none. Sets ``alias`` (default: the
+    the one MAR-LR records it was trained with (MAR-HR must record the same). Sets ``alias`` (default: the
     candidate alias) on the new release version.
     """
     import mlflow
@@ -242,7 +241,7 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
     if derived:
         conditioner = trained_conditioner({c: u for c, u in component_uris.items() if c in ("lr", "hr")},
                                           lambda uri: read_model_config(uri, tracking_uri))
-        component_uris = {**component_uris, **({"cond": conditioner} if conditioner else {})}
+        component_uris = {**component_uris, "cond": conditioner}
     pinned: dict[str, tuple[str, str]] = {}
     for comp, uri in component_uris.items():
         m = _RUNS_URI.match(validate_model_uri(uri))
@@ -287,19 +286,21 @@ def read_model_config(uri: str, tracking_uri: str | None = None) -> dict:
     return yaml.safe_load((folder / CONFIG_FILE).read_text())
 
 
-def trained_conditioner(stage_uris: dict[str, str], read_config) -> str | None:
+def trained_conditioner(stage_uris: dict[str, str], read_config) -> str:
     """The conditioner URI the MAR models (``{"lr": uri, "hr": uri}``) were trained with,
-    from their config.yaml (``read_config(uri) -> dict``); None for models of the old
-    layout, which carry their own encoder. Stages trained on different encoders (by
-    content, ``conditioner_id``) cannot form a release."""
+    from their config.yaml (``read_config(uri) -> dict``). Stages trained on different
+    encoders (by content, ``conditioner_id``), or recording none, cannot form a release."""
     extras = {stage: read_config(uri).get("extra") or {} for stage, uri in stage_uris.items()}
     ids = {stage: extra.get("conditioner_id") for stage, extra in extras.items()}
-    if not any(ids.values()):
-        return None
+    unrecorded = sorted(stage for stage, i in ids.items() if not i)
+    if unrecorded:
+        raise RegistryError(f"MAR-{'/'.join(s.upper() for s in unrecorded)} "
+                            f"{', '.join(stage_uris[s] for s in unrecorded)} records no conditioner_id: "
+                            "not a model folder written by mar3d's training")
     if len(set(ids.values())) > 1:
         raise RegistryError("MAR-LR and MAR-HR were trained with different image encoders "
                             f"({ids}); train MAR-HR with condition_model_uri set to MAR-LR's")
-    stage = "lr" if ids.get("lr") else next(s for s, i in ids.items() if i)
+    stage = "lr" if "lr" in ids else next(iter(ids))
     uri = extras[stage].get("condition_model_uri")
     if not uri:
         raise RegistryError(f"MAR-{stage.upper()} {stage_uris[stage]} records no condition_model_uri")

@@ -1,4 +1,4 @@
-"""Small fake releases (three tiny safetensors components logged as runs) for registry tests."""
+"""Small fake releases (four tiny safetensors components logged as runs) for registry tests."""
 from __future__ import annotations
 
 import mlflow
@@ -21,7 +21,7 @@ def log_component(tmp_path, name: str, value: float) -> str:
 def make_release(tmp_path, tag: str, metrics: dict, cfg: RegistryConfig, tags: dict | None = None):
     """A release with evaluation ``metrics``; ``tags`` default to one evaluation protocol
     shared by every release made here (so the gate may compare them)."""
-    uris = {c: log_component(tmp_path / tag, c, i) for i, c in enumerate(["vae", "lr", "hr"])}
+    uris = {c: log_component(tmp_path / tag, c, i) for i, c in enumerate(["vae", "cond", "lr", "hr"])}
     rel = register_release(uris, cfg=cfg)
     if tags is None:
         tags = {f"eval.{g}.protocol": "same-objects" for g in ("seen_view", "heldout_objects")}

@@ -39,7 +39,8 @@ def test_sqlite_artifacts_and_releases_stay_in_the_work_folder(tmp_path, elsewhe
     work.mkdir()
     uri = f"sqlite:///{work / 'mlflow.db'}"
     run_id = _log_model_run(uri, tmp_path, "mar3d")
-    release = register_release({"vae": f"runs:/{run_id}/model", "lr": f"runs:/{run_id}/model"},
+    model = f"runs:/{run_id}/model"  # where artifacts go, not what they hold, is under test
+    release = register_release({"vae": model, "cond": model, "lr": model},
                                cfg=RegistryConfig(name="mar3d-loc"), tracking_uri=uri)
 
     assert list(elsewhere.iterdir()) == []  # no ./mlruns (nor anything else) where we stand

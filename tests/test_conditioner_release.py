@@ -1,6 +1,5 @@
 """One image conditioner per release: the frozen encoder is stored once (``cond/``), MAR-LR
-and MAR-HR hold only their projections, inference encodes each image once, and releases
-of the old layout (encoder inside every MAR folder) still load and give the same tokens."""
+and MAR-HR hold only their projections, and inference encodes each image once."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,19 +13,19 @@ from safetensors.torch import load_file, save_file
 
 from _tiny_release import write_tiny_release
 from mar3d.config import load_config
-from mar3d.inference import (LEGACY_ENCODER_PREFIXES, GenerateConfig, MAR3DPipeline, load_conditioner,
-                             load_frozen_conditioner, migrate_release_dir)
+from mar3d.inference import GenerateConfig, MAR3DPipeline, load_conditioner, load_frozen_conditioner
 from mar3d.models.condition import ConditionConfig, ImageEncoder
 from mar3d.models.mar import ConditionalMAR, MARConfig
 from mar3d.registry import RegistryError, trained_conditioner
 from mar3d.weights import WEIGHTS_FILE
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy_release_v1"
+# Tensors of the image encoder inside a MAR model: none since the encoder is its own folder.
+ENCODER_PREFIXES = ("conditioner.clip.", "conditioner.dino.")
 FAST = GenerateConfig(num_iters=4, diffusion_steps=5, resolution=32)
 
 
 def encoder_keys(folder: Path) -> list[str]:
-    return [k for k in load_file(str(folder / WEIGHTS_FILE)) if k.startswith(LEGACY_ENCODER_PREFIXES)]
+    return [k for k in load_file(str(folder / WEIGHTS_FILE)) if k.startswith(ENCODER_PREFIXES)]
 
 
 def megabytes(module: torch.nn.Module) -> float:
@@ -45,7 +44,7 @@ def test_paper_stage_weights_no_longer_carry_the_encoders():
     assert 600e6 < encoder_params < 615e6
     rows = []
     for name, model in stages.items():
-        assert not [k for k in model.state_dict() if k.startswith(LEGACY_ENCODER_PREFIXES)]
+        assert not [k for k in model.state_dict() if k.startswith(ENCODER_PREFIXES)]
         assert all(p.requires_grad for p in model.parameters())  # what DeepSpeed checkpoints
         before, after = megabytes(encoder) + megabytes(model), megabytes(model)
         rows.append(f"| MAR-{name.upper()} | {before:,.0f} MB | {after:,.0f} MB | {before / after:.2f}x |")
@@ -60,51 +59,12 @@ def test_tiny_release_stores_the_encoder_once_and_encodes_each_image_once(tmp_pa
     stored = load_file(str(release / "cond" / WEIGHTS_FILE))
     assert stored and all(k.startswith(("clip.", "dino.")) for k in stored)
     pipe = MAR3DPipeline.from_pretrained(str(release), config=FAST, device="cpu")
-    assert pipe.hr_encoder is None
     calls = []
     pipe.encoder.register_forward_hook(lambda *args: calls.append(1))
     images = [np.full((64, 64, 4), 255, np.uint8), np.zeros((64, 64, 4), np.uint8)]
     tokens, level = pipe.generate_tokens(images, seed=0)
     assert level == "hr" and tokens.shape[0] == 2
     assert len(calls) == 1  # one batch, one encoder pass, both stages fed from it
-
-
-def test_release_of_the_old_layout_loads_and_gives_the_tokens_it_gave_before(tmp_path):
-    """The fixture was written, and its tokens generated, by the code before the encoder
-    moved out (tests/fixtures/legacy_release_v1/make_legacy.py)."""
-    expected = load_file(str(LEGACY / "expected_tokens.safetensors"))
-    images = [np.load(LEGACY / "image0.npy"), np.load(LEGACY / "image1.npy")]
-    old = MAR3DPipeline.from_pretrained(str(LEGACY), config=FAST, device="cpu")
-    assert old.hr_encoder is None  # equal encoder weights in lr/ and hr/: one object
-    assert torch.equal(old.generate_tokens(images, seed=3)[0], expected["hr"])
-    assert torch.equal(old.generate_tokens(images, seed=3, use_hr=False)[0], expected["lr"])
-
-    migrated = migrate_release_dir(LEGACY, tmp_path / "migrated")
-    for stage in ("lr", "hr"):
-        assert encoder_keys(LEGACY / stage) and not encoder_keys(migrated / stage)
-    before = sum((LEGACY / s / WEIGHTS_FILE).stat().st_size for s in ("lr", "hr"))
-    after = sum((migrated / s / WEIGHTS_FILE).stat().st_size for s in ("cond", "lr", "hr"))
-    assert after < before
-    new = MAR3DPipeline.from_pretrained(str(migrated), config=FAST, device="cpu")
-    assert torch.equal(new.generate_tokens(images, seed=3)[0], expected["hr"])
-    with pytest.raises(ValueError, match="current layout"):
-        migrate_release_dir(migrated, tmp_path / "again")
-
-
-def test_old_layout_with_two_different_encoders_still_loads_but_cannot_be_migrated(tmp_path):
-    release = tmp_path / "two-encoders"
-    shutil.copytree(LEGACY, release)
-    path = release / "hr" / WEIGHTS_FILE
-    state = load_file(str(path))
-    key = next(k for k in state if k.startswith("conditioner.dino."))
-    state[key] = state[key] + 0.5
-    save_file(state, str(path), metadata={"format": "mar3d-weights/v1", "kind": "hr"})
-    pipe = MAR3DPipeline.from_pretrained(str(release), config=FAST, device="cpu")
-    assert pipe.hr_encoder is not None  # HR keeps the encoder it was trained with
-    image = np.load(LEGACY / "image0.npy")
-    assert pipe.generate_tokens(image, seed=3)[0].shape == (1, 32, 8)
-    with pytest.raises(ValueError, match="different image encoders"):
-        migrate_release_dir(release, tmp_path / "migrated")
 
 
 def test_a_release_mixing_conditioners_is_refused(tmp_path):
@@ -151,7 +111,8 @@ def test_release_registration_takes_the_conditioner_the_stages_were_trained_with
             "runs:/old/model": {"extra": {"global_step": 3}}}
     read = docs.__getitem__
     assert trained_conditioner({"lr": "runs:/a/model", "hr": "runs:/b/model"}, read) == "runs:/a/conditioner"
-    assert trained_conditioner({"lr": "runs:/old/model", "hr": "runs:/old/model"}, read) is None
+    with pytest.raises(RegistryError, match="MAR-HR runs:/old/model records no conditioner_id"):
+        trained_conditioner({"lr": "runs:/a/model", "hr": "runs:/old/model"}, read)
     with pytest.raises(RegistryError, match="different image encoders"):
         trained_conditioner({"lr": "runs:/a/model", "hr": "runs:/c/model"}, read)
 

@@ -270,7 +270,9 @@ def test_hr_consumes_lr_tokens():
 def test_per_item_generators_make_samples_batch_invariant(stage, cfg):
     """With one generator per sample, a sample's mask order, condition augmentation and
     diffusion noise come from its own generator only: sampled in a batch of 3 or alone,
-    guided or not, it gets the same tokens."""
+    guided or not, it gets the same tokens, up to float32 rounding: CPU matrix kernels
+    may sum in another order for another batch size (seen: 2e-6 relative on guided
+    tokens of magnitude ~5), which no random draw explains."""
     model = wake_head(small_mar(stage))
     cond = randn(3, COND_LEN, COND_DIM)
     lr = randn(3, 32, 4, seed=1) if stage == "hr" else None
@@ -284,8 +286,8 @@ def test_per_item_generators_make_samples_batch_invariant(stage, cfg):
 
     batch = sample([0, 1, 2], [5, 6, 7])
     for i, seed in enumerate([5, 6, 7]):
-        torch.testing.assert_close(batch[i:i + 1], sample([i], [seed]), rtol=0, atol=1e-5)
-    torch.testing.assert_close(sample([2, 0], [7, 5]), batch[[2, 0]], rtol=0, atol=1e-5)
+        torch.testing.assert_close(batch[i:i + 1], sample([i], [seed]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sample([2, 0], [7, 5]), batch[[2, 0]], rtol=1e-5, atol=1e-5)
     # A one-sample list is that sample's plain generator: the same stream as before.
     alone = model.generate(cond[:1], lr_tokens=None if lr is None else lr[:1], cfg=cfg,
                            generator=torch.Generator().manual_seed(5))

@@ -54,7 +54,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP statistics (open_
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # The ConditionConfig fields that define the frozen encoder (everything else belongs to a
-# stage's projection, or is legacy).
+# stage's projection).
 ENCODER_FIELDS = ("clip_model", "clip_pretrained", "dino_model", "dino_pretrained", "image_size",
                   "init_seed", "tiny", "tiny_width", "tiny_layers", "tiny_heads", "tiny_clip_patch",
                   "tiny_dino_patch")

@@ -266,15 +266,16 @@ def test_interrupted_promotion_keeps_previous_champion(mlflow_server, tmp_path, 
 
     def component_aliases():
         return {c: client.get_model_version_by_alias(f"{name}-{c}", "champion").version
-                for c in ("vae", "lr", "hr")}
+                for c in ("vae", "cond", "lr", "hr")}
 
-    a = make_release(tmp_path, "a", {"f_score": 0.6}, cfg)
+    # Both releases beat their mean-shape baseline (gate.beat_baseline, the default).
+    a = make_release(tmp_path, "a", {"f_score": 0.6, "baseline/f_score": 0.5}, cfg)
     assert promote(a.uri, gate=gate, cfg=cfg).passed
     pinned_a = {c: v for c, (_, v) in a.components.items()}
     assert component_aliases() == pinned_a
 
     # 1. An exception between the component moves and the release move: rolled back.
-    b = make_release(tmp_path, "b", {"f_score": 0.7}, cfg)
+    b = make_release(tmp_path, "b", {"f_score": 0.7, "baseline/f_score": 0.5}, cfg)
     move_alias = MlflowClient.set_registered_model_alias
 
     def fail_on_release_alias(self, model, alias, version):
@@ -296,7 +297,7 @@ def test_interrupted_promotion_keeps_previous_champion(mlflow_server, tmp_path, 
     # Consumers resolve the release alias: still the previous champion, fully pinned.
     assert get_release(f"models:/{name}@champion").version == a.version
     assert component_aliases() != pinned_a  # the kill landed after the component moves
-    assert sorted(reconcile_component_aliases(name, cfg)) == [f"{name}-{c}" for c in ("hr", "lr", "vae")]
+    assert sorted(reconcile_component_aliases(name, cfg)) == [f"{name}-{c}" for c in ("cond", "hr", "lr", "vae")]
     assert component_aliases() == pinned_a
 
     # The next promotion starts from the consistent state and completes.
