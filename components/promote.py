@@ -8,11 +8,13 @@ from components import MAR3D_IMAGE
 @dsl.component(base_image=MAR3D_IMAGE, packages_to_install=[], install_kfp_package=False)
 def promote(vae_model: Input[Model], lr_model: Input[Model], hr_model: Input[Model],
             report: Input[Artifact], model_name: str, gate_max_chamfer: float,
-            gate_min_fscore: float, mlflow_tracking_uri: str, ray_address: str,
-            workdir: str, job_id: str, resume_run_id: str, release: Output[Model]):
+            gate_min_fscore: float, gate_beat_baseline: bool, mlflow_tracking_uri: str,
+            ray_address: str, workdir: str, job_id: str, resume_run_id: str,
+            release: Output[Model]):
     """Registers VAE/LR/HR as one release, attaches the evaluation metrics and moves the
-    champion alias if the gate passes. A refusal fails this step, so batch generation
-    never runs with a model that did not pass the gate."""
+    champion alias if the gate passes (``gate_beat_baseline``: the release must also beat
+    the mean-shape baseline on the gate's metrics). A refusal fails this step, so batch
+    generation never runs with a model that did not pass the gate."""
     from components._run import (optional_flag, read_pointer, run_step, step_dir, step_failed,
                                  write_pointer)
 
@@ -23,7 +25,8 @@ def promote(vae_model: Input[Model], lr_model: Input[Model], hr_model: Input[Mod
              "--eval-report", read_pointer(report)["report_path"],
              "--set", f"registry.name={model_name}",
              "--set", f"gate.maximums.chamfer={float(gate_max_chamfer)!r}",
-             "--set", f"gate.minimums.f_score={float(gate_min_fscore)!r}"]
+             "--set", f"gate.minimums.f_score={float(gate_min_fscore)!r}",
+             "--set", f"gate.beat_baseline={'true' if gate_beat_baseline else 'false'}"]
             + optional_flag("--tracking-uri", mlflow_tracking_uri))
     result = run_step(argv, ray_address, log_dir=step_dir(workdir, resume_run_id or job_id, "promote"))
     if not result.get("promoted"):

@@ -389,15 +389,20 @@ def _add_promote_command(sub: argparse._SubParsersAction) -> None:
         "promote", help="register a release and move the champion alias if it passes the gate",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Promote a release (VAE + MAR-LR + MAR-HR versions that belong together) "
-                    "to the champion alias, only if its evaluation metrics are no worse than "
-                    "the current champion's (within gate.rel_tolerance) and within the absolute "
-                    "gate.minimums/maximums. Every decision is logged as an MLflow run in the "
-                    "'mar3d-promotions' experiment. Exit status 1 when the gate refuses.",
+                    "to the champion alias, only if, on every gate metric of the gate's "
+                    "evaluation group, it beats the mean-shape baseline its evaluation scored on "
+                    "the same objects (gate.beat_baseline, default true: also for the first "
+                    "release of a registry), is no worse than the current champion's (within "
+                    "gate.rel_tolerance) and is within the absolute gate.minimums/maximums. "
+                    "Every decision is logged as an MLflow run in the 'mar3d-promotions' "
+                    "experiment. Exit status 1 when the gate refuses.",
         epilog="examples:\n"
                "  mar3d promote --release models:/mar3d@candidate\n"
                "  mar3d promote --vae-model runs:/ID/model --lr-model runs:/ID/model \\\n"
                "      --hr-model runs:/ID/model --eval-report outputs/eval/report.json \\\n"
-               "      --set gate.rel_tolerance=0.02 --set gate.minimums.f_score=0.3")
+               "      --set gate.rel_tolerance=0.02 --set gate.minimums.f_score=0.3\n"
+               "  mar3d promote --release models:/mar3d@candidate --set gate.beat_baseline=false"
+               "   # a plumbing check only")
     prom.add_argument("--release", help="an existing release: models:/NAME@ALIAS or models:/NAME/VERSION")
     prom.add_argument("--vae-model", help="VAE model (runs:/RUN_ID/model) of a new release")
     prom.add_argument("--lr-model", help="MAR-LR model of a new release")

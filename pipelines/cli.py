@@ -32,7 +32,8 @@ def _cmd_pipeline_run(args: argparse.Namespace) -> int:
                          "use `mar3d pipeline submit --host URL` for Kubeflow Pipelines")
     result = run_local(args.dataset, args.workdir, mlflow_uri=args.mlflow_uri, preset=args.preset,
                        model_name=args.model_name, gate_max_chamfer=args.gate_max_chamfer,
-                       gate_min_fscore=args.gate_min_fscore, num_workers=args.num_workers,
+                       gate_min_fscore=args.gate_min_fscore,
+                       gate_beat_baseline=args.gate_baseline, num_workers=args.num_workers,
                        ray_address=args.ray_address or "", resume=args.resume or "",
                        extra={"feature_cache": True} if args.feature_cache else None,
                        verbose=args.verbose)
@@ -109,7 +110,9 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
                      help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
     run.add_argument("--preset", default="tiny", choices=["tiny", "small", "smoke"],
                      help="tiny: the local demo (22 min measured on 2 cores); small: the same models "
-                          "trained 3.5x longer (~45 min); smoke: the smallest run (CI)")
+                          "trained 3.5x longer (~45 min); smoke: the smallest run (CI), a plumbing "
+                          "check of 4 objects and a few steps, promoted without the gate's "
+                          "mean-shape baseline floor")
     run.add_argument("--num-workers", type=int, default=2,
                      help="Ray Train workers per training stage (fractional CPUs each, so 2 fit on 2 cores)")
     run.add_argument("--resume", default=None, metavar="RUN_ID",
@@ -123,6 +126,12 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
                      help="promotion gate: largest acceptable Chamfer distance")
     run.add_argument("--gate-min-fscore", type=float, default=0.0,
                      help="promotion gate: smallest acceptable F-score")
+    run.add_argument("--gate-baseline", dest="gate_baseline",
+                     action=argparse.BooleanOptionalAction, default=None,
+                     help="promotion gate: the release must beat the constant mean-shape baseline "
+                          "on every gate metric of the held-out objects, even as the registry's "
+                          "first release (default: on, except --preset smoke, a plumbing check of "
+                          "4 objects and a few steps); --no-gate-baseline turns this floor off")
     run.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
     run.set_defaults(func=_cmd_pipeline_run)
     submit = pipe_sub.add_parser("submit", help="submit the compiled pipeline to Kubeflow Pipelines")

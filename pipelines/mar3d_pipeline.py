@@ -49,6 +49,7 @@ def mar3d_pipeline(
     model_name: str = "mar3d",
     gate_max_chamfer: float = 0.05,
     gate_min_fscore: float = 0.5,
+    gate_beat_baseline: bool = True,
     generate_input: str = "",
     ray_address: str = "",
     resume_run_id: str = "",
@@ -88,7 +89,7 @@ def mar3d_pipeline(
     promote_task = promote(vae_model=vae_model, lr_model=lr_model, hr_model=hr_model,
                            report=eval_task.outputs["report"],
                            model_name=model_name, gate_max_chamfer=gate_max_chamfer,
-                           gate_min_fscore=gate_min_fscore,
+                           gate_min_fscore=gate_min_fscore, gate_beat_baseline=gate_beat_baseline,
                            mlflow_tracking_uri=mlflow_tracking_uri, ray_address=ray_address,
                            workdir=workdir, **run)
     # Registering a model version is a side effect: never answer it from kfp's cache.

@@ -38,6 +38,14 @@ PRESET_OVERRIDES = {
                                      "log_every=10", "batch_size=1", "warmup_steps=5"]
               for stage, steps in (("vae", 60), ("lr", 30), ("hr", 30))},
 }
+# Pipeline parameters a preset sets besides its config files (run_local's and `pipeline
+# run`'s explicit flags win).
+#   smoke: a plumbing check (4 objects and a few steps), not a model that is expected to
+#          learn: the gate's mean-shape baseline floor is off (gate_beat_baseline=False).
+#          tiny and small keep it on: their release must beat the mean shape to be promoted.
+PRESET_PARAMETERS = {
+    "smoke": {"gate_beat_baseline": False},
+}
 # Training-length keys of TrainConfig that scale together with a budget.
 SCALED_KEYS = ("steps", "warmup_steps", "checkpoint_every", "eval_every")
 
@@ -94,7 +102,8 @@ def compile_pipeline(path: str | Path | None = None) -> Path:
 
 
 def preset_args(preset: str) -> dict:
-    """The pipeline arguments of a size preset: config files and their overrides."""
+    """The pipeline arguments of a size preset: config files, their overrides and the
+    preset's other pipeline parameters (:data:`PRESET_PARAMETERS`)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     from mar3d.config import preset_path
@@ -104,15 +113,20 @@ def preset_args(preset: str) -> dict:
     if preset == "small":
         for stage in ("vae", "lr", "hr"):
             args[f"{stage}_overrides"] = scaled_steps(args[f"{stage}_config"], SMALL_FACTOR)
+    args.update(PRESET_PARAMETERS.get(preset, {}))
     return args
 
 
 def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None = None,
               preset: str = "tiny", model_name: str = "mar3d", gate_max_chamfer: float = 1.0,
-              gate_min_fscore: float = 0.0, num_workers: int = 2,
-              extra: dict | None = None, ray_address: str = "", resume: str = "",
-              verbose: bool = False) -> LocalRunResult:
+              gate_min_fscore: float = 0.0, gate_beat_baseline: bool | None = None,
+              num_workers: int = 2, extra: dict | None = None, ray_address: str = "",
+              resume: str = "", verbose: bool = False) -> LocalRunResult:
     """Run the whole pipeline with kfp's local runner and return where its outputs are.
+
+    ``gate_beat_baseline``: whether promotion requires the release to beat the mean-shape
+    baseline on the gate's metrics; None = the preset's choice (on, except ``smoke``: a
+    plumbing check of 4 objects and a few steps, see :data:`PRESET_PARAMETERS`).
 
     ``ray_address`` empty: every step runs here (local Ray for the heavy ones). Set to a
     Ray cluster's Jobs API (``http://HOST:8265``): kfp still orchestrates from here, and
@@ -140,6 +154,8 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
     workdir.mkdir(parents=True, exist_ok=True)
     mlflow_uri = mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     args = preset_args(preset)
+    if gate_beat_baseline is not None:
+        args["gate_beat_baseline"] = bool(gate_beat_baseline)
     args.update(extra or {})
     if ray_address:
         _check_jobs_api(ray_address)

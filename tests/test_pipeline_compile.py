@@ -36,6 +36,7 @@ EXPECTED_PARAMETERS = {
     "num_workers": "NUMBER_INTEGER", "use_gpu": "BOOLEAN",
     "mlflow_tracking_uri": "STRING", "model_name": "STRING",
     "gate_max_chamfer": "NUMBER_DOUBLE", "gate_min_fscore": "NUMBER_DOUBLE",
+    "gate_beat_baseline": "BOOLEAN",
     "generate_input": "STRING", "ray_address": "STRING", "resume_run_id": "STRING",
     "feature_cache": "BOOLEAN",
 }
@@ -99,6 +100,15 @@ def test_every_step_partitions_outputs_by_pipeline_job(ir):
 
 def test_promote_is_never_cached(ir):
     assert ir["root"]["dag"]["tasks"]["promote"]["cachingOptions"] == {}
+
+
+def test_promote_gets_the_baseline_floor_on_by_default(ir):
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert params["gate_beat_baseline"]["defaultValue"] is True
+    promote = ir["root"]["dag"]["tasks"]["promote"]["inputs"]["parameters"]
+    assert promote["gate_beat_baseline"] == {"componentInputParameter": "gate_beat_baseline"}
+    script = "\n".join(ir["deploymentSpec"]["executors"]["exec-promote"]["container"]["command"])
+    assert "gate.beat_baseline=" in script
 
 
 def test_executors_use_the_mar3d_image_and_install_nothing(ir):
@@ -234,3 +244,34 @@ def test_presets_scale_training_and_keep_the_same_models():
         assert "batch_size=1" in smoke[f"{stage}_overrides"]
     with pytest.raises(ValueError, match="unknown preset"):
         preset_args("huge")
+
+
+def test_smoke_preset_turns_the_baseline_floor_off_and_flags_win(monkeypatch, tmp_path):
+    """smoke is a plumbing check (4 objects and a few steps): promoted without the gate's
+    mean-shape floor; tiny and small keep the pipeline's default (on)."""
+    from pipelines import cli, orchestrate
+    from mar3d.config import load_config
+    from mar3d.registry import PromoteConfig
+
+    assert orchestrate.preset_args("smoke")["gate_beat_baseline"] is False
+    assert "gate_beat_baseline" not in orchestrate.preset_args("tiny")
+    assert "gate_beat_baseline" not in orchestrate.preset_args("small")
+    # What the promote component passes for either value loads as PromoteConfig.
+    for value, expected in (("false", False), ("true", True)):
+        assert load_config(PromoteConfig, None, [f"gate.beat_baseline={value}"]).gate.beat_baseline is expected
+
+    seen = []
+
+    class Done:
+        def summary(self):
+            return "done"
+
+        def to_dict(self):
+            return {}
+
+    monkeypatch.setattr(orchestrate, "run_local", lambda *a, **kw: seen.append(kw) or Done())
+    base = ["pipeline", "run", "--local", "--dataset", str(tmp_path), "--workdir", str(tmp_path / "w")]
+    for flags, expected in (([], None), (["--no-gate-baseline"], False),
+                            (["--preset", "smoke", "--gate-baseline"], True)):
+        assert cli.main([*base, *flags]) == 0
+        assert seen[-1]["gate_beat_baseline"] is expected, flags
