@@ -18,6 +18,10 @@ with the original mesh:
 * **vol / near agree**: label agreement on the stored uniform and near-surface points
   with the generalized winding number of the original (> 1/2 inside; libigl), with the
   near-surface agreement also per noise scale (sigma 0.005 / 0.02 by default);
+* **snap+closed** is the data job's default: "snap", except that a mesh which already
+  bounds a solid (``watertight.closed_input``: closed, consistently wound, no crossing or
+  nested parts) is sampled and labelled as it is, without the grid; the "snap" and
+  "offset" rows grid every mesh;
 * **s/mesh**: wall seconds of ``sample_geometry`` per mesh (watertight + surface
   pyramid + occupancy labels; loading and rendering are the same for every method), one
   process; **CPU s/mesh**: the process's CPU seconds for the same work (all its threads),
@@ -31,6 +35,7 @@ Prints one markdown table per resolution and, with ``--json``, every per-mesh nu
 
     python benchmarks/data_fidelity.py                               # 10 YCB objects, 128 + 256
     python benchmarks/data_fidelity.py --resolutions 128 --methods snap --objects 025_mug 024_bowl
+    python benchmarks/data_fidelity.py --resolutions 128 --synth 17   # + one corpus object per category
 """
 from __future__ import annotations
 
@@ -52,6 +57,13 @@ DEFAULT_OBJECTS = ("003_cracker_box", "011_banana", "024_bowl", "025_mug", "029_
                    "035_power_drill", "037_scissors", "048_hammer", "059_chain",
                    "072-a_toy_airplane")
 COLUMNS = ("cd", "nc", "missed", "vol_agree", "near_agree", "seconds")
+REUSE = "snap+closed"  # DataConfig.watertight_reuse_closed on; the plain methods run with it off
+
+
+def method_overrides(method: str) -> list[str]:
+    if method == REUSE:
+        return ["watertight_method=snap", "watertight_reuse_closed=true"]
+    return [f"watertight_method={method}", "watertight_reuse_closed=false"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,14 +78,37 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="YCB object folders to measure (default: 10 varied objects)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[128, 256],
                    help="watertight grid resolutions; one table each")
-    p.add_argument("--methods", nargs="+", default=list(WATERTIGHT_METHODS),
-                   choices=WATERTIGHT_METHODS, help="watertight methods (rows of each table)")
+    p.add_argument("--methods", nargs="+", default=[*WATERTIGHT_METHODS, REUSE],
+                   choices=[*WATERTIGHT_METHODS, REUSE],
+                   help=f"watertight methods (rows of each table); {REUSE!r} = snap, but a mesh that "
+                        "already bounds a solid is used as it is (the data job's default)")
     p.add_argument("--miss-distance", type=float, default=0.02,
                    help="an original surface point farther than this from surface_0 is missed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="other DataConfig fields, e.g. --set num_near=65536")
+    p.add_argument("--synth", type=int, default=0, metavar="N",
+                   help="also measure the first N objects of the procedural corpus (`mar3d data "
+                        "synth`, seed 0: one per category in turn; CAD-like flat extremes)")
     p.add_argument("--json", type=Path, help="write every per-mesh number here")
     return p.parse_args(argv)
+
+
+def synth_objects(count: int) -> tuple[list[str], list[Path]]:
+    """The first ``count`` corpus objects, written to a temporary folder."""
+    import tempfile
+
+    from mar3d.data.synth import SynthConfig, make_object
+
+    folder = Path(tempfile.mkdtemp(prefix="mar3d-fidelity-synth-"))
+    cfg = SynthConfig(num_objects=count)
+    names, paths = [], []
+    for index in range(count):
+        glb, record = make_object(index, cfg, [])
+        path = folder / f"{record['uid']}.glb"
+        path.write_bytes(glb)
+        names.append(f"synth-{record['categories'][0]}-{index}")
+        paths.append(path)
+    return names, paths
 
 
 def original_mesh(path: Path):
@@ -173,12 +208,16 @@ def main(argv=None) -> dict:
     from mar3d.logs import progress_bar
     from mar3d.metrics import sample_surface
 
-    paths = [args.ycb / name / "textured.obj" for name in args.objects]
+    names = list(args.objects)
+    paths = [args.ycb / name / "textured.obj" for name in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         sys.exit(f"error: no mesh at {', '.join(missing)} (set --ycb or MAR3D_YCB)")
+    if args.synth:
+        synth_names, synth_paths = synth_objects(args.synth)
+        names, paths = names + synth_names, paths + synth_paths
     configs = {(r, m): load_config(DataConfig, None, [*args.set, f"watertight_resolution={r}",
-                                                      f"watertight_method={m}"])
+                                                      *method_overrides(m)])
                for r in args.resolutions for m in args.methods}
     for cfg in configs.values():
         cfg.validate()
@@ -186,7 +225,7 @@ def main(argv=None) -> dict:
     per_mesh: dict = {f"{r}/{m}": {} for r, m in configs}
     floors = []
     bar = progress_bar(len(paths) * len(configs), "data fidelity", "run")
-    for name, path in zip(args.objects, paths):
+    for name, path in zip(names, paths):
         loaded, original, sha256 = original_mesh(path)
         # --set applies to every config, so all share one surface_0 size and one GT sample.
         gt = sample_surface(original, next(iter(configs.values())).surface_sizes[0], seed=1)
@@ -195,13 +234,17 @@ def main(argv=None) -> dict:
             per_mesh[f"{r}/{m}"][name] = measure(loaded, original, gt, sha256, cfg, args.miss_distance)
             bar.update(1)
     bar.close()
-    baseline = (mean_of(list(per_mesh["128/offset"].values()))["cpu_seconds"]
-                if "128/offset" in per_mesh else None)
-    for r in args.resolutions:
-        results = {m: list(per_mesh[f"{r}/{m}"].values()) for m in args.methods}
-        print(format_table(r, results, floors, sigmas, baseline) + "\n")
-    report = {"objects": args.objects, "per_mesh": per_mesh,
-              "floor": dict(zip(args.objects, floors))}
+    floor_of = dict(zip(names, floors))
+    sets = {"YCB scans": list(args.objects), "procedural corpus": names[len(args.objects):]}
+    for title, members in sets.items():
+        if not members:
+            continue
+        base_rows = [per_mesh["128/offset"][n] for n in members] if "128/offset" in per_mesh else None
+        baseline = mean_of(base_rows)["cpu_seconds"] if base_rows else None
+        for r in args.resolutions:
+            results = {m: [per_mesh[f"{r}/{m}"][n] for n in members] for m in args.methods}
+            print(f"{title}: " + format_table(r, results, [floor_of[n] for n in members], sigmas, baseline) + "\n")
+    report = {"objects": names, "per_mesh": per_mesh, "floor": floor_of}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return report

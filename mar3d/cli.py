@@ -56,9 +56,24 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(DataConfig, args.config, args.overrides)
     if args.num_workers is not None:
         cfg.num_workers = args.num_workers
-        cfg.validate()
+    _apply_selection_flags(cfg, args)
+    cfg.validate()
     result = prepare_dataset(args.input, args.output, cfg, progress=not args.no_progress)
     return _report_job(args, result, result.num_errors)
+
+
+def _apply_selection_flags(cfg, args: argparse.Namespace) -> None:
+    """--categories / --uids / --limit into the DataConfig's select_* fields (where a
+    pipeline sets them with --set); the uid file as an absolute path, so the manifest's
+    config says which file it was."""
+    if args.categories is not None:
+        cfg.select_categories = tuple(c.strip() for c in args.categories.split(",") if c.strip())
+    if args.uids is not None:
+        from mar3d import storage
+
+        cfg.select_uids_file = args.uids if storage.is_remote(args.uids) else str(Path(args.uids).absolute())
+    if args.limit is not None:
+        cfg.select_limit = args.limit
 
 
 def _report_job(args: argparse.Namespace, result, failed: int) -> int:
@@ -67,6 +82,27 @@ def _report_job(args: argparse.Namespace, result, failed: int) -> int:
     print(result.summary())
     write_result(args, result.to_dict())
     return 3 if args.fail_on_errors and failed else 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from mar3d.data.synth import SynthConfig, synthesize
+
+    cfg = load_config(SynthConfig, args.config, args.overrides)
+    for name, value in (("num_objects", args.num), ("seed", args.seed), ("photo_dir", args.photo_dir),
+                        ("workers", args.workers)):
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.categories is not None:
+        cfg.categories = tuple(c.strip() for c in args.categories.split(",") if c.strip())
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"mar3d data synth: {e}") from None
+    result = synthesize(args.output, cfg, progress=not args.no_progress)
+    print(result.summary())
+    write_result(args, {"output": result.output, "num_objects": result.num_objects,
+                        "categories": result.categories, "seconds": result.seconds})
+    return 0
 
 
 def _cmd_data_cache(args: argparse.Namespace) -> int:
@@ -218,6 +254,7 @@ def _config_classes() -> dict[str, tuple[str, str]]:
     # does not break `config show` for the others.
     return {
         "data": ("mar3d.data.config", "DataConfig"),
+        "synth": ("mar3d.data.synth", "SynthConfig"),
         "vae": ("mar3d.models.vae", "VAEConfig"),
         "mar": ("mar3d.models.mar", "MARConfig"),
         "condition": ("mar3d.models.condition", "ConditionConfig"),
@@ -262,17 +299,62 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
         epilog="Input formats: GLB/GLTF/OBJ(+MTL, textures)/PLY/STL, found recursively in DIR,\n"
                "or listed in a manifest (.json list, .jsonl with a 'path' key, .csv with a\n"
                "'path' column, or .txt one path per line; relative paths resolve against the\n"
-               "manifest's folder and may not escape it).")
-    prep.add_argument("--input", required=True, help="directory of meshes or a manifest file")
+               "manifest's folder and may not escape it).\n"
+               "Objaverse: an Objaverse 1.0 tree (its folder or its object-paths.json[.gz]; with\n"
+               "lvis-annotations.json.gz and metadata/*.json.gz when present), or an Objaverse-XL\n"
+               "table (.parquet, or .csv with fileIdentifier, sha256, source, license and\n"
+               "local_path, the file relative to the table's folder). Their rows keep source_uid,\n"
+               "category, name, license and source; --categories/--uids/--limit select from them:\n"
+               "  mar3d data prepare --input ~/.objaverse/hf-objaverse-v1 --output outputs/data \\\n"
+               "      --categories chair,table --limit 200")
+    prep.add_argument("--input", required=True,
+                      help="directory of meshes, a manifest file, an Objaverse tree or an Objaverse-XL table")
     prep.add_argument("--output", required=True, help="output directory (shards, manifest.json, errors.parquet)")
     prep.add_argument("--num-workers", type=int, default=None,
                       help="parallel Ray tasks (default: config num_workers)")
     prep.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     prep.add_argument("--fail-on-errors", action="store_true",
                       help="exit with status 3 if any input mesh was rejected")
+    prep.add_argument("--categories", default=None, metavar="A,B",
+                      help="Objaverse tree: only objects of these LVIS categories (comma-separated; "
+                           "config select_categories)")
+    prep.add_argument("--uids", default=None, metavar="FILE",
+                      help="only these source uids (Objaverse uids or XL fileIdentifiers), one per "
+                           "line; a uid the input lacks becomes a not_found error row (config select_uids_file)")
+    prep.add_argument("--limit", type=int, default=None, metavar="N",
+                      help="at most N objects: the first N selected uids in sorted order (config select_limit)")
     _add_config_args(prep)
     prep.set_defaults(func=_cmd_data_prepare)
     _add_data_cache_command(data_sub)
+    _add_data_synth_command(data_sub)
+
+
+def _add_data_synth_command(data_sub: argparse._SubParsersAction) -> None:
+    from mar3d.data.synth import CATEGORIES
+
+    synth = data_sub.add_parser(
+        "synth", help="write a procedural corpus of textured objects in the Objaverse 1.0 layout",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Make NUM textured, watertight everyday objects (lathe bodies, extrusions, "
+                    "compositions) with random proportions, colours and image textures, and "
+                    "write them as OUTPUT/glbs/000-NNN/<uid>.glb with object-paths.json.gz, "
+                    "lvis-annotations.json.gz (category -> uids) and metadata/000-NNN.json.gz, "
+                    "the layout `mar3d data prepare --input OUTPUT` reads. Object i of a seed is "
+                    "the same file on every run, so a larger --num grows a corpus without "
+                    "changing what it had.",
+        epilog="Categories (family):\n  " + "\n  ".join(
+            f"{name} ({family})" for name, (family, _) in sorted(CATEGORIES.items())))
+    synth.add_argument("--output", required=True, help="folder to write the corpus to")
+    synth.add_argument("--num", type=int, default=None, help="number of objects (default: config num_objects, 1000)")
+    synth.add_argument("--seed", type=int, default=None, help="corpus seed (default: config seed, 0)")
+    synth.add_argument("--categories", default=None,
+                       help="comma-separated categories to make (default: all); objects cycle through them")
+    synth.add_argument("--photo-dir", default=None,
+                       help="folder of PNG/JPG images to cut photo textures from (e.g. scan texture maps)")
+    synth.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
+    synth.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    _add_config_args(synth)
+    synth.set_defaults(func=_cmd_data_synth)
 
 
 def _add_data_cache_command(data_sub: argparse._SubParsersAction) -> None:

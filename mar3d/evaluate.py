@@ -106,6 +106,9 @@ FAILED_SCORES = {"chamfer": None, "f_score": 0.0, "precision": 0.0, "recall": 0.
                  "normal_consistency": 0.0, "iou": 0.0}
 _SHARD_COLUMNS = ["uid", "surface_0", "vol_points", "vol_labels", "images",
                   "cam_world_to_cam", "cam_intrinsics"]
+# Labels carried into the per-object records, so scores can be joined back to Objaverse
+# uids and compared by category (null for datasets without them).
+_RECORD_LABELS = ("source_uid", "category")
 
 
 @dataclass
@@ -270,18 +273,20 @@ class EvalRows:
     def get(self, index: int, view: int) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
-        from mar3d.data.schema import column_to_numpy
+        from mar3d.data.schema import column_to_numpy, label_columns
 
         path, group = self.reader.index[index]
         if path not in self._files:
             self._files[path] = pq.ParquetFile(path)
         levels = [f"surface_{k}" for k in range(1, len(self.reader.surface_sizes))]
-        table = self._files[path].read_row_group(group, columns=_SHARD_COLUMNS + levels)
-        row = {"uid": table.column("uid")[0].as_py()}
-        for name in table.column_names[1:]:
-            row[name] = column_to_numpy(table.column(name))[0]
+        tensors = _SHARD_COLUMNS[1:] + levels
+        present = label_columns(self._files[path].schema_arrow, _RECORD_LABELS)  # older shards: none
+        table = self._files[path].read_row_group(group, columns=["uid", *tensors, *present])
+        row = {name: column_to_numpy(table.column(name))[0] for name in tensors}
+        labels = {name: table.column(name)[0].as_py() for name in present}
         # np.array copies: slices of Arrow buffers are read-only, torch wants writable memory.
-        return {"uid": row["uid"], "surface": row["surface_0"], "vol_points": row["vol_points"],
+        return {"uid": table.column("uid")[0].as_py(), **{k: labels.get(k) for k in _RECORD_LABELS},
+                "surface": row["surface_0"], "vol_points": row["vol_points"],
                 "vol_labels": row["vol_labels"], "image": np.array(row["images"][view]),
                 "world_to_cam": row["cam_world_to_cam"][view], "intrinsics": row["cam_intrinsics"][view],
                 "surfaces": [row["surface_0"]] + [row[name] for name in levels]}
@@ -310,7 +315,8 @@ def evaluate_object(pipe: MAR3DPipeline, row: dict[str, Any], cfg: EvalConfig,
                     index: int = 0) -> tuple[dict[str, Any], Any]:
     """Generate and score one object; returns (per-object record, mesh or None)."""
     record: dict[str, Any] = {
-        "index": index, "uid": row["uid"], "view": None, "level": "", "seconds": 0.0,
+        "index": index, "uid": row["uid"], **{k: row.get(k) for k in _RECORD_LABELS},
+        "view": None, "level": "", "seconds": 0.0,
         "sample_seconds": 0.0, "decode_seconds": 0.0, "num_vertices": 0, "num_faces": 0,
         **{k: None for k in SCORE_KEYS}, "status": "ok", "error": ""}
     if not cfg.with_iou:
@@ -428,6 +434,44 @@ def following_metrics(matrix: np.ndarray, predictions: list[np.ndarray | None],
         diversity = float(generated / spread) if spread > 0 else None
     return {"retrieval_hits": float(hits), "retrieval_top1": hits / n if n else 0.0,
             "retrieval_chance": 1.0 / n if n else 0.0, "diversity_ratio": diversity}
+
+
+def category_hits(matrix: np.ndarray, categories: list[str | None], members: Any = None) -> int:
+    """How many of ``members`` (default: all rows of the square prediction x truth Chamfer
+    matrix) have a nearest ground truth of their own category (a failed prediction misses)."""
+    members = range(len(categories)) if members is None else members
+    return sum(bool(np.isfinite(matrix[i]).any()) and categories[int(np.argmin(matrix[i]))] == categories[i]
+               for i in members)
+
+
+def category_following(matrix: np.ndarray, categories: list[str | None]) -> dict[str, float]:
+    """Category accuracy: the share of objects whose nearest ground truth of the group has
+    the object's own category; ``category_chance`` is what nearest ground truths drawn at
+    random would score. Empty when some object has no category (a dataset without labels)."""
+    n = len(categories)
+    if n == 0 or any(c is None for c in categories):
+        return {}
+    hits = category_hits(matrix, categories)
+    shares = np.unique(np.asarray(categories, dtype=object), return_counts=True)[1] / n
+    return {"category_hits": float(hits), "category_accuracy": hits / n,
+            "category_chance": float((shares ** 2).sum())}
+
+
+def per_category(categories: list[str], scored: dict[str, tuple[np.ndarray, list[dict[str, Any]]]]
+                 ) -> list[dict[str, Any]]:
+    """One row per category of a group: objects, then for each scored model (``scored``:
+    column prefix -> (Chamfer matrix, per-object records)) its mean F-score, Chamfer and
+    category accuracy over the category's objects."""
+    rows = []
+    for category in sorted(set(categories)):
+        members = [i for i, c in enumerate(categories) if c == category]
+        row: dict[str, Any] = {"category": category, "objects": len(members)}
+        for prefix, (matrix, records) in scored.items():
+            means = aggregate([records[i] for i in members])
+            row.update({f"{prefix}f_score": means["f_score"], f"{prefix}chamfer": means["chamfer"],
+                        f"{prefix}category_accuracy": category_hits(matrix, categories, members) / len(members)})
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- baseline
@@ -723,7 +767,9 @@ def _evaluate_group(ctx: _GroupScoring, group, dataset) -> _GroupOutcome:
               for r in group_rows]
     scored = _score_group(ctx.pipe, group, group_rows, cfg, ctx.bar, "candidate")
     matrix = cross_chamfer(scored.points, truths)
-    candidate = {**aggregate(scored.records), **following_metrics(matrix, scored.points, truths)}
+    categories = [r.get("category") for r in group_rows]
+    candidate = {**aggregate(scored.records), **following_metrics(matrix, scored.points, truths),
+                 **category_following(matrix, categories)}
     nearest = [group.uids[int(np.argmin(r))] if np.isfinite(r).any() else None for r in matrix]
     for record, near in zip(scored.records, nearest):
         record["nearest_gt"] = near
@@ -737,8 +783,15 @@ def _evaluate_group(ctx: _GroupScoring, group, dataset) -> _GroupOutcome:
         constant = [strided(ctx.baseline.points, cfg.retrieval_points)] * len(truths)
         base_matrix = cross_chamfer(constant, truths)
         doc["baseline"] = {"uid": ctx.baseline.uid, "pool": ctx.baseline.pool,
-                           **aggregate(base_rows), **following_metrics(base_matrix, constant, truths)}
+                           **aggregate(base_rows), **following_metrics(base_matrix, constant, truths),
+                           **category_following(base_matrix, categories)}
         doc["baseline"].pop("seconds_per_object", None)
+    if "category_accuracy" in candidate:
+        by_model = {"": (matrix, scored.records)}
+        if ctx.baseline is not None:
+            by_model["baseline_"] = (base_matrix, base_rows)
+        doc["per_category"] = per_category(categories, by_model)
+        _write_rows(output / f"per_category_{group.name}.csv", doc["per_category"])
     if ctx.champion_pipe is not None:
         champ = _score_group(ctx.champion_pipe, group, group_rows, cfg, ctx.bar, "champion")
         champ_matrix = cross_chamfer(champ.points, truths)
@@ -781,7 +834,9 @@ def _group_contact_sheet(ctx: _GroupScoring, group, group_rows, scored, nearest,
     title = (f"{group.name} ({GROUP_DESCRIPTIONS[group.name]}), view {group.view}: "
              f"F {candidate['f_score']:.3f} vs mean-shape {baseline.get('f_score', float('nan')):.3f}, "
              f"retrieval {int(candidate['retrieval_hits'])}/{len(group.indices)}, "
-             f"diversity {candidate['diversity_ratio'] or 0:.2f}")
+             f"diversity {candidate['diversity_ratio'] or 0:.2f}"
+             + (f", category accuracy {candidate['category_accuracy']:.2f}"
+                if "category_accuracy" in candidate else ""))
     path = ctx.output / SHEET_DIR / f"{group.name}.png"
     Image.fromarray(contact_sheet(sheet_rows, title=title, columns=2)).save(path)
     return path
@@ -803,7 +858,8 @@ def _log_evaluation(tracking_uri: str, run_id: str, output: Path, metrics: dict[
         columns = list(dict.fromkeys(k for r in per_object for k in r))
         client.log_table(run_id, data={k: [_json_safe(r.get(k)) for r in per_object] for k in columns},
                          artifact_file="per_object_table.json")
-    for path in [output / REPORT_FILE, output / TABLE_FILE, *output.glob("chamfer_*.csv")]:
+    for path in [output / REPORT_FILE, output / TABLE_FILE, *output.glob("chamfer_*.csv"),
+                 *output.glob("per_category_*.csv")]:
         client.log_artifact(run_id, str(path))
     for folder in (PREVIEW_DIR, SHEET_DIR):
         if any((output / folder).iterdir()):
@@ -839,6 +895,13 @@ def _evaluate_to_remote(model, dataset, output: str, cfg, tracking_uri, release_
     return result
 
 
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _write_matrix(path: Path, uids: list[str], matrix: np.ndarray) -> None:
     """Rows: generated mesh of each object; columns: ground truths; +inf for a failure."""
     with open(path, "w", newline="") as f:
@@ -850,6 +913,7 @@ def _write_matrix(path: Path, uids: list[str], matrix: np.ndarray) -> None:
 
 TABLE_METRICS = (("f_score", "F-score@{t} ↑"), ("chamfer", "Chamfer ↓"), ("normal_consistency", "normal cons. ↑"),
                  ("iou", "volume IoU ↑"), ("retrieval_top1", "top-1 retrieval ↑"),
+                 ("category_accuracy", "category accuracy ↑"),
                  ("diversity_ratio", "diversity ratio"), ("vae_iou", "VAE recon. IoU (ceiling)"))
 
 

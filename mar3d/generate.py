@@ -11,7 +11,8 @@ Inputs (see :func:`list_inputs`):
   column (encoded image bytes, or a Hugging Face ``{bytes, path}`` struct) and an
   optional ``id`` column; default id ``<file stem>-<row>``;
 - a mar3d shard dataset (``manifest.json`` + ``shards/``): item ``<uid>_v<view>`` is one
-  stored condition view (``view_index``, or every view with ``all_views``);
+  stored condition view (``view_index``, or every view with ``all_views``); its result row
+  keeps the object's ``source_uid`` and ``category`` where the shards have them;
 - a single image file.
 
 Ids are made safe as file names (characters outside ``[A-Za-z0-9._-]`` -> ``_``, folders
@@ -91,6 +92,8 @@ DETERMINISTIC_REASONS = frozenset({"not_image", "invalid_image", "missing_image"
 RESULTS_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("input", pa.string()),            # path, or path#row=N (Parquet), or path#uid=U&view=V
+    ("source_uid", pa.string()),       # shard inputs: the Objaverse uid / XL fileIdentifier, else null
+    ("category", pa.string()),         # shard inputs: the object's LVIS category, else null
     ("status", pa.string()),           # "ok" | "error"
     ("reason", pa.string()),           # null when ok; a short code otherwise (see module doc)
     ("error", pa.string()),            # human-readable message; null when ok
@@ -110,8 +113,11 @@ RESULTS_SCHEMA = pa.schema([
     ("finished_at", pa.string()),      # UTC ISO time
 ])
 
+# Labels of a shard row that its results keep (see RESULTS_SCHEMA).
+ITEM_LABELS = ("source_uid", "category")
 # Item fields passed through Ray (plain strings and ints: cheap to ship, no pixels).
-ITEM_FIELDS = ("id", "kind", "source", "row", "view", "column", "input", "fingerprint", "seed")
+ITEM_FIELDS = ("id", "kind", "source", "row", "view", "column", "input", "fingerprint", "seed",
+               *ITEM_LABELS)
 
 
 @dataclass
@@ -217,9 +223,10 @@ def _fingerprint(path: Path, *extra: int) -> str:
 
 
 def _item(raw_id: str, kind: str, source: Path, input_desc: str, fingerprint: str,
-          row: int = -1, view: int = -1, column: str = "") -> dict:
+          row: int = -1, view: int = -1, column: str = "", labels: dict | None = None) -> dict:
     return {"raw_id": raw_id, "kind": kind, "source": str(source), "row": row, "view": view,
-            "column": column, "input": input_desc, "fingerprint": fingerprint}
+            "column": column, "input": input_desc, "fingerprint": fingerprint,
+            **{k: (labels or {}).get(k) for k in ITEM_LABELS}}
 
 
 def _image_column(schema: pa.Schema, path: Path) -> str:
@@ -253,6 +260,7 @@ def _list_parquet(files: list[Path], root: Path) -> list[dict]:
 
 def _list_shards(root: Path, cfg: BatchGenerateConfig) -> list[dict]:
     from mar3d.data.prepare import complete_shards, load_manifest
+    from mar3d.data.schema import label_columns
 
     manifest = load_manifest(root)
     num_views = int(manifest["config"]["render_views"])
@@ -262,11 +270,14 @@ def _list_shards(root: Path, cfg: BatchGenerateConfig) -> list[dict]:
     items = []
     for entry in complete_shards(root, manifest, verify=False):
         path = root / entry["file"]
-        uids = pq.read_table(path, columns=["uid"]).column("uid").to_pylist()
-        for row, uid in enumerate(uids):  # shards hold one row per row group
+        present = label_columns(pq.read_schema(path), ITEM_LABELS)  # older shards: none
+        rows = pq.read_table(path, columns=["uid", *present]).to_pylist()
+        for row, labels in enumerate(rows):  # shards hold one row per row group
+            uid = labels["uid"]
             for v in views:
                 items.append(_item(f"{uid}_v{v}", "shard", path, f"{path}#uid={uid}&view={v}",
-                                   _fingerprint(path, row, v), row=row, view=v, column="images"))
+                                   _fingerprint(path, row, v), row=row, view=v, column="images",
+                                   labels=labels))
     return items
 
 
@@ -346,7 +357,7 @@ def _result_row(item: dict, status: str, *, reason: str | None = None, error: st
                 "input": item["input"], "status": status, "reason": reason, "error": error,
                 "seed": item["seed"] if item.get("seed", -1) >= 0 else None, "outputs": list(outputs),
                 "model": model, "worker": worker, "fingerprint": item["fingerprint"],
-                "finished_at": _now()})
+                "finished_at": _now(), **{k: item.get(k) for k in ITEM_LABELS}})
     row.update(extra)
     return row
 
@@ -607,8 +618,10 @@ def read_results(output: str | Path) -> pa.Table:
     path = storage.join(output, RESULTS)
     if not storage.is_file(path):
         return RESULTS_SCHEMA.empty_table()
+    from mar3d.data.schema import conform
+
     with storage.open_input(path) as f:
-        return pq.read_table(f).cast(RESULTS_SCHEMA)
+        return conform(pq.read_table(f), RESULTS_SCHEMA)  # older tables lack the label columns
 
 
 def _write_results(output: Path | str, rows: dict[str, dict]) -> None:

@@ -10,7 +10,7 @@ from mar3d.config import ConfigError, load_config
 from mar3d.data.render import intrinsics_matrix, look_at
 from mar3d.evaluate import (EvalConfig, aggregate, assemble_release_dir, cross_chamfer, pairwise_chamfer,
                             dataset_fingerprint, evaluate, evaluate_components, evaluation_table,
-                            following_metrics, occupancy_iou)
+                            category_following, following_metrics, occupancy_iou, per_category)
 from mar3d.inference import GenerateConfig
 from mar3d.preview import (comparison_preview, mesh_normals, render_mesh_normal_map,
                            render_points_normal_map, splat_normals)
@@ -128,6 +128,30 @@ def test_retrieval_and_diversity_tell_a_conditioned_model_from_a_constant_one():
     assert w["retrieval_hits"] == 0 and w["diversity_ratio"] > 0.5
     failed = following_metrics(cross_chamfer([None] + faithful[1:], truths), [None] + faithful[1:], truths)
     assert failed["retrieval_hits"] == n - 1  # a failure is a miss, never skipped
+
+
+def test_category_accuracy_counts_nearest_ground_truths_of_the_own_category():
+    truths = _shapes()  # 5 shapes: two "cup", two "box", one "ball"
+    categories = ["cup", "cup", "box", "box", "ball"]
+    n = len(truths)
+    near_a_sibling = [truths[[1, 0, 3, 2, 4][i]] + 0.01 for i in range(n)]  # wrong object, right category
+    m = category_following(cross_chamfer(near_a_sibling, truths), categories)
+    assert m["category_hits"] == n and m["category_accuracy"] == 1.0
+    assert following_metrics(cross_chamfer(near_a_sibling, truths), near_a_sibling, truths)["retrieval_hits"] == 1
+    assert m["category_chance"] == pytest.approx((2 / 5) ** 2 * 2 + (1 / 5) ** 2)
+    constant = [truths[4]] * n  # a constant output scores its own category's share
+    assert category_following(cross_chamfer(constant, truths), categories)["category_accuracy"] == 1 / 5
+    failed = [None] + near_a_sibling[1:]
+    assert category_following(cross_chamfer(failed, truths), categories)["category_hits"] == n - 1
+    assert category_following(cross_chamfer(constant, truths), ["cup", None, "box", "box", "ball"]) == {}
+    records = [{"status": "ok", "chamfer": 0.1 * (i + 1), "f_score": 0.2 * i} for i in range(n)]
+    rows = per_category(categories, {"": (cross_chamfer(near_a_sibling, truths), records),
+                                     "baseline_": (cross_chamfer(constant, truths), records)})
+    assert [r["category"] for r in rows] == ["ball", "box", "cup"]
+    cup = rows[2]
+    assert cup["objects"] == 2 and cup["f_score"] == pytest.approx(0.1) and cup["chamfer"] == pytest.approx(0.15)
+    assert cup["category_accuracy"] == 1.0 and cup["baseline_category_accuracy"] == 0.0
+    assert rows[0]["baseline_category_accuracy"] == 1.0  # the constant is the ball
 
 
 def test_mean_shape_baseline_is_the_best_constant_prediction():

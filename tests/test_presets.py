@@ -18,6 +18,10 @@ one shared image encoder per release (issue 14): the seed random encoder weights
 from (0) and "" (build the encoder from the config); checked the same way, at any depth.
 ``GenerateConfig.kv_top_k`` / ``kv_block`` / ``kv_score_queries`` (adaptive KV selection,
 issue 14) were added later too, default off (exact decoding) in every preset.
+``DataConfig.watertight_reuse_closed`` (on in every preset): a mesh that already bounds a
+solid is sampled and labelled as it is instead of through the distance grid.
+``DataConfig.select_categories`` / ``select_uids_file`` / ``select_limit`` (choosing objects
+of an Objaverse tree or table) select everything in every preset.
 """
 from __future__ import annotations
 
@@ -69,8 +73,9 @@ def preset_values(key: str) -> dict:
 # (the behaviour that was kept).
 REMOVED = {"data_loader": "ray"}
 # Keys added to a config since -> the value every preset that has the key now loads.
-ADDED = {"watertight_method": "snap", "init_seed": 0, "condition_model_uri": "", "feature_cache": "",
-         "kv_top_k": None, "kv_block": 1024, "kv_score_queries": 32}
+ADDED = {"watertight_method": "snap", "watertight_reuse_closed": True, "init_seed": 0, "condition_model_uri": "", "feature_cache": "",
+         "kv_top_k": None, "kv_block": 1024, "kv_score_queries": 32,
+         "select_categories": [], "select_uids_file": None, "select_limit": None}
 
 
 def pop_added(loaded: dict, expected: dict) -> None:

@@ -39,6 +39,10 @@ class DataConfig:
     # "offset": the epsilon level set as is, every shape ~epsilon fat (CraftsMan / Dora /
     # Hunyuan3D-2.1 preprocessing). Measured in benchmarks/data_fidelity.py.
     watertight_method: str = "snap"
+    # With "snap": a mesh that already bounds a solid (every edge shared by two faces,
+    # consistent winding, no crossing or same-orientation nested parts; watertight.py's
+    # closed_input) is used as it is: exact labels, no grid. Off: every mesh is gridded.
+    watertight_reuse_closed: bool = True
 
     # --- surface point pyramid -----------------------------------------------------------
     # Level 0 is the finest; each level is sampled independently from the watertight mesh.
@@ -92,6 +96,16 @@ class DataConfig:
     # null = none): evaluation scores seen objects from this unseen view.
     split_holdout_view: int | None = -1
     split_salt: str = "mar3d-split-v1"
+
+    # --- input selection: Objaverse 1.0 trees and Objaverse-XL tables only ----------------
+    # (mar3d/data/sources.py). They live here so that a pipeline passes them as overrides.
+    # LVIS category names: objects in none of them are not selected. Empty: every object.
+    select_categories: tuple[str, ...] = ()
+    # A file (local or s3://) of source uids, one per line (Objaverse uids or XL
+    # fileIdentifiers); a listed uid the input lacks becomes a not_found error row.
+    select_uids_file: str | None = None
+    # At most this many objects: the first ones after sorting the selected uids.
+    select_limit: int | None = None
 
     # --- job layout ---------------------------------------------------------------------
     shard_size: int = 64
@@ -160,6 +174,10 @@ class DataConfig:
             raise ValueError(f"DataConfig.max_faces must be >= 1, got {self.max_faces}")
         if self.max_file_bytes < 1:
             raise ValueError(f"DataConfig.max_file_bytes must be >= 1, got {self.max_file_bytes}")
+        if self.select_limit is not None and self.select_limit < 1:
+            raise ValueError(f"DataConfig.select_limit must be >= 1 (or null for all), got {self.select_limit}")
+        if any(not str(c).strip() for c in self.select_categories):
+            raise ValueError(f"DataConfig.select_categories has an empty name: {self.select_categories}")
         if self.shard_size < 1:
             raise ValueError(f"DataConfig.shard_size must be >= 1, got {self.shard_size}")
         if self.num_workers < 1:

@@ -4,10 +4,12 @@ before loading (preflight.py) and after (mesh_io.py, watertight.py, prepare.py).
 from __future__ import annotations
 
 REASONS = {
-    "not_found": "the input path does not exist or is not a file",
+    "not_found": "the input path does not exist or is not a file, or a requested source uid "
+                 "is not listed by the Objaverse tree or table",
     "path_outside_root": "a manifest entry escapes the manifest's root directory",
     "invalid_path": "a manifest entry is not a usable path (NUL byte, name too long)",
     "unsupported_format": "the file suffix is not a supported mesh format",
+    "sha256_mismatch": "the file's sha256 differs from the one its Objaverse-XL table lists",
     "file_too_large": "the file is larger than DataConfig.max_file_bytes",
     "unreadable": "the mesh loader raised (truncated, corrupt or not a mesh file)",
     "empty": "no triangles after flattening the scene",

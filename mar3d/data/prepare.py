@@ -14,7 +14,13 @@ the shards itself, so that the layout is deterministic and completion is atomic:
   ``errors.parquet`` with the same content hash (unless ``cfg.retry_errors``);
 - every input ends up as a shard row or an errors row: the Ray task catches every
   exception into an error record, and discovery problems (missing files, manifest paths
-  escaping the manifest's root, duplicate content) become error rows too.
+  escaping the manifest's root, duplicate content, sha256 mismatches) become error rows too.
+
+Inputs (``find_inputs``): a folder of meshes, a manifest listing paths, an Objaverse 1.0
+tree or an Objaverse-XL annotations table (:mod:`mar3d.data.sources`, which also selects
+objects by ``DataConfig.select_*``). Rows of the Objaverse layouts keep their labels
+(``schema.LABEL_COLUMNS``: source uid, category, name, license, source); error rows keep
+the source uid.
 
 One job per output directory at a time: leftover ``.tmp`` files and shards that the
 manifest does not list are removed at start-up.
@@ -43,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import trimesh
 
 from .. import storage
 from ..config import from_dict, to_dict
@@ -51,9 +58,11 @@ from .errors import MeshError
 from .mesh_io import LoadedMesh, load_mesh, make_uid, sha256_file
 from .render import render_views
 from .sampling import sample_occupancy, sharp_edges, surface_pyramid
-from .schema import ERRORS_SCHEMA, rows_to_batch, shard_schema
+from .schema import ERRORS_SCHEMA, LABEL_COLUMNS, conform, row_labels, rows_to_batch, shard_schema
+from .sources import (Selection, SourceEntry, is_xl_table, object_paths_file, read_objaverse,
+                      read_xl_table)
 from ..ray_runtime import ensure_ray
-from .watertight import make_watertight
+from .watertight import closed_input, make_watertight
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +74,10 @@ MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".lst")
 
 # ----------------------------------------------------------------------------- per mesh
 def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None,
-                 source: str | None = None) -> dict:
+                 source: str | None = None, labels: dict | None = None) -> dict:
     """One dataset row (schema v1) for the mesh at ``path``; raises MeshError. ``source``
-    is where the mesh came from when ``path`` is a local copy (its uid and source_path)."""
+    is where the mesh came from when ``path`` is a local copy (its uid and source_path);
+    ``labels`` fill the label columns (null where absent)."""
     path = Path(path)
     source = source or str(path)
     mesh = load_mesh(path, cfg.max_faces, cfg.max_file_bytes, cfg.normalize_extent)
@@ -78,7 +88,7 @@ def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None,
                            cfg.render_fit_margin, cfg.render_ambient,
                            cfg.render_white_background, cfg.render_up_axis)
     row = {"uid": make_uid(sha256, source), "source_path": source, "source_sha256": sha256,
-           "transform": mesh.transform.astype(np.float32)}
+           "transform": mesh.transform.astype(np.float32), **row_labels(labels or {})}
     row.update(geometry)
     row.update({"images": renders.images, "cam_world_to_cam": renders.world_to_cam,
                 "cam_intrinsics": renders.intrinsics, "view_elev_azim": renders.elev_azim})
@@ -89,28 +99,43 @@ def sample_geometry(mesh: LoadedMesh, cfg: DataConfig, rng: np.random.Generator,
                     source: str = "mesh") -> dict:
     """The geometry columns of a row: the surface pyramid (``surface_{k}``) and the
     occupancy samples, all from the watertight version of the normalized ``mesh``."""
-    closed = make_watertight(mesh.vertices, mesh.faces, cfg.watertight_resolution,
-                             cfg.watertight_epsilon_voxels, cfg.normalize_extent,
-                             cfg.watertight_method)
-    if closed.method != cfg.watertight_method:
-        log.warning("%s: the snapped watertight mesh enclosed no volume; kept the epsilon-offset "
-                    "surface for this mesh", source)
+    surface, shaded, method = watertight_surface(mesh, cfg, source)
     sharp = sharp_edges(mesh.vertices, mesh.faces, cfg.sharp_edge_angle_deg) \
         if cfg.sharp_edge_fraction > 0 else None
     # Sharp edges of the input lie on a snapped surface already; the offset surface is a
     # voxel away from them.
-    project = closed.mesh if closed.method == "offset" else None
-    levels = surface_pyramid(closed.mesh, cfg.surface_sizes, rng, cfg.sharp_edge_fraction, sharp,
+    project = surface if method == "offset" else None
+    levels = surface_pyramid(shaded, cfg.surface_sizes, rng, cfg.sharp_edge_fraction, sharp,
                              project_sharp_to=project)
-    occupancy = sample_occupancy(closed.mesh, cfg.num_vol, cfg.num_near, cfg.vol_bound,
+    occupancy = sample_occupancy(surface, cfg.num_vol, cfg.num_near, cfg.vol_bound,
                                  cfg.near_sigmas, rng, cfg.inside_method)
     return {**{f"surface_{k}": level for k, level in enumerate(levels)}, **occupancy}
 
 
+def watertight_surface(mesh: LoadedMesh, cfg: DataConfig, source: str = "mesh"
+                       ) -> tuple[trimesh.Trimesh, trimesh.Trimesh, str]:
+    """(closed mesh to label against, the same surface to sample points and normals on,
+    the watertight method it stands for). A mesh that already bounds a solid
+    (``closed_input``) is its own closed surface under ``snap``, whose promise is geometry
+    on the input's surface, and skips the grid; its samples take normals smoothed within
+    ``sharp_edge_angle_deg`` (flat faces keep their own, curved tessellations read as
+    curved), where marching-cubes meshes interpolate the distance field's normals."""
+    if cfg.watertight_reuse_closed and cfg.watertight_method == "snap":
+        closed = closed_input(mesh.vertices, mesh.faces)
+        if closed is not None:
+            return closed, trimesh.graph.smooth_shade(closed, angle=np.radians(cfg.sharp_edge_angle_deg)), "snap"
+    result = make_watertight(mesh.vertices, mesh.faces, cfg.watertight_resolution,
+                             cfg.watertight_epsilon_voxels, cfg.normalize_extent, cfg.watertight_method)
+    if result.method != cfg.watertight_method:
+        log.warning("%s: the snapped watertight mesh enclosed no volume; kept the epsilon-offset "
+                    "surface for this mesh", source)
+    return result.mesh, result.mesh, result.method
+
+
 def error_record(source_path: str, reason: str, message: str, sha256: str | None = None,
-                 uid: str | None = None) -> dict:
+                 uid: str | None = None, source_uid: str | None = None) -> dict:
     return {"source_path": source_path, "source_sha256": sha256, "uid": uid,
-            "reason": reason, "message": message}
+            "reason": reason, "message": message, "source_uid": source_uid or None}
 
 
 def _serialize_batch(batch: pa.RecordBatch) -> bytes:
@@ -125,9 +150,10 @@ def _deserialize_batch(data: bytes) -> pa.RecordBatch:
         return reader.read_next_batch()
 
 
-def _process_item(item: dict, cfg_dict: dict) -> dict:
+def _process_item(item: dict, cfg_dict: dict, with_labels: bool = True) -> dict:
     """Ray task body: never raises; returns the row as Arrow IPC bytes, or an error."""
     cfg = from_dict(DataConfig, cfg_dict)
+    labels = row_labels(item)
     out = {"source_path": item["source_path"], "uid": item["uid"], "ok": False,
            "payload": b"", "reason": "", "message": "", "seconds": 0.0}
     start = time.perf_counter()
@@ -135,10 +161,11 @@ def _process_item(item: dict, cfg_dict: dict) -> dict:
         if storage.is_remote(item["source_path"]):
             with tempfile.TemporaryDirectory(prefix="mar3d-mesh-") as tmp:
                 local = fetch_mesh(item["source_path"], Path(tmp), cfg.max_file_bytes)
-                row = process_mesh(local, cfg, sha256=item["sha256"], source=item["source_path"])
+                row = process_mesh(local, cfg, sha256=item["sha256"], source=item["source_path"],
+                                   labels=labels)
         else:
-            row = process_mesh(item["source_path"], cfg, sha256=item["sha256"])
-        out["payload"] = _serialize_batch(rows_to_batch([row], shard_schema(cfg)))
+            row = process_mesh(item["source_path"], cfg, sha256=item["sha256"], labels=labels)
+        out["payload"] = _serialize_batch(rows_to_batch([row], shard_schema(cfg, with_labels)))
         out["ok"] = True
     except MeshError as e:
         out["reason"], out["message"] = e.reason_code, e.message
@@ -162,12 +189,19 @@ def _sha256_location(location: str) -> str:
 
 
 def _hash_item(item: dict) -> dict:
+    """Content hash and uid of one input; a hash other than the ``expected_sha256`` its
+    table promised (an empty one promises nothing) is a ``sha256_mismatch``."""
     path = item["source_path"]
     try:
         sha = _sha256_location(path)
-        return {**item, "sha256": sha, "uid": make_uid(sha, path), "reason": "", "message": ""}
     except OSError as e:
         return {**item, "sha256": "", "uid": "", "reason": "unreadable", "message": f"{type(e).__name__}: {e}"}
+    expected = item.get("expected_sha256") or ""
+    if expected and expected != sha:
+        # Recorded without the file's hash: a corrected table must make the file eligible again.
+        return {**item, "sha256": "", "uid": "", "reason": "sha256_mismatch",
+                "message": f"the file's sha256 is {sha}, its table lists {expected}"}
+    return {**item, "sha256": sha, "uid": make_uid(sha, path), "reason": "", "message": ""}
 
 
 # ------------------------------------------------------------------------------- inputs
@@ -175,26 +209,91 @@ def _is_mesh_file(path: Path) -> bool:
     return path.suffix.lower() in MESH_SUFFIXES
 
 
+@dataclass
+class Inputs:
+    """What discovery found: the mesh files to hash and process, the inputs that already
+    failed, and what the input layout says about each file."""
+    paths: list[str]                                          # sorted absolute paths (or URIs)
+    errors: list[dict] = field(default_factory=list)          # error records
+    labels: dict[str, dict] = field(default_factory=dict)     # path -> label columns
+    expected_sha256: dict[str, str] = field(default_factory=dict)  # path -> hash its table lists
+
+    def labels_of(self, path: str) -> dict:
+        return row_labels(self.labels.get(path, {}))
+
+
 def discover_inputs(source: str | Path) -> tuple[list[str], list[dict]]:
-    """(sorted absolute mesh paths, error records) for a directory or a manifest file;
-    an ``s3://`` prefix gives the sorted URIs of the mesh files under it."""
+    """(sorted absolute mesh paths, error records) of any input ``find_inputs`` takes."""
+    inputs = find_inputs(source)
+    return inputs.paths, inputs.errors
+
+
+def find_inputs(source: str | Path, selection: Selection = Selection()) -> Inputs:
+    """The inputs of a directory of meshes, a manifest file, an Objaverse 1.0 tree (its
+    root folder or its ``object-paths.json[.gz]``) or an Objaverse-XL table (``.parquet``,
+    or ``.csv`` with a ``fileIdentifier`` column); an ``s3://`` prefix gives the sorted
+    URIs of the mesh files under it. ``selection`` applies to the Objaverse layouts only:
+    the others have no source uids to select by, so it is refused there."""
     if storage.is_remote(source):
         if not storage.is_dir(source):
             raise FileNotFoundError(f"input {source} is not a prefix holding objects (manifest files "
                                     "are supported for local inputs; give the meshes' prefix)")
-        return [u for u in storage.list_files(source) if _is_mesh_file(Path(u))], []
+        _refuse_selection(selection, source, "an s3:// prefix of meshes")
+        return Inputs([u for u in storage.list_files(source) if _is_mesh_file(Path(u))])
     source = Path(source)
+    listing = object_paths_file(source)
+    if listing is not None:
+        return _entries_to_inputs(read_objaverse(listing, selection), listing)
     if source.is_dir():
-        found = set()
-        for dirpath, _, filenames in os.walk(source, followlinks=True):
-            for name in filenames:
-                p = Path(dirpath) / name
-                if _is_mesh_file(p):
-                    found.add(str(p.absolute()))
-        return sorted(found), []
+        _refuse_selection(selection, source, "a folder of meshes")
+        return Inputs(_walk_meshes(source))
+    if source.is_file() and is_xl_table(source):
+        return _entries_to_inputs(read_xl_table(source, selection), source)
     if source.is_file():
-        return _read_manifest(source)
+        _refuse_selection(selection, source, "a manifest of paths")
+        paths, errors = _read_manifest(source)
+        return Inputs(paths, errors)
     raise FileNotFoundError(f"input {source} is neither a directory nor a manifest file")
+
+
+def _refuse_selection(selection: Selection, source, kind: str) -> None:
+    if not selection.is_empty():
+        raise ValueError(f"input {source} is {kind}: selecting by category, uid list or limit "
+                         "needs an Objaverse 1.0 tree or an Objaverse-XL table")
+
+
+def _walk_meshes(root: Path) -> list[str]:
+    found = set()
+    for dirpath, _, filenames in os.walk(root, followlinks=True):
+        for name in filenames:
+            p = Path(dirpath) / name
+            if _is_mesh_file(p):
+                found.add(str(p.absolute()))
+    return sorted(found)
+
+
+def _entries_to_inputs(entries: list[SourceEntry], listing: Path) -> Inputs:
+    """Objaverse entries -> inputs: their files checked like manifest entries (inside the
+    listing's folder, existing, listed once); entries without a file are not_found rows."""
+    root = listing.parent.resolve()
+    inputs, found = Inputs([]), set()
+    for entry in entries:
+        if entry.path is None:
+            inputs.errors.append(error_record(
+                f"{listing}#{entry.source_uid}", "not_found",
+                f"{entry.source_uid!r} has no file in {listing.name} (not listed, or not downloaded)",
+                source_uid=entry.source_uid))
+            continue
+        resolved, error = _check_listed(entry.path, root, found, listing.name)
+        if error is not None:
+            inputs.errors.append({**error, "source_uid": entry.source_uid})
+            continue
+        found.add(resolved)
+        inputs.labels[resolved] = entry.labels
+        if entry.sha256:
+            inputs.expected_sha256[resolved] = entry.sha256
+    inputs.paths = sorted(found)
+    return inputs
 
 
 def _manifest_entries(path: Path) -> list[str]:
@@ -235,25 +334,33 @@ def _read_manifest(path: Path) -> tuple[list[str], list[dict]]:
     root = path.parent.resolve()
     found, errors = set(), []
     for raw in _manifest_entries(path):
-        candidate = Path(raw)
-        try:
-            resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-            is_file = resolved.is_file()
-        except (OSError, ValueError) as e:  # NUL bytes, names longer than the OS allows
-            shown = raw if len(raw) <= 200 else raw[:200] + f"... ({len(raw)} characters)"
-            errors.append(error_record(raw, "invalid_path", f"{shown!r}: {type(e).__name__}: {e}"))
-            continue
-        if not resolved.is_relative_to(root):
-            errors.append(error_record(raw, "path_outside_root",
-                                       f"{raw!r} resolves to {resolved}, outside the manifest root {root}"))
-        elif not is_file:
-            errors.append(error_record(str(resolved), "not_found", f"{raw!r} does not exist or is not a file"))
-        elif str(resolved) in found:
-            errors.append(error_record(raw, "duplicate", f"{raw!r} names {resolved}, which the manifest "
-                                                         "already lists (processed once)"))
+        resolved, error = _check_listed(raw, root, found, "the manifest")
+        if error is not None:
+            errors.append(error)
         else:
-            found.add(str(resolved))
+            found.add(resolved)
     return sorted(found), errors
+
+
+def _check_listed(raw: str, root: Path, found: set[str], lister: str) -> tuple[str | None, dict | None]:
+    """(resolved path, None) for a listed file that exists inside ``root`` and is not in
+    ``found`` yet, else (None, its error record). ``lister`` names the list in messages."""
+    candidate = Path(raw)
+    try:
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        is_file = resolved.is_file()
+    except (OSError, ValueError) as e:  # NUL bytes, names longer than the OS allows
+        shown = raw if len(raw) <= 200 else raw[:200] + f"... ({len(raw)} characters)"
+        return None, error_record(raw, "invalid_path", f"{shown!r}: {type(e).__name__}: {e}")
+    if not resolved.is_relative_to(root):
+        return None, error_record(raw, "path_outside_root",
+                                  f"{raw!r} resolves to {resolved}, outside {lister}'s root {root}")
+    if not is_file:
+        return None, error_record(str(resolved), "not_found", f"{raw!r} does not exist or is not a file")
+    if str(resolved) in found:
+        return None, error_record(raw, "duplicate", f"{raw!r} names {resolved}, which {lister} "
+                                                    "already lists (processed once)")
+    return str(resolved), None
 
 
 def _references(local: Path) -> list[str]:
@@ -405,7 +512,7 @@ def read_errors(output: str | Path) -> pa.Table:
     if not storage.is_file(path):
         return ERRORS_SCHEMA.empty_table()
     with storage.open_input(path) as f:
-        return pq.read_table(f).cast(ERRORS_SCHEMA)
+        return conform(pq.read_table(f), ERRORS_SCHEMA)  # older files lack source_uid
 
 
 def _clean_partial(output: Path | str, listed: set[str]) -> list[str]:
@@ -424,11 +531,11 @@ def _clean_partial(output: Path | str, listed: set[str]) -> list[str]:
     return removed
 
 
-def _manifest_doc(cfg: DataConfig, shards: list[dict], errors: pa.Table, inputs_seen: int) -> dict:
+def _manifest_doc(cfg: DataConfig, shards: list[dict], errors: pa.Table, inputs_seen: int,
+                  schema: pa.Schema) -> dict:
     reasons: dict[str, int] = {}
     for r in errors.column("reason").to_pylist():
         reasons[r] = reasons.get(r, 0) + 1
-    schema = shard_schema(cfg)
     return {
         "format": "mar3d-shapes",
         "schema_version": SCHEMA_VERSION,
@@ -464,16 +571,21 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
     storage.check(input, "mesh input", must_exist=True)
     storage.check(output, "dataset output")
     start = time.perf_counter()
+    # Discovery before the output is touched: a bad selection (unknown category, missing
+    # uid file) leaves nothing behind.
+    inputs = find_inputs(input, Selection.from_config(cfg))
     output = output if storage.is_remote(output) else Path(output)
     storage.makedirs(storage.join(output, SHARDS))
-    shards, done_uids = _open_existing(output, cfg)
+    shards, done_uids, with_labels = _open_existing(output, cfg)
     errors = read_errors(output)
-
-    paths, discovery_errors = discover_inputs(input)
+    if inputs.labels and not with_labels:
+        log.warning("%s was written before shards had label columns (%s); this run keeps its "
+                    "schema, so the Objaverse labels of its rows are not stored: use a new output "
+                    "directory to keep them", output, ", ".join(LABEL_COLUMNS))
     ensure_ray()
-    plan = _plan(_hash_inputs(paths, input), discovery_errors, errors, done_uids, cfg)
+    plan = _plan(_hash_inputs(inputs, input), inputs.errors, errors, done_uids, cfg)
     writer = _ShardWriter(output, cfg, shards, plan.errors, plan.new_errors,
-                          inputs_seen=len(paths) + len(discovery_errors))
+                          inputs_seen=len(inputs.paths) + len(inputs.errors), with_labels=with_labels)
     processed = _process(plan.todo, input, cfg, writer, progress)
     writer.flush()
     writer.persist()
@@ -484,9 +596,11 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
                          seconds=time.perf_counter() - start)
 
 
-def _open_existing(output: Path | str, cfg: DataConfig) -> tuple[list[dict], set[str]]:
+def _open_existing(output: Path | str, cfg: DataConfig) -> tuple[list[dict], set[str], bool]:
     """The complete shards of an earlier run into ``output`` (leftovers of an interrupted
-    one removed) and the uids they hold; refuses an output of another schema or shape."""
+    one removed), the uids they hold and whether new shards get the label columns (not
+    when the existing ones lack them: one schema per dataset); refuses an output of
+    another schema version or shape."""
     manifest = load_manifest(output)
     if manifest is not None and manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{output} holds schema v{manifest.get('schema_version')}, this code writes v{SCHEMA_VERSION}")
@@ -504,20 +618,23 @@ def _open_existing(output: Path | str, cfg: DataConfig) -> tuple[list[dict], set
     for s in shards:
         with storage.open_input(storage.join(output, s["file"])) as f:
             done_uids.update(pq.read_table(f, columns=["uid"]).column("uid").to_pylist())
-    return shards, done_uids
+    with_labels = not shards or set(LABEL_COLUMNS) <= set(manifest.get("columns", {}))
+    return shards, done_uids, with_labels
 
 
-def _hash_inputs(paths: list[str], input: str | Path) -> list[dict]:
+def _hash_inputs(inputs: Inputs, input: str | Path) -> list[dict]:
     """Content hashes (uids) of every input, in parallel, so finished inputs are skipped
-    cheaply; sorted by path."""
+    cheaply; sorted by path, each with its labels."""
     import ray.data
 
-    if not paths:
+    if not inputs.paths:
         return []
-    hashed = list(ray.data.from_items([{"source_path": p} for p in paths],
-                                      override_num_blocks=min(len(paths), 64))
+    items = [{"source_path": p, "expected_sha256": inputs.expected_sha256.get(p, "")}
+             for p in inputs.paths]
+    hashed = list(ray.data.from_items(items, override_num_blocks=min(len(items), 64))
                   .map(_hash_item, **storage.ray_task_options(input)).iter_rows())
-    return sorted(hashed, key=lambda r: r["source_path"])
+    return sorted(({**h, **inputs.labels_of(h["source_path"])} for h in hashed),
+                  key=lambda r: r["source_path"])
 
 
 @dataclass
@@ -535,7 +652,8 @@ def _plan(hashed: list[dict], discovery_errors: list[dict], errors: pa.Table, do
     old_errors = {(r["source_path"], r["source_sha256"]) for r in errors.to_pylist()}
     # Errors found before processing (no content hash) are recorded once per (path, reason).
     old_error_keys = {(r["source_path"], r["reason"]) for r in errors.to_pylist()}
-    pre_errors = discovery_errors + [error_record(h["source_path"], h["reason"], h["message"])
+    pre_errors = discovery_errors + [error_record(h["source_path"], h["reason"], h["message"],
+                                                  source_uid=h.get("source_uid"))
                                      for h in hashed if h["reason"]]
     new_errors = [e for e in pre_errors if (e["source_path"], e["reason"]) not in old_error_keys]
     skipped = len(pre_errors) - len(new_errors)
@@ -555,7 +673,7 @@ def _plan(hashed: list[dict], discovery_errors: list[dict], errors: pa.Table, do
         if uid in seen_uid:
             new_errors.append(error_record(item["source_path"], "duplicate",
                                            f"same content and name as {seen_uid[uid]}",
-                                           item["sha256"], uid))
+                                           item["sha256"], uid, item.get("source_uid")))
             continue
         seen_uid[uid] = item["source_path"]
         todo.append(item)
@@ -571,11 +689,12 @@ class _ShardWriter:
     rows of the shard being filled)."""
 
     def __init__(self, output: Path | str, cfg: DataConfig, shards: list[dict], errors: pa.Table,
-                 new_errors: list[dict], inputs_seen: int):
+                 new_errors: list[dict], inputs_seen: int, with_labels: bool = True):
         self.output, self.cfg, self.shards, self.errors = output, cfg, shards, errors
         self.new_errors = list(new_errors)
         self.inputs_seen = inputs_seen
-        self.schema = shard_schema(cfg)
+        self.with_labels = with_labels
+        self.schema = shard_schema(cfg, with_labels)
         self.next_index = 1 + max((int(s["file"].split("-")[-1].split(".")[0]) for s in shards), default=-1)
         self.buffer: list[pa.RecordBatch] = []
         self.written: list[str] = []
@@ -597,7 +716,7 @@ class _ShardWriter:
         sink = io.BytesIO()
         pq.write_table(self.errors, sink)
         storage.write_bytes(storage.join(self.output, ERRORS), sink.getvalue())
-        doc = _manifest_doc(self.cfg, self.shards, self.errors, self.inputs_seen)
+        doc = _manifest_doc(self.cfg, self.shards, self.errors, self.inputs_seen, self.schema)
         storage.write_bytes(storage.join(self.output, MANIFEST), json.dumps(doc, indent=2).encode())
 
     def flush(self) -> None:
@@ -629,7 +748,7 @@ def _process(todo: list[dict], input: str | Path, cfg: DataConfig, writer: _Shar
         ctx.enable_progress_bars = False  # our bar counts meshes, not blocks
         try:
             ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
-                _process_item, fn_kwargs={"cfg_dict": to_dict(cfg)},
+                _process_item, fn_kwargs={"cfg_dict": to_dict(cfg), "with_labels": writer.with_labels},
                 num_cpus=cfg.cpus_per_task,
                 compute=ray.data.TaskPoolStrategy(size=min(cfg.num_workers, len(todo))),
                 **storage.ray_task_options(input))
@@ -640,7 +759,8 @@ def _process(todo: list[dict], input: str | Path, cfg: DataConfig, writer: _Shar
                 else:
                     item = todo_by_path[result["source_path"]]
                     writer.add_error(error_record(result["source_path"], result["reason"],
-                                                  result["message"], item["sha256"], item["uid"]))
+                                                  result["message"], item["sha256"], item["uid"],
+                                                  item.get("source_uid")))
                 bar.update(1)
                 bar.set_postfix(done=processed, failed=writer.failed)
         finally:

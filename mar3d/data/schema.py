@@ -18,12 +18,23 @@ type, so plain pyarrow reads them back with ``column.combine_chunks().to_numpy_n
 | cam_world_to_cam | float32 [V,4,4] | OpenCV camera (x right, y down, z forward) |
 | cam_intrinsics | float32 [V,3,3] | pixels = K @ camera coords (pixel centres at +0.5) |
 | view_elev_azim | float32 [V,2] | degrees |
+| source_uid | string, nullable | the Objaverse uid, or the Objaverse-XL fileIdentifier |
+| category | string, nullable | the object's LVIS category (Objaverse trees) |
+| name | string, nullable | the object's name (Objaverse metadata) |
+| license | string, nullable | the object's license (Objaverse metadata or XL table) |
+| source | string, nullable | where source_uid comes from: "objaverse-1.0", or the XL table's source |
+
+The label columns (``LABEL_COLUMNS``, the last five) are null for plain folders and
+manifests. Shards written before they existed lack them: readers must select columns
+(``label_columns`` says which of them a shard has), never assume the full set, and a
+run into such a dataset keeps its schema (``shard_schema(cfg, with_labels=False)``).
 
 Schema metadata: ``mar3d_schema_version`` and ``mar3d_watertight_method`` (the
 DataConfig.watertight_method that made the geometry columns; datasets written before
 the field existed were all made by "offset").
 
-``errors.parquet`` (ERRORS_SCHEMA) holds one row per input that could not become a row.
+``errors.parquet`` (ERRORS_SCHEMA) holds one row per input that could not become a row;
+``conform`` reads tables written before a nullable column was added.
 """
 from __future__ import annotations
 
@@ -38,7 +49,12 @@ ERRORS_SCHEMA = pa.schema([
     ("uid", pa.string()),
     ("reason", pa.string()),  # a key of errors.REASONS
     ("message", pa.string()),
+    ("source_uid", pa.string()),  # the Objaverse uid / XL fileIdentifier, where known
 ])
+
+# Where a row came from, so it can be joined back to Objaverse's uids, categories and
+# licenses; all nullable strings, null where the input does not say.
+LABEL_COLUMNS = ("source_uid", "category", "name", "license", "source")
 
 
 def tensor_type(value_type: pa.DataType, shape: tuple[int, ...]) -> pa.DataType:
@@ -63,16 +79,41 @@ def tensor_shapes(cfg: DataConfig) -> dict[str, tuple[pa.DataType, tuple[int, ..
     return shapes
 
 
-def shard_schema(cfg: DataConfig) -> pa.Schema:
+def shard_schema(cfg: DataConfig, with_labels: bool = True) -> pa.Schema:
+    """The shard schema of ``cfg``; ``with_labels=False`` is the schema of datasets written
+    before the label columns existed (a run into one keeps it: one schema per dataset)."""
     fields = [pa.field("uid", pa.string(), nullable=False),
               pa.field("source_path", pa.string(), nullable=False),
               pa.field("source_sha256", pa.string(), nullable=False)]
     for name, (vt, shape) in tensor_shapes(cfg).items():
         fields.append(pa.field(name, tensor_type(vt, shape), nullable=False))
+    if with_labels:
+        fields += [pa.field(name, pa.string(), nullable=True) for name in LABEL_COLUMNS]
     # The watertight method decides what the geometry columns describe (the object itself
     # or its epsilon offset), so every shard says which one made it.
     return pa.schema(fields, metadata={b"mar3d_schema_version": str(SCHEMA_VERSION).encode(),
                                        b"mar3d_watertight_method": cfg.watertight_method.encode()})
+
+
+def label_columns(schema: pa.Schema, wanted: tuple[str, ...] = LABEL_COLUMNS) -> list[str]:
+    """The ``wanted`` label columns that a shard of ``schema`` has (older shards have none)."""
+    return [name for name in wanted if name in schema.names]
+
+
+def row_labels(values: dict) -> dict:
+    """Every label column of a row from ``values`` (missing or empty values are null)."""
+    return {name: values.get(name) or None for name in LABEL_COLUMNS}
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` as ``schema``: columns a newer schema added (nullable) are filled with nulls,
+    so files written before them stay readable; a missing non-nullable column is an error."""
+    for field in schema:
+        if field.name not in table.column_names:
+            if not field.nullable:
+                raise ValueError(f"table lacks the column {field.name!r} ({table.column_names})")
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
 
 
 def _numpy_dtype(value_type: pa.DataType) -> np.dtype:

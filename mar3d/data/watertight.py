@@ -285,3 +285,69 @@ def check_watertight(mesh: trimesh.Trimesh) -> None:
         raise MeshError("watertight_failed", "result has inconsistent face winding")
     if not abs(signed_volume(mesh)) > 0:
         raise MeshError("watertight_failed", "result encloses zero volume")
+
+
+def closed_input(vertices: np.ndarray, faces: np.ndarray) -> trimesh.Trimesh | None:
+    """The input itself when it already bounds a solid exactly, else None.
+
+    Such a mesh (CAD output, procedural solids, many cleaned scans) needs no distance
+    grid: its own surface gives exact samples and labels, and the grid would only cost
+    time and round its edges. It qualifies when, with corners at equal positions merged
+    (exporters split vertices along UV seams and hard edges), every edge joins exactly
+    two faces with consistent winding, it encloses volume, and no two of its faces cross:
+    overlapping closed parts (an assembly of separate solids) would make ray parity call
+    their overlap outside, and so would a solid nested inside another with the same
+    orientation. Crossing is tested exactly enough for that purpose: two triangles that
+    intersect have an edge of one passing through the other, so every edge is cast as a
+    ray (Embree) against the faces that do not touch it. Nesting: just inside each
+    connected part the winding number of the whole mesh must be 1 (a cavity, a part
+    nested with opposite orientation, is fine).
+    """
+    # process=True merges equal positions; validate=True would also re-orient every part
+    # outwards (a cavity's inner wall included), so degenerate faces are dropped by hand.
+    mesh = trimesh.Trimesh(np.asarray(vertices, np.float64), np.asarray(faces, np.int64), process=True)
+    mesh.update_faces(mesh.nondegenerate_faces())
+    if len(mesh.faces) < 4 or not mesh.is_watertight or not mesh.is_winding_consistent:
+        return None
+    volume = signed_volume(mesh)
+    if not abs(volume) > 1e-9:
+        return None
+    if volume < 0:
+        mesh.invert()
+    return None if faces_cross(mesh) or nested_parts(mesh) else mesh
+
+
+def nested_parts(mesh: trimesh.Trimesh) -> bool:
+    """Whether some connected part lies inside another with the same orientation (the
+    winding number just inside its largest face is not 1)."""
+    part = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    if part.max() == 0:
+        return False
+    area = mesh.area_faces
+    probes = []
+    for k in range(part.max() + 1):
+        members = np.flatnonzero(part == k)
+        face = members[area[members].argmax()]
+        step = 1e-4 * np.sqrt(area[face])
+        probes.append(mesh.triangles_center[face] - mesh.face_normals[face] * step)
+    winding = igl.fast_winding_number(np.ascontiguousarray(mesh.vertices), np.ascontiguousarray(mesh.faces),
+                                      np.asarray(probes, np.float64))
+    return bool((np.abs(winding - 1.0) > 0.25).any())
+
+
+def faces_cross(mesh: trimesh.Trimesh) -> bool:
+    """Whether any edge of ``mesh`` passes through a face that shares no vertex with it."""
+    from trimesh.ray.ray_pyembree import RayMeshIntersector
+
+    edges = mesh.edges_unique
+    start, end = mesh.vertices[edges[:, 0]], mesh.vertices[edges[:, 1]]
+    length = np.linalg.norm(end - start, axis=1)
+    hit_face, hit_ray, where = RayMeshIntersector(mesh).intersects_id(
+        start, (end - start) / length[:, None], multiple_hits=True, return_locations=True)
+    if len(hit_face) == 0:
+        return False
+    t = np.einsum("ij,ij->i", where - start[hit_ray], (end - start)[hit_ray]) / length[hit_ray]
+    # Faces touching either end vertex meet the edge there by construction.
+    touching = (mesh.faces[hit_face][:, :, None] == edges[hit_ray][:, None, :]).any((1, 2))
+    strictly_inside = (t > 1e-7 * length[hit_ray]) & (t < length[hit_ray] * (1 - 1e-7))
+    return bool((strictly_inside & ~touching).any())

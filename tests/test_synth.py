@@ -1,0 +1,215 @@
+"""`mar3d data synth`: the procedural corpus (Objaverse 1.0 layout), and the data job's
+use of meshes that already bound a solid (no distance grid for them)."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from mar3d.cli import main
+from mar3d.data import process_mesh
+from mar3d.data.config import small_test_config
+from mar3d.data.inside import embree_inside, winding_inside, winding_numbers
+from mar3d.data.mesh_io import load_mesh
+from mar3d.data.prepare import watertight_surface
+from mar3d.data.synth import CATEGORIES, SynthConfig, make_object, object_uid, synthesize
+from mar3d.data.watertight import closed_input
+from mar3d.metrics import normal_consistency, sample_surface
+
+
+def _read_gz(path: Path):
+    return json.loads(gzip.decompress(path.read_bytes()))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, SynthConfig(num_objects=2 * len(CATEGORIES), workers=1, texture_size=64), progress=False)
+    return root
+
+
+def test_corpus_is_in_the_objaverse_layout_with_categories(corpus):
+    paths = _read_gz(corpus / "object-paths.json.gz")
+    lvis = _read_gz(corpus / "lvis-annotations.json.gz")
+    metadata = _read_gz(corpus / "metadata" / "000-000.json.gz")
+    assert len(paths) == 2 * len(CATEGORIES)
+    assert sorted(lvis) == sorted(CATEGORIES) and all(len(v) == 2 for v in lvis.values())
+    assert sorted(u for uids in lvis.values() for u in uids) == sorted(paths)
+    for uid, rel in paths.items():
+        assert rel == f"glbs/000-000/{uid}.glb" and (corpus / rel).is_file()
+        assert len(uid) == 32 and int(uid, 16) >= 0
+        meta = metadata[uid]
+        assert meta["uid"] == uid and meta["license"] == "CC0-1.0" and meta["name"]
+        assert uid in lvis[meta["categories"][0]]
+    assert not list(corpus.rglob("*.tmp"))
+
+
+def test_every_category_is_a_textured_y_up_solid(corpus):
+    """Watertight by construction (so the data job skips the grid), a PBR base-colour
+    texture with UVs, and +Y up as glTF: lathe bodies stand along y."""
+    metadata = _read_gz(corpus / "metadata" / "000-000.json.gz")
+    seen = set()
+    for uid, meta in sorted(metadata.items()):
+        path = corpus / "glbs" / "000-000" / f"{uid}.glb"
+        scene = trimesh.load(path, process=False)
+        (part,) = scene.geometry.values()
+        assert part.visual.uv is not None and len(part.visual.uv) == len(part.vertices)
+        assert part.visual.material.baseColorTexture.size == (64, 64)
+        mesh = load_mesh(path, 10**6, 10**8)
+        assert closed_input(mesh.vertices, mesh.faces) is not None, meta["name"]
+        category = meta["categories"][0]
+        if CATEGORIES[category][0] == "lathe" and category not in ("bowl", "fruit"):
+            extent = mesh.vertices.max(0) - mesh.vertices.min(0)
+            assert extent.argmax() == 1, (category, extent)
+        seen.add(category)
+    assert seen == set(CATEGORIES)
+
+
+def test_objects_are_deterministic_and_a_larger_corpus_keeps_them(corpus, tmp_path):
+    cfg = SynthConfig(num_objects=2 * len(CATEGORIES), workers=1, texture_size=64)
+    first, record = make_object(3, cfg, [])
+    again, _ = make_object(3, cfg, [])
+    assert first == again and record["uid"] == object_uid(0, 3)
+    assert make_object(3, SynthConfig(seed=1, texture_size=64), [])[0] != first
+    grown = SynthConfig(num_objects=2 * len(CATEGORIES) + 5, workers=2, texture_size=64)
+    synthesize(tmp_path, grown, progress=False)
+    old = _read_gz(corpus / "object-paths.json.gz")
+    new = _read_gz(tmp_path / "object-paths.json.gz")
+    assert set(old) < set(new) and len(new) == len(old) + 5
+    for uid, rel in old.items():
+        assert (tmp_path / rel).read_bytes() == (corpus / rel).read_bytes()
+
+
+def test_config_and_command_line(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown synth categories \\['spoon'\\]"):
+        SynthConfig(categories=("cup", "spoon")).validate()
+    with pytest.raises(ValueError, match="photo_dir"):
+        SynthConfig(photo_dir=str(tmp_path / "missing")).validate()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(photos / "p.jpg")
+    out = tmp_path / "corpus"
+    assert main(["data", "synth", "--output", str(out), "--num", "4", "--categories", "cup,table",
+                 "--photo-dir", str(photos), "--workers", "1", "--no-progress",
+                 "--set", "texture_size=32", "--result-json", str(tmp_path / "r.json")]) == 0
+    assert "synth: 4 objects in 2 categories" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["categories"] == {"cup": 2, "table": 2}
+    with pytest.raises(SystemExit, match="unknown synth categories"):
+        main(["data", "synth", "--output", str(out), "--categories", "spoon"])
+
+
+# ------------------------------------------------------------- meshes that bound a solid
+def _plus() -> trimesh.Trimesh:
+    return trimesh.util.concatenate([trimesh.creation.box((2, 0.5, 0.5)), trimesh.creation.box((0.5, 2, 0.5))])
+
+
+def _nested(invert_inner: bool) -> trimesh.Trimesh:
+    inner = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    if invert_inner:
+        inner.invert()
+    return trimesh.util.concatenate([trimesh.creation.icosphere(subdivisions=2), inner])
+
+
+def _inverted_box() -> trimesh.Trimesh:
+    box = trimesh.creation.box()
+    box.invert()
+    return box
+
+
+def _open_box() -> trimesh.Trimesh:
+    box = trimesh.creation.box()
+    return trimesh.Trimesh(box.vertices, box.faces[:-1])
+
+
+def _two_spheres() -> trimesh.Trimesh:
+    far = trimesh.creation.icosphere(subdivisions=2).apply_translation([3, 0, 0])
+    return trimesh.util.concatenate([trimesh.creation.icosphere(subdivisions=2), far])
+
+
+@pytest.mark.parametrize("make, closed", [
+    (trimesh.creation.box, True), (_inverted_box, True), (_two_spheres, True),
+    (lambda: _nested(invert_inner=True), True),    # a cavity
+    (lambda: _nested(invert_inner=False), False),  # a solid inside a solid: parity says outside
+    (_plus, False),                                 # crossing parts: parity says their overlap is outside
+    (_open_box, False),
+], ids=["box", "inverted box", "two spheres", "cavity", "nested solid", "crossing boxes", "open box"])
+def test_closed_input_accepts_only_meshes_whose_parity_labels_are_right(make, closed):
+    mesh = make()
+    result = closed_input(mesh.vertices, mesh.faces)
+    assert (result is not None) == closed
+    if result is not None:
+        points = np.random.default_rng(0).uniform(-1.5, 4, (4000, 3))
+        solid = np.abs(winding_numbers(mesh, points)) > 0.5  # orientation-free truth
+        assert result.volume > 0 and (embree_inside(result, points) == solid).all()
+
+
+def test_a_closed_mesh_is_labelled_as_it_is_and_a_soup_still_goes_through_the_grid(corpus):
+    cfg = small_test_config()
+    rel = sorted(_read_gz(corpus / "object-paths.json.gz").values())[0]
+    mesh = load_mesh(corpus / rel, cfg.max_faces, cfg.max_file_bytes)
+    surface, shaded, method = watertight_surface(mesh, cfg)
+    assert method == "snap" and len(surface.faces) == len(mesh.faces)  # the input itself
+    row = process_mesh(corpus / rel, cfg)
+    exact = trimesh.Trimesh(mesh.vertices, mesh.faces)
+    for kind in ("vol", "near"):
+        truth = winding_inside(exact, row[f"{kind}_points"].astype(np.float64))
+        assert (row[f"{kind}_labels"].astype(bool) == truth).mean() >= 0.999, kind
+    # Sampled normals are the surface's own: flat faces keep theirs across sharp edges.
+    points, normals = sample_surface(exact, 4096, seed=1)
+    surface = row["surface_0"]
+    assert normal_consistency(surface[:, :3], surface[:, 3:], points, normals) >= 0.95
+    plus = load_mesh_from(_plus())
+    surface, shaded, method = watertight_surface(plus, cfg)
+    assert method == "snap" and len(surface.faces) != len(plus.faces)  # gridded
+    cfg.watertight_reuse_closed = False
+    assert len(watertight_surface(mesh, cfg)[0].faces) != len(mesh.faces)
+
+
+def load_mesh_from(mesh: trimesh.Trimesh):
+    from mar3d.data.mesh_io import LoadedMesh
+
+    return LoadedMesh(parts=[mesh], vertices=np.asarray(mesh.vertices), faces=np.asarray(mesh.faces),
+                      face_part=np.zeros(len(mesh.faces), np.int64), face_offset=np.zeros(1, np.int64),
+                      transform=np.eye(4))
+
+
+@pytest.mark.e2e
+def test_a_prepared_corpus_is_read_with_its_labels_and_evaluated_by_category(tmp_path, ray_local):
+    """The corpus through the data job (its Objaverse layout) and evaluation: rows keep
+    uid, category and license, and every group reports category accuracy, next to the
+    mean-shape baseline, with a per-category table."""
+    import csv
+
+    from _shards import make_small_shards
+    from _tiny_release import write_tiny_release
+    from mar3d.evaluate import EvalConfig, evaluate, evaluation_table
+    from mar3d.inference import GenerateConfig
+
+    corpus = tmp_path / "corpus"
+    synthesize(corpus, SynthConfig(num_objects=6, categories=("cup", "box", "fruit"), workers=1,
+                                   texture_size=32), progress=False)
+    data = make_small_shards(corpus, tmp_path / "data")
+    release = write_tiny_release(tmp_path / "release")
+    cfg = EvalConfig(generate=GenerateConfig(use_hr=False, num_iters=4, diffusion_steps=5, resolution=32),
+                     num_points=2000, previews=0, with_iou=False, device="cpu", contact_sheet=False,
+                     groups=("all_objects",))
+    result = evaluate(str(release), data, tmp_path / "out", cfg, tracking_uri=f"sqlite:///{tmp_path / 'db'}",
+                      progress=False)
+    paths = _read_gz(corpus / "object-paths.json.gz")
+    assert sorted(r["source_uid"] for r in result.per_object) == sorted(paths)
+    assert sorted(r["category"] for r in result.per_object) == ["box", "box", "cup", "cup", "fruit", "fruit"]
+    m = result.metrics
+    assert 0 <= m["all_objects/category_accuracy"] <= 1 and 0 <= m["all_objects/baseline/category_accuracy"] <= 1
+    assert m["all_objects/category_chance"] == pytest.approx(1 / 3)
+    with open(tmp_path / "out" / "per_category_all_objects.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["category"], r["objects"]) for r in rows] == [("box", "2"), ("cup", "2"), ("fruit", "2")]
+    assert {"f_score", "chamfer", "category_accuracy", "baseline_f_score"} <= set(rows[0])
+    assert "| category accuracy ↑ |" in evaluation_table(result)
