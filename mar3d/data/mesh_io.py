@@ -6,6 +6,7 @@ error row; the reason codes are a closed set (``errors.REASONS``) that reports c
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import trimesh
 
 from .config import MESH_SUFFIXES
 from .errors import MeshError
+from .gltf import GLTF_SUFFIXES, as_plain_glb
 from .preflight import preflight
 
 @dataclass
@@ -95,14 +97,25 @@ def normalization_transform(vertices: np.ndarray, extent: float) -> np.ndarray:
     return t
 
 
+def load_scene(path: Path, max_faces: int):
+    """trimesh's reading of ``path``; glTF files that trimesh would misread (compressed,
+    quantized, sparse, strips/fans) are handed over rewritten into plain glTF."""
+    # process=False keeps UV seams and NaNs as they are, so validation sees the raw data.
+    plain = as_plain_glb(path, max_faces) if path.suffix.lower() in GLTF_SUFFIXES else None
+    if plain is None:
+        return trimesh.load(str(path), process=False)
+    # The resolver finds the images a .gltf names beside it (their URIs are kept as is).
+    return trimesh.load(file_obj=io.BytesIO(plain), file_type="glb", process=False,
+                        resolver=trimesh.resolvers.FilePathResolver(str(path)))
+
+
 def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
               normalize_extent: float = 1.0) -> LoadedMesh:
     path = Path(path)
     check_file(path, max_file_bytes)
     preflight(path, max_faces)
     try:
-        # process=False keeps UV seams and NaNs as they are, so validation sees the raw data.
-        loaded = trimesh.load(str(path), process=False)
+        loaded = load_scene(path, max_faces)
     except MeshError:
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is an input problem

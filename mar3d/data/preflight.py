@@ -175,7 +175,9 @@ def _gltf_triangles(doc: dict) -> int | None:
                     continue  # points and lines carry no triangles
                 idx = prim.get("indices", prim.get("attributes", {}).get("POSITION"))
                 if idx is not None:
-                    total += int(accessors[idx]["count"]) // 3
+                    count = int(accessors[idx]["count"])
+                    # a strip or fan of n indices draws n - 2 triangles, a list n / 3
+                    total += count // 3 if prim.get("mode", 4) == 4 else max(count - 2, 0)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         return None  # inconsistent document: left to the loader
     # Every node instancing a mesh multiplies its triangles; the exact count after
