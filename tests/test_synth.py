@@ -128,6 +128,11 @@ def _open_box() -> trimesh.Trimesh:
     return trimesh.Trimesh(box.vertices, box.faces[:-1])
 
 
+def _leg_standing_on_a_top() -> trimesh.Trimesh:
+    top = trimesh.creation.box(extents=(1, 1, 0.1)).apply_translation([0, 0, 0.55])
+    return trimesh.util.concatenate([top, trimesh.creation.box(extents=(0.1, 0.1, 1.0))])
+
+
 def _two_spheres() -> trimesh.Trimesh:
     far = trimesh.creation.icosphere(subdivisions=2).apply_translation([3, 0, 0])
     return trimesh.util.concatenate([trimesh.creation.icosphere(subdivisions=2), far])
@@ -138,8 +143,10 @@ def _two_spheres() -> trimesh.Trimesh:
     (lambda: _nested(invert_inner=True), True),    # a cavity
     (lambda: _nested(invert_inner=False), False),  # a solid inside a solid: parity says outside
     (_plus, False),                                 # crossing parts: parity says their overlap is outside
+    (_leg_standing_on_a_top, False),                # touching parts: two coincident walls inside
     (_open_box, False),
-], ids=["box", "inverted box", "two spheres", "cavity", "nested solid", "crossing boxes", "open box"])
+], ids=["box", "inverted box", "two spheres", "cavity", "nested solid", "crossing boxes", "touching parts",
+        "open box"])
 def test_closed_input_accepts_only_meshes_whose_parity_labels_are_right(make, closed):
     mesh = make()
     result = closed_input(mesh.vertices, mesh.faces)
