@@ -194,15 +194,22 @@ def test_a_prepared_corpus_is_read_with_its_labels_and_evaluated_by_category(tmp
     mean-shape baseline, with a per-category table."""
     import csv
 
-    from _shards import make_small_shards
+    from _shards import small_data_config
     from _tiny_release import write_tiny_release
+    from mar3d.data.prepare import prepare_dataset
     from mar3d.evaluate import EvalConfig, evaluate, evaluation_table
     from mar3d.inference import GenerateConfig
 
     corpus = tmp_path / "corpus"
     synthesize(corpus, SynthConfig(num_objects=6, categories=("cup", "box", "fruit"), workers=1,
                                    texture_size=32), progress=False)
-    data = make_small_shards(corpus, tmp_path / "data")
+    data = tmp_path / "data"
+    prepared = prepare_dataset(corpus, data, small_data_config(), progress=False)
+    assert (prepared.num_rows, prepared.num_errors) == (6, 0)
+    # CPU seconds by stage, for the scale benchmark; closed corpus meshes skip the grid.
+    stages = prepared.to_dict()["stage_cpu_seconds"]
+    assert set(stages) == {"load", "watertight", "sample", "label", "render", "write"}
+    assert stages["label"] > 0 and stages["render"] > 0 and stages["watertight"] < stages["label"]
     release = write_tiny_release(tmp_path / "release")
     cfg = EvalConfig(generate=GenerateConfig(use_hr=False, num_iters=4, diffusion_steps=5, resolution=32),
                      num_points=2000, previews=0, with_iou=False, device="cpu", contact_sheet=False,

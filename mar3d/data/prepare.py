@@ -42,6 +42,7 @@ import os
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,20 +74,35 @@ MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".lst")
 
 
 # ----------------------------------------------------------------------------- per mesh
+@contextmanager
+def cpu_stage(clock: dict[str, float] | None, stage: str):
+    """Add the process's CPU seconds (all threads) spent in the block to ``clock[stage]``."""
+    start = time.process_time()
+    try:
+        yield
+    finally:
+        if clock is not None:
+            clock[stage] = clock.get(stage, 0.0) + time.process_time() - start
+
+
 def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None,
-                 source: str | None = None, labels: dict | None = None) -> dict:
+                 source: str | None = None, labels: dict | None = None,
+                 clock: dict[str, float] | None = None) -> dict:
     """One dataset row (schema v1) for the mesh at ``path``; raises MeshError. ``source``
     is where the mesh came from when ``path`` is a local copy (its uid and source_path);
-    ``labels`` fill the label columns (null where absent)."""
+    ``labels`` fill the label columns (null where absent); ``clock`` collects CPU seconds
+    per stage (load, watertight, sample, label, render)."""
     path = Path(path)
     source = source or str(path)
-    mesh = load_mesh(path, cfg.max_faces, cfg.max_file_bytes, cfg.normalize_extent)
-    sha256 = sha256 or sha256_file(path)
+    with cpu_stage(clock, "load"):
+        mesh = load_mesh(path, cfg.max_faces, cfg.max_file_bytes, cfg.normalize_extent)
+        sha256 = sha256 or sha256_file(path)
     rng = np.random.default_rng([cfg.seed, int(sha256[:12], 16)])
-    geometry = sample_geometry(mesh, cfg, rng, source)
-    renders = render_views(mesh, cfg.view_angles(), cfg.render_resolution, cfg.render_fov_deg,
-                           cfg.render_fit_margin, cfg.render_ambient,
-                           cfg.render_white_background, cfg.render_up_axis)
+    geometry = sample_geometry(mesh, cfg, rng, source, clock)
+    with cpu_stage(clock, "render"):
+        renders = render_views(mesh, cfg.view_angles(), cfg.render_resolution, cfg.render_fov_deg,
+                               cfg.render_fit_margin, cfg.render_ambient,
+                               cfg.render_white_background, cfg.render_up_axis)
     row = {"uid": make_uid(sha256, source), "source_path": source, "source_sha256": sha256,
            "transform": mesh.transform.astype(np.float32), **row_labels(labels or {})}
     row.update(geometry)
@@ -96,19 +112,22 @@ def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None,
 
 
 def sample_geometry(mesh: LoadedMesh, cfg: DataConfig, rng: np.random.Generator,
-                    source: str = "mesh") -> dict:
+                    source: str = "mesh", clock: dict[str, float] | None = None) -> dict:
     """The geometry columns of a row: the surface pyramid (``surface_{k}``) and the
     occupancy samples, all from the watertight version of the normalized ``mesh``."""
-    surface, shaded, method = watertight_surface(mesh, cfg, source)
-    sharp = sharp_edges(mesh.vertices, mesh.faces, cfg.sharp_edge_angle_deg) \
-        if cfg.sharp_edge_fraction > 0 else None
-    # Sharp edges of the input lie on a snapped surface already; the offset surface is a
-    # voxel away from them.
-    project = surface if method == "offset" else None
-    levels = surface_pyramid(shaded, cfg.surface_sizes, rng, cfg.sharp_edge_fraction, sharp,
-                             project_sharp_to=project)
-    occupancy = sample_occupancy(surface, cfg.num_vol, cfg.num_near, cfg.vol_bound,
-                                 cfg.near_sigmas, rng, cfg.inside_method)
+    with cpu_stage(clock, "watertight"):
+        surface, shaded, method = watertight_surface(mesh, cfg, source)
+    with cpu_stage(clock, "sample"):
+        sharp = sharp_edges(mesh.vertices, mesh.faces, cfg.sharp_edge_angle_deg) \
+            if cfg.sharp_edge_fraction > 0 else None
+        # Sharp edges of the input lie on a snapped surface already; the offset surface is a
+        # voxel away from them.
+        project = surface if method == "offset" else None
+        levels = surface_pyramid(shaded, cfg.surface_sizes, rng, cfg.sharp_edge_fraction, sharp,
+                                 project_sharp_to=project)
+    with cpu_stage(clock, "label"):
+        occupancy = sample_occupancy(surface, cfg.num_vol, cfg.num_near, cfg.vol_bound,
+                                     cfg.near_sigmas, rng, cfg.inside_method)
     return {**{f"surface_{k}": level for k, level in enumerate(levels)}, **occupancy}
 
 
@@ -155,16 +174,17 @@ def _process_item(item: dict, cfg_dict: dict, with_labels: bool = True) -> dict:
     cfg = from_dict(DataConfig, cfg_dict)
     labels = row_labels(item)
     out = {"source_path": item["source_path"], "uid": item["uid"], "ok": False,
-           "payload": b"", "reason": "", "message": "", "seconds": 0.0}
+           "payload": b"", "reason": "", "message": "", "seconds": 0.0, "stages": "{}"}
+    clock: dict[str, float] = {}
     start = time.perf_counter()
     try:
         if storage.is_remote(item["source_path"]):
             with tempfile.TemporaryDirectory(prefix="mar3d-mesh-") as tmp:
                 local = fetch_mesh(item["source_path"], Path(tmp), cfg.max_file_bytes)
                 row = process_mesh(local, cfg, sha256=item["sha256"], source=item["source_path"],
-                                   labels=labels)
+                                   labels=labels, clock=clock)
         else:
-            row = process_mesh(item["source_path"], cfg, sha256=item["sha256"], labels=labels)
+            row = process_mesh(item["source_path"], cfg, sha256=item["sha256"], labels=labels, clock=clock)
         out["payload"] = _serialize_batch(rows_to_batch([row], shard_schema(cfg, with_labels)))
         out["ok"] = True
     except MeshError as e:
@@ -175,6 +195,7 @@ def _process_item(item: dict, cfg_dict: dict, with_labels: bool = True) -> dict:
         tb = traceback.format_exc(limit=3)
         out["reason"], out["message"] = "internal_error", f"{type(e).__name__}: {e}\n{tb}"[:2000]
     out["seconds"] = time.perf_counter() - start
+    out["stages"] = json.dumps(clock)  # a string: rows of every task keep one Arrow type
     return out
 
 
@@ -433,6 +454,9 @@ class PrepareResult:
     total_errors: int
     shards_written: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # CPU seconds of this run's meshes by stage (load, watertight, sample, label, render:
+    # summed over the tasks) and the driver's shard writing ("write", its own CPU).
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def meshes_per_second(self) -> float:
@@ -452,7 +476,8 @@ class PrepareResult:
         return {"output": str(self.output), "inputs": self.inputs, "processed": self.processed,
                 "failed": self.failed, "skipped": self.skipped, "num_rows": self.total_rows,
                 "num_errors": self.total_errors, "shards_written": list(self.shards_written),
-                "seconds": round(self.seconds, 3), "meshes_per_second": round(self.meshes_per_second, 3)}
+                "seconds": round(self.seconds, 3), "meshes_per_second": round(self.meshes_per_second, 3),
+                "stage_cpu_seconds": {k: round(v, 3) for k, v in self.stage_cpu_seconds.items()}}
 
     def summary(self) -> str:
         return (f"{self.inputs} inputs: {self.processed} new rows, {self.failed} new errors, "
@@ -586,14 +611,15 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
     plan = _plan(_hash_inputs(inputs, input), inputs.errors, errors, done_uids, cfg)
     writer = _ShardWriter(output, cfg, shards, plan.errors, plan.new_errors,
                           inputs_seen=len(inputs.paths) + len(inputs.errors), with_labels=with_labels)
-    processed = _process(plan.todo, input, cfg, writer, progress)
-    writer.flush()
-    writer.persist()
+    processed, stages = _process(plan.todo, input, cfg, writer, progress)
+    with cpu_stage(stages, "write"):
+        writer.flush()
+        writer.persist()
     return PrepareResult(output=output, inputs=writer.inputs_seen, processed=processed,
                          failed=len(plan.new_errors) + writer.failed, skipped=plan.skipped,
                          total_rows=sum(s["rows"] for s in writer.shards),
                          total_errors=writer.errors.num_rows, shards_written=writer.written,
-                         seconds=time.perf_counter() - start)
+                         seconds=time.perf_counter() - start, stage_cpu_seconds=stages)
 
 
 def _open_existing(output: Path | str, cfg: DataConfig) -> tuple[list[dict], set[str], bool]:
@@ -731,14 +757,15 @@ class _ShardWriter:
 
 
 def _process(todo: list[dict], input: str | Path, cfg: DataConfig, writer: _ShardWriter,
-             progress: bool) -> int:
+             progress: bool) -> tuple[int, dict[str, float]]:
     """Process ``todo`` with Ray Data tasks into ``writer``, in input order; returns the
-    number of rows written."""
+    number of rows written and the CPU seconds by stage (tasks' stages summed, the
+    driver's shard writing as "write")."""
     import ray.data
 
     from mar3d.logs import progress_bar
 
-    processed = 0
+    processed, stages = 0, {}
     todo_by_path = {t["source_path"]: t for t in todo}
     bar = progress_bar(len(todo), "meshes", "mesh", enabled=progress)
     if todo:
@@ -753,20 +780,23 @@ def _process(todo: list[dict], input: str | Path, cfg: DataConfig, writer: _Shar
                 compute=ray.data.TaskPoolStrategy(size=min(cfg.num_workers, len(todo))),
                 **storage.ray_task_options(input))
             for result in ds.iter_rows():
-                if result["ok"]:
-                    writer.add_row(_deserialize_batch(result["payload"]))
-                    processed += 1
-                else:
-                    item = todo_by_path[result["source_path"]]
-                    writer.add_error(error_record(result["source_path"], result["reason"],
-                                                  result["message"], item["sha256"], item["uid"],
-                                                  item.get("source_uid")))
+                for stage, seconds in json.loads(result["stages"]).items():
+                    stages[stage] = stages.get(stage, 0.0) + seconds
+                with cpu_stage(stages, "write"):
+                    if result["ok"]:
+                        writer.add_row(_deserialize_batch(result["payload"]))
+                        processed += 1
+                    else:
+                        item = todo_by_path[result["source_path"]]
+                        writer.add_error(error_record(result["source_path"], result["reason"],
+                                                      result["message"], item["sha256"], item["uid"],
+                                                      item.get("source_uid")))
                 bar.update(1)
                 bar.set_postfix(done=processed, failed=writer.failed)
         finally:
             ctx.execution_options.preserve_order = old_order
             ctx.enable_progress_bars = old_bar
     bar.close()
-    return processed
+    return processed, stages
 
 
