@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 4000])
+    p.add_argument("--sizes", type=int, nargs="*", default=[250, 1000, 4000])
     p.add_argument("--workdir", type=Path, default=Path("outputs/data_scale"))
     p.add_argument("--config", default="data", help="data preset or YAML (default: the default settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data config overrides")
@@ -168,10 +168,20 @@ def cluster_run(corpus: Path, n: int, args) -> dict:
 
         cluster = LocalCluster.load(state)
         env = {**os.environ, **cluster.client_env()}
-        submit = lambda argv: mar3d("ray", "submit", "--address", cluster.dashboard_url, "--", "mar3d", *argv[3:])  # noqa: E731
-        return measure(corpus, n, args, f"cluster-{n}", env=env, argv_prefix=submit)
+        return measure(corpus, n, args, f"cluster-{n}", env=env,
+                       argv_prefix=lambda argv: as_ray_job(argv, cluster.dashboard_url))
     finally:
         subprocess.run(mar3d("cluster", "down", "--state-dir", str(state)), cwd=REPO, capture_output=True)
+
+
+def as_ray_job(argv: list[str], address: str) -> list[str]:
+    """`mar3d ray submit` of a local `mar3d ...` command: the stage's result comes back
+    through the Jobs API, so --result-json moves to the submitting command."""
+    stage = argv[3:]  # after [python, -m, pipelines]
+    at = stage.index("--result-json")
+    result = stage[at:at + 2]
+    del stage[at:at + 2]
+    return mar3d("ray", "submit", "--address", address, *result, "--", "mar3d", *stage)
 
 
 def table(rows: list[dict]) -> str:
@@ -199,6 +209,7 @@ def objaverse_estimate(row: dict, cores_per_node: int = 32, hours: float = 24.0)
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.workdir = args.workdir.resolve()  # a Ray job runs in another working directory
     args.workdir.mkdir(parents=True, exist_ok=True)
     corpus = args.workdir / "corpus"
     largest = max([*args.sizes, args.resume or 0, args.cluster or 0])
