@@ -14,5 +14,8 @@ fi
 . .venv/bin/activate
 # shellcheck disable=SC2086
 python -m pip install -q $TORCH_SPEC 2>&1 | { grep -v "^WARNING: Location" || true; }
-python -m pip install -q -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+# The lock as constraints: a fresh machine gets the versions the tests passed with, not
+# whatever was released since (new boto3/httpx releases once broke the lock test and
+# shifted float results of a fresh install). Test-only tools are not in the lock.
+python -m pip install -q -c infra/requirements.lock -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 python -c "import torch, torchvision, ray, deepspeed, mlflow, kfp, open_clip, timm, trimesh, igl, embreex, fpsample, mar3d; print('mar3d', mar3d.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"
