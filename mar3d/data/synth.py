@@ -34,7 +34,9 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -473,22 +475,14 @@ def synthesize(output: str | Path, cfg: SynthConfig | None = None, progress: boo
     records: list[dict] = []
     bar = progress_bar(cfg.num_objects, "synth", "obj", enabled=progress)
     try:
-        if workers == 1:
-            results = map(_write_chunk, jobs)
-        else:
-            pool = ProcessPoolExecutor(workers)
-            results = pool.map(_write_chunk, jobs)
-        for done in results:
-            records.extend(done)
-            bar.update(len(done))
+        with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+            for done in (pool.map if pool else map)(_write_chunk, jobs):
+                records.extend(done)
+                bar.update(len(done))
     finally:
         bar.close()
-        if workers != 1:
-            pool.shutdown()
     write_index(root, records)
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r["categories"][0]] = counts.get(r["categories"][0], 0) + 1
+    counts = dict(Counter(r["categories"][0] for r in records))
     return SynthResult(str(root), len(records), counts, time.perf_counter() - start)
 
 
