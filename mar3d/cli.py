@@ -306,9 +306,17 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
                "local_path, the file relative to the table's folder). Their rows keep source_uid,\n"
                "category, name, license and source; --categories/--uids/--limit select from them:\n"
                "  mar3d data prepare --input ~/.objaverse/hf-objaverse-v1 --output outputs/data \\\n"
-               "      --categories chair,table --limit 200")
-    prep.add_argument("--input", required=True,
-                      help="directory of meshes, a manifest file, an Objaverse tree or an Objaverse-XL table")
+               "      --categories chair,table --limit 200\n"
+               "Frames: render_up_axis is the dataset's up (y: glTF/Objaverse, z: YCB scans);\n"
+               "glTF files (+Y up by specification) are turned into a z-up dataset, other formats\n"
+               "are taken as they are. A procedural corpus mixed in (--set synth_objects=N) is\n"
+               "made in OUTPUT/corpus once:\n"
+               "  mar3d data prepare --input ../shared/datasets/ycb --output outputs/data \\\n"
+               "      --config data_local --set synth_objects=1000")
+    prep.add_argument("--input", required=True, action="append",
+                      help="directory of meshes, a manifest file, an Objaverse tree or an Objaverse-XL "
+                           "table; repeat it to make one dataset of several (e.g. scans and a "
+                           "`mar3d data synth` corpus: give them the same up axis, see render_up_axis)")
     prep.add_argument("--output", required=True, help="output directory (shards, manifest.json, errors.parquet)")
     prep.add_argument("--num-workers", type=int, default=None,
                       help="parallel Ray tasks (default: config num_workers)")

@@ -11,6 +11,10 @@ saw at all. Evaluation scores **groups** of objects, each reported on its own:
   ``distinct_families`` one object per shape family (YCB's ``065-a`` .. ``065-j`` cups
   are one family), so the group is not a set of near-duplicates.
 * ``heldout_objects`` -- validation objects (same view): does it generalise?
+* ``synth_heldout`` -- validation objects of the procedural corpus (rows with source
+  ``mar3d-synth``, :mod:`mar3d.data.synth`): new instances of the categories training
+  learned from. In a dataset that mixes the corpus with other objects (scans), the two
+  groups above take only the other objects, so each collection is scored on its own.
 * ``all_objects`` -- every object of the dataset (for a dataset that is held out as a
   whole, e.g. another collection).
 
@@ -94,10 +98,11 @@ REPORT_FILE = "report.json"
 TABLE_FILE = "per_object.csv"
 PREVIEW_DIR = "previews"
 SHEET_DIR = "contact_sheets"
-GROUPS = ("seen_view", "heldout_objects", "all_objects")
+GROUPS = ("seen_view", "heldout_objects", "synth_heldout", "all_objects")
 GROUP_DESCRIPTIONS = {
     "seen_view": "training objects, seen from the view training never showed",
     "heldout_objects": "objects training never saw",
+    "synth_heldout": "procedural corpus objects training never saw",
     "all_objects": "every object of the dataset",
 }
 SCORE_KEYS = ("chamfer", "f_score", "precision", "recall", "normal_consistency", "iou")
@@ -117,8 +122,10 @@ class EvalConfig:
     groups: tuple[str, ...] = ("seen_view", "heldout_objects")
     view_index: int | None = None        # condition view; None = the dataset's held-out view
     max_objects: int | None = None       # per group, in the split's hash order; None = all
+    group_max_objects: dict[str, int] = field(default_factory=dict)  # per-group max_objects
     distinct_families: bool = True       # seen_view: one object per shape family
     seed: int = 0                        # sampling seed, the same for every object
+    batch_size: int = 8                  # objects sampled together (results do not depend on it)
     num_points: int = 50_000             # points sampled from each generated mesh
     fscore_threshold: float = DEFAULT_THRESHOLD
     with_iou: bool = True
@@ -145,7 +152,12 @@ class EvalConfig:
             raise ValueError(f"view_index must be >= 0 or null, got {self.view_index}")
         if self.max_objects is not None and self.max_objects < 1:
             raise ValueError(f"max_objects must be >= 1 or null, got {self.max_objects}")
-        for name in ("num_points", "baseline_pool", "retrieval_points"):
+        for name, count in self.group_max_objects.items():
+            if name not in GROUPS:
+                raise ValueError(f"group_max_objects names unknown group {name!r}; choose from {GROUPS}")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ValueError(f"group_max_objects[{name}] must be an integer >= 1, got {count!r}")
+        for name in ("num_points", "baseline_pool", "retrieval_points", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.fscore_threshold) and self.fscore_threshold > 0):
@@ -235,6 +247,25 @@ class EvalGroup:
     indices: list[int]                   # rows of the dataset reader
     uids: list[str]
     view_seen_in_training: bool = False  # true only for a dataset without a held-out view
+    # The training objects of the group's collection: its mean-shape baseline is chosen
+    # among them (a corpus group gets a corpus shape, a scan group a scan).
+    training_pool: frozenset[str] = frozenset()
+
+
+def group_pools(reader) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    """(objects to score, training pool of their collection) of every group: corpus rows
+    (source ``mar3d-synth``) form synth_heldout; seen_view and heldout_objects take the
+    other rows, or every row of a dataset that is all corpus."""
+    from mar3d.data.synth import SYNTH_SOURCE
+
+    split = reader.split_info
+    corpus = frozenset(u for u, src in zip(reader.uids, reader.sources) if src == SYNTH_SOURCE)
+    everything = split.train | split.val
+    others = (everything - corpus) or everything
+    return {"seen_view": (split.train & others, split.train & others),
+            "heldout_objects": (split.val & others, split.train & others),
+            "synth_heldout": (split.val & corpus, split.train & corpus),
+            "all_objects": (everything, split.train)}
 
 
 def select_groups(reader, cfg: EvalConfig) -> list[EvalGroup]:
@@ -246,17 +277,19 @@ def select_groups(reader, cfg: EvalConfig) -> list[EvalGroup]:
     if not 0 <= view < split.num_views:
         raise ValueError(f"view_index {view} outside the dataset's {split.num_views} views")
     position = {uid: i for i, uid in enumerate(reader.uids)}
-    pools = {"seen_view": split.train, "heldout_objects": split.val,
-             "all_objects": split.train | split.val}
+    pools = group_pools(reader)
     groups = []
     for name in cfg.groups:
-        ordered = sorted(pools[name], key=lambda u: (split_score(u), u))
+        scored, training = pools[name]
+        ordered = sorted(scored, key=lambda u: (split_score(u), u))
         if name == "seen_view" and cfg.distinct_families:
             seen: set[str] = set()
             ordered = [u for u in ordered if not (shape_family(u) in seen or seen.add(shape_family(u)))]
-        chosen = ordered[: cfg.max_objects] if cfg.max_objects else ordered
+        limit = cfg.group_max_objects.get(name, cfg.max_objects)
+        chosen = ordered[:limit] if limit else ordered
         groups.append(EvalGroup(name, view, [position[u] for u in chosen], chosen,
-                                view_seen_in_training=name == "seen_view" and split.holdout_view != view))
+                                view_seen_in_training=name == "seen_view" and split.holdout_view != view,
+                                training_pool=training))
     if not any(g.indices for g in groups):
         raise ValueError(f"no objects to evaluate in groups {list(cfg.groups)} "
                          f"({len(split.train)} training / {len(split.val)} validation objects)")
@@ -311,9 +344,28 @@ def strided(points: np.ndarray, count: int) -> np.ndarray:
     return points[np.linspace(0, len(points) - 1, count).round().astype(int)]
 
 
+def generate_batch(pipe: MAR3DPipeline, rows: list[dict[str, Any]], cfg: EvalConfig
+                   ) -> list[dict[str, Any] | Exception]:
+    """Generation outputs (``MAR3DPipeline.run`` dicts) of ``rows``' condition images,
+    sampled as one batch with the same seed for every object (per-item generators: an
+    object's shape does not depend on its batch mates). A batch that fails is retried
+    object by object, so one bad object is its own failure, not its batch's."""
+    try:
+        return pipe.run([row["image"] for row in rows], seed=[cfg.seed] * len(rows))
+    except Exception as e:  # noqa: BLE001 - retried per object below
+        if len(rows) == 1:
+            return [e]
+    outs: list[dict[str, Any] | Exception] = []
+    for row in rows:
+        outs += generate_batch(pipe, [row], cfg)
+    return outs
+
+
 def evaluate_object(pipe: MAR3DPipeline, row: dict[str, Any], cfg: EvalConfig,
-                    index: int = 0) -> tuple[dict[str, Any], Any]:
-    """Generate and score one object; returns (per-object record, mesh or None)."""
+                    index: int = 0, out: dict[str, Any] | Exception | None = None
+                    ) -> tuple[dict[str, Any], Any]:
+    """Score one object's generated shape (``out``, from :func:`generate_batch`; None:
+    generate it here); returns (per-object record, mesh or None)."""
     record: dict[str, Any] = {
         "index": index, "uid": row["uid"], **{k: row.get(k) for k in _RECORD_LABELS},
         "view": None, "level": "", "seconds": 0.0,
@@ -322,14 +374,13 @@ def evaluate_object(pipe: MAR3DPipeline, row: dict[str, Any], cfg: EvalConfig,
     if not cfg.with_iou:
         record.pop("iou")
     t0 = time.perf_counter()
-    try:
-        out = pipe.run(row["image"], seed=cfg.seed)
-    except Exception as e:  # noqa: BLE001 - one object's failure is a result, not a crash
+    out = generate_batch(pipe, [row], cfg)[0] if out is None else out
+    if isinstance(out, Exception):
         record["seconds"] = time.perf_counter() - t0
-        log.warning("object %s: generation failed: %s", row["uid"], e)
-        return _failed(record, f"generation: {type(e).__name__}: {e}"), None
+        log.warning("object %s: generation failed: %s", row["uid"], out)
+        return _failed(record, f"generation: {type(out).__name__}: {out}"), None
     mesh = out["mesh"]
-    record.update(level=out["level"], seconds=time.perf_counter() - t0,
+    record.update(level=out["level"], seconds=out["sample_seconds"] + out["decode_seconds"],
                   sample_seconds=out["sample_seconds"], decode_seconds=out["decode_seconds"],
                   num_vertices=len(mesh.vertices), num_faces=len(mesh.faces))
     if len(mesh.faces) == 0:
@@ -396,7 +447,12 @@ def cross_chamfer(predictions: list[np.ndarray | None], truths: list[np.ndarray]
     if not ok or not truths:
         return matrix
     truth_trees = [cKDTree(t) for t in truths]
+    done: dict[int, int] = {}  # a prediction given several times (a constant) is scored once
     for i in ok:
+        if id(predictions[i]) in done:
+            matrix[i] = matrix[done[id(predictions[i])]]
+            continue
+        done[id(predictions[i])] = i
         tree = cKDTree(predictions[i])
         for j, truth in enumerate(truths):
             to_truth = truth_trees[j].query(predictions[i], k=1, workers=-1)[0].mean()
@@ -413,6 +469,8 @@ def pairwise_chamfer(points: list[np.ndarray]) -> np.ndarray:
     trees = [cKDTree(p) for p in points]
     matrix = np.zeros((len(points), len(points)))
     for i, j in zip(*np.triu_indices(len(points), k=1)):
+        if points[i] is points[j]:  # one set given twice (a constant prediction)
+            continue
         to_j = trees[j].query(points[i], k=1, workers=-1)[0].mean()
         to_i = trees[i].query(points[j], k=1, workers=-1)[0].mean()
         matrix[i, j] = matrix[j, i] = 0.5 * (to_j + to_i)
@@ -420,9 +478,11 @@ def pairwise_chamfer(points: list[np.ndarray]) -> np.ndarray:
 
 
 def following_metrics(matrix: np.ndarray, predictions: list[np.ndarray | None],
-                      truths: list[np.ndarray]) -> dict[str, float | None]:
+                      truths: list[np.ndarray], truth_pairs: np.ndarray | None = None
+                      ) -> dict[str, float | None]:
     """Top-1 retrieval from a square prediction x truth Chamfer matrix, and the diversity
-    ratio over the objects whose prediction exists (None below two of them)."""
+    ratio over the objects whose prediction exists (None below two of them).
+    ``truth_pairs``: :func:`pairwise_chamfer` of ``truths`` when already computed."""
     n = len(truths)
     hits = sum(bool(np.isfinite(matrix[i]).any()) and int(np.argmin(matrix[i])) == i for i in range(n))
     ok = [i for i in range(n) if predictions[i] is not None and len(predictions[i])]
@@ -430,7 +490,8 @@ def following_metrics(matrix: np.ndarray, predictions: list[np.ndarray | None],
     if len(ok) >= 2:
         upper = np.triu_indices(len(ok), k=1)
         generated = pairwise_chamfer([predictions[i] for i in ok])[upper].mean()
-        spread = pairwise_chamfer([truths[i] for i in ok])[upper].mean()
+        spread = (truth_pairs[np.ix_(ok, ok)] if truth_pairs is not None
+                  else pairwise_chamfer([truths[i] for i in ok]))[upper].mean()
         diversity = float(generated / spread) if spread > 0 else None
     return {"retrieval_hits": float(hits), "retrieval_top1": hits / n if n else 0.0,
             "retrieval_chance": 1.0 / n if n else 0.0, "diversity_ratio": diversity}
@@ -485,11 +546,13 @@ class MeanShape:
     mean_chamfer: float
 
 
-def mean_shape(reader, cfg: EvalConfig) -> MeanShape | None:
-    """The medoid (by Chamfer) of at most ``baseline_pool`` training objects."""
+def mean_shape(reader, cfg: EvalConfig, pool: frozenset[str] | None = None) -> MeanShape | None:
+    """The medoid (by Chamfer) of at most ``baseline_pool`` training objects (of ``pool``,
+    default every training object)."""
     from mar3d.data.splits import split_score
 
-    train = sorted(reader.split_info.train, key=lambda u: (split_score(u), u))[: cfg.baseline_pool]
+    pool = reader.split_info.train if pool is None else pool
+    train = sorted(pool, key=lambda u: (split_score(u), u))[: cfg.baseline_pool]
     if not train:
         return None
     position = {uid: i for i, uid in enumerate(reader.uids)}
@@ -591,8 +654,11 @@ def _score_group(pipe: MAR3DPipeline, group: EvalGroup, group_rows: list[dict[st
     from mar3d.metrics import sample_surface
 
     records, meshes, points = [], [], []
+    outs: list[Any] = []
     for i, row in enumerate(group_rows):
-        record, mesh = evaluate_object(pipe, row, cfg, index=i)
+        if i % cfg.batch_size == 0:
+            outs = generate_batch(pipe, group_rows[i:i + cfg.batch_size], cfg)
+        record, mesh = evaluate_object(pipe, row, cfg, index=i, out=outs[i % cfg.batch_size])
         record.update(group=group.name, view=group.view, model=label)
         if cfg.with_vae_iou:
             record["vae_iou"] = vae_reconstruction_iou(pipe, row)
@@ -650,7 +716,7 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         champion_pipe=(MAR3DPipeline.from_pretrained(champion.uri, config=copy.deepcopy(cfg.generate),
                                                      device=cfg.device, tracking_uri=tracking_uri)
                        if champion else None),
-        baseline=mean_shape(reader, cfg) if cfg.baseline else None)
+        baselines=_group_baselines(reader, cfg, groups))
 
     run_id = tracking.start_or_resume_run(
         tracking_uri, cfg.experiment, cfg.run_name or f"eval-{Path(_dataset_path(dataset)).name}",
@@ -690,6 +756,20 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
                       failed=failed, tracking_uri=tracking_uri, contact_sheets=sheets)
 
 
+def _group_baselines(reader, cfg: EvalConfig, groups: list[EvalGroup]) -> dict[str, MeanShape]:
+    """Each group's mean shape (one per distinct training pool); none when disabled."""
+    if not cfg.baseline:
+        return {}
+    by_pool: dict[frozenset[str], MeanShape | None] = {}
+    out = {}
+    for group in groups:
+        if group.training_pool not in by_pool:
+            by_pool[group.training_pool] = mean_shape(reader, cfg, group.training_pool)
+        if by_pool[group.training_pool] is not None:
+            out[group.name] = by_pool[group.training_pool]
+    return out
+
+
 def _run_params(model: str, dataset, fingerprint: dict, cfg: EvalConfig, ctx: "_GroupScoring",
                 groups, extra_params: dict[str, Any] | None) -> dict[str, Any]:
     """The evaluation run's MLflow params: config, model, dataset identity, groups."""
@@ -698,7 +778,7 @@ def _run_params(model: str, dataset, fingerprint: dict, cfg: EvalConfig, ctx: "_
                    "dataset.hash": fingerprint["hash"], "dataset.rows": fingerprint["rows"],
                    "pipeline.level": "hr" if ctx.pipe.uses_hr else "lr", "device": str(ctx.pipe.device),
                    "compare_to": ctx.champion.uri if ctx.champion else "",
-                   "baseline.uid": ctx.baseline.uid if ctx.baseline else "",
+                   **{f"group.{name}.baseline_uid": shape.uid for name, shape in ctx.baselines.items()},
                    **{f"group.{g.name}.objects": len(g.indices) for g in groups},
                    **(extra_params or {})})
     return params
@@ -706,10 +786,10 @@ def _run_params(model: str, dataset, fingerprint: dict, cfg: EvalConfig, ctx: "_
 
 def _report_results(ctx: "_GroupScoring", outcomes: list["_GroupOutcome"]) -> dict[str, Any]:
     """The results part of report.json: groups, metrics, per-object rows, contact sheets."""
-    baseline = ctx.baseline
     return {"champion": ctx.champion.uri if ctx.champion else None,
-            "baseline": ({"uid": baseline.uid, "pool": baseline.pool,
-                          "mean_chamfer_to_pool": baseline.mean_chamfer} if baseline else None),
+            "baselines": {name: {"uid": shape.uid, "pool": shape.pool,
+                                 "mean_chamfer_to_pool": shape.mean_chamfer}
+                          for name, shape in ctx.baselines.items()},
             "groups": {o.name: o.doc for o in outcomes},
             "metrics": {k: v for o in outcomes for k, v in o.metrics.items()},
             "per_object": [r for o in outcomes for r in o.records],
@@ -734,7 +814,7 @@ class _GroupScoring:
     pipe: MAR3DPipeline
     champion: Any = None                      # the champion release, when compared
     champion_pipe: MAR3DPipeline | None = None
-    baseline: Any = None                      # the mean-shape baseline, when enabled
+    baselines: dict[str, Any] = field(default_factory=dict)  # group -> its mean shape (when enabled)
     bar: Any = None                           # progress bar over all groups
 
 
@@ -768,7 +848,10 @@ def _evaluate_group(ctx: _GroupScoring, group, dataset) -> _GroupOutcome:
     scored = _score_group(ctx.pipe, group, group_rows, cfg, ctx.bar, "candidate")
     matrix = cross_chamfer(scored.points, truths)
     categories = [r.get("category") for r in group_rows]
-    candidate = {**aggregate(scored.records), **following_metrics(matrix, scored.points, truths),
+    # The ground truths' spread is the same for every model scored on the group.
+    truth_pairs = pairwise_chamfer(truths)
+    candidate = {**aggregate(scored.records),
+                 **following_metrics(matrix, scored.points, truths, truth_pairs),
                  **category_following(matrix, categories)}
     nearest = [group.uids[int(np.argmin(r))] if np.isfinite(r).any() else None for r in matrix]
     for record, near in zip(scored.records, nearest):
@@ -778,17 +861,19 @@ def _evaluate_group(ctx: _GroupScoring, group, dataset) -> _GroupOutcome:
     outcome.records = scored.records
     _write_matrix(output / f"chamfer_{group.name}.csv", group.uids, matrix)
 
-    if ctx.baseline is not None:
-        base_rows = [baseline_record(ctx.baseline, r, cfg) for r in group_rows]
-        constant = [strided(ctx.baseline.points, cfg.retrieval_points)] * len(truths)
+    baseline = ctx.baselines.get(group.name)
+    if baseline is not None:
+        base_rows = [baseline_record(baseline, r, cfg) for r in group_rows]
+        constant = [strided(baseline.points, cfg.retrieval_points)] * len(truths)
         base_matrix = cross_chamfer(constant, truths)
-        doc["baseline"] = {"uid": ctx.baseline.uid, "pool": ctx.baseline.pool,
-                           **aggregate(base_rows), **following_metrics(base_matrix, constant, truths),
+        doc["baseline"] = {"uid": baseline.uid, "pool": baseline.pool,
+                           **aggregate(base_rows),
+                           **following_metrics(base_matrix, constant, truths, truth_pairs),
                            **category_following(base_matrix, categories)}
         doc["baseline"].pop("seconds_per_object", None)
     if "category_accuracy" in candidate:
         by_model = {"": (matrix, scored.records)}
-        if ctx.baseline is not None:
+        if baseline is not None:
             by_model["baseline_"] = (base_matrix, base_rows)
         doc["per_category"] = per_category(categories, by_model)
         _write_rows(output / f"per_category_{group.name}.csv", doc["per_category"])
@@ -796,7 +881,7 @@ def _evaluate_group(ctx: _GroupScoring, group, dataset) -> _GroupOutcome:
         champ = _score_group(ctx.champion_pipe, group, group_rows, cfg, ctx.bar, "champion")
         champ_matrix = cross_chamfer(champ.points, truths)
         doc["champion"] = {"release": ctx.champion.uri, **aggregate(champ.records),
-                           **following_metrics(champ_matrix, champ.points, truths)}
+                           **following_metrics(champ_matrix, champ.points, truths, truth_pairs)}
         outcome.champion_records = champ.records
         outcome.tags[f"eval.{group.name}.champion"] = ctx.champion.uri
 
@@ -961,5 +1046,5 @@ def evaluate_components(vae_uri: str, lr_uri: str, hr_uri: str | None, dataset: 
 
 __all__ = ["EvalConfig", "EvalGroup", "EvalResult", "GROUPS", "aggregate", "assemble_release_dir",
            "cross_chamfer", "pairwise_chamfer", "dataset_fingerprint", "evaluate", "evaluate_components",
-           "evaluate_object", "evaluation_table", "following_metrics", "mean_shape",
+           "evaluate_object", "evaluation_table", "generate_batch", "following_metrics", "mean_shape",
            "select_groups"]

@@ -133,6 +133,10 @@ class BatchGenerateConfig:
     view_index: int = 0                   # shard datasets: which stored view to condition on
     all_views: bool = False               # shard datasets: one item per stored view
     max_items: int | None = None          # only the first N listed items (sorted by id)
+    # Shard datasets: rows whose ``source`` label is one of these are left out (the local
+    # demo generates for its scans, not for the procedural corpus it trained on); the
+    # count left out is logged.
+    exclude_sources: tuple[str, ...] = ()
     retry_errors: bool = False            # also redo items with deterministic errors
     checkpoint_seconds: float = 10.0      # rewrite results.parquet at least this often
     # contact_sheet.png: input | generated | ground truth (shard inputs) for the first N
@@ -268,16 +272,23 @@ def _list_shards(root: Path, cfg: BatchGenerateConfig) -> list[dict]:
         raise ValueError(f"view_index {cfg.view_index} is outside the {num_views} views stored in {root}")
     views = range(num_views) if cfg.all_views else [cfg.view_index]
     items = []
+    left_out = 0
     for entry in complete_shards(root, manifest, verify=False):
         path = root / entry["file"]
-        present = label_columns(pq.read_schema(path), ITEM_LABELS)  # older shards: none
+        present = label_columns(pq.read_schema(path), (*ITEM_LABELS, "source"))  # older shards: none
         rows = pq.read_table(path, columns=["uid", *present]).to_pylist()
         for row, labels in enumerate(rows):  # shards hold one row per row group
+            if cfg.exclude_sources and labels.get("source") in cfg.exclude_sources:
+                left_out += 1
+                continue
             uid = labels["uid"]
             for v in views:
                 items.append(_item(f"{uid}_v{v}", "shard", path, f"{path}#uid={uid}&view={v}",
                                    _fingerprint(path, row, v), row=row, view=v, column="images",
                                    labels=labels))
+    if left_out:
+        log.info("%d rows of %s left out: their source is one of exclude_sources %s",
+                 left_out, root, list(cfg.exclude_sources))
     return items
 
 

@@ -117,8 +117,10 @@ def test_release_registration_takes_the_conditioner_the_stages_were_trained_with
         trained_conditioner({"lr": "runs:/a/model", "hr": "runs:/c/model"}, read)
 
 
-def test_training_refuses_to_fine_tune_the_shared_encoders():
+def test_training_refuses_to_fine_tune_pretrained_encoders():
+    # Only the tiny random towers train (with MAR-LR); the paper's pretrained ones stay frozen.
     from mar3d.train import load_train_config
 
-    with pytest.raises(ValueError, match="train_encoders: true is not supported"):
-        load_train_config("lr", "train_lr_tiny", ["vae_model_uri=/some/vae", "condition.train_encoders=true"])
+    with pytest.raises(ValueError, match="pretrained CLIP \\+ DINOv2 stay frozen"):
+        load_train_config("lr", "train_lr_tiny", ["vae_model_uri=/some/vae", "condition.train_encoders=true",
+                                                  "condition.tiny=false"])

@@ -372,3 +372,24 @@ def test_process_mesh_on_draco(tmp_path, plain_glb):
     inside_gap = (half - np.abs(points)).min(1)  # > 0 strictly inside
     distance = np.where(outside_gap > 0, outside_gap, inside_gap)
     assert np.abs(distance).max() < 0.05
+
+
+def test_gltf_is_turned_into_a_z_up_dataset_and_formats_without_a_convention_are_not(tmp_path, plain_glb):
+    # The box is 1 x 2 x 4 in glTF's +Y-up frame: in a z-up dataset its y extent (2) becomes
+    # the up (z) extent and its z extent (4) the depth along -y; an OBJ of the same box is
+    # taken as it is.
+    glb = write(tmp_path, plain_glb)
+    obj = tmp_path / "box.obj"
+    textured_box().export(obj)
+    for path, up, want in ((glb, "y", EXTENTS), (glb, "z", EXTENTS[[0, 2, 1]]),
+                           (obj, "y", EXTENTS), (obj, "z", EXTENTS)):
+        mesh = load_mesh(path, **LIMITS, up_axis=up)
+        extent = np.ptp(mesh.vertices, axis=0)
+        assert np.allclose(extent / extent.max(), want / want.max()), (path.name, up, extent)
+        # transform maps the file's coordinates to the stored ones (rotation included),
+        # and the rotation is proper: faces keep pointing outwards.
+        original = trimesh.load(path, force="mesh", process=False).vertices
+        assert np.allclose(trimesh.transform_points(original, mesh.transform).min(0), mesh.vertices.min(0))
+        assert mesh.mesh.volume > 0
+    with pytest.raises(ValueError, match="up_axis"):
+        load_mesh(glb, **LIMITS, up_axis="x")

@@ -22,6 +22,13 @@ issue 14) were added later too, default off (exact decoding) in every preset.
 solid is sampled and labelled as it is instead of through the distance grid.
 ``DataConfig.select_categories`` / ``select_uids_file`` / ``select_limit`` (choosing objects
 of an Objaverse tree or table) select everything in every preset.
+``DataConfig.synth_objects`` / ``synth_seed`` and ``EvalConfig.group_max_objects`` were added
+with training beyond the YCB scans: no corpus and no per-group limits by default; the
+local demo's presets changed on purpose (``CHANGED``): ``data_local`` mixes a corpus of
+1,000 objects into its scans, ``eval_tiny`` scores 100 held-out corpus objects too and
+``generate_tiny`` (``BatchGenerateConfig.exclude_sources``, added then) generates for the
+scans only. ``EvalConfig.batch_size`` (objects generated together; scores do not depend
+on it) was added with 8 everywhere.
 """
 from __future__ import annotations
 
@@ -75,7 +82,16 @@ REMOVED = {"data_loader": "ray"}
 # Keys added to a config since -> the value every preset that has the key now loads.
 ADDED = {"watertight_method": "snap", "watertight_reuse_closed": True, "init_seed": 0, "condition_model_uri": "", "feature_cache": "",
          "kv_top_k": None, "kv_block": 1024, "kv_score_queries": 32,
-         "select_categories": [], "select_uids_file": None, "select_limit": None}
+         "select_categories": [], "select_uids_file": None, "select_limit": None,
+         "synth_objects": 0, "synth_seed": 0, "group_max_objects": {}, "exclude_sources": [],
+         "batch_size": 8}
+# Values a preset changed on purpose since -> (what it loads now, what the fixture has).
+CHANGED = {"data_local": {"synth_objects": (1000, None)},
+           "eval_tiny": {"groups": (["seen_view", "heldout_objects", "synth_heldout"],
+                                    ["seen_view", "heldout_objects"]),
+                         "group_max_objects": ({"synth_heldout": 100}, None),
+                         "baseline_pool": (96, 256)},
+           "generate_tiny": {"exclude_sources": (["mar3d-synth"], None)}}
 
 
 def pop_added(loaded: dict, expected: dict) -> None:
@@ -94,6 +110,10 @@ def test_every_preset_loads_to_the_same_values_as_before(key):
         if removed in expected:
             assert expected.pop(removed) == kept
     loaded = preset_values(key)
+    for name, (now, before) in CHANGED.get(key, {}).items():
+        assert loaded.pop(name) == now, name
+        if before is not None:
+            loaded[name] = before
     pop_added(loaded, expected)
     assert loaded == expected
 

@@ -187,43 +187,144 @@ def load_mesh_from(mesh: trimesh.Trimesh):
                       transform=np.eye(4))
 
 
+def test_ensure_corpus_makes_a_corpus_once_regrows_it_and_refuses_another(tmp_path):
+    from mar3d.data.synth import RECORD_FILE, SYNTH_SOURCE, ensure_corpus
+
+    cfg = SynthConfig(num_objects=3, categories=("cup", "box"), workers=1, texture_size=32)
+    made = ensure_corpus(tmp_path / "c", cfg, progress=False)
+    assert made is not None and made.num_objects == 3
+    assert json.loads((tmp_path / "c" / RECORD_FILE).read_text())["config"]["num_objects"] == 3
+    meta = _read_gz(tmp_path / "c" / "metadata" / "000-000.json.gz")
+    assert {m["source"] for m in meta.values()} == {SYNTH_SOURCE}
+    assert ensure_corpus(tmp_path / "c", cfg, progress=False) is None  # already there
+    # A larger count regrows it in place; the objects it had stay the same files.
+    before = sorted(p.read_bytes() for p in (tmp_path / "c" / "glbs").rglob("*.glb"))
+    grown = ensure_corpus(tmp_path / "c", SynthConfig(num_objects=4, categories=("cup", "box"),
+                                                      workers=1, texture_size=32), progress=False)
+    assert grown.num_objects == 4 and len(_read_gz(tmp_path / "c" / "object-paths.json.gz")) == 4
+    after = {p.read_bytes() for p in (tmp_path / "c" / "glbs").rglob("*.glb")}
+    assert set(before) <= after
+    with pytest.raises(ValueError, match="other settings"):
+        ensure_corpus(tmp_path / "c", SynthConfig(num_objects=4, seed=1, categories=("cup", "box"),
+                                                  workers=1, texture_size=32), progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no corpus"):
+        ensure_corpus(tmp_path / "other", cfg, progress=False)
+
+
+class _Reader:
+    """What group selection reads of a ShapeDataset: uids, their source labels, the split."""
+
+    def __init__(self, sources: dict[str, str | None], val: set[str]):
+        from mar3d.data.splits import DatasetSplit
+
+        self.uids, self.sources = list(sources), list(sources.values())
+        self.split_info = DatasetSplit(train=frozenset(set(sources) - val), val=frozenset(val),
+                                       holdout_view=1, num_views=2)
+
+
+def test_a_mixed_dataset_scores_scans_and_corpus_objects_in_their_own_groups():
+    from mar3d.data.synth import SYNTH_SOURCE
+    from mar3d.evaluate import EvalConfig, group_pools, select_groups
+
+    sources = {"scan_a": None, "scan_b": None, "scan_c": None,
+               **{f"synth_{i}": SYNTH_SOURCE for i in range(6)}, "objaverse_x": "objaverse-1.0"}
+    reader = _Reader(sources, val={"scan_c", "synth_0", "synth_1", "synth_2"})
+    pools = group_pools(reader)
+    assert pools["seen_view"] == ({"scan_a", "scan_b", "objaverse_x"},) * 2
+    assert pools["heldout_objects"] == ({"scan_c"}, {"scan_a", "scan_b", "objaverse_x"})
+    assert pools["synth_heldout"] == ({"synth_0", "synth_1", "synth_2"}, {"synth_3", "synth_4", "synth_5"})
+    assert pools["all_objects"][0] == set(sources)
+    cfg = EvalConfig(groups=("seen_view", "heldout_objects", "synth_heldout"), max_objects=1,
+                     group_max_objects={"synth_heldout": 2}, distinct_families=False)
+    groups = {g.name: g for g in select_groups(reader, cfg)}
+    assert [len(groups[n].uids) for n in cfg.groups] == [1, 1, 2]
+    assert set(groups["synth_heldout"].uids) <= {"synth_0", "synth_1", "synth_2"}
+    assert groups["synth_heldout"].training_pool == {"synth_3", "synth_4", "synth_5"}
+    # A dataset that is all corpus: the scan groups take its objects rather than none.
+    only = _Reader({f"synth_{i}": SYNTH_SOURCE for i in range(4)}, val={"synth_0", "synth_1"})
+    assert group_pools(only)["heldout_objects"] == group_pools(only)["synth_heldout"]
+    with pytest.raises(ValueError, match="unknown group"):
+        EvalConfig(group_max_objects={"nope": 3}).validate()
+    with pytest.raises(ValueError, match=">= 1"):
+        EvalConfig(group_max_objects={"synth_heldout": 0}).validate()
+
+
 @pytest.mark.e2e
-def test_a_prepared_corpus_is_read_with_its_labels_and_evaluated_by_category(tmp_path, ray_local):
-    """The corpus through the data job (its Objaverse layout) and evaluation: rows keep
-    uid, category and license, and every group reports category accuracy, next to the
-    mean-shape baseline, with a per-category table."""
+def test_scans_and_a_corpus_make_one_dataset_scored_per_collection(tmp_path, ray_local):
     import csv
 
     from _shards import small_data_config
     from _tiny_release import write_tiny_release
+    from mar3d.data.dataset import ShapeDataset
     from mar3d.data.prepare import prepare_dataset
-    from mar3d.evaluate import EvalConfig, evaluate, evaluation_table
+    from mar3d.data.synth import SYNTH_SOURCE
+    from mar3d.evaluate import EvalConfig, evaluate, evaluation_table, group_pools
     from mar3d.inference import GenerateConfig
 
-    corpus = tmp_path / "corpus"
-    synthesize(corpus, SynthConfig(num_objects=6, categories=("cup", "box", "fruit"), workers=1,
-                                   texture_size=32), progress=False)
+    # Scans (OBJ, z-up as YCB's) and a procedural corpus made by the job itself (glTF, +Y
+    # up, turned into the z-up dataset's frame).
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    trimesh.creation.box((0.3, 0.3, 1.0)).export(scans / "post.obj")
+    trimesh.creation.icosphere(2).export(scans / "ball.obj")
+    trimesh.creation.cylinder(0.5, 0.2, sections=24).export(scans / "disc.obj")
+    cfg = small_data_config()
+    cfg.render_up_axis, cfg.synth_objects = "z", 6
     data = tmp_path / "data"
-    prepared = prepare_dataset(corpus, data, small_data_config(), progress=False)
-    assert (prepared.num_rows, prepared.num_errors) == (6, 0)
+    prepared = prepare_dataset(scans, data, cfg, progress=False)
+    assert (prepared.num_rows, prepared.num_errors) == (9, 0)
     # CPU seconds by stage, for the scale benchmark; closed corpus meshes skip the grid.
     stages = prepared.to_dict()["stage_cpu_seconds"]
     assert set(stages) == {"load", "watertight", "sample", "label", "render", "write"}
-    assert stages["label"] > 0 and stages["render"] > 0 and stages["watertight"] < stages["label"]
-    release = write_tiny_release(tmp_path / "release")
-    cfg = EvalConfig(generate=GenerateConfig(use_hr=False, num_iters=4, diffusion_steps=5, resolution=32),
-                     num_points=2000, previews=0, with_iou=False, device="cpu", contact_sheet=False,
-                     groups=("all_objects",))
-    result = evaluate(str(release), data, tmp_path / "out", cfg, tracking_uri=f"sqlite:///{tmp_path / 'db'}",
-                      progress=False)
+    assert stages["label"] > 0 and stages["render"] > 0
+    corpus = data / "corpus"
     paths = _read_gz(corpus / "object-paths.json.gz")
-    assert sorted(r["source_uid"] for r in result.per_object) == sorted(paths)
-    assert sorted(r["category"] for r in result.per_object) == ["box", "box", "cup", "cup", "fruit", "fruit"]
+    assert len(paths) == 6
+    again = prepare_dataset(scans, data, cfg, progress=False)  # the corpus is not made again
+    assert (again.processed, again.skipped, again.num_rows) == (0, 9, 9)
+
+    reader = ShapeDataset(data, num_occ=1, near_fraction=0.0, with_image=False)
+    by_source = dict(zip(reader.uids, reader.sources))
+    assert sorted(s for s in by_source.values() if s) == [SYNTH_SOURCE] * 6
+    # Every synth object stands up along z: lathe bodies and boxes are made +Y up in glTF.
+    for uid, src in by_source.items():
+        if src == SYNTH_SOURCE and "bottle" in uid:
+            level = reader.read_row(reader.uids.index(uid))["surface_0"][:, :3]
+            assert np.ptp(level[:, 2]) > np.ptp(level[:, 1])
+
+    # Batch generation can leave the corpus out (the local demo generates for its scans).
+    from mar3d.generate import BatchGenerateConfig, list_inputs
+
+    scan_uids = sorted(u for u, src in by_source.items() if src is None)
+    kept = list_inputs(data, BatchGenerateConfig(exclude_sources=(SYNTH_SOURCE,)))
+    assert sorted(i["id"].rsplit("_v", 1)[0] for i in kept) == scan_uids
+    assert len(list_inputs(data, BatchGenerateConfig())) == 9
+
+    release = write_tiny_release(tmp_path / "release")
+    ecfg = EvalConfig(generate=GenerateConfig(use_hr=False, num_iters=4, diffusion_steps=5, resolution=32),
+                      num_points=2000, previews=0, with_iou=False, device="cpu", contact_sheet=False,
+                      groups=("heldout_objects", "synth_heldout", "all_objects"))
+    result = evaluate(str(release), data, tmp_path / "out", ecfg,
+                      tracking_uri=f"sqlite:///{tmp_path / 'db'}", progress=False)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    pools = group_pools(reader)
+    for name in ecfg.groups:
+        assert set(report["groups"][name]["objects"]) == pools[name][0]
+        if name in report["baselines"]:  # chosen among the group's own collection
+            assert report["baselines"][name]["uid"] in pools[name][1]
+    assert set(report["groups"]["synth_heldout"]["objects"]) | set(report["groups"]["heldout_objects"]["objects"]) \
+        == reader.split_info.val
+    rows = {r["uid"]: r for r in result.per_object if r["group"] == "all_objects"}
+    assert sorted(r["source_uid"] for r in rows.values() if r["source_uid"]) == sorted(paths)
+    # Category accuracy where every object has a category (the corpus group), not where
+    # scans without one take part.
     m = result.metrics
-    assert 0 <= m["all_objects/category_accuracy"] <= 1 and 0 <= m["all_objects/baseline/category_accuracy"] <= 1
-    assert m["all_objects/category_chance"] == pytest.approx(1 / 3)
-    with open(tmp_path / "out" / "per_category_all_objects.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["category"], r["objects"]) for r in rows] == [("box", "2"), ("cup", "2"), ("fruit", "2")]
-    assert {"f_score", "chamfer", "category_accuracy", "baseline_f_score"} <= set(rows[0])
+    assert 0 <= m["synth_heldout/category_accuracy"] <= 1
+    assert 0 <= m["synth_heldout/baseline/category_accuracy"] <= 1
+    assert "all_objects/category_accuracy" not in m
+    with open(tmp_path / "out" / "per_category_synth_heldout.csv") as f:
+        counts = {r["category"]: int(r["objects"]) for r in csv.DictReader(f)}
+    assert set(counts) <= set(CATEGORIES) and sum(counts.values()) == len(pools["synth_heldout"][0])
     assert "| category accuracy ↑ |" in evaluation_table(result)

@@ -251,3 +251,58 @@ def test_feature_cache_is_a_mar_key_and_refuses_rotation():
     with pytest.raises(ValueError, match="unrotated"):
         load_train_config("lr", "train_lr_tiny", ["vae_model_uri=/some/vae", "feature_cache=build",
                                                   "rotate=true"]).validate()
+
+
+def test_trained_encoders_are_for_the_tiny_towers_and_mar_lr_trains_them():
+    vae = ["vae_model_uri=/some/vae", "condition.train_encoders=true"]
+    load_train_config("lr", "train_lr_tiny", vae).validate()
+    with pytest.raises(ValueError, match="tiny random encoders"):
+        load_train_config("lr", "train_lr_tiny", [*vae, "condition.tiny=false"]).validate()
+    with pytest.raises(ValueError, match="feature cache"):
+        load_train_config("lr", "train_lr_tiny", [*vae, "feature_cache=build"]).validate()
+    with pytest.raises(ValueError, match="MAR-HR trains on the towers MAR-LR trained"):
+        load_train_config("hr", "train_hr_tiny", vae).validate()
+    load_train_config("hr", "train_hr_tiny", [*vae, "condition_model_uri=runs:/lr/trained_conditioner"]).validate()
+
+
+def test_an_encoder_training_mar_lr_gets_gradients_into_its_towers_and_exports_two_models(tmp_path):
+    import torch
+
+    from mar3d.inference import load_conditioner
+    from mar3d.models.condition import ImageEncoder
+    from mar3d.models.mar import ConditionalMAR
+    from mar3d.train.stages import TRAINED_CONDITIONER_DIR, EncoderAndMAR, MARStage
+
+    cfg = load_train_config("lr", "train_lr_tiny", [
+        "vae_model_uri=/some/vae", "condition.train_encoders=true", "condition.image_size=64",
+        "condition.tiny_clip_patch=16", "condition.tiny_dino_patch=16"])
+    stage = MARStage(cfg, "lr")
+    stage.encoder, stage.conditioner_id, stage.run_id = ImageEncoder(cfg.condition), "initial", "run1"
+    model = stage.build_model()
+    assert isinstance(model, EncoderAndMAR) and model.mar is model.model.mar
+    model.train()
+    assert model.encoder.training  # an unfrozen encoder follows its owner's mode
+    images = torch.randint(0, 255, (2, 64, 64, 4), dtype=torch.uint8)
+    tokens = torch.randn(2, cfg.mar.seq_len, cfg.mar.token_dim)
+    # The diffusion head's modulation and output layers start at zero (adaLN-zero), so
+    # nothing upstream of them has a gradient before the third step.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(images, tokens)["loss"].backward()
+        optimizer.step()
+    grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+    weights, extra = stage.export_weights(model.state_dict(), tmp_path)
+    plain = ConditionalMAR(cfg.condition, cfg.mar, stage.encoder.spec)
+    assert set(weights) == set(plain.state_dict())  # MAR-LR alone, loadable as a MAR model
+    plain.load_state_dict(weights)
+    encoder, conditioner_id = load_conditioner(tmp_path / TRAINED_CONDITIONER_DIR)
+    assert extra == {"conditioner_id": conditioner_id, "initial_conditioner_id": "initial",
+                     "condition_model_uri": f"runs:/run1/{TRAINED_CONDITIONER_DIR}"}
+    assert torch.equal(encoder.state_dict()["clip.conv1.weight"], model.encoder.state_dict()["clip.conv1.weight"])
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    # A stage whose encoder is frozen exports its weights as they are.
+    frozen = MARStage(load_train_config("lr", "train_lr_tiny", ["vae_model_uri=/some/vae"]), "lr")
+    assert frozen.export_weights({"a": torch.zeros(1)}, tmp_path) == ({"a": torch.zeros(1)}, {})

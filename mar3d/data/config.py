@@ -80,7 +80,9 @@ class DataConfig:
     render_fit_margin: float = 1.1
     render_ambient: float = 0.35
     render_white_background: bool = True
-    # World up axis for elevation: "y" (glTF / Objaverse convention) or "z" (YCB scans).
+    # The dataset's world up axis: "y" (glTF / Objaverse convention) or "z" (YCB scans).
+    # Cameras orbit about it. glTF files are +Y up by their specification and are turned
+    # into a z-up dataset's frame; OBJ/PLY/STL/OFF have no convention and are taken as is.
     render_up_axis: str = "y"
 
     # --- limits: inputs beyond them become error rows, never crashes -------------------
@@ -106,6 +108,13 @@ class DataConfig:
     select_uids_file: str | None = None
     # At most this many objects: the first ones after sorting the selected uids.
     select_limit: int | None = None
+
+    # --- procedural corpus (mar3d/data/synth.py) mixed into the inputs ---------------------
+    # > 0: `mar3d data prepare` first makes this many objects with `mar3d data synth` (into
+    # OUTPUT/corpus, once; a re-run finds them there) and prepares them with the inputs.
+    # Their rows have source "mar3d-synth", which evaluation's synth_heldout group selects.
+    synth_objects: int = 0
+    synth_seed: int = 0
 
     # --- job layout ---------------------------------------------------------------------
     shard_size: int = 64
@@ -178,6 +187,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.select_limit must be >= 1 (or null for all), got {self.select_limit}")
         if any(not str(c).strip() for c in self.select_categories):
             raise ValueError(f"DataConfig.select_categories has an empty name: {self.select_categories}")
+        if self.synth_objects < 0:
+            raise ValueError(f"DataConfig.synth_objects must be >= 0, got {self.synth_objects}")
         if self.shard_size < 1:
             raise ValueError(f"DataConfig.shard_size must be >= 1, got {self.shard_size}")
         if self.num_workers < 1:

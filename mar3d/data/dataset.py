@@ -91,6 +91,7 @@ class ShapeDataset(torch.utils.data.Dataset):
         shards = complete_shards(self.root, manifest, verify=False)
         self.index: list[tuple[Path | str, int]] = []  # (shard path, row group) per row
         self.uids: list[str] = []
+        self.sources: list[str | None] = []  # the rows' ``source`` label (None without one)
         for s in shards:
             path = storage.join(self.root, s["file"]) if storage.is_remote(self.root) else self.root / s["file"]
             shard = _parquet_file(path)
@@ -100,14 +101,20 @@ class ShapeDataset(torch.utils.data.Dataset):
                     raise ValueError(f"{path}: row group {g} holds {meta.row_group(g).num_rows} rows; "
                                      "shards must have one row per row group")
                 self.index.append((path, g))
-            self.uids += shard.read(columns=["uid"]).column("uid").to_pylist()
+            with_source = "source" in shard.schema_arrow.names  # older shards have no labels
+            table = shard.read(columns=["uid", "source"] if with_source else ["uid"])
+            self.uids += table.column("uid").to_pylist()
+            self.sources += (table.column("source").to_pylist() if with_source
+                             else [None] * table.num_rows)
         cfg = manifest["config"]
         self.split_info = split_from_manifest(manifest, self.uids)
         self.split = split
         if split != "all":
             keep = self.split_info.uids(split)
-            pairs = [(i, u) for i, u in zip(self.index, self.uids) if u in keep]
-            self.index, self.uids = [i for i, _ in pairs], [u for _, u in pairs]
+            kept = [(i, u, s) for i, u, s in zip(self.index, self.uids, self.sources) if u in keep]
+            self.index = [i for i, _, _ in kept]
+            self.uids = [u for _, u, _ in kept]
+            self.sources = [s for _, _, s in kept]
         stored = tuple(cfg["surface_sizes"])
         self.surface_sizes = tuple(surface_sizes) if surface_sizes is not None else stored
         if len(self.surface_sizes) > len(stored) or any(

@@ -97,6 +97,22 @@ def normalization_transform(vertices: np.ndarray, extent: float) -> np.ndarray:
     return t
 
 
+# glTF's frame is +Y up by its specification; a z-up dataset (YCB-style scans) takes glTF
+# objects turned +90 degrees about x, so that their up becomes +Z: (x, y, z) -> (x, -z, y).
+_Y_UP_TO_Z_UP = np.array([[1.0, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+
+
+def frame_transform(path: Path, up_axis: str) -> np.ndarray:
+    """The rotation that brings the file's own frame into a dataset whose world up is
+    ``up_axis``. Only glTF states its up axis (+Y); OBJ, PLY, STL and OFF have no
+    convention, so they are taken as already being in the dataset's frame."""
+    if up_axis not in ("y", "z"):
+        raise ValueError(f"up_axis must be 'y' or 'z', got {up_axis!r}")
+    if up_axis == "z" and path.suffix.lower() in GLTF_SUFFIXES:
+        return _Y_UP_TO_Z_UP.copy()
+    return np.eye(4)
+
+
 def load_scene(path: Path, max_faces: int):
     """trimesh's reading of ``path``; glTF files that trimesh would misread (compressed,
     quantized, sparse, strips/fans) are handed over rewritten into plain glTF."""
@@ -110,8 +126,11 @@ def load_scene(path: Path, max_faces: int):
 
 
 def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
-              normalize_extent: float = 1.0) -> LoadedMesh:
+              normalize_extent: float = 1.0, up_axis: str = "y") -> LoadedMesh:
+    """``path`` flattened, validated, turned into the dataset's frame (``up_axis``, see
+    :func:`frame_transform`) and normalized."""
     path = Path(path)
+    frame = frame_transform(path, up_axis)
     check_file(path, max_file_bytes)
     preflight(path, max_faces)
     try:
@@ -123,6 +142,9 @@ def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
     parts = _flatten(loaded)
     if not parts:
         raise MeshError("empty", "no triangle geometry found in the file")
+    if not np.array_equal(frame, np.eye(4)):
+        for p in parts:
+            p.apply_transform(frame)
     num_faces = sum(len(p.faces) for p in parts)
     if num_faces > max_faces:
         raise MeshError("too_many_faces", f"{num_faces} faces > max_faces={max_faces}")
@@ -145,16 +167,16 @@ def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
                                               "float64 (coordinates near +-1.8e308)")
     if not float(extent.max()) > 1e-9:
         raise MeshError("degenerate", f"bounding box extent {extent.tolist()} is zero")
-    transform = normalization_transform(used, normalize_extent)
-    scale = transform[0, 0]
-    vertices = vertices * scale + transform[:3, 3]
+    normalize = normalization_transform(used, normalize_extent)
+    scale = normalize[0, 0]
+    vertices = vertices * scale + normalize[:3, 3]
     tri = vertices[faces]
     area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum()
     if not area > 1e-10:
         raise MeshError("degenerate", f"total surface area {area:.3g} is zero after normalization")
     for p in parts:
-        p.apply_transform(transform)
+        p.apply_transform(normalize)
     face_part = np.concatenate([np.full(len(p.faces), i, np.int64) for i, p in enumerate(parts)])
     face_offset = np.cumsum([0] + [len(p.faces) for p in parts])[:-1].astype(np.int64)
     return LoadedMesh(parts=parts, vertices=vertices, faces=faces, face_part=face_part,
-                      face_offset=face_offset, transform=transform)
+                      face_offset=face_offset, transform=normalize @ frame)

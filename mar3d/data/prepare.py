@@ -18,9 +18,11 @@ the shards itself, so that the layout is deterministic and completion is atomic:
 
 Inputs (``find_inputs``): a folder of meshes, a manifest listing paths, an Objaverse 1.0
 tree or an Objaverse-XL annotations table (:mod:`mar3d.data.sources`, which also selects
-objects by ``DataConfig.select_*``). Rows of the Objaverse layouts keep their labels
-(``schema.LABEL_COLUMNS``: source uid, category, name, license, source); error rows keep
-the source uid.
+objects by ``DataConfig.select_*``); several of them make one dataset. Rows of the
+Objaverse layouts keep their labels (``schema.LABEL_COLUMNS``: source uid, category,
+name, license, source); error rows keep the source uid. With ``DataConfig.synth_objects``
+the job first makes a procedural corpus (:mod:`mar3d.data.synth`) in ``OUTPUT/corpus``
+and takes it as one more input.
 
 One job per output directory at a time: leftover ``.tmp`` files and shards that the
 manifest does not list are removed at start-up.
@@ -46,6 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -68,6 +71,7 @@ from .watertight import closed_input, make_watertight
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+CORPUS = "corpus"  # where DataConfig.synth_objects puts the procedural corpus
 ERRORS = "errors.parquet"
 SHARDS = "shards"
 MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".lst")
@@ -95,7 +99,8 @@ def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None,
     path = Path(path)
     source = source or str(path)
     with cpu_stage(clock, "load"):
-        mesh = load_mesh(path, cfg.max_faces, cfg.max_file_bytes, cfg.normalize_extent)
+        mesh = load_mesh(path, cfg.max_faces, cfg.max_file_bytes, cfg.normalize_extent,
+                         cfg.render_up_axis)
         sha256 = sha256 or sha256_file(path)
     rng = np.random.default_rng([cfg.seed, int(sha256[:12], 16)])
     geometry = sample_geometry(mesh, cfg, rng, source, clock)
@@ -275,6 +280,17 @@ def find_inputs(source: str | Path, selection: Selection = Selection()) -> Input
         paths, errors = _read_manifest(source)
         return Inputs(paths, errors)
     raise FileNotFoundError(f"input {source} is neither a directory nor a manifest file")
+
+
+def merge_inputs(found: list[Inputs]) -> Inputs:
+    """Several inputs as one: paths sorted (a file two inputs list is taken once)."""
+    merged = Inputs([])
+    for inputs in found:
+        merged.errors += inputs.errors
+        merged.labels.update(inputs.labels)
+        merged.expected_sha256.update(inputs.expected_sha256)
+    merged.paths = sorted({p for inputs in found for p in inputs.paths})
+    return merged
 
 
 def _refuse_selection(selection: Selection, source, kind: str) -> None:
@@ -587,20 +603,35 @@ def watertight_method(manifest: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------- job
-def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | None = None,
-                    progress: bool = True) -> PrepareResult:
-    """Run the data job (see module docstring); returns counts for this run and totals."""
+def prepare_dataset(input: str | Path | Sequence[str | Path], output: str | Path,
+                    cfg: DataConfig | None = None, progress: bool = True) -> PrepareResult:
+    """Run the data job (see module docstring) over one input or several; returns counts
+    for this run and totals."""
     cfg = cfg or DataConfig()
     cfg.validate()
+    sources = [input] if isinstance(input, (str, Path)) else list(input)
+    if not sources:
+        raise ValueError("no input given: name at least one folder, manifest or Objaverse layout")
     # Bad locations fail here, before Ray starts or anything is read.
-    storage.check(input, "mesh input", must_exist=True)
+    for source in sources:
+        storage.check(source, "mesh input", must_exist=True)
     storage.check(output, "dataset output")
+    if cfg.synth_objects and storage.is_remote(output):
+        raise ValueError(f"synth_objects needs a local output (the corpus is written beside the "
+                         f"shards); for {output}, make it with `mar3d data synth` on storage every "
+                         "worker reads and give it as one more --input")
     start = time.perf_counter()
     # Discovery before the output is touched: a bad selection (unknown category, missing
     # uid file) leaves nothing behind.
-    inputs = find_inputs(input, Selection.from_config(cfg))
+    selection = Selection.from_config(cfg)
+    found = [find_inputs(source, selection) for source in sources]
     output = output if storage.is_remote(output) else Path(output)
     storage.makedirs(storage.join(output, SHARDS))
+    if cfg.synth_objects:
+        corpus = _make_corpus(Path(output) / CORPUS, cfg, progress)
+        sources.append(corpus)
+        found.append(find_inputs(corpus, selection))
+    inputs = merge_inputs(found)
     shards, done_uids, with_labels = _open_existing(output, cfg)
     errors = read_errors(output)
     if inputs.labels and not with_labels:
@@ -608,10 +639,10 @@ def prepare_dataset(input: str | Path, output: str | Path, cfg: DataConfig | Non
                     "schema, so the Objaverse labels of its rows are not stored: use a new output "
                     "directory to keep them", output, ", ".join(LABEL_COLUMNS))
     ensure_ray()
-    plan = _plan(_hash_inputs(inputs, input), inputs.errors, errors, done_uids, cfg)
+    plan = _plan(_hash_inputs(inputs, *sources), inputs.errors, errors, done_uids, cfg)
     writer = _ShardWriter(output, cfg, shards, plan.errors, plan.new_errors,
                           inputs_seen=len(inputs.paths) + len(inputs.errors), with_labels=with_labels)
-    processed, stages = _process(plan.todo, input, cfg, writer, progress)
+    processed, stages = _process(plan.todo, sources, cfg, writer, progress)
     with cpu_stage(stages, "write"):
         writer.flush()
         writer.persist()
@@ -648,7 +679,18 @@ def _open_existing(output: Path | str, cfg: DataConfig) -> tuple[list[dict], set
     return shards, done_uids, with_labels
 
 
-def _hash_inputs(inputs: Inputs, input: str | Path) -> list[dict]:
+def _make_corpus(root: Path, cfg: DataConfig, progress: bool) -> Path:
+    """The procedural corpus of ``cfg.synth_objects`` objects at ``root`` (made once)."""
+    from .synth import SynthConfig, ensure_corpus
+
+    made = ensure_corpus(root, SynthConfig(num_objects=cfg.synth_objects, seed=cfg.synth_seed,
+                                           workers=cfg.num_workers), progress)
+    if made is not None:
+        log.info("%s", made.summary())
+    return root
+
+
+def _hash_inputs(inputs: Inputs, *locations: str | Path) -> list[dict]:
     """Content hashes (uids) of every input, in parallel, so finished inputs are skipped
     cheaply; sorted by path, each with its labels."""
     import ray.data
@@ -658,7 +700,7 @@ def _hash_inputs(inputs: Inputs, input: str | Path) -> list[dict]:
     items = [{"source_path": p, "expected_sha256": inputs.expected_sha256.get(p, "")}
              for p in inputs.paths]
     hashed = list(ray.data.from_items(items, override_num_blocks=min(len(items), 64))
-                  .map(_hash_item, **storage.ray_task_options(input)).iter_rows())
+                  .map(_hash_item, **storage.ray_task_options(*locations)).iter_rows())
     return sorted(({**h, **inputs.labels_of(h["source_path"])} for h in hashed),
                   key=lambda r: r["source_path"])
 
@@ -756,7 +798,7 @@ class _ShardWriter:
         self.persist()
 
 
-def _process(todo: list[dict], input: str | Path, cfg: DataConfig, writer: _ShardWriter,
+def _process(todo: list[dict], sources: list[str | Path], cfg: DataConfig, writer: _ShardWriter,
              progress: bool) -> tuple[int, dict[str, float]]:
     """Process ``todo`` with Ray Data tasks into ``writer``, in input order; returns the
     number of rows written and the CPU seconds by stage (tasks' stages summed, the
@@ -778,7 +820,7 @@ def _process(todo: list[dict], input: str | Path, cfg: DataConfig, writer: _Shar
                 _process_item, fn_kwargs={"cfg_dict": to_dict(cfg), "with_labels": writer.with_labels},
                 num_cpus=cfg.cpus_per_task,
                 compute=ray.data.TaskPoolStrategy(size=min(cfg.num_workers, len(todo))),
-                **storage.ray_task_options(input))
+                **storage.ray_task_options(*sources))
             for result in ds.iter_rows():
                 for stage, seconds in json.loads(result["stages"]).items():
                     stages[stage] = stages.get(stage, 0.0) + seconds

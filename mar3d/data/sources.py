@@ -35,7 +35,9 @@ from .. import storage
 OBJECT_PATHS = ("object-paths.json.gz", "object-paths.json")
 LVIS_ANNOTATIONS = ("lvis-annotations.json.gz", "lvis-annotations.json")
 METADATA_DIR = "metadata"
-OBJAVERSE_SOURCE = "objaverse-1.0"  # the ``source`` label of rows from a 1.0 tree
+# The ``source`` label of rows from a 1.0 tree, unless an object's metadata names its own
+# (a procedural corpus in this layout does: mar3d.data.synth.SYNTH_SOURCE).
+OBJAVERSE_SOURCE = "objaverse-1.0"
 
 XL_UID = "fileIdentifier"
 XL_PATH = "local_path"  # relative to the table's folder, like manifest entries
@@ -190,7 +192,7 @@ def read_objaverse(object_paths: Path, selection: Selection = Selection()) -> li
         meta = metadata.get(_metadata_name(relative), uid) if relative else {}
         labels = {"source_uid": uid, "category": _category(categories.get(uid, []), selection.categories),
                   "name": _text(meta.get("name")), "license": _text(meta.get("license")),
-                  "source": OBJAVERSE_SOURCE}
+                  "source": _text(meta.get("source")) or OBJAVERSE_SOURCE}
         entries.append(SourceEntry(uid, relative, labels))
     return entries
 

@@ -47,6 +47,11 @@ from ..config import to_dict
 
 OBJECTS_PER_FOLDER = 1000
 LICENSE = "CC0-1.0"
+# The ``source`` label of the corpus's rows (its metadata says so), which evaluation uses
+# to tell corpus objects from the others of a mixed dataset.
+SYNTH_SOURCE = "mar3d-synth"
+# What a corpus folder was made with; a folder whose record matches is not made again.
+RECORD_FILE = "mar3d-synth.json"
 
 
 @dataclass
@@ -408,6 +413,7 @@ def make_object(index: int, cfg: SynthConfig, photos: list[Path]) -> tuple[bytes
     glb = mesh.export(file_type="glb")
     uid = object_uid(cfg.seed, index)
     record = {"uid": uid, "name": f"{category} {index:05d}", "license": cfg.license,
+              "source": SYNTH_SOURCE,
               "categories": [category], "tags": [{"name": category}, {"name": family}],
               "description": f"procedural {category} ({family}) made by mar3d data synth",
               "faceCount": int(len(mesh.faces)),
@@ -483,7 +489,44 @@ def synthesize(output: str | Path, cfg: SynthConfig | None = None, progress: boo
         bar.close()
     write_index(root, records)
     counts = dict(Counter(r["categories"][0] for r in records))
+    _write_record(root, cfg, counts)
     return SynthResult(str(root), len(records), counts, time.perf_counter() - start)
+
+
+def _corpus_identity(cfg: SynthConfig) -> dict:
+    """The settings that decide a corpus's bytes (not how many processes made it)."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "workers"}
+
+
+def _write_record(root: Path, cfg: SynthConfig, counts: dict[str, int]) -> None:
+    tmp = root / (RECORD_FILE + ".tmp")
+    tmp.write_text(json.dumps({"config": _corpus_identity(cfg), "categories": counts},
+                              indent=2, sort_keys=True))
+    os.replace(tmp, root / RECORD_FILE)
+
+
+def ensure_corpus(output: str | Path, cfg: SynthConfig, progress: bool = True) -> SynthResult | None:
+    """Make the corpus of ``cfg`` at ``output`` unless that folder already holds it (its
+    record, written last, names the same settings); returns None when nothing was made.
+    A folder holding a corpus of other settings (seed, categories, textures) is refused
+    rather than mixed with this one; one of another size is regrown."""
+    root = Path(output)
+    record = root / RECORD_FILE
+    if record.is_file():
+        made = json.loads(record.read_text()).get("config") or {}
+        wanted = _corpus_identity(cfg)
+        if made == wanted:
+            return None
+        # Only the count differs: object i is the same file in both, so the corpus grows
+        # (or its index shrinks) in place.
+        if {k: v for k, v in made.items() if k != "num_objects"} != \
+                {k: v for k, v in wanted.items() if k != "num_objects"}:
+            raise ValueError(f"{root} holds a corpus made with other settings ({made}); "
+                             f"this run asks for {wanted}: use another folder")
+        return synthesize(root, cfg, progress)
+    if root.is_dir() and any(root.iterdir()) and not (root / "glbs").is_dir():
+        raise ValueError(f"{root} is not empty and holds no corpus: refusing to write one into it")
+    return synthesize(root, cfg, progress)
 
 
 def write_index(root: Path, records: list[dict]) -> None:
@@ -500,4 +543,5 @@ def write_index(root: Path, records: list[dict]) -> None:
     _write_json_gz(root / "object-paths.json.gz", {r["uid"]: r["path"] for r in records})
 
 
-__all__ = ["CATEGORIES", "SynthConfig", "SynthResult", "make_object", "object_uid", "synthesize"]
+__all__ = ["CATEGORIES", "SYNTH_SOURCE", "SynthConfig", "SynthResult", "ensure_corpus", "make_object",
+           "object_uid", "synthesize"]

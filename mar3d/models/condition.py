@@ -16,10 +16,15 @@ The module is split where training splits it:
 
 * :class:`ImageEncoder` -- the two **frozen** towers (eval mode, no gradients). One per
   release: MAR-LR and MAR-HR share it, it is stored once (its own model folder, kind
-  ``cond``), never in their weights or DeepSpeed checkpoints, and inference runs it once
-  per image for both stages. It returns *all* tokens of both towers
-  (:class:`EncoderFeatures`), so what it computes does not depend on a stage's choices
-  and can be cached.
+  ``cond``), never in their weights, and inference runs it once per image for both
+  stages. It returns *all* tokens of both towers (:class:`EncoderFeatures`), so what it
+  computes does not depend on a stage's choices and can be cached.
+
+  One deviation, for the case without pretrained weights: with ``tiny`` and
+  ``train_encoders`` the random towers are trained together with MAR-LR (a random
+  network was never trained to see, so freezing it only freezes noise); MAR-LR's
+  trained towers become the release's one encoder and MAR-HR trains on them, frozen.
+  Pretrained towers (the paper's path) always stay frozen.
 * :class:`ConditionProjection` -- the trainable part of each stage: token selection and
   one Linear per tower to ``out_dim``.
 
@@ -72,9 +77,10 @@ class ConditionConfig:
     dino_tokens: Literal["all", "patch"] = "all"
     image_size: int = 224
     out_dim: int = 1024                          # width of every condition token
-    # Fine-tuning the towers is not supported: they are shared by MAR-LR and MAR-HR and
-    # stored once per release. The field stays so that configs and releases written
-    # before still parse; training refuses true (mar3d.train.config).
+    # Tiny random towers only (the no-pretrained-weights case): MAR-LR trains them with its
+    # own weights and saves them as the release's encoder; MAR-HR then trains on those,
+    # frozen (its condition_model_uri must be LR's). Pretrained towers stay frozen: true
+    # with tiny: false is refused (mar3d.train.config).
     train_encoders: bool = False
     init_seed: int = 0                           # random tower weights come from this seed alone
     tiny: bool = False
@@ -253,6 +259,7 @@ class ImageEncoder(nn.Module):
             self.clip = build_clip_visual(cfg)
             self.dino = build_dino(cfg)
         self.register_normalization()
+        self.frozen = True
         self.requires_grad_(False)
         self.train(False)
 
@@ -275,7 +282,13 @@ class ImageEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> "ImageEncoder":
         # Frozen: eval mode (dropout/drop-path off) whatever its owner does.
-        return super().train(False)
+        return super().train(mode and not getattr(self, "frozen", True))
+
+    def unfreeze(self) -> "ImageEncoder":
+        """Trainable towers (``ConditionConfig.train_encoders``): gradients flow through
+        :meth:`features`, and the owner's train/eval mode applies."""
+        self.frozen = False
+        return self.requires_grad_(True)
 
     def preprocess(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         """RGBA uint8 images -> (CLIP input, DINOv2 input), float [B, 3, S, S] each."""
@@ -292,6 +305,10 @@ class ImageEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images) -> EncoderFeatures:
         """Images [B, H, W, C] (or a list of same-sized images) -> features of B images."""
+        return self.features(images)
+
+    def features(self, images) -> EncoderFeatures:
+        """``forward`` with gradients, for towers that train (:meth:`unfreeze`)."""
         clip_in, dino_in = self.preprocess(images)
         dtype = self.clip.conv1.weight.dtype  # match the towers if the module was cast
         return {"clip": self.encode_clip(clip_in.to(dtype)),

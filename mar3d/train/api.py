@@ -50,6 +50,7 @@ from mar3d import logs, storage
 from mar3d.config import flatten, to_dict
 from mar3d.train.config import TrainConfig
 from mar3d.train.loop import MODEL_DIR, TRACKING_BACKLOG
+from mar3d.train.stages import TRAINED_CONDITIONER_DIR
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,14 @@ def _export_model(result, cfg: TrainConfig, run_dir: Path, root: str, run_locati
         if model_dir.exists():
             shutil.rmtree(model_dir)
         shutil.copytree(exported, model_dir)
+        # MAR-LR that trained its image encoder (condition.train_encoders) exported the
+        # towers beside its model: they are the run's conditioner from now on.
+        trained = Path(folder, TRAINED_CONDITIONER_DIR)
+        if trained.is_dir():
+            target = run_dir / TRAINED_CONDITIONER_DIR
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(trained, target)
     if storage.is_remote(root):
         storage.upload_dir(model_dir, storage.join(run_location, MODEL_DIR))
     return model_dir
@@ -305,6 +314,11 @@ def _finish_tracking_run(cfg: TrainConfig, tracking_uri: str, run_id: str, run_d
                         replayed, backlog)
         tracking.log_artifacts(tracking_uri, run_id, model_dir, MODEL_DIR)
         c.set_tag(run_id, "mar3d.model_uri", f"runs:/{run_id}/{MODEL_DIR}")
+        trained = run_dir / TRAINED_CONDITIONER_DIR
+        if trained.is_dir():
+            tracking.log_artifacts(tracking_uri, run_id, trained, TRAINED_CONDITIONER_DIR)
+            cfg.condition_model_uri = f"runs:/{run_id}/{TRAINED_CONDITIONER_DIR}"
+            c.set_tag(run_id, "mar3d.condition_model_uri", cfg.condition_model_uri)
         tracking.end_run(tracking_uri, run_id, status="FINISHED")
     except Exception as e:
         if not tracking.is_outage(e):

@@ -206,15 +206,25 @@ class TrainConfig:
         if not self.tracking_retry_s > 0:
             raise ValueError(f"TrainConfig.tracking_retry_s must be > 0, got {self.tracking_retry_s}")
         if self.stage in ("lr", "hr") and self.condition.train_encoders:
-            raise ValueError("condition.train_encoders: true is not supported: the image encoders are "
-                             "frozen, shared by MAR-LR and MAR-HR and stored once per release (only "
-                             "each stage's condition projection trains)")
+            self._check_trained_encoders()
         if self.feature_cache and self.rotate:
             raise ValueError("TrainConfig.feature_cache holds latents of unrotated shapes: rotate: true "
                              "cannot train from it (set feature_cache='' to rotate)")
         if self.stage in ("lr", "hr") and not self.vae_model_uri:
             raise ValueError(f"stage {self.stage!r} needs vae_model_uri (the trained VAE: "
                              "runs:/RUN_ID/model, models:/NAME@ALIAS or a local model folder)")
+
+    def _check_trained_encoders(self) -> None:
+        """condition.train_encoders: the tiny random towers train with MAR-LR only."""
+        if not self.condition.tiny:
+            raise ValueError("condition.train_encoders: true is for the tiny random encoders (no "
+                             "pretrained weights); pretrained CLIP + DINOv2 stay frozen as in the paper")
+        if self.feature_cache:
+            raise ValueError("condition.train_encoders: true computes features in every step; a "
+                             "feature cache holds frozen ones (set feature_cache='')")
+        if self.stage == "hr" and not self.condition_model_uri:
+            raise ValueError("condition.train_encoders: MAR-HR trains on the towers MAR-LR trained: set "
+                             "condition_model_uri to MAR-LR's (its result's condition_model_uri)")
 
     def check_data(self) -> None:
         """The data root must exist before anything is started (called by run_training)."""

@@ -103,11 +103,12 @@ def _save_checkpoint(engine, ema, stage, cfg, step: int, rank: int, final: bool,
             if final:
                 module = engine.module
                 weights = ema.state_dict_for(module) if ema is not None else module.state_dict()
+                weights, exported = stage.export_weights(weights, tmp)
                 save_model_dir(Path(tmp, MODEL_DIR), weights, stage.model_config(), stage.kind,
                                extra={"global_step": step, "weights": "ema" if ema else "raw",
                                       "train_stage": cfg.stage,
                                       "vae_model_uri": cfg.vae_model_uri or None,
-                                      **(export_extra or {})})
+                                      **(export_extra or {}), **exported})
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -250,6 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
     precision = cfg.resolved_precision()
 
     stage = make_stage(cfg)
+    stage.run_id = config.get("run_id", "")
     stage.setup(device, config["tracking_uri"])
     engine, scheduler, ema = _build_engine(deepspeed, cfg, stage, device, world)
     start_step = _restore(engine, ema, device)

@@ -19,6 +19,12 @@ becomes a loss, how to evaluate, and what goes into the saved model's config:
   training step (``latent_ms`` then measures drawing z from the cached posterior);
   evaluation batches still go through both.
 
+With ``condition.train_encoders`` (tiny random towers only) MAR-LR trains the image
+encoder with its own weights: the trained module is :class:`EncoderAndMAR`, and the
+final export (:meth:`Stage.export_weights`) splits it into the MAR-LR model and a new
+conditioner folder (``trained_conditioner/``, logged to the run), which the LR model
+records as its encoder and MAR-HR then trains on, frozen.
+
 After the last step every rank calls :meth:`Stage.export_extra` (collective): the VAE
 stage measures its latent statistics on ``latent_stats_shapes`` training shapes there,
 and they are saved with its weights (``extra.latent_stats`` in config.yaml).
@@ -42,11 +48,16 @@ from mar3d.train.config import TrainConfig
 from mar3d.train.data import dataset_kwargs
 from mar3d.train.distributed import all_reduce_sum
 
+# Where MAR-LR's trained image encoder is written (in the final checkpoint and the run's
+# artifacts) when condition.train_encoders is on.
+TRAINED_CONDITIONER_DIR = "trained_conditioner"
+
 
 class Stage(ABC):
     """Interface of a training stage (see the module docstring)."""
 
     kind: str  # "vae" | "lr" | "hr": the model kind written to config.yaml
+    run_id: str = ""  # the MLflow run: URIs of what the stage exports point into it
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -54,6 +65,12 @@ class Stage(ABC):
 
     def setup(self, device: torch.device, tracking_uri: str) -> None:
         """Load frozen parts (another stage's model) onto ``device``; default: nothing."""
+
+    def export_weights(self, weights: dict[str, torch.Tensor], folder) -> tuple[dict, dict]:
+        """(the saved model's weights, entries for its config's ``extra``) from the trained
+        module's final ``weights``; a stage may write more model folders into ``folder``
+        (the final checkpoint). Default: all weights are the model's."""
+        return weights, {}
 
     @abstractmethod
     def loss(self, engine, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -164,6 +181,8 @@ class MARStage(Stage):
         self.vae: ShapeVAE | None = None
         self.encoder = None                 # frozen ImageEncoder, loaded by setup()
         self.conditioner_id = ""
+        # MAR-LR with condition.train_encoders: the towers train inside the model.
+        self.trains_encoder = level == "lr" and cfg.condition.train_encoders
         self.precision = cfg.resolved_precision()
         self.latent_seconds = 0.0
         self.latent_calls = 0
@@ -173,7 +192,8 @@ class MARStage(Stage):
 
         if self.encoder is None:
             raise RuntimeError("MARStage.setup() must load the image encoder before the model is built")
-        return ConditionalMAR(self.cfg.condition, self.cfg.mar, self.encoder.spec)
+        model = ConditionalMAR(self.cfg.condition, self.cfg.mar, self.encoder.spec)
+        return EncoderAndMAR(self.encoder.unfreeze(), model) if self.trains_encoder else model
 
     def setup(self, device: torch.device, tracking_uri: str) -> None:
         if self.cfg.condition_model_uri:
@@ -233,9 +253,14 @@ class MARStage(Stage):
         with autocast_context(batch["image"].device, self.precision):
             return self.encoder(batch["image"])
 
+    def condition_inputs(self, batch: dict):
+        """What the trained module takes as its condition: the images themselves when it
+        trains the encoder, else the frozen encoder's features."""
+        return batch["image"] if self.trains_encoder else self.features(batch)
+
     def loss(self, engine, batch: dict, step: int) -> dict[str, torch.Tensor]:
         tokens, lr_tokens = self.latents(batch, engine.module)
-        out = engine(self.features(batch), tokens, lr_tokens)
+        out = engine(self.condition_inputs(batch), tokens, lr_tokens)
         return {"loss": out["loss"], "mask_ratio": out["mask_ratio"].detach().float()}
 
     def latent_ms(self) -> float:
@@ -250,7 +275,7 @@ class MARStage(Stage):
         # The diffusion loss on held-out shapes/views with the training masking is the
         # cheap, comparable number; generation quality is the evaluation job's business.
         tokens, lr_tokens = self.latents(batch, model)
-        out = model(self.features(batch), tokens, lr_tokens)
+        out = model(self.condition_inputs(batch), tokens, lr_tokens)
         return {"loss": float(out["loss"])}
 
     def model_config(self) -> dict[str, Any]:
@@ -262,6 +287,50 @@ class MARStage(Stage):
         """Which conditioner the model was trained with (a release must pair them)."""
         return {"conditioner_id": self.conditioner_id,
                 "condition_model_uri": self.cfg.condition_model_uri}
+
+    def export_weights(self, weights: dict[str, torch.Tensor], folder) -> tuple[dict, dict]:
+        """With a trained encoder: MAR-LR's own weights, and the towers saved as the
+        conditioner ``folder/trained_conditioner`` that the model now records."""
+        if not self.trains_encoder:
+            return weights, {}
+        from pathlib import Path
+
+        from mar3d.inference import encoder_from_state, save_conditioner
+
+        parts = EncoderAndMAR.split_state(weights)
+        encoder = encoder_from_state(self.cfg.condition, parts["encoder"])
+        trained_id = save_conditioner(encoder, Path(folder) / TRAINED_CONDITIONER_DIR,
+                                      extra={"trained_with": "lr",
+                                             "initial_conditioner_id": self.conditioner_id})
+        uri = f"runs:/{self.run_id}/{TRAINED_CONDITIONER_DIR}" if self.run_id else ""
+        return parts["model"], {"conditioner_id": trained_id, "condition_model_uri": uri,
+                                "initial_conditioner_id": self.conditioner_id}
+
+
+class EncoderAndMAR(nn.Module):
+    """MAR-LR that trains its image encoder (``condition.train_encoders``): images in,
+    the towers' features into the :class:`ConditionalMAR`. Saved as two models."""
+
+    def __init__(self, encoder: nn.Module, model: nn.Module):
+        super().__init__()
+        self.encoder, self.model = encoder, model
+
+    @property
+    def mar(self):
+        return self.model.mar
+
+    def forward(self, images, tokens: torch.Tensor, lr_tokens: torch.Tensor | None = None):
+        return self.model(self.encoder.features(images), tokens, lr_tokens)
+
+    @staticmethod
+    def split_state(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        parts: dict[str, dict[str, torch.Tensor]] = {"encoder": {}, "model": {}}
+        for key, value in weights.items():
+            owner, _, name = key.partition(".")
+            if owner not in parts:
+                raise KeyError(f"unexpected weight {key!r} in an encoder-training MAR-LR")
+            parts[owner][name] = value
+        return parts
 
 
 def make_stage(cfg: TrainConfig) -> Stage:
