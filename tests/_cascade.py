@@ -42,13 +42,19 @@ def load_ground_truth(shards: Path) -> list[GroundTruth]:
 
 
 def train_cascade(shards: Path, storage: Path, mlflow_uri: str, steps: dict[str, int],
-                  experiment: str = "test-cascade", overrides: dict[str, list[str]] | None = None):
-    """Train vae, then lr and hr on the frozen VAE; returns stage -> TrainResult."""
+                  experiment: str = "test-cascade", overrides: dict[str, list[str]] | None = None,
+                  vae=None):
+    """Train vae, then lr and hr on the frozen VAE; returns stage -> TrainResult.
+
+    ``vae``: the TrainResult of a VAE already trained on ``shards`` (the session's
+    ``trained_vae``), built on instead of training one."""
     from mar3d.train import load_train_config, run_training
 
     overrides = overrides or {}
-    results = {}
+    results = {"vae": vae} if vae is not None else {}
     for stage in ("vae", "lr", "hr"):
+        if stage in results:
+            continue
         n = steps[stage]
         common = [f"data={shards}", f"storage_path={storage}", f"mlflow_uri={mlflow_uri}",
                   f"run_name={stage}-cascade", f"experiment={experiment}", f"steps={n}",

@@ -27,11 +27,15 @@ def start_mlflow_server(root: Path, port: int | None = None,
     artifact_args = artifact_args or ["--artifacts-destination", str(root / "artifacts")]
     exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     log = open(root / "server.log", "a")
+    # Without MLflow's job runner (GenAI jobs, which mar3d never submits): its ~8 extra
+    # processes tripled the server's start-up CPU (~65 s vs ~24 s on 2 loaded cores, so
+    # that it missed the 120 s deadline) and kept polling at ~0.3-0.5 core while idle.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [exe, "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          *artifact_args, "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

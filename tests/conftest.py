@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray instance and one real `mlflow server` per test session."""
+"""Shared fixtures: one local Ray instance and one real `mlflow server` per test session,
+and what several test modules train or prepare the same way (shards, the tiny VAE)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from _ray import RAY_TRAIN_ENV
 from _services import start_mlflow_server, stop_mlflow_server
 from _ycb import YCB, YCB_SMALL
 
@@ -48,7 +50,8 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                  log_to_driver=True, ignore_reinit_error=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                                           **RAY_TRAIN_ENV}})
     yield ray
     ray.shutdown()
 
@@ -93,3 +96,21 @@ def mlflow_server(tmp_path_factory):
     uri, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield uri
     stop_mlflow_server(proc)
+
+
+@pytest.fixture(scope="session")
+def trained_vae(ycb_small_shards, mlflow_server, tmp_path_factory):
+    """(TrainConfig, TrainResult) of the tiny VAE trained once per session on the small
+    shards: test_train_e2e checks the training itself, the cascade tests build MAR-LR and
+    MAR-HR on it (training it twice, ~2 min on 2 cores, tested nothing more)."""
+    from mar3d.train import load_train_config, run_training
+
+    out = tmp_path_factory.mktemp("train_vae")
+    cfg = load_train_config("vae", "train_vae_tiny", [
+        f"data={ycb_small_shards}", f"storage_path={out}", f"mlflow_uri={mlflow_server}",
+        "run_name=vae-e2e", "experiment=test-train", "max_failures=0",
+        # Mechanics on 4 objects: 2 workers x batch 2 need them all (no held-out split),
+        # 300 steps (a third of the demo's) are enough to beat the all-inside baseline.
+        "split=all", "batch_size=2", "steps=300", "warmup_steps=20", "checkpoint_every=100",
+        "eval_every=100", "num_eval_samples=4"])
+    return cfg, run_training(cfg)

@@ -14,6 +14,11 @@ mean own-object distance is below the mean distance to the other objects, for LR
 for LR only, and prints matrices next to the VAE's own reconstruction (the reference the
 generator is working towards) and how many rows the diagonal wins (chance: 1 in 4).
 
+The shards and the VAE are the session's (``ycb_small_shards`` and ``trained_vae`` in
+tests/conftest.py), shared with test_train_e2e, which checks that VAE's training: 300
+steps of batch 2 on all four objects, what the cascade needs (its evaluations, log
+points and checkpoints on the way do not change the weights, and every VAE run is a
+fresh random draw anyway: its Ray Data stream samples new points).
 Measured on 2 shared cores: shards ~17 s, training ~280 s (VAE 300 + LR 300 + HR 300
 steps), generation and scoring ~40 s. Across training runs the pooled own/others ratio
 was 0.32-0.53 for LR only and 0.26-0.78 for LR+HR, and the diagonal won 4-15 of 16 rows:
@@ -27,7 +32,6 @@ import pytest
 
 from _cascade import (assemble_release, chamfer_matrix, load_ground_truth,
                       reconstruction_matrix, train_cascade)
-from _shards import make_small_shards
 
 pytestmark = pytest.mark.e2e
 
@@ -43,12 +47,11 @@ NUM_SEEDS = 2
 
 
 @pytest.fixture(scope="module")
-def cascade(tmp_path_factory, ycb_small_dir, ray_local, mlflow_server):
+def cascade(tmp_path_factory, ycb_small_shards, trained_vae, mlflow_server):
     work = tmp_path_factory.mktemp("cascade")
-    shards = make_small_shards(ycb_small_dir, work / "data")
-    results = train_cascade(shards, work / "train", mlflow_server, STEPS)
+    results = train_cascade(ycb_small_shards, work / "train", mlflow_server, STEPS, vae=trained_vae[1])
     release = assemble_release(results, work / "release")
-    return shards, results, release
+    return ycb_small_shards, results, release
 
 
 def _check_follows_condition(all_scores, label: str) -> None:

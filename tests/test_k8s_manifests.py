@@ -1,10 +1,15 @@
-"""Offline validation of k8s/ (KubeRay + core kinds, policy, kustomize overlays) and the
-structure of the container/cluster definitions in infra/. No cluster, no docker."""
+"""Offline validation of k8s/ with the real tools (``kubectl kustomize`` renders every
+kustomization, kubernetes-validate checks the standard kinds, the released KubeRay CRD
+schemas the Ray kinds), the project's own rules, and the structure of the container/cluster
+definitions in infra/. No cluster, no docker."""
 from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,7 @@ def _load_validator():
 
 
 V = _load_validator()
-TARGETS = ["base"] + [f"overlays/{o}" for o in V.OVERLAYS]
+TARGETS = V.default_targets()
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +42,31 @@ def _one(docs, kind, name):
     return copy.deepcopy(found[0])
 
 
+def _overlay(tmp_path: Path, patches: list[tuple[dict, list[dict]]]) -> Path:
+    """A kustomization on top of k8s/base with JSON6902 ``patches`` [(target, ops)]."""
+    kdir = tmp_path / "overlay"
+    kdir.mkdir()
+    k = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+         "resources": [os.path.relpath(K8S / "base", kdir)],
+         "patches": [{"target": t, "patch": yaml.safe_dump(ops)} for t, ops in patches]}
+    (kdir / "kustomization.yaml").write_text(yaml.safe_dump(k))
+    return kdir
+
+
 # ------------------------------------------------------------------ files and kustomize
 
-def test_every_yaml_file_parses_and_has_a_known_kind():
+def test_overlays_are_found_and_the_tools_are_there():
+    assert set(V.OVERLAYS) == {"local", "dev", "prod"}
+    out = subprocess.run([os.environ.get("KUBECTL") or "kubectl", "version", "--client"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Kustomize Version: v5" in out
+    crds = V.crd_schemas()
+    assert {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob")} <= set(crds)
+
+
+def test_every_yaml_file_parses_and_each_object_is_schema_valid():
+    """Each source file on its own, before kustomize: standard kinds against the
+    Kubernetes schemas, Ray kinds against the KubeRay CRDs."""
     files = sorted(K8S.rglob("*.yaml"))
     assert len(files) > 15
     for path in files:
@@ -51,7 +78,7 @@ def test_every_yaml_file_parses_and_has_a_known_kind():
             assert all(isinstance(op, dict) and {"op", "path"} <= set(op) for op in docs[0]), path
         else:
             for d in docs:
-                assert d["kind"] in V.KNOWN_KINDS, f"{path}: {d.get('kind')}"
+                assert V.schema_errors(d) == [], path
 
 
 def test_kustomizations_reference_existing_files():
@@ -89,58 +116,103 @@ def test_overlays_change_what_they_claim():
     assert prod[("Deployment", "mlflow")]["spec"]["replicas"] == 2
 
 
-def test_json6902_patch_failures_are_loud():
-    doc = {"spec": {"items": [1, 2]}}
-    assert V.apply_json6902(doc, [{"op": "add", "path": "/spec/items/-", "value": 3}])["spec"]["items"] == [1, 2, 3]
-    with pytest.raises(V.KustomizeError, match="nothing to replace"):
-        V.apply_json6902(doc, [{"op": "replace", "path": "/spec/missing", "value": 1}])
-    with pytest.raises(V.KustomizeError, match="does not exist"):
-        V.apply_json6902(doc, [{"op": "remove", "path": "/nope/x"}])
-    with pytest.raises(V.KustomizeError, match="index out of range"):
-        V.apply_json6902(doc, [{"op": "remove", "path": "/spec/items/5"}])
-    assert V._selector_matches("a in (x,y),b=z", {"a": "y", "b": "z"})
-    assert not V._selector_matches("a in (x,y)", {"a": "w"})
+def test_kustomize_failures_are_loud(tmp_path):
+    kdir = _overlay(tmp_path, [({"kind": "Deployment", "name": "mlflow"},
+                                [{"op": "remove", "path": "/spec/missing"}])])
+    with pytest.raises(V.RenderError, match="kubectl kustomize failed: .*nonexistent key: missing"):
+        V.render(kdir)
+    report = V.validate_all([str(kdir)])
+    assert len(report[str(kdir)]) == 1 and "kubectl kustomize failed" in report[str(kdir)][0]
 
 
 # ------------------------------------------------------------------ schema catches errors
 
-def _schema_errors(doc):
-    return V.schema_errors(doc)
-
-
 def test_the_schemas_reject_what_the_api_server_would(base_docs):
     job = _one(base_docs, "RayJob", "mar3d-train-vae")
-    assert _schema_errors(job) == []
+    assert V.schema_errors(job) == []
+    me = "RayJob/mar3d-train-vae (base/ray/rayjob-train-vae.yaml): "
+
+    def errors(doc):
+        found = V.schema_errors(doc)
+        assert all(e.startswith(me) for e in found), found
+        return found
 
     bad = copy.deepcopy(job); bad["spec"]["shutdownAfterJobFinish"] = True  # typo'd field
-    assert any("shutdownAfterJobFinish" in e for e in _schema_errors(bad))
+    assert errors(bad) == [me + "spec: Additional properties are not allowed ('shutdownAfterJobFinish' was unexpected)"]
     bad = copy.deepcopy(job); bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "2"
-    assert any("replicas" in e for e in _schema_errors(bad))
+    assert errors(bad) == [me + "spec.rayClusterSpec.workerGroupSpecs[0].replicas: '2' is not of type 'integer'"]
     bad = copy.deepcopy(job); del bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]
-    assert any("'template' is a required property" in e for e in _schema_errors(bad))
-    bad = copy.deepcopy(job); bad["spec"]["submissionMode"] = "K8sMode"
-    assert any("K8sMode" in e for e in _schema_errors(bad))
+    assert errors(bad) == [me + "spec.rayClusterSpec.workerGroupSpecs[0]: 'template' is a required property"]
     bad = copy.deepcopy(job); bad["apiVersion"] = "ray.io/v1alpha1"
-    assert _schema_errors(bad)
+    assert any("ray.io/v1alpha1 is deprecated" in e and "use ray.io/v1" in e for e in errors(bad))
+    bad = copy.deepcopy(job); bad["apiVersion"] = "ray.io/v2"
+    assert any("no served CRD version for ray.io/v2 RayJob" in e for e in errors(bad))
 
-    # core types embedded in the CRD are checked field by field
+    # core types embedded in the CRD are checked by the CRD's own schema
     pod = lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]  # noqa: E731
+    head = "spec.rayClusterSpec.headGroupSpec.template.spec."
     bad = copy.deepcopy(job); pod(bad)["containers"][0]["imagePullPolicyy"] = "Always"
-    assert any("unknown field 'imagePullPolicyy' for V1Container" in e for e in _schema_errors(bad))
+    assert errors(bad) == [me + head + "containers[0]: Additional properties are not allowed ('imagePullPolicyy' was unexpected)"]
     bad = copy.deepcopy(job); del pod(bad)["containers"][0]["name"]
-    assert any("name" in e and "must not be `None`" in e for e in _schema_errors(bad))
+    assert errors(bad) == [me + head + "containers[0]: 'name' is a required property"]
     bad = copy.deepcopy(job); pod(bad)["securityContext"]["runAsUser"] = "1000"
-    assert any("runAsUser" in e and "integer" in e for e in _schema_errors(bad))
+    assert errors(bad) == [me + head + "securityContext.runAsUser: '1000' is not of type 'integer'"]
+    bad = copy.deepcopy(job); pod(bad)["containers"][0]["resources"]["limits"]["cpu"] = "lots"
+    assert [e for e in errors(bad) if (head + "containers[0].resources.limits.cpu: 'lots'") in e]
+
+    cluster = _one(base_docs, "RayCluster", "mar3d")
+    assert V.schema_errors(cluster) == []
+    bad = copy.deepcopy(cluster); bad["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "16"
+    assert V.schema_errors(bad) == ["RayCluster/mar3d (base/ray/raycluster.yaml): "
+                                    "spec.workerGroupSpecs[0].maxReplicas: '16' is not of type 'integer'"]
 
     dep = _one(base_docs, "Deployment", "mlflow")
-    assert _schema_errors(dep) == []
+    assert V.schema_errors(dep) == []
+    me = "Deployment/mlflow (base/mlflow/deployment.yaml): "
     bad = copy.deepcopy(dep); bad["spec"]["replica"] = 2
-    assert any("unknown field 'replica' for V1DeploymentSpec" in e for e in _schema_errors(bad))
+    assert errors(bad) == [me + "spec: Additional properties are not allowed ('replica' was unexpected)"]
+    bad = copy.deepcopy(dep); bad["spec"]["replicas"] = "2"
+    assert errors(bad) == [me + "spec.replicas: '2' is not of type 'integer', 'null'"]
+    bad = copy.deepcopy(dep); bad["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "5000"
+    assert errors(bad) == [me + "spec.template.spec.containers[0].ports[0].containerPort: '5000' is not of type 'integer'"]
     bad = copy.deepcopy(dep); del bad["spec"]["selector"]
-    assert any("selector" in e for e in _schema_errors(bad))
-    assert _schema_errors({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}})
+    assert errors(bad) == [me + "spec: 'selector' is a required property"]
+    bad = copy.deepcopy(dep); bad["apiVersion"] = "apps/v1beta1"  # removed in Kubernetes 1.16
+    assert any("Couldn't find schema for kind Deployment with api version apps/v1beta1" in e for e in errors(bad))
+    assert V.schema_errors({"apiVersion": "v1", "kind": "Frobnicator", "metadata": {"name": "x"}})
 
 
+def test_a_broken_overlay_is_refused_by_the_cli_naming_the_fields(tmp_path):
+    """End to end through ``python k8s/validate.py``: kubectl renders a kustomization whose
+    patches break a RayCluster (wrong type), the Deployment (unknown field) and the Service
+    (wrong type). kubernetes-validate reports the first error of each standard object."""
+    kdir = _overlay(tmp_path, [
+        ({"kind": "RayCluster", "name": "mar3d"},
+         [{"op": "replace", "path": "/spec/workerGroupSpecs/0/minReplicas", "value": "zero"}]),
+        ({"kind": "Deployment", "name": "mlflow"},
+         [{"op": "add", "path": "/spec/replica", "value": 2}]),
+        ({"kind": "Service", "name": "mlflow"},
+         [{"op": "replace", "path": "/spec/ports/0/port", "value": "5000"}]),
+    ])
+    proc = subprocess.run([sys.executable, str(K8S / "validate.py"), str(kdir)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "RayCluster/mar3d (base/ray/raycluster.yaml): spec.workerGroupSpecs[0].minReplicas: 'zero' is not of type 'integer'" in out
+    assert "Deployment/mlflow (base/mlflow/deployment.yaml): spec: Additional properties are not allowed ('replica' was unexpected)" in out
+    assert "Service/mlflow (base/mlflow/service.yaml): spec.ports[0].port: '5000' is not of type 'integer'" in out
+    assert "base/ray/rayjob" not in out  # only the broken objects are reported
+    help_text = subprocess.run([sys.executable, str(K8S / "validate.py"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    assert "kubectl kustomize" in help_text and "--crds" in help_text and "--kube-version" in help_text
+
+
+def test_missing_crds_fail_naming_the_path(tmp_path, capsys, base_docs):
+    missing = tmp_path / "no-crds-here"
+    assert V.main(["--crds", str(missing), "base"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        V.schema_errors(_one(base_docs, "RayJob", "mar3d-train-vae"), crds_dir=missing)
 # ------------------------------------------------------------------ policy
 
 def test_every_pod_is_non_root_limited_and_gpu_groups_ask_for_gpus(base_docs):
@@ -187,6 +259,8 @@ def test_policy_catches_violations(base_docs):
     assert any("MAR3D_NUM_WORKERS=2 but the worker groups have 3" in e for e in V.policy_errors(bad))
     bad = copy.deepcopy(job); bad["spec"]["runtimeEnvYAML"] = "env_vars: {MAR3D_NUM_WORKERS: '2'}"
     assert any("runtimeEnvYAML env_vars does not set them" in e for e in V.policy_errors(bad))
+    bad = copy.deepcopy(job); bad["spec"]["submissionMode"] = "K8sMode"  # the CRD takes any string
+    assert V.schema_errors(bad) == [] and any("submissionMode 'K8sMode'" in e for e in V.policy_errors(bad))
     assert V.policy_errors({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
                             "stringData": {"password": "x"}})
 

@@ -10,8 +10,7 @@ from scipy import stats
 from mar3d.config import ConfigError, from_dict, load_config, to_dict
 from mar3d.models.condition import ConditionConfig, ImageEncoder
 from mar3d.models.diffusion import DiffusionConfig
-from mar3d.models.mar import (MAR, ConditionalMAR, GeneratorConfig, MARConfig, SamplingConfig,
-                              augment_lr)
+from mar3d.models.mar import MAR, ConditionalMAR, MARConfig, SamplingConfig, augment_lr
 from mar3d.models.schedules import (cfg_scale, cosine_mask_schedule, mask_from_orders,
                                     random_orders, sample_mask_ratio)
 
@@ -342,33 +341,32 @@ def test_tiny_lr_model_overfits_two_conditions():
 def test_configs_load_and_validate():
     # Every value of every preset: tests/test_presets.py.
     for name in ("mar_tiny", "mar_paper"):
-        gen = load_config(GeneratorConfig, name)
-        assert gen.lr.stage == "lr" and gen.hr.stage == "hr"
-        assert gen.hr.lr_seq_len == gen.lr.seq_len
-        assert load_config(MARConfig, name, section="hr") == gen.hr
-    paper = load_config(GeneratorConfig, "mar_paper")
-    assert (paper.lr.width, paper.lr.heads, paper.lr.enc_layers, paper.lr.dec_layers) == (1024, 16, 16, 16)
-    assert (paper.hr.seq_len, paper.lr.seq_len, paper.hr.diffusion.depth) == (1024, 256, 6)
-    assert (paper.hr.cond_aug_t_min, paper.hr.cond_aug_t_max, paper.hr.cond_aug_t_infer) == (0.4, 0.6, 0.5)
+        lr, hr = (load_config(MARConfig, name, section=s) for s in ("lr", "hr"))
+        assert lr.stage == "lr" and hr.stage == "hr"
+        assert hr.lr_seq_len == lr.seq_len and hr.token_dim == lr.token_dim  # HR reads LR's tokens
+        load_config(ConditionConfig, name, section="condition")
+    lr, hr = (load_config(MARConfig, "mar_paper", section=s) for s in ("lr", "hr"))
+    assert (lr.width, lr.heads, lr.enc_layers, lr.dec_layers) == (1024, 16, 16, 16)
+    assert (hr.seq_len, lr.seq_len, hr.diffusion.depth) == (1024, 256, 6)
+    assert (hr.cond_aug_t_min, hr.cond_aug_t_max, hr.cond_aug_t_infer) == (0.4, 0.6, 0.5)
 
 
-@pytest.mark.parametrize("override,match", [
-    ("lr.heads=5", "divisible"),
-    ("hr.cond_aug_t_min=0.7", "cond_aug_t_min"),
-    ("hr.lr_seq_len=63", "lr_seq_len"),
-    ("lr.cfg_dropout=1.5", "cfg_dropout"),
-    ("lr.sampling.num_iters=65", "num_iters"),
-    ("hr.token_dim=8", "token_dim"),
-    ("lr.stage=hr", "stage"),
+@pytest.mark.parametrize("section,override,match", [
+    ("lr", "heads=5", "divisible"),
+    ("hr", "cond_aug_t_min=0.7", "cond_aug_t_min"),
+    ("hr", "lr_seq_len=0", "lr_seq_len"),
+    ("lr", "cfg_dropout=1.5", "cfg_dropout"),
+    ("lr", "sampling.num_iters=65", "num_iters"),
+    ("lr", "stage=mr", "stage"),
 ])
-def test_bad_configs_are_rejected(override, match):
+def test_bad_configs_are_rejected(section, override, match):
     with pytest.raises(ValueError, match=match):
-        load_config(GeneratorConfig, "mar_tiny", [override])
+        load_config(MARConfig, "mar_tiny", [override], section=section)
 
 
 def test_unknown_keys_are_rejected():
     with pytest.raises(ConfigError, match="unknown"):
-        load_config(GeneratorConfig, "mar_tiny", ["lr.mask_ratio=0.5"])
+        load_config(MARConfig, "mar_tiny", ["mask_ratio=0.5"], section="lr")
 
 
 def test_latent_normalization_roundtrip_and_stats_from_the_vae():

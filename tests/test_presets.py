@@ -41,6 +41,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 import mar3d
 from mar3d.cli import main
@@ -50,7 +51,7 @@ from mar3d.data.config import DataConfig
 from mar3d.evaluate import EvalConfig
 from mar3d.generate import BatchGenerateConfig
 from mar3d.models.condition import ConditionConfig
-from mar3d.models.mar import GeneratorConfig, MARConfig
+from mar3d.models.mar import MARConfig
 from mar3d.models.vae import VAEConfig
 from mar3d.train import load_train_config
 
@@ -61,9 +62,10 @@ VAE_URI = ["vae_model_uri=runs:/fixture/model"]  # lr/hr need one to validate
 
 CLASSES = {"data": DataConfig, "data_local": DataConfig, "data_smoke": DataConfig,
            "eval_tiny": EvalConfig, "generate_tiny": BatchGenerateConfig,
-           "vae_tiny": VAEConfig, "vae_paper": VAEConfig,
-           "mar_tiny": GeneratorConfig, "mar_paper": GeneratorConfig}
+           "vae_tiny": VAEConfig, "vae_paper": VAEConfig}
+# The cascade presets hold one section per part, each loaded on its own.
 SECTION_CLASSES = {"condition": ConditionConfig, "lr": MARConfig, "hr": MARConfig}
+SECTIONED = ("mar_tiny", "mar_paper")
 
 
 def preset_values(key: str) -> dict:
@@ -72,6 +74,9 @@ def preset_values(key: str) -> dict:
     if name.startswith("train_"):
         stage = name.split("_")[1]
         return to_dict(load_train_config(stage, name, [] if stage == "vae" else VAE_URI))
+    if name in SECTIONED and not section:
+        assert set(yaml.safe_load(config_path(name).read_text())) == set(SECTION_CLASSES), name
+        return {s: preset_values(f"{name}#{s}") for s in SECTION_CLASSES}
     cls = SECTION_CLASSES[section] if section else CLASSES[name]
     return to_dict(load_config(cls, name, section=section or None))
 
@@ -126,12 +131,12 @@ def test_the_fixture_covers_every_shipped_preset():
 def test_training_presets_share_the_model_presets_instead_of_copying_them():
     for size in ("tiny", "paper"):
         assert load_train_config("vae", f"train_vae_{size}").vae == load_config(VAEConfig, f"vae_{size}")
-        generator = load_config(GeneratorConfig, f"mar_{size}")
+        condition = load_config(ConditionConfig, f"mar_{size}", section="condition")
         for stage in ("lr", "hr"):
             text = config_path(f"train_{stage}_{size}").read_text()
             assert f"mar: mar_{size}.yaml#{stage}\n" in text and "\nvae:" not in text
             cfg = load_train_config(stage, f"train_{stage}_{size}", VAE_URI)
-            assert (cfg.mar, cfg.condition) == (getattr(generator, stage), generator.condition)
+            assert (cfg.mar, cfg.condition) == (load_config(MARConfig, f"mar_{size}", section=stage), condition)
 
 
 def test_a_users_file_may_reference_the_presets(tmp_path):

@@ -1,7 +1,8 @@
 """End-to-end training on Ray Train + DeepSpeed with 2 CPU workers (gloo), real MLflow.
 
 * a tiny Pyramid VAE trained on real YCB shards reconstructs its training shapes far
-  better than the trivial "everything inside" predictor;
+  better than the trivial "everything inside" predictor (the session's ``trained_vae``,
+  tests/conftest.py, which test_cascade_e2e builds its cascade on);
 * (a worker killed mid-training resuming from its checkpoint is in tests/reliability);
 * MAR-LR and MAR-HR train on the frozen VAE's latents through the same machinery.
 """
@@ -23,19 +24,6 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def shards(ycb_small_shards) -> Path:
     return ycb_small_shards
-
-
-@pytest.fixture(scope="module")
-def trained_vae(shards, mlflow_server, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train_vae")
-    cfg = load_train_config("vae", "train_vae_tiny", [
-        f"data={shards}", f"storage_path={out}", f"mlflow_uri={mlflow_server}",
-        "run_name=vae-e2e", "experiment=test-train", "max_failures=0",
-        # Mechanics on 4 objects: 2 workers x batch 2 need them all (no held-out split),
-        # 300 steps (a third of the demo's) are enough to beat the all-inside baseline.
-        "split=all", "batch_size=2", "steps=300", "warmup_steps=20", "checkpoint_every=100",
-        "eval_every=100", "num_eval_samples=4"])
-    return cfg, run_training(cfg)
 
 
 def _client(uri):

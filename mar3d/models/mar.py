@@ -133,32 +133,6 @@ class MARConfig:
                              f"mar.seq_len ({self.seq_len})")
 
 
-@dataclass
-class GeneratorConfig:
-    """The image-to-latent cascade: shared condition settings, MAR-LR and MAR-HR.
-
-    YAML layout (presets ``mar_tiny``, ``mar_paper``): top-level ``condition:``, ``lr:``, ``hr:``.
-    """
-
-    condition: ConditionConfig = field(default_factory=ConditionConfig)
-    lr: MARConfig = field(default_factory=lambda: MARConfig(stage="lr"))
-    hr: MARConfig = field(default_factory=lambda: MARConfig(stage="hr", seq_len=1024))
-
-    def validate(self) -> None:
-        self.condition.validate()
-        self.lr.validate()
-        self.hr.validate()
-        if self.lr.stage != "lr" or self.hr.stage != "hr":
-            raise ValueError(f"lr.stage must be 'lr' and hr.stage 'hr', got {self.lr.stage!r}, "
-                             f"{self.hr.stage!r}")
-        if self.hr.lr_seq_len != self.lr.seq_len:
-            raise ValueError(f"hr.lr_seq_len ({self.hr.lr_seq_len}) must equal lr.seq_len "
-                             f"({self.lr.seq_len}): HR consumes the LR stage's tokens")
-        if self.hr.token_dim != self.lr.token_dim:
-            raise ValueError(f"lr.token_dim ({self.lr.token_dim}) and hr.token_dim "
-                             f"({self.hr.token_dim}) must match (one VAE gives both)")
-
-
 def augment_lr(x_lr: torch.Tensor, t: float | torch.Tensor,
                generator: Generators = None) -> torch.Tensor:
     """Condition augmentation ``t * eps + (1 - t) * x_lr``; ``t`` a scalar or one per sample [B]."""

@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from _faults import Background, wait_for
+from _faults import (Background, latest_run_id, logged_steps, one_row_shards, registered_step, uids,
+                     wait_for)
+from _ray import RAY_TRAIN_ENV
 from components._run import run_step
 from mar3d.cluster import job_client
-from test_faults import _latest_run_id, _logged_steps, _one_row_shards, _registered_step, _uids
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +67,7 @@ def _config_file(tmp_path: Path, cfg) -> Path:
 
 # ----------------------------------------------------------- (a) data job, node lost
 def test_worker_node_lost_during_data_prepare(cluster, ycb_small_dir, tmp_path, reliability_report):
-    config = _config_file(tmp_path, _one_row_shards())
+    config = _config_file(tmp_path, one_row_shards())
     clean, out = tmp_path / "clean", tmp_path / "data"
     argv = ["mar3d", "data", "prepare", "--input", str(ycb_small_dir), "--config", str(config),
             "--no-progress", "--output"]
@@ -79,7 +80,7 @@ def test_worker_node_lost_during_data_prepare(cluster, ycb_small_dir, tmp_path, 
     result = job.join(600)
     assert job.error is None, job.error
     assert result["num_rows"] == reference["num_rows"] == 4 and result["num_errors"] == 0
-    assert _uids(out) == _uids(clean)  # every input exactly once
+    assert uids(out) == uids(clean)  # every input exactly once
     reliability_report.add("faults", fault="SIGKILL the worker node's raylet during a data-prepare "
                            "Ray job", at=f"task running there (raylet pid {raylet})",
                            outcome="tasks rescheduled on the head, job SUCCEEDED",
@@ -91,21 +92,28 @@ def test_worker_node_lost_during_training_resumes_from_checkpoint(
         cluster, ycb_small_shards, mlflow_server, tmp_path, reliability_report):
     storage = tmp_path / "train"
     run_name = "vae-node-lost"
+    # As in test_faults.py: the kill lands at step ~15-20, well before the last of 8 log points.
+    steps, checkpoint_every, log_every = 40, 10, 5
     argv = ["mar3d", "train", "vae", "--config", "train_vae_tiny"]
     for setting in (f"data={ycb_small_shards}", f"storage_path={storage}", f"mlflow_uri={mlflow_server}",
-                    f"run_name={run_name}", "experiment=test-cluster-faults", "steps=60",
-                    "warmup_steps=5", "checkpoint_every=10", "log_every=5", "eval_every=0",
-                    "split=all", "batch_size=2", "num_workers=2", "max_failures=3",
+                    f"run_name={run_name}", "experiment=test-cluster-faults", f"steps={steps}",
+                    "warmup_steps=5", f"checkpoint_every={checkpoint_every}", f"log_every={log_every}",
+                    "eval_every=0", "split=all", "batch_size=2", "num_workers=2", "max_failures=3",
                     "worker_resources={mar3d_node_1: 0.5}"):
         argv += ["--set", setting]
     client = MlflowClient(tracking_uri=mlflow_server)
-    job = Background(lambda: run_step(argv, cluster.dashboard_url, poll_seconds=1))
+    # The job's controller polls its workers as often as the local session's (tests/_ray.py).
+    job = Background(lambda: run_step(argv, cluster.dashboard_url, poll_seconds=1,
+                                      runtime_env={"env_vars": RAY_TRAIN_ENV}))
 
-    run_id = wait_for(lambda: _latest_run_id(client, "test-cluster-faults", run_name), 180, "the run")
-    registered = wait_for(lambda: _registered_step(storage / run_name), 600, "a registered checkpoint")
-    wait_for(lambda: max(_logged_steps(client, run_id), default=0) > registered, 300, "a step past it")
+    run_id = wait_for(lambda: job.running() and latest_run_id(client, "test-cluster-faults", run_name), 180,
+                      "the run")
+    registered = wait_for(lambda: job.running() and registered_step(storage / run_name), 600,
+                          "a registered checkpoint")
+    wait_for(lambda: job.running() and max(logged_steps(client, run_id), default=0) > registered, 300,
+             "a step past it")
     assert len(_tasks_on(cluster, "worker-1", "RayTrainWorker")) == 2, "workers not on the pinned node"
-    killed_at = max(_logged_steps(client, run_id))
+    killed_at = max(logged_steps(client, run_id))
     cluster.kill_node("worker-1")
     # The machine comes back (a KubeRay pod is restarted the same way): a new node with the
     # same resource, so the pinned worker group can be placed again.
@@ -114,17 +122,21 @@ def test_worker_node_lost_during_training_resumes_from_checkpoint(
 
     result = job.join(900)
     assert job.error is None, job.error
-    assert result["metrics"]["step"] == 60
+    assert killed_at < steps, f"the node was killed after the last step ({killed_at})"
+    assert result["metrics"]["step"] == steps
     starts = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/start_step"))
     assert starts[0] == (0, 0.0) and len(starts) >= 2, starts
     resumed = int(starts[-1][1])
-    assert resumed % 10 == 0 and registered <= resumed <= killed_at + 5, (starts, registered, killed_at)
-    assert _logged_steps(client, run_id) == list(range(5, 61, 5))
+    assert resumed % checkpoint_every == 0 and registered <= resumed <= killed_at + log_every, \
+        (starts, registered, killed_at)
+    log_points = list(range(log_every, steps + 1, log_every))
+    assert logged_steps(client, run_id) == log_points
     assert client.get_run(run_id).info.status == "FINISHED"
     reliability_report.add("faults", fault="SIGKILL the worker node's raylet while both Ray Train "
                            "workers run there", at=f"step ~{killed_at}",
                            outcome=f"replacement node joined; worker group restarted at checkpoint "
-                           f"step {resumed}, finished step 60", lost="0 steps (all 12 log points in MLflow)")
+                           f"step {resumed}, finished step {steps}",
+                           lost=f"0 steps (all {len(log_points)} log points in MLflow)")
 
 
 # ------------------------------------- (c) pipeline step's driver killed, then resume
@@ -150,7 +162,7 @@ def test_pipeline_on_cluster_step_driver_killed_then_resumed(cluster, ycb_small_
                          and str(j.status.value) == "RUNNING" and j.driver_info), None)
         job = wait_for(vae_job, 600, "the train-vae Ray job")
         storage = wait_for(lambda: next(iter(workdir.glob("runs/*/train/vae")), None), 300, "its run folder")
-        registered = wait_for(lambda: _registered_step(storage), 600, "a registered VAE checkpoint")
+        registered = wait_for(lambda: registered_step(storage), 600, "a registered VAE checkpoint")
         os.kill(int(job.driver_info.pid), signal.SIGKILL)
         out, _ = first.communicate(timeout=300)
     finally:
@@ -179,7 +191,7 @@ def test_pipeline_on_cluster_step_driver_killed_then_resumed(cluster, ycb_small_
         workdir / "runs" / run_id / "data" / "step.log").read_text()
 
     mlflow = MlflowClient(tracking_uri=mlflow_server)
-    vae_run = _latest_run_id(mlflow, "mar3d", "vae")
+    vae_run = latest_run_id(mlflow, "mar3d", "vae")
     starts = sorted(m.value for m in mlflow.get_metric_history(vae_run, "train/start_step"))
     assert starts[0] == 0 and starts[-1] >= registered > 0, (starts, registered)
     champion = mlflow.get_model_version_by_alias("mar3d-cluster", "champion")

@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 
 import mlflow
-import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from _faults import Background, processes, wait_for
+from _faults import (Background, latest_run_id, logged_steps, one_row_shards, processes,
+                     registered_step, uids, wait_for)
 from _registry_helpers import make_release
 from _services import start_mlflow_server, stop_mlflow_server
-from _shards import small_data_config
 from mar3d.config import to_dict
 from mar3d.data import prepare_dataset
 from mar3d.data.prepare import complete_shards, load_manifest
@@ -43,33 +43,20 @@ from mar3d.train.loop import TRACKING_BACKLOG
 pytestmark = pytest.mark.e2e
 
 
-def _logged_steps(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
-    return sorted({m.step for m in client.get_metric_history(run_id, key)})
-
-
-def _latest_run_id(client: MlflowClient, experiment: str, run_name: str) -> str | None:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{run_name}'")
-    return runs[0].info.run_id if runs else None
-
-
-def _registered_step(run_dir: Path) -> int:
-    """The step of the latest checkpoint Ray Train's controller has registered (0: none)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    except (OSError, ValueError):
-        return 0
-    return int((latest.get("metrics") or {}).get("step", 0))
+# Faults are triggered on observed progress (MLflow steps, the registered checkpoint), and
+# training cannot run far ahead of it: each Ray Train report (log point, checkpoint) waits
+# for the controller's next poll. A fault lands at step ~10-20, well before the last of
+# the 8 log points.
+STEPS, CHECKPOINT_EVERY, LOG_EVERY = 40, 10, 5
+LOG_POINTS = list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
 
 
 def _train_cfg(shards: Path, storage: Path, tracking_uri: str, run_name: str, *extra: str):
     return load_train_config("vae", "train_vae_tiny", [
         f"data={shards}", f"storage_path={storage}", f"mlflow_uri={tracking_uri}",
-        f"run_name={run_name}", "experiment=test-reliability", "steps=60", "warmup_steps=5",
-        "checkpoint_every=10", "log_every=5", "eval_every=0", "split=all", "batch_size=2", *extra])
+        f"run_name={run_name}", "experiment=test-reliability", f"steps={STEPS}", "warmup_steps=5",
+        f"checkpoint_every={CHECKPOINT_EVERY}", f"log_every={LOG_EVERY}", "eval_every=0", "split=all",
+        "batch_size=2", *extra])
 
 
 # ------------------------------------------------------------------- training: SIGKILL
@@ -79,30 +66,35 @@ def test_training_worker_killed_resumes_from_checkpoint(ycb_small_shards, mlflow
     client = MlflowClient(tracking_uri=mlflow_server)
     job = Background(lambda: run_training(cfg))
 
-    run_id = wait_for(lambda: _latest_run_id(client, "test-reliability", "vae-sigkill"), 120, "the run")
+    run_id = wait_for(lambda: job.running() and latest_run_id(client, "test-reliability", "vae-sigkill"),
+                      120, "the run")
     # Kill once Ray Train has registered a checkpoint (a checkpoint folder written but not
     # yet registered by the controller is not a restore point) and training is past it.
-    registered = wait_for(lambda: _registered_step(tmp_path / "vae-sigkill"), 300, "a registered checkpoint")
-    wait_for(lambda: max(_logged_steps(client, run_id), default=0) > registered, 300, "a step past it")
+    registered = wait_for(lambda: job.running() and registered_step(tmp_path / "vae-sigkill"), 300,
+                          "a registered checkpoint")
+    wait_for(lambda: job.running() and max(logged_steps(client, run_id), default=0) > registered, 300,
+             "a step past it")
     victims = processes("RayTrainWorker")
     assert victims, "no Ray Train worker process found"
-    killed_at = max(_logged_steps(client, run_id))
+    killed_at = max(logged_steps(client, run_id))
     victim = max(victims, key=lambda p: p.pid)
     victim.send_signal(signal.SIGKILL)
 
     result = job.join(600)
     assert job.error is None, job.error
-    assert result.metrics["step"] == 60
+    assert killed_at < STEPS, f"the worker was killed after the last step ({killed_at})"
+    assert result.metrics["step"] == STEPS
     starts = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/start_step"))
     assert starts[0] == (0, 0.0) and len(starts) == 2, starts
     resumed = int(starts[1][1])
     # The second attempt resumed at the registered checkpoint (or a later one), not from 0.
-    assert resumed % 10 == 0 and registered <= resumed <= killed_at + 5, (starts, registered, killed_at)
-    assert _logged_steps(client, run_id) == list(range(5, 61, 5))
+    assert resumed % CHECKPOINT_EVERY == 0 and registered <= resumed <= killed_at + LOG_EVERY, \
+        (starts, registered, killed_at)
+    assert logged_steps(client, run_id) == LOG_POINTS
     assert client.get_run(run_id).info.status == "FINISHED"
     reliability_report.add("faults", fault="SIGKILL a Ray Train worker mid-training",
                            at=f"step ~{killed_at}", outcome=f"resumed at checkpoint step {resumed}, "
-                           "finished step 60", lost="0 steps (all 12 log points in MLflow)")
+                           f"finished step {STEPS}", lost=f"0 steps (all {len(LOG_POINTS)} log points in MLflow)")
 
 
 # ------------------------------------------------------------------ data job: SIGKILL
@@ -110,32 +102,20 @@ def test_training_worker_killed_resumes_from_checkpoint(ycb_small_shards, mlflow
 def clean_prepare(tmp_path_factory, ycb_small_dir, ray_local):
     """An uninterrupted run: the reference rows."""
     out = tmp_path_factory.mktemp("clean") / "data"
-    return prepare_dataset(ycb_small_dir, out, _one_row_shards(), progress=False), _uids(out)
-
-
-def _one_row_shards():
-    cfg = small_data_config()
-    cfg.shard_size = 1
-    cfg.validate()
-    return cfg
-
-
-def _uids(out: Path) -> list[str]:
-    return sorted(u for s in complete_shards(out)
-                  for u in pq.read_table(out / s["file"], columns=["uid"]).column("uid").to_pylist())
+    return prepare_dataset(ycb_small_dir, out, one_row_shards(), progress=False), uids(out)
 
 
 def test_data_worker_killed_mid_job_is_retried(clean_prepare, ycb_small_dir, tmp_path, reliability_report):
     reference, ref_uids = clean_prepare
     out = tmp_path / "data"
-    job = Background(lambda: prepare_dataset(ycb_small_dir, out, _one_row_shards(), progress=False))
+    job = Background(lambda: prepare_dataset(ycb_small_dir, out, one_row_shards(), progress=False))
     victims = wait_for(lambda: processes("_process_item"), 120, "a Ray task running _process_item",
                         interval=0.05)
     victims[0].send_signal(signal.SIGKILL)
     result = job.join(600)
     assert job.error is None, job.error
     assert result.total_errors == 0 and result.total_rows == reference.total_rows == 4
-    assert _uids(out) == ref_uids  # every input exactly once: nothing lost, nothing doubled
+    assert uids(out) == ref_uids  # every input exactly once: nothing lost, nothing doubled
     reliability_report.add("faults", fault="SIGKILL a Ray Data worker running _process_item",
                            at="first task", outcome="task retried by Ray, job finished",
                            lost=f"0 (rows {result.total_rows}/{reference.total_rows})")
@@ -146,7 +126,7 @@ def test_data_driver_killed_leaves_no_partial_shard_and_rerun_completes(
     reference, ref_uids = clean_prepare
     out = tmp_path / "data"
     config = tmp_path / "data.yaml"
-    config.write_text(json.dumps(to_dict(_one_row_shards())))  # JSON is YAML
+    config.write_text(json.dumps(to_dict(one_row_shards())))  # JSON is YAML
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "mar3d", "data", "prepare", "--input", str(ycb_small_dir),
                              "--output", str(out), "--config", str(config), "--no-progress"],
@@ -165,10 +145,10 @@ def test_data_driver_killed_leaves_no_partial_shard_and_rerun_completes(
     leftovers = sorted(p.name for p in (out / "shards").iterdir()
                        if f"shards/{p.name}" not in {s["file"] for s in listed})
 
-    again = prepare_dataset(ycb_small_dir, out, _one_row_shards(), progress=False)
+    again = prepare_dataset(ycb_small_dir, out, one_row_shards(), progress=False)
     assert again.total_rows == reference.total_rows == 4 and again.total_errors == 0
     assert again.skipped == len(listed) and again.processed == 4 - len(listed)
-    assert _uids(out) == ref_uids
+    assert uids(out) == ref_uids
     assert not [p for p in (out / "shards").iterdir() if p.name.endswith(".tmp")]
     reliability_report.add("faults", fault="SIGKILL the data job's driver (mar3d data prepare)",
                            at=f"after {len(listed)}/4 shards", outcome=f"manifest listed only verified "
@@ -177,6 +157,20 @@ def test_data_driver_killed_leaves_no_partial_shard_and_rerun_completes(
 
 
 # -------------------------------------------------------------- MLflow server stopped
+def _polled(job: Background, query):
+    """``query`` for wait_for: raises the job's error once it has failed; None while the
+    server is too slow to answer (with this test's fail-fast settings, one answer slower
+    than 5 s on a loaded machine raises), to be asked again."""
+    def poll():
+        if not job.running():
+            return None
+        try:
+            return query()
+        except MlflowException:
+            return None
+    return poll
+
+
 def test_mlflow_outage_during_training_loses_nothing(ycb_small_shards, tmp_path, monkeypatch,
                                                      reliability_report):
     # Fail fast instead of MLflow's minutes of retries; the logger retries every 2 s.
@@ -191,9 +185,10 @@ def test_mlflow_outage_during_training_loses_nothing(ycb_small_shards, tmp_path,
     client = MlflowClient(tracking_uri=uri)
     try:
         job = Background(lambda: run_training(cfg))
-        run_id = wait_for(lambda: _latest_run_id(client, "test-reliability", "vae-outage"), 120, "the run")
-        wait_for(lambda: max(_logged_steps(client, run_id), default=0) >= 10, 300, "step 10")
-        stopped_after = max(_logged_steps(client, run_id))
+        run_id = wait_for(_polled(job, lambda: latest_run_id(client, "test-reliability", "vae-outage")),
+                          120, "the run")
+        last_logged = _polled(job, lambda: max(logged_steps(client, run_id), default=0))
+        stopped_after = wait_for(lambda: (step := last_logged() or 0) >= 10 and step, 300, "step 10")
         stop_mlflow_server(server)
 
         job.join(600)
@@ -206,13 +201,13 @@ def test_mlflow_outage_during_training_loses_nothing(ycb_small_shards, tmp_path,
         assert waiting > 0
         waiting_steps = sorted({json.loads(line)["step"] for line in backlog.read_text().splitlines()
                                 if json.loads(line)["type"] == "metric"})
-        assert 60 in waiting_steps  # the end of training was not lost with the server
+        assert STEPS in waiting_steps  # the end of training was not lost with the server
         assert (run_dir / "model" / "model.safetensors").is_file()  # the final model is saved
 
         server = start_mlflow_server(server_root, port)[1]  # same port, same database
         again = run_training(cfg)
         assert again.run_id == run_id
-        assert _logged_steps(client, run_id) == list(range(5, 61, 5))
+        assert logged_steps(client, run_id) == LOG_POINTS
         assert client.get_run(run_id).info.status == "FINISHED"
         assert {"model/model.safetensors", "model/config.yaml"} <= \
             {f.path for f in client.list_artifacts(run_id, "model")}
@@ -222,7 +217,7 @@ def test_mlflow_outage_during_training_loses_nothing(ycb_small_shards, tmp_path,
     reliability_report.add("faults", fault="stop the MLflow server during training",
                            at=f"step ~{stopped_after}", outcome="training finished; clear TrackingError "
                            f"naming model + backlog ({waiting} records); re-run after restart uploaded them",
-                           lost="0 (metrics at all 12 log steps, model artifact, checkpoint)")
+                           lost=f"0 (metrics at all {len(LOG_POINTS)} log steps, model artifact, checkpoint)")
 
 
 def test_training_refuses_to_start_without_tracking_server(ycb_small_shards, tmp_path):
