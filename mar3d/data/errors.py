@@ -20,6 +20,8 @@ REASONS = {
     "unsafe_reference": "the file references a file outside its folder (../, absolute path, URL)",
     "too_many_faces": "more triangles than DataConfig.max_faces",
     "degenerate": "zero extent or zero surface area",
+    "ambiguous_scene": "a part many times the size of the rest of the scene surrounds it facing outward: "
+                       "a skybox or a container, which the loader cannot tell apart; the message names it",
     "watertight_failed": "the watertight conversion produced no closed surface",
     "duplicate": "another input of the run has the same content and name (same uid), "
                  "or the manifest lists the same file twice",

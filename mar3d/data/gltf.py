@@ -4,13 +4,21 @@ trimesh reads the plain form of glTF well (float accessors, triangle lists), but
 files people publish are often compressed or quantized, and trimesh then returns
 zeros or garbage without raising: Draco primitives come out as a zero-extent mesh
 (when no decoder is importable), sparse accessors as zeros, KHR_mesh_quantization integers undivided, triangle fans
-not at all. :func:`as_plain_glb` rewrites such a file in memory into the plain form
-(Draco decoded, integers dequantized, sparse applied, strips and fans listed as
-triangles) and leaves materials, textures and the scene graph to trimesh. A file that
-needs none of it returns ``None`` and loads exactly as before.
+not at all. Materials have the same problem: trimesh turns a specular-glossiness
+material into a metallic one through a conversion that reads a palette ("P") diffuse
+texture as grey, and it reads every texture through TEXCOORD_0 untransformed (a base
+colour texture on TEXCOORD_1, or with KHR_texture_transform, comes out scrambled).
+:func:`as_plain_glb` rewrites such a file in memory into the plain form (Draco decoded,
+integers dequantized, sparse applied, strips and fans listed as triangles,
+specular-glossiness written as the metallic-roughness material of its diffuse colour,
+the base colour texture's coordinates baked into TEXCOORD_0) and leaves the rest of
+the materials, the textures and the scene graph to trimesh. A file that needs none of
+it returns ``None`` and loads exactly as before.
 
 Every required extension that neither this module nor trimesh implements is refused
 with ``MeshError("unsupported_extension")`` naming it, instead of loading a wrong mesh.
+(Alpha modes and vertex colours under a material are read by trimesh as they are and
+drawn by the renderer, :mod:`mar3d.data.render`.)
 """
 from __future__ import annotations
 
@@ -24,18 +32,21 @@ from urllib.parse import unquote_to_bytes
 import numpy as np
 
 from .errors import MeshError
-from .gltf_arrays import (FLOAT, TYPE_WIDTHS, BinaryBuilder, Values, as_float, component_dtype, decode_accessor,
-                          drop_degenerate, fan_triangles, index_values, strip_triangles, type_width,
-                          view_bytes)
+from .gltf_arrays import (FLOAT, TYPE_WIDTHS, UINT16, BinaryBuilder, Values, as_float, component_dtype,
+                          decode_accessor, drop_degenerate, fan_triangles, index_values, strip_triangles,
+                          type_width, view_bytes)
 from .preflight import check_reference
 
 GLTF_SUFFIXES = (".glb", ".gltf")
 DRACO = "KHR_draco_mesh_compression"
 QUANTIZATION = "KHR_mesh_quantization"
-# Decoded here into plain accessors, so the rewritten file no longer uses them.
-DECODED_EXTENSIONS = frozenset({DRACO, QUANTIZATION})
+SPEC_GLOSS = "KHR_materials_pbrSpecularGlossiness"
+TEXTURE_TRANSFORM = "KHR_texture_transform"
+# Decoded here into plain accessors and materials, so the rewritten file no longer uses
+# them (a texture transform is baked for the base colour texture, the only one rendered).
+DECODED_EXTENSIONS = frozenset({DRACO, QUANTIZATION, SPEC_GLOSS, TEXTURE_TRANSFORM})
 # Implemented by trimesh's own glTF reader (trimesh/exchange/gltf/extensions.py).
-TRIMESH_EXTENSIONS = frozenset({"KHR_materials_pbrSpecularGlossiness", "EXT_texture_webp"})
+TRIMESH_EXTENSIONS = frozenset({"EXT_texture_webp"})
 SUPPORTED_REQUIRED = DECODED_EXTENSIONS | TRIMESH_EXTENSIONS
 
 TRIANGLES, STRIP, FAN = 4, 5, 6
@@ -92,14 +103,22 @@ def check_bufferless_sizes(doc: dict, max_faces: int) -> None:
 
 
 def needs_rewrite(doc: dict) -> bool:
-    """Whether trimesh would misread the file: Draco, sparse, integer geometry, strip/fan.
-    Tolerant of malformed documents: those are left to trimesh, as before."""
+    """Whether trimesh would misread the file: Draco, sparse, integer geometry, 16-bit
+    colours, strip/fan, specular-glossiness, a base colour texture on other coordinates
+    than plain TEXCOORD_0. Tolerant of malformed documents: those are left to trimesh."""
     accessors = _list(doc.get("accessors"))
     if any(isinstance(a, dict) and "sparse" in a for a in accessors):
+        return True
+    if any(SPEC_GLOSS in _dict(m.get("extensions")) for m in materials(doc)):
         return True
     for prim in primitives(doc):
         if DRACO in _dict(prim.get("extensions")) or prim.get("mode", TRIANGLES) in (STRIP, FAN):
             return True
+        info = base_color_texture(doc, prim)
+        if info is not None and _reads_other_coordinates(info):
+            return True
+    if wide_color_accessors(doc):
+        return True
     for index in float_attribute_accessors(doc):
         accessor = accessors[index] if isinstance(index, int) and 0 <= index < len(accessors) else {}
         if isinstance(accessor, dict) and accessor.get("componentType", FLOAT) != FLOAT:
@@ -112,6 +131,9 @@ def rewrite(doc: dict, buffers: list[bytes], max_faces: int) -> tuple[dict, byte
     """The plain equivalent of ``doc``: one buffer, every accessor packed (geometry as
     float32), Draco decoded, strips and fans as triangle lists."""
     plain = copy.deepcopy(doc)
+    for material in materials(plain):
+        if SPEC_GLOSS in _dict(material.get("extensions")):
+            metal_rough_from_spec_gloss(material)
     builder = BinaryBuilder()
     # The original views stay where they were (moved into the one buffer), so images
     # and anything else that points at a view by index keep working.
@@ -123,6 +145,7 @@ def rewrite(doc: dict, buffers: list[bytes], max_faces: int) -> tuple[dict, byte
             decode_draco_primitive(prim, doc, buffers, builder, max_faces)
         if prim.get("mode", TRIANGLES) in (STRIP, FAN):
             list_triangles(prim, decoded, builder)
+    bake_base_color_coordinates(plain, builder)
     plain["accessors"] = builder.accessors
     plain["bufferViews"] = builder.views
     plain["buffers"] = [{"byteLength": builder.size}]
@@ -132,7 +155,7 @@ def rewrite(doc: dict, buffers: list[bytes], max_faces: int) -> tuple[dict, byte
 
 def plain_accessors(doc: dict, buffers: list[bytes], builder: BinaryBuilder) -> list[Values]:
     """Every accessor decoded and re-added to ``builder.accessors`` at the same index."""
-    floats = float_attribute_accessors(doc)
+    floats = float_attribute_accessors(doc) | wide_color_accessors(doc)
     positions = {prim["attributes"]["POSITION"] for prim in primitives(doc)
                  if "POSITION" in _dict(prim.get("attributes"))}
     decoded = []
@@ -180,7 +203,7 @@ def decode_draco_primitive(prim: dict, doc: dict, buffers: list[bytes], builder:
         if attribute is None:
             raise MeshError("unreadable", f"glTF: the Draco data of {name} (id {unique_id}) is missing")
         values = draco_values(attribute["data"], doc["accessors"][attributes[name]], name)
-        if _is_float_attribute(name):
+        if _is_float_attribute(name) or (name.startswith("COLOR_") and values.component_type == UINT16):
             values = as_float(values)
         attributes[name] = builder.add_accessor(values, with_bounds=name == "POSITION")
     prim.pop("indices", None)
@@ -240,12 +263,147 @@ def _drop_decoded_extensions(doc: dict) -> None:
             doc.pop(key, None)
 
 
+# ---------------------------------------------------------------------------- materials
+def metal_rough_from_spec_gloss(material: dict) -> None:
+    """Replace a KHR_materials_pbrSpecularGlossiness material (in place) by the
+    metallic-roughness material of its diffuse colour: diffuseTexture and diffuseFactor
+    become baseColorTexture and baseColorFactor (both are "the colour" the condition
+    renders show), glossiness becomes roughness. trimesh's own conversion solves for a
+    metallic factor from the specular colour, reads a palette diffuse texture by its
+    palette indices (grey) and, with the default specularFactor of 1, loses the diffuse
+    colour altogether. The extension's material replaces any fallback
+    pbrMetallicRoughness, as in a viewer that implements it."""
+    extensions = material["extensions"]
+    spec_gloss = _dict(extensions.pop(SPEC_GLOSS))
+    if not extensions:
+        del material["extensions"]
+    glossiness = spec_gloss.get("glossinessFactor", 1.0)
+    pbr = {"baseColorFactor": spec_gloss.get("diffuseFactor", [1.0, 1.0, 1.0, 1.0]), "metallicFactor": 0.0,
+           "roughnessFactor": 1.0 - glossiness if isinstance(glossiness, (int, float)) else 0.0}
+    if isinstance(spec_gloss.get("diffuseTexture"), dict):
+        pbr["baseColorTexture"] = spec_gloss["diffuseTexture"]
+    material["pbrMetallicRoughness"] = pbr
+
+
+def base_color_texture(doc: dict, prim: dict) -> dict | None:
+    """The textureInfo of the base colour texture that ``prim``'s material draws with
+    (the specular-glossiness diffuse texture where that extension is used), or None."""
+    index = prim.get("material")
+    all_materials = _list(doc.get("materials"))
+    if not isinstance(index, int) or not 0 <= index < len(all_materials):
+        return None
+    material = _dict(all_materials[index])
+    spec_gloss = _dict(_dict(material.get("extensions")).get(SPEC_GLOSS))
+    info = spec_gloss.get("diffuseTexture") if spec_gloss else \
+        _dict(material.get("pbrMetallicRoughness")).get("baseColorTexture")
+    return info if isinstance(info, dict) else None
+
+
+def texture_coordinates(info: dict) -> tuple[int, np.ndarray | None]:
+    """(n of the TEXCOORD_n set a textureInfo samples, its KHR_texture_transform as a 3x3
+    matrix on (u, v, 1), or None for none): the extension's texCoord overrides the
+    textureInfo's (spec of the extension)."""
+    transform = _dict(info.get("extensions")).get(TEXTURE_TRANSFORM)
+    texcoord = info.get("texCoord", 0)
+    if isinstance(transform, dict):
+        texcoord = transform.get("texCoord", texcoord)
+    if not isinstance(texcoord, int) or isinstance(texcoord, bool) or texcoord < 0:
+        raise MeshError("unreadable", f"glTF: texCoord {texcoord!r} is not a texture coordinate set")
+    if not isinstance(transform, dict):
+        return texcoord, None
+    matrix = uv_transform_matrix(transform)
+    return texcoord, None if np.array_equal(matrix, np.eye(3)) else matrix
+
+
+def uv_transform_matrix(transform: dict) -> np.ndarray:
+    """KHR_texture_transform as one matrix: translation x rotation x scale on (u, v, 1),
+    UVs in glTF's own frame (origin top left, v down). The rotation turns the UVs
+    counter-clockwise, i.e. (u, v) -> (cos u + sin v, -sin u + cos v): the one reading under
+    which the extension's example ("offset [0, 1], rotation pi/2, scale 0.5 uses only the
+    lower left quadrant") holds and the glTF-Sample-Viewer's."""
+    try:
+        offset = np.asarray(transform.get("offset", [0.0, 0.0]), np.float64).reshape(2)
+        scale = np.asarray(transform.get("scale", [1.0, 1.0]), np.float64).reshape(2)
+        rotation = float(transform.get("rotation", 0.0))
+    except (TypeError, ValueError) as e:
+        raise MeshError("unreadable", f"glTF: {TEXTURE_TRANSFORM} {transform!r} is malformed: {e}"[:500]) from e
+    if not (np.isfinite(offset).all() and np.isfinite(scale).all() and np.isfinite(rotation)):
+        raise MeshError("unreadable", f"glTF: {TEXTURE_TRANSFORM} {transform!r} is not finite"[:500])
+    c, s = np.cos(rotation), np.sin(rotation)
+    translate = np.array([[1.0, 0.0, offset[0]], [0.0, 1.0, offset[1]], [0.0, 0.0, 1.0]])
+    rotate = np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
+    return translate @ rotate @ np.diag([scale[0], scale[1], 1.0])
+
+
+def transform_uvs(uv: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    return (np.asarray(uv, np.float64) @ matrix[:2, :2].T + matrix[:2, 2]).astype(np.float32)
+
+
+def bake_base_color_coordinates(doc: dict, builder: BinaryBuilder) -> None:
+    """Make TEXCOORD_0 of every primitive what its base colour texture samples (in place):
+    the set its textureInfo names, with the texture transform applied. trimesh reads
+    only TEXCOORD_0 and ignores transforms, and the renderer draws only the base colour,
+    so after this the file renders as a viewer shows it (other textures, unrendered,
+    may now read the wrong coordinates)."""
+    baked: dict[tuple, int] = {}
+    infos = []
+    for prim in primitives(doc):
+        info = base_color_texture(doc, prim)
+        if info is None or not _reads_other_coordinates(info):
+            continue
+        texcoord, matrix = texture_coordinates(info)
+        attributes = _dict(prim.get("attributes"))
+        source = attributes.get(f"TEXCOORD_{texcoord}")
+        if not isinstance(source, int) or not 0 <= source < len(builder.values) \
+                or builder.values[source].data.shape[1:] != (2,):
+            raise MeshError("unreadable", f"glTF: material {prim.get('material')} samples its base colour "
+                                          f"texture at TEXCOORD_{texcoord}, which a primitive using it lacks")
+        key = (source, None if matrix is None else matrix.tobytes())
+        if key not in baked:
+            uv = builder.values[source].data
+            if matrix is not None:
+                uv = transform_uvs(uv, matrix)
+            baked[key] = builder.add_accessor(Values(np.asarray(uv, np.float32), FLOAT, False, "VEC2"))
+        attributes["TEXCOORD_0"] = baked[key]
+        infos.append(info)
+    for info in infos:  # after every primitive: several may share a material
+        info["texCoord"] = 0
+        extensions = _dict(info.get("extensions"))
+        extensions.pop(TEXTURE_TRANSFORM, None)
+        if not extensions:
+            info.pop("extensions", None)
+
+
+def _reads_other_coordinates(info: dict) -> bool:
+    extensions = _dict(info.get("extensions"))
+    return info.get("texCoord", 0) != 0 or TEXTURE_TRANSFORM in extensions
+
+
+def wide_color_accessors(doc: dict) -> set:
+    """COLOR_n accessors of normalized uint16: trimesh clips them to uint8 instead of
+    scaling (every channel above 255/65535 becomes 1.0), so they are made float here."""
+    accessors = _list(doc.get("accessors"))
+    found = set()
+    for prim in primitives(doc):
+        for name, index in _dict(prim.get("attributes")).items():
+            if name.startswith("COLOR_") and isinstance(index, int) and 0 <= index < len(accessors) \
+                    and _dict(accessors[index]).get("componentType") == UINT16:
+                found.add(index)
+    return found
+
+
 # ------------------------------------------------------------------ document helpers
 def primitives(doc: dict):
     for mesh in _list(doc.get("meshes")):
         for prim in _list(_dict(mesh).get("primitives")):
             if isinstance(prim, dict):
                 yield prim
+
+
+def materials(doc: dict):
+    for material in _list(doc.get("materials")):
+        if isinstance(material, dict):
+            yield material
 
 
 def float_attribute_accessors(doc: dict) -> set:

@@ -16,6 +16,7 @@ COMPONENT_DTYPES = {5120: np.dtype("<i1"), 5121: np.dtype("<u1"), 5122: np.dtype
                     5123: np.dtype("<u2"), 5125: np.dtype("<u4"), 5126: np.dtype("<f4")}
 FLOAT = 5126
 UINT32 = 5125
+UINT16 = 5123
 TYPE_WIDTHS = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4, "MAT2": 4, "MAT3": 9, "MAT4": 16}
 # Largest magnitude of each integer type: a normalized integer c means c / this (spec 3.11).
 _NORMALIZED_DIVISORS = {5120: 127.0, 5121: 255.0, 5122: 32767.0, 5123: 65535.0}
@@ -166,6 +167,7 @@ class BinaryBuilder:
         self.size = 0
         self.views: list[dict] = []
         self.accessors: list[dict] = []
+        self.values: list[Values] = []  # what each accessor holds, for steps that read it back
 
     def append(self, data: bytes) -> int:
         """Append ``data`` 4-byte aligned (the largest component size); returns its offset."""
@@ -193,6 +195,7 @@ class BinaryBuilder:
             accessor["min"] = data.min(0).tolist()
             accessor["max"] = data.max(0).tolist()
         self.accessors.append(accessor)
+        self.values.append(values)
         return len(self.accessors) - 1
 
     def bytes(self) -> bytes:

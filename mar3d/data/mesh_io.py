@@ -17,6 +17,7 @@ from .config import MESH_SUFFIXES
 from .errors import MeshError
 from .gltf import GLTF_SUFFIXES, as_plain_glb
 from .preflight import preflight
+from .scenery import scenery_parts
 
 @dataclass
 class LoadedMesh:
@@ -33,6 +34,8 @@ class LoadedMesh:
     face_part: np.ndarray  # int64 [F]
     face_offset: np.ndarray  # int64 [num_parts]: first concatenated face of each part
     transform: np.ndarray  # float64 [4,4]: original coords -> normalized coords
+    # What the loader left out of the file and why (scenery around the object), for the row.
+    notes: tuple[str, ...] = ()
 
     @property
     def mesh(self) -> trimesh.Trimesh:
@@ -69,8 +72,10 @@ def check_file(path: Path, max_file_bytes: int) -> None:
 
 
 def _flatten(loaded) -> list[trimesh.Trimesh]:
-    """All triangle geometry of a scene in world coordinates (points and paths dropped)."""
+    """All triangle geometry of a scene in world coordinates (points and paths dropped),
+    each part named by its scene node in ``metadata["node"]``."""
     if isinstance(loaded, trimesh.Trimesh):
+        loaded.metadata["node"] = "mesh"
         return [loaded]
     if isinstance(loaded, trimesh.Scene):
         parts = []
@@ -78,11 +83,32 @@ def _flatten(loaded) -> list[trimesh.Trimesh]:
             transform, name = loaded.graph[node]
             geom = loaded.geometry.get(name)
             if isinstance(geom, trimesh.Trimesh) and len(geom.faces) > 0:
-                g = geom.copy()
+                g = _copy_with_colors(geom)
                 g.apply_transform(transform)
+                g.metadata["node"] = str(node)
                 parts.append(g)
         return parts
     return []
+
+
+def _copy_with_colors(geom: trimesh.Trimesh) -> trimesh.Trimesh:
+    """``geom.copy()`` keeping the vertex colours of a textured visual (glTF COLOR_0 under
+    a material, which multiplies the base colour): trimesh's copy drops them."""
+    copied = geom.copy()
+    colors = getattr(geom.visual, "vertex_attributes", {}).get("color")
+    if colors is not None and isinstance(copied.visual, trimesh.visual.TextureVisuals):
+        copied.visual.vertex_attributes["color"] = np.array(colors)
+    return copied
+
+
+def drop_scenery(parts: list[trimesh.Trimesh]) -> tuple[list[trimesh.Trimesh], tuple[str, ...]]:
+    """``parts`` without the skybox, ground plane or backdrop around the object
+    (:mod:`mar3d.data.scenery`), and a note for each part dropped."""
+    names = [p.metadata.get("node", f"part {i}") for i, p in enumerate(parts)]
+    scenery = scenery_parts(parts, names)
+    dropped = {i for i, _ in scenery}
+    notes = tuple(f"dropped {names[i]!r} ({len(parts[i].faces)} faces): {why}" for i, why in sorted(scenery))
+    return [p for i, p in enumerate(parts) if i not in dropped], notes
 
 
 def normalization_transform(vertices: np.ndarray, extent: float) -> np.ndarray:
@@ -128,7 +154,8 @@ def load_scene(path: Path, max_faces: int):
 def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
               normalize_extent: float = 1.0, up_axis: str = "y") -> LoadedMesh:
     """``path`` flattened, validated, turned into the dataset's frame (``up_axis``, see
-    :func:`frame_transform`) and normalized."""
+    :func:`frame_transform`), rid of the scenery around the object (:func:`drop_scenery`)
+    and normalized."""
     path = Path(path)
     frame = frame_transform(path, up_axis)
     check_file(path, max_file_bytes)
@@ -155,6 +182,7 @@ def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
         f = np.asarray(p.faces)
         if f.size and (f.min() < 0 or f.max() >= len(v)):
             raise MeshError("invalid_faces", f"face index out of range [0, {len(v)})")
+    parts, notes = drop_scenery(parts)
     vertices = np.concatenate([np.asarray(p.vertices, np.float64) for p in parts])
     offsets = np.cumsum([0] + [len(p.vertices) for p in parts])[:-1]
     faces = np.concatenate([np.asarray(p.faces, np.int64) + o for p, o in zip(parts, offsets)])
@@ -179,4 +207,4 @@ def load_mesh(path: str | Path, max_faces: int, max_file_bytes: int,
     face_part = np.concatenate([np.full(len(p.faces), i, np.int64) for i, p in enumerate(parts)])
     face_offset = np.cumsum([0] + [len(p.faces) for p in parts])[:-1].astype(np.int64)
     return LoadedMesh(parts=parts, vertices=vertices, faces=faces, face_part=face_part,
-                      face_offset=face_offset, transform=normalize @ frame)
+                      face_offset=face_offset, transform=normalize @ frame, notes=notes)

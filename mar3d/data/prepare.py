@@ -62,7 +62,7 @@ from .errors import MeshError
 from .mesh_io import LoadedMesh, load_mesh, make_uid, sha256_file
 from .render import render_views
 from .sampling import sample_occupancy, sharp_edges, surface_pyramid
-from .schema import ERRORS_SCHEMA, LABEL_COLUMNS, conform, row_labels, rows_to_batch, shard_schema
+from .schema import ERRORS_SCHEMA, LABEL_COLUMNS, NOTES, conform, row_labels, rows_to_batch, shard_schema
 from .sources import (Selection, SourceEntry, is_xl_table, object_paths_file, read_objaverse,
                       read_xl_table)
 from ..ray_runtime import ensure_ray
@@ -109,7 +109,8 @@ def process_mesh(path: str | Path, cfg: DataConfig, sha256: str | None = None,
                                cfg.render_fit_margin, cfg.render_ambient,
                                cfg.render_white_background, cfg.render_up_axis)
     row = {"uid": make_uid(sha256, source), "source_path": source, "source_sha256": sha256,
-           "transform": mesh.transform.astype(np.float32), **row_labels(labels or {})}
+           "transform": mesh.transform.astype(np.float32), **row_labels(labels or {}),
+           NOTES: "; ".join(mesh.notes) or None}
     row.update(geometry)
     row.update({"images": renders.images, "cam_world_to_cam": renders.world_to_cam,
                 "cam_intrinsics": renders.intrinsics, "view_elev_azim": renders.elev_azim})
@@ -174,7 +175,7 @@ def _deserialize_batch(data: bytes) -> pa.RecordBatch:
         return reader.read_next_batch()
 
 
-def _process_item(item: dict, cfg_dict: dict, with_labels: bool = True) -> dict:
+def _process_item(item: dict, cfg_dict: dict, with_labels: bool = True, with_notes: bool = True) -> dict:
     """Ray task body: never raises; returns the row as Arrow IPC bytes, or an error."""
     cfg = from_dict(DataConfig, cfg_dict)
     labels = row_labels(item)
@@ -190,7 +191,7 @@ def _process_item(item: dict, cfg_dict: dict, with_labels: bool = True) -> dict:
                                    labels=labels, clock=clock)
         else:
             row = process_mesh(item["source_path"], cfg, sha256=item["sha256"], labels=labels, clock=clock)
-        out["payload"] = _serialize_batch(rows_to_batch([row], shard_schema(cfg, with_labels)))
+        out["payload"] = _serialize_batch(rows_to_batch([row], shard_schema(cfg, with_labels, with_notes)))
         out["ok"] = True
     except MeshError as e:
         out["reason"], out["message"] = e.reason_code, e.message
@@ -633,6 +634,7 @@ def prepare_dataset(input: str | Path | Sequence[str | Path], output: str | Path
         found.append(find_inputs(corpus, selection))
     inputs = merge_inputs(found)
     shards, done_uids, with_labels = _open_existing(output, cfg)
+    with_notes = _keeps_column(output, shards, NOTES)
     errors = read_errors(output)
     if inputs.labels and not with_labels:
         log.warning("%s was written before shards had label columns (%s); this run keeps its "
@@ -641,7 +643,8 @@ def prepare_dataset(input: str | Path | Sequence[str | Path], output: str | Path
     ensure_ray()
     plan = _plan(_hash_inputs(inputs, *sources), inputs.errors, errors, done_uids, cfg)
     writer = _ShardWriter(output, cfg, shards, plan.errors, plan.new_errors,
-                          inputs_seen=len(inputs.paths) + len(inputs.errors), with_labels=with_labels)
+                          inputs_seen=len(inputs.paths) + len(inputs.errors), with_labels=with_labels,
+                          with_notes=with_notes)
     processed, stages = _process(plan.todo, sources, cfg, writer, progress)
     with cpu_stage(stages, "write"):
         writer.flush()
@@ -677,6 +680,14 @@ def _open_existing(output: Path | str, cfg: DataConfig) -> tuple[list[dict], set
             done_uids.update(pq.read_table(f, columns=["uid"]).column("uid").to_pylist())
     with_labels = not shards or set(LABEL_COLUMNS) <= set(manifest.get("columns", {}))
     return shards, done_uids, with_labels
+
+
+def _keeps_column(output: Path | str, shards: list[dict], name: str) -> bool:
+    """Whether new shards get the optional column ``name``: yes, unless the dataset's
+    existing shards were written without it (one schema per dataset)."""
+    if not shards:
+        return True
+    return name in (load_manifest(output) or {}).get("columns", {})
 
 
 def _make_corpus(root: Path, cfg: DataConfig, progress: bool) -> Path:
@@ -757,12 +768,12 @@ class _ShardWriter:
     rows of the shard being filled)."""
 
     def __init__(self, output: Path | str, cfg: DataConfig, shards: list[dict], errors: pa.Table,
-                 new_errors: list[dict], inputs_seen: int, with_labels: bool = True):
+                 new_errors: list[dict], inputs_seen: int, with_labels: bool = True, with_notes: bool = True):
         self.output, self.cfg, self.shards, self.errors = output, cfg, shards, errors
         self.new_errors = list(new_errors)
         self.inputs_seen = inputs_seen
-        self.with_labels = with_labels
-        self.schema = shard_schema(cfg, with_labels)
+        self.with_labels, self.with_notes = with_labels, with_notes
+        self.schema = shard_schema(cfg, with_labels, with_notes)
         self.next_index = 1 + max((int(s["file"].split("-")[-1].split(".")[0]) for s in shards), default=-1)
         self.buffer: list[pa.RecordBatch] = []
         self.written: list[str] = []
@@ -817,7 +828,8 @@ def _process(todo: list[dict], sources: list[str | Path], cfg: DataConfig, write
         ctx.enable_progress_bars = False  # our bar counts meshes, not blocks
         try:
             ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
-                _process_item, fn_kwargs={"cfg_dict": to_dict(cfg), "with_labels": writer.with_labels},
+                _process_item, fn_kwargs={"cfg_dict": to_dict(cfg), "with_labels": writer.with_labels,
+                                          "with_notes": writer.with_notes},
                 num_cpus=cfg.cpus_per_task,
                 compute=ray.data.TaskPoolStrategy(size=min(cfg.num_workers, len(todo))),
                 **storage.ray_task_options(*sources))

@@ -23,11 +23,13 @@ type, so plain pyarrow reads them back with ``column.combine_chunks().to_numpy_n
 | name | string, nullable | the object's name (Objaverse metadata) |
 | license | string, nullable | the object's license (Objaverse metadata or XL table) |
 | source | string, nullable | where source_uid comes from: "objaverse-1.0", or the XL table's source |
+| notes | string, nullable | what the loader left out of the file and why (a skybox dropped...), or null |
 
-The label columns (``LABEL_COLUMNS``, the last five) are null for plain folders and
-manifests. Shards written before they existed lack them: readers must select columns
-(``label_columns`` says which of them a shard has), never assume the full set, and a
-run into such a dataset keeps its schema (``shard_schema(cfg, with_labels=False)``).
+The label columns (``LABEL_COLUMNS``) are null for plain folders and manifests. Shards
+written before they existed lack them: readers must select columns (``label_columns``
+says which of them a shard has), never assume the full set, and a run into such a
+dataset keeps its schema (``shard_schema(cfg, with_labels=False)``). The same holds for
+``notes`` (``shard_schema(cfg, with_notes=False)``).
 
 Schema metadata: ``mar3d_schema_version`` and ``mar3d_watertight_method`` (the
 DataConfig.watertight_method that made the geometry columns; datasets written before
@@ -55,6 +57,9 @@ ERRORS_SCHEMA = pa.schema([
 # Where a row came from, so it can be joined back to Objaverse's uids, categories and
 # licenses; all nullable strings, null where the input does not say.
 LABEL_COLUMNS = ("source_uid", "category", "name", "license", "source")
+# What the loader changed about the file, so that a row whose mesh is not the whole file
+# (a skybox or ground plane dropped) says so.
+NOTES = "notes"
 
 
 def tensor_type(value_type: pa.DataType, shape: tuple[int, ...]) -> pa.DataType:
@@ -79,9 +84,10 @@ def tensor_shapes(cfg: DataConfig) -> dict[str, tuple[pa.DataType, tuple[int, ..
     return shapes
 
 
-def shard_schema(cfg: DataConfig, with_labels: bool = True) -> pa.Schema:
-    """The shard schema of ``cfg``; ``with_labels=False`` is the schema of datasets written
-    before the label columns existed (a run into one keeps it: one schema per dataset)."""
+def shard_schema(cfg: DataConfig, with_labels: bool = True, with_notes: bool = True) -> pa.Schema:
+    """The shard schema of ``cfg``; ``with_labels=False`` / ``with_notes=False`` is the schema
+    of datasets written before the label columns / the notes column existed (a run into
+    one keeps it: one schema per dataset)."""
     fields = [pa.field("uid", pa.string(), nullable=False),
               pa.field("source_path", pa.string(), nullable=False),
               pa.field("source_sha256", pa.string(), nullable=False)]
@@ -89,6 +95,8 @@ def shard_schema(cfg: DataConfig, with_labels: bool = True) -> pa.Schema:
         fields.append(pa.field(name, tensor_type(vt, shape), nullable=False))
     if with_labels:
         fields += [pa.field(name, pa.string(), nullable=True) for name in LABEL_COLUMNS]
+    if with_notes:
+        fields.append(pa.field(NOTES, pa.string(), nullable=True))
     # The watertight method decides what the geometry columns describe (the object itself
     # or its epsilon offset), so every shard says which one made it.
     return pa.schema(fields, metadata={b"mar3d_schema_version": str(SCHEMA_VERSION).encode(),
@@ -125,7 +133,8 @@ def rows_to_batch(rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
     against the schema so a wrong row fails loudly instead of corrupting a shard."""
     arrays = []
     for field in schema:
-        values = [r[field.name] for r in rows]
+        # A nullable column a row lacks is null (rows made before the column existed).
+        values = [r.get(field.name) if field.nullable else r[field.name] for r in rows]
         if isinstance(field.type, pa.FixedShapeTensorType):
             shape = tuple(field.type.shape)
             dtype = _numpy_dtype(field.type.value_type)
