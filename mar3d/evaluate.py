@@ -718,12 +718,12 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
                        if champion else None),
         baselines=_group_baselines(reader, cfg, groups))
 
-    run_id = tracking.start_or_resume_run(
-        tracking_uri, cfg.experiment, cfg.run_name or f"eval-{Path(_dataset_path(dataset)).name}",
-        tags={"mar3d.kind": "eval", "mar3d.model": model,
-              **({"mar3d.release": release.uri} if release else {}),
-              **({"mar3d.champion": champion.uri} if champion else {})})
-    try:
+    with tracking.tracked_run(
+            tracking_uri, cfg.experiment, cfg.run_name or f"eval-{Path(_dataset_path(dataset)).name}",
+            tags={"mar3d.kind": "eval", "mar3d.model": model,
+                  **({"mar3d.release": release.uri} if release else {}),
+                  **({"mar3d.champion": champion.uri} if champion else {})}) as run:
+        run_id = run.run_id
         params = _run_params(model, dataset, fingerprint, cfg, ctx, groups, extra_params)
         tracking.log_params(tracking_uri, run_id, params)
 
@@ -745,10 +745,6 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         storage.write_bytes(report_path, (json.dumps(_json_safe(report), indent=2) + "\n").encode())
         write_table(per_object + report["champion_per_object"], output / TABLE_FILE)
         _log_evaluation(tracking_uri, run_id, output, metrics, per_object, release, tags)
-    except BaseException:
-        tracking.end_run(tracking_uri, run_id, status="FAILED")
-        raise
-    tracking.end_run(tracking_uri, run_id, status="FINISHED")
     if failed:
         log.warning("%d of %d objects failed: %s", len(failed), len(per_object),
                     "; ".join(f"{r['uid']}: {r['error']}" for r in failed[:5]))

@@ -874,9 +874,9 @@ def _track(result: BatchGenerateResult, images: str | Path, cfg: BatchGenerateCo
     from mar3d.config import flatten
 
     uri = tracking_uri or tracking.default_tracking_uri(result.output)
-    run_id = tracking.start_or_resume_run(uri, cfg.experiment, f"generate-{storage.name(result.output)}",
-                                          tags={"mar3d.kind": "generate", "mar3d.model": result.model})
-    try:
+    with tracking.tracked_run(uri, cfg.experiment, f"generate-{storage.name(result.output)}",
+                              tags={"mar3d.kind": "generate", "mar3d.model": result.model}) as run:
+        run_id = run.run_id
         tracking.log_params(uri, run_id, {"model": result.model, "input": str(Path(images).resolve()),
                                           "output": str(result.output),
                                           **{f"generate.{k}": v for k, v in flatten(cfg).items()}})
@@ -888,8 +888,4 @@ def _track(result: BatchGenerateResult, images: str | Path, cfg: BatchGenerateCo
         for path in (result.contact_sheet, storage.join(result.output, SETTINGS)):
             if path is not None and storage.is_file(path):
                 _log_artifact(client, run_id, path)
-    except BaseException:
-        tracking.end_run(uri, run_id, status="FAILED")
-        raise
-    tracking.end_run(uri, run_id, status="FINISHED")
     return run_id

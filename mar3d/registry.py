@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mar3d.tracking import log_metrics, log_params, tracked_run
 from mar3d.uris import MODELS_URI as _MODELS_URI, NAME as _NAME, RUNS_URI as _RUNS_URI, validate_model_uri
 
 log = logging.getLogger(__name__)
@@ -232,24 +233,43 @@ def _places(gap: float) -> int:
     return min(12, max(3, -math.floor(math.log10(gap))))
 
 
-def _client(tracking_uri: str | None = None):
+def _tracking_uri(tracking_uri: str | None) -> str:
+    """``tracking_uri``, or MLflow's own default (``MLFLOW_TRACKING_URI``) when None; one
+    explicit URI for every client and download of a call (no process-wide MLflow state)."""
     import mlflow
+
+    return tracking_uri or mlflow.get_tracking_uri()
+
+
+def _client(tracking_uri: str | None = None):
     from mlflow import MlflowClient
 
     from mar3d.storage import configure_mlflow_s3
 
     configure_mlflow_s3()  # registry artifacts on S3 are read and written by this process
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient()
+    uri = _tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _set_promotion_experiment(tracking_uri: str | None) -> None:
+def _download(artifact_uri: str, tracking_uri: str | None, dst: str | Path | None = None) -> Path:
+    """A run or registry artifact (``runs:/...``, ``models:/NAME/VERSION``,
+    ``models:/NAME@ALIAS``) as a local path."""
     import mlflow
 
-    from mar3d.tracking import ensure_experiment
+    from mar3d.storage import configure_mlflow_s3
 
-    mlflow.set_experiment(experiment_id=ensure_experiment(tracking_uri, PROMOTION_EXPERIMENT))
+    configure_mlflow_s3()  # artifacts on S3 are fetched by this process's boto3
+    uri = _tracking_uri(tracking_uri)
+    m = _MODELS_URI.match(artifact_uri)
+    if m:
+        # MLflow resolves models:/ URIs with its process-wide registry URI whatever URI a
+        # download is given; resolved here with this call's client instead.
+        client = _client(uri)
+        version = m["version"] or client.get_model_version_by_alias(m["name"], m["alias"]).version
+        artifact_uri = client.get_model_version_download_uri(m["name"], version)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri,
+                                                    dst_path=None if dst is None else str(dst),
+                                                    tracking_uri=uri, registry_uri=uri))
 
 
 def _release_from_version(mv) -> Release:
@@ -277,8 +297,6 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
     the one MAR-LR records it was trained with (MAR-HR must record the same). Sets ``alias`` (default: the
     candidate alias) on the new release version.
     """
-    import mlflow
-
     cfg = cfg or RegistryConfig()
     cfg.validate()
     missing = {"vae", "lr"} - set(component_uris)
@@ -306,16 +324,15 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
                                          tags={"mar3d.component": comp})
         pinned[comp] = (name, str(mv.version))
 
-    _set_promotion_experiment(tracking_uri)
     release_doc = {"name": cfg.name, "components": {c: {"name": n, "version": v, "source": component_uris[c]}
                                                     for c, (n, v) in pinned.items()}}
-    with mlflow.start_run(run_name=f"release-{cfg.name}") as run:
-        mlflow.set_tags({"mar3d.kind": "release"})
-        mlflow.log_dict(release_doc, "release/release.json")
+    with tracked_run(_tracking_uri(tracking_uri), PROMOTION_EXPERIMENT, f"release-{cfg.name}",
+                     tags={"mar3d.kind": "release"}) as run:
+        client.log_dict(run.run_id, release_doc, "release/release.json")
     _ensure_registered_model(client, cfg.name)
     tags = {f"component.{c}": f"{n}/{v}" for c, (n, v) in pinned.items()}
-    mv = client.create_model_version(cfg.name, f"runs:/{run.info.run_id}/release",
-                                     run_id=run.info.run_id, tags=tags, description=description)
+    mv = client.create_model_version(cfg.name, f"runs:/{run.run_id}/release",
+                                     run_id=run.run_id, tags=tags, description=description)
     client.set_registered_model_alias(cfg.name, alias or cfg.candidate_alias, mv.version)
     log.info("registered release %s/%s: %s", cfg.name, mv.version, tags)
     return _release_from_version(client.get_model_version(cfg.name, mv.version))
@@ -324,14 +341,12 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
 def read_model_config(uri: str, tracking_uri: str | None = None) -> dict:
     """config.yaml of a model folder or model URI, as plain data, without its weights:
     of a ``runs:/`` URI only that file is fetched."""
-    import mlflow
     import yaml
 
     from mar3d.weights import CONFIG_FILE
 
     if uri.startswith("runs:"):
-        _client(tracking_uri)
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{CONFIG_FILE}")).parent
+        folder = _download(f"{uri.rstrip('/')}/{CONFIG_FILE}", tracking_uri).parent
     else:
         folder = resolve_model_dir(uri, tracking_uri)
     return yaml.safe_load((folder / CONFIG_FILE).read_text())
@@ -429,15 +444,12 @@ def comparable_champion_metrics(candidate: Release, champion: Release,
 def download_release(release: Release, dest: str | Path | None = None,
                      tracking_uri: str | None = None) -> dict[str, Path]:
     """Download the pinned component artifact folders; returns component -> local dir."""
-    import mlflow
-
-    _client(tracking_uri)
     root = Path(dest) if dest else Path(tempfile.mkdtemp(prefix="mar3d-release-"))
     out = {}
     for comp, (name, version) in release.components.items():
         target = root / comp
         target.mkdir(parents=True, exist_ok=True)
-        out[comp] = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(target)))
+        out[comp] = _download(f"models:/{name}/{version}", tracking_uri, target)
     return out
 
 
@@ -457,8 +469,6 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
     aliases back; a killed process cannot, so every promotion first re-points the
     component aliases at the current champion release (:func:`reconcile_component_aliases`).
     """
-    import mlflow
-
     gate = gate or GateConfig()
     gate.validate()
     cfg = cfg or RegistryConfig()
@@ -476,39 +486,40 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
     decision = evaluate_gate(candidate.metrics, champion_metrics, gate,
                              champion_missing=source if champion and champion_metrics is None else None)
 
-    _set_promotion_experiment(tracking_uri)
-    with mlflow.start_run(run_name=f"promote-{candidate.name}-v{candidate.version}"):
-        mlflow.set_tags({
-            "mar3d.kind": "promotion",
-            "decision": "promoting" if decision.passed else "refused",
-            "actor": f"{getpass.getuser()}@{socket.gethostname()}",
-            "reason": reason or "-",
-            "candidate": candidate.uri,
-            "champion_before": champion.uri if champion else "none",
-            "gate_group": gate.group or "-",
-            "champion_metrics_source": source,
-        })
-        mlflow.log_params({"rel_tolerance": gate.rel_tolerance, "beat_baseline": gate.beat_baseline,
-                           "gate_metrics": json.dumps(gate.metrics, sort_keys=True)})
-        mlflow.log_metrics({f"candidate.{k}": v for k, v in candidate.metrics.items()})
-        if champion_metrics:
-            mlflow.log_metrics({f"champion.{k}": v for k, v in champion_metrics.items()})
-        mlflow.log_text(decision.table(), "gate.md")
-        mlflow.log_dict({"passed": decision.passed,
-                         "checks": [dataclasses.asdict(c) for c in decision.checks]}, "gate.json")
+    tags = {
+        "mar3d.kind": "promotion",
+        "decision": "promoting" if decision.passed else "refused",
+        "actor": f"{getpass.getuser()}@{socket.gethostname()}",
+        "reason": reason or "-",
+        "candidate": candidate.uri,
+        "champion_before": champion.uri if champion else "none",
+        "gate_group": gate.group or "-",
+        "champion_metrics_source": source,
+    }
+    with tracked_run(_tracking_uri(tracking_uri), PROMOTION_EXPERIMENT,
+                     f"promote-{candidate.name}-v{candidate.version}", tags=tags) as run:
+        log_params(run.tracking_uri, run.run_id, {
+            "rel_tolerance": gate.rel_tolerance, "beat_baseline": gate.beat_baseline,
+            "gate_metrics": json.dumps(gate.metrics, sort_keys=True)})
+        metrics = {f"candidate.{k}": v for k, v in candidate.metrics.items()}
+        metrics.update({f"champion.{k}": v for k, v in (champion_metrics or {}).items()})
+        log_metrics(run.tracking_uri, run.run_id, metrics)
+        client.log_text(run.run_id, decision.table(), "gate.md")
+        client.log_dict(run.run_id, {"passed": decision.passed,
+                                     "checks": [dataclasses.asdict(c) for c in decision.checks]}, "gate.json")
         if decision.passed:
             try:
                 for comp, (name, version) in candidate.components.items():
                     client.set_registered_model_alias(name, cfg.champion_alias, version)
                 client.set_registered_model_alias(candidate.name, cfg.champion_alias, candidate.version)
             except BaseException:
-                mlflow.set_tag("decision", "interrupted")
+                client.set_tag(run.run_id, "decision", "interrupted")
                 _align_component_aliases(client, candidate.name, champion, cfg.champion_alias,
                                          best_effort=True)
                 raise
             if champion:
                 client.set_registered_model_alias(candidate.name, "previous", champion.version)
-            mlflow.set_tag("decision", "promoted")
+            client.set_tag(run.run_id, "decision", "promoted")
             log.info("promoted %s to %s", candidate.uri, cfg.champion_alias)
         else:
             log.warning("refused to promote %s:\n%s", candidate.uri, decision.table())
@@ -587,13 +598,4 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path
         return path
     # Only registry and run URIs of a known shape: never file://, http(s)://, s3://, ...
     uri = validate_model_uri(uri)
-    import mlflow
-
-    from mar3d.storage import configure_mlflow_s3
-
-    configure_mlflow_s3()  # artifacts on S3 are fetched by this process's boto3
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=None if dst is None else str(dst))
-    return Path(local)
+    return _download(uri, tracking_uri, dst)

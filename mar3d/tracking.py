@@ -15,6 +15,7 @@ records in an on-disk backlog and replays them when the server is back.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from mar3d import storage
 
@@ -147,6 +148,44 @@ def local_artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(tracking_uri).set_terminated(run_id, status=status)
+
+
+class TrackedRun:
+    """A RUNNING MLflow run owned by a :func:`tracked_run` block."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.ended = False
+
+    def finish(self) -> None:
+        """Mark the run FINISHED now (inside the block, where the caller handles a failure
+        to reach the server); the block's end then leaves it as it is."""
+        end_run(self.tracking_uri, self.run_id, status="FINISHED")
+        self.ended = True
+
+
+@contextlib.contextmanager
+def tracked_run(tracking_uri: str, experiment: str, run_name: str, run_id: str | None = None,
+                tags: dict[str, str] | None = None) -> Iterator[TrackedRun]:
+    """The lifecycle of every run a mar3d job writes (training, evaluation, batch
+    generation, releases and promotions): a RUNNING run, new or ``run_id`` re-opened
+    (:func:`start_or_resume_run`), FINISHED when the block completes and FAILED when it
+    raises. A :class:`TrackingError` (the server went away: the job's own report says
+    where everything is) leaves the run RUNNING for the re-run that resumes it, and
+    failing to mark a run FAILED is logged, never raised over the job's own error."""
+    run = TrackedRun(tracking_uri, start_or_resume_run(tracking_uri, experiment, run_name, run_id, tags))
+    try:
+        yield run
+    except TrackingError:
+        raise
+    except BaseException:
+        try:
+            end_run(tracking_uri, run.run_id, status="FAILED")
+        except Exception as e:  # noqa: BLE001 - the job's own error is raised next
+            log.error("could not mark MLflow run %s FAILED: %s", run.run_id, str(e).splitlines()[0][:200])
+        raise
+    if not run.ended:
+        run.finish()
 
 
 def _param_value(value: Any) -> str:

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from mar3d import tracking
-from mar3d.registry import RegistryConfig, register_release
+from mar3d.registry import RegistryConfig, register_release, resolve_model_dir
 
 
 @pytest.fixture
@@ -44,6 +44,8 @@ def test_sqlite_artifacts_and_releases_stay_in_the_work_folder(tmp_path, elsewhe
                                cfg=RegistryConfig(name="mar3d-loc"), tracking_uri=uri)
 
     assert list(elsewhere.iterdir()) == []  # no ./mlruns (nor anything else) where we stand
+    # The registry passes its URI to each client: MLflow's process-wide URI is untouched.
+    assert mlflow.get_tracking_uri() != uri
     assert (work / "mlartifacts" / "mar3d" / run_id / "artifacts" / "model" / "config.yaml").is_file()
     assert list((work / "mlartifacts" / "mar3d-promotions").rglob("release.json"))
     client = tracking.client(uri)
@@ -52,8 +54,7 @@ def test_sqlite_artifacts_and_releases_stay_in_the_work_folder(tmp_path, elsewhe
         assert location == (work / "mlartifacts" / name).as_uri()
     # The registered versions resolve to files inside the work folder.
     for name, version in [(release.name, release.version), *release.components.values()]:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}",
-                                                         dst_path=str(tmp_path / f"dl-{name}")))
+        local = resolve_model_dir(f"models:/{name}/{version}", uri, tmp_path / f"dl-{name}")
         assert any(local.rglob("*.json")) or any(local.rglob("*.yaml"))
         run = client.get_run(client.get_model_version(name, version).run_id)
         assert run.info.artifact_uri.startswith((work / "mlartifacts").as_uri())

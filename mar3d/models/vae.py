@@ -381,7 +381,9 @@ def surfaces_from_batch(batch: dict, num_levels: int) -> list[torch.Tensor]:
 def occupancy_iou(logits, labels) -> torch.Tensor:
     """Mean over the batch (leading dims) of IoU(logit > 0, label > 0.5) over the last
     dim; an empty union counts as 1. Tensors or arrays (training and evaluation share it)."""
-    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
+    # Arrays read from Arrow buffers are read-only; torch warns about wrapping them.
+    logits, labels = (torch.as_tensor(np.array(x) if isinstance(x, np.ndarray) else x)
+                      for x in (logits, labels))
     if logits.shape != labels.shape:
         raise ValueError(f"occupancy logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
     pred = logits > 0

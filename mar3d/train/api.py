@@ -169,9 +169,8 @@ def _prepare_conditioner(cfg: TrainConfig, tracking_uri: str, run_id: str, run_d
 
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.stage``; returns the MLflow run id, model URI and final metrics."""
-    import ray
-
     from mar3d import tracking
+    from mar3d.ray_runtime import ensure_ray
 
     started = time.monotonic()
     cfg.validate()
@@ -187,29 +186,23 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     tracking_uri = cfg.mlflow_uri or tracking.default_tracking_uri(root)
     tracking.check_reachable(tracking_uri)
     vae = _check_stage_inputs(cfg, tracking_uri)
-    run_id = _open_tracking_run(cfg, run_location, tracking_uri)
-    _prepare_conditioner(cfg, tracking_uri, run_id, run_dir)
-    try:
+    with tracking.tracked_run(tracking_uri, cfg.experiment, cfg.name,
+                              run_id=_previous_run_id(run_location, tracking_uri),
+                              tags={"mar3d.stage": cfg.stage, "mar3d.run_dir": run_location}) as run:
+        run_id = run.run_id
+        _record_run(cfg, run_location, tracking_uri, run_id)
+        _prepare_conditioner(cfg, tracking_uri, run_id, run_dir)
         _prepare_feature_cache(cfg, tracking_uri, run_location, vae)
-    except Exception:
-        _end_run_quietly(tracking_uri, run_id, "FAILED")
-        raise
-
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS if set (a cluster), else a local instance
-    trainer = _make_trainer(cfg, root, {"run_id": run_id, "tracking_uri": tracking_uri,
-                                        "run_dir": str(run_dir)})
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        _end_run_quietly(tracking_uri, run_id, "FAILED")
-        raise TrainingError(f"training {cfg.stage} ({cfg.name}) failed: {e}") from e
-    try:
+        # The workers' progress and logs reach this driver's output (the step log).
+        ensure_ray(log_to_driver=True)
+        trainer = _make_trainer(cfg, root, {"run_id": run_id, "tracking_uri": tracking_uri,
+                                            "run_dir": str(run_dir)})
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            raise TrainingError(f"training {cfg.stage} ({cfg.name}) failed: {e}") from e
         model_dir = _export_model(result, cfg, run_dir, root, run_location)
-    except TrainingError:
-        _end_run_quietly(tracking_uri, run_id, "FAILED")
-        raise
-    _finish_tracking_run(cfg, tracking_uri, run_id, run_dir, model_dir, result.checkpoint.path)
+        _finish_tracking_run(cfg, run, run_dir, model_dir, result.checkpoint.path)
     return TrainResult(run_id=run_id, model_uri=f"runs:/{run_id}/{MODEL_DIR}", model_dir=model_dir,
                        run_location=run_location,
                        checkpoint_path=str(result.checkpoint.path), metrics=dict(result.metrics or {}),
@@ -217,28 +210,31 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                        condition_model_uri=cfg.condition_model_uri, feature_cache=cfg.feature_cache)
 
 
-def _open_tracking_run(cfg: TrainConfig, run_location: str, tracking_uri: str) -> str:
-    """The MLflow run of this training run: created, or re-opened from the run folder's
-    ``mar3d_run.json`` when the same run is started again; params logged."""
-    from mar3d import tracking
-
+def _previous_run_id(run_location: str, tracking_uri: str) -> str | None:
+    """The MLflow run of an earlier start of the same training run (the run folder's
+    ``mar3d_run.json``), to be re-opened; None for a new run."""
     state_path = storage.join(run_location, RUN_STATE)
     previous = json.loads(storage.read_bytes(state_path)) if storage.is_file(state_path) else {}
     if previous and previous.get("tracking_uri") != tracking_uri:
         raise ValueError(f"{run_location} belongs to a run tracked at {previous.get('tracking_uri')}, "
                          f"not {tracking_uri}; use the same mlflow_uri or a new run_name")
-    run_id = tracking.start_or_resume_run(
-        tracking_uri, cfg.experiment, cfg.name, run_id=previous.get("run_id"),
-        tags={"mar3d.stage": cfg.stage, "mar3d.run_dir": run_location})
-    storage.write_bytes(state_path, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri,
-                                                "stage": cfg.stage}, indent=2).encode())
+    return previous.get("run_id")
+
+
+def _record_run(cfg: TrainConfig, run_location: str, tracking_uri: str, run_id: str) -> None:
+    """Write the run folder's ``mar3d_run.json`` (so a restart re-opens this MLflow run)
+    and log the run's params."""
+    from mar3d import tracking
+
+    storage.write_bytes(storage.join(run_location, RUN_STATE),
+                        json.dumps({"run_id": run_id, "tracking_uri": tracking_uri, "stage": cfg.stage},
+                                   indent=2).encode())
     log.info("training %s: MLflow run %s at %s, outputs in %s", cfg.stage, run_id, tracking_uri, run_location)
     # How often a dead tracking server is retried is operations, not the experiment.
     params = {k: v for k, v in flatten(cfg).items() if k != "tracking_retry_s"}
     params.update({"world_size": cfg.num_workers, "precision_resolved": cfg.resolved_precision(),
                    "backend_resolved": cfg.resolved_backend()})
     tracking.log_params(tracking_uri, run_id, params)
-    return run_id
 
 
 def _make_trainer(cfg: TrainConfig, root: str, run_context: dict[str, str]):
@@ -300,11 +296,12 @@ def _export_model(result, cfg: TrainConfig, run_dir: Path, root: str, run_locati
     return model_dir
 
 
-def _finish_tracking_run(cfg: TrainConfig, tracking_uri: str, run_id: str, run_dir: Path,
-                         model_dir: Path, checkpoint: str) -> None:
+def _finish_tracking_run(cfg: TrainConfig, run, run_dir: Path, model_dir: Path, checkpoint: str) -> None:
     """Replay metrics that waited out a tracking outage, log the model, mark the run
-    FINISHED; if the server is down now, say where everything is instead."""
+    FINISHED; if the server is down now, say where everything is instead (the run stays
+    RUNNING for the re-run that uploads them)."""
     from mar3d import tracking
+    tracking_uri, run_id = run.tracking_uri, run.run_id
     backlog = run_dir / TRACKING_BACKLOG
     try:
         c = tracking.client(tracking_uri)
@@ -319,7 +316,7 @@ def _finish_tracking_run(cfg: TrainConfig, tracking_uri: str, run_id: str, run_d
             tracking.log_artifacts(tracking_uri, run_id, trained, TRAINED_CONDITIONER_DIR)
             cfg.condition_model_uri = f"runs:/{run_id}/{TRAINED_CONDITIONER_DIR}"
             c.set_tag(run_id, "mar3d.condition_model_uri", cfg.condition_model_uri)
-        tracking.end_run(tracking_uri, run_id, status="FINISHED")
+        run.finish()
     except Exception as e:
         if not tracking.is_outage(e):
             raise
@@ -330,13 +327,3 @@ def _finish_tracking_run(cfg: TrainConfig, tracking_uri: str, run_id: str, run_d
             f"records wait in {backlog}. Run the same command again once the server answers: it "
             "re-opens the finished run without training, uploads them and the model, and marks "
             "the run FINISHED.") from e
-
-
-def _end_run_quietly(tracking_uri: str, run_id: str, status: str) -> None:
-    """Mark the run; a tracking outage must not hide the training error being raised."""
-    from mar3d import tracking
-
-    try:
-        tracking.end_run(tracking_uri, run_id, status=status)
-    except Exception as e:  # noqa: BLE001 - the caller raises the real error next
-        log.error("could not mark MLflow run %s %s: %s", run_id, status, str(e).splitlines()[0][:200])
