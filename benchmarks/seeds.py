@@ -133,9 +133,13 @@ def gate_reason(step_log: Path) -> str:
     """The gate's verdict lines from the promote step's log (how far from the baseline)."""
     if not step_log.is_file():
         return ""
-    lines = [ln.strip(" |") for ln in step_log.read_text().splitlines()
-             if "mean-shape baseline" in ln and ("beats" in ln or "below" in ln or "above" in ln)]
-    return "; ".join(dict.fromkeys(lines))
+    verdicts = []
+    for line in step_log.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        # A gate table row: metric | better | candidate | baseline | champion | limit | ok | why
+        if len(cells) == 8 and "mean-shape baseline" in cells[7]:
+            verdicts.append(f"{'ok' if cells[6] == 'yes' else 'NO'} {cells[0]}: {cells[7].split(';')[0]}")
+    return "; ".join(dict.fromkeys(verdicts))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -177,7 +181,7 @@ def table(rows: list[dict], results: list[dict]) -> str:
     for r in results:
         minutes = f"{r['seconds'] / 60:.1f}" if r["seconds"] else "(earlier run)"
         minutes += " (data reused)" if r.get("data_reused") else ""
-        lines.append(f"| {r['seed']} | {r['promoted']} | {minutes} | {r['reason'][:160]} |")
+        lines.append(f"| {r['seed']} | {r['promoted']} | {minutes} | {r['reason']} |")
     return "\n".join(lines)
 
 
