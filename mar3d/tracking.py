@@ -166,26 +166,30 @@ class TrackedRun:
 
 @contextlib.contextmanager
 def tracked_run(tracking_uri: str, experiment: str, run_name: str, run_id: str | None = None,
-                tags: dict[str, str] | None = None) -> Iterator[TrackedRun]:
+                tags: dict[str, str] | None = None, resumable: bool = False) -> Iterator[TrackedRun]:
     """The lifecycle of every run a mar3d job writes (training, evaluation, batch
     generation, releases and promotions): a RUNNING run, new or ``run_id`` re-opened
     (:func:`start_or_resume_run`), FINISHED when the block completes and FAILED when it
-    raises. A :class:`TrackingError` (the server went away: the job's own report says
-    where everything is) leaves the run RUNNING for the re-run that resumes it, and
-    failing to mark a run FAILED is logged, never raised over the job's own error."""
+    raises. ``resumable`` (training, whose re-run re-opens its run): a
+    :class:`TrackingError` (the server went away; the job's own error says where
+    everything is) leaves the run RUNNING for that re-run. Failing to mark a run FAILED
+    is logged, never raised over the job's own error."""
     run = TrackedRun(tracking_uri, start_or_resume_run(tracking_uri, experiment, run_name, run_id, tags))
     try:
         yield run
-    except TrackingError:
-        raise
-    except BaseException:
-        try:
-            end_run(tracking_uri, run.run_id, status="FAILED")
-        except Exception as e:  # noqa: BLE001 - the job's own error is raised next
-            log.error("could not mark MLflow run %s FAILED: %s", run.run_id, str(e).splitlines()[0][:200])
+    except BaseException as e:
+        if not (resumable and isinstance(e, TrackingError)):
+            _mark_failed(run)
         raise
     if not run.ended:
         run.finish()
+
+
+def _mark_failed(run: TrackedRun) -> None:
+    try:
+        end_run(run.tracking_uri, run.run_id, status="FAILED")
+    except Exception as e:  # noqa: BLE001 - the job's own error is raised next
+        log.error("could not mark MLflow run %s FAILED: %s", run.run_id, str(e).splitlines()[0][:200])
 
 
 def _param_value(value: Any) -> str:

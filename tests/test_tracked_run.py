@@ -1,6 +1,6 @@
 """The one run lifecycle every job uses (mar3d.tracking.tracked_run), on a real local
 MLflow store (SQLite): FINISHED after the block, FAILED when it raises, left RUNNING for
-a resume when the tracking server went away, re-opened by run id."""
+a resume when the tracking server went away (training), re-opened by run id."""
 from __future__ import annotations
 
 import pytest
@@ -33,9 +33,16 @@ def test_a_block_that_raises_fails_its_run_and_the_error_is_kept(store):
     assert _status(store, run.run_id) == "FAILED"
 
 
-def test_a_tracking_outage_leaves_the_run_running_for_its_resume(store):
+def test_a_tracking_error_fails_a_run_that_is_not_resumed(store):
     with pytest.raises(tracking.TrackingError):
-        with tracking.tracked_run(store, "lifecycle", "outage") as run:
+        with tracking.tracked_run(store, "lifecycle", "once") as run:
+            raise tracking.TrackingError("server refused a record")
+    assert _status(store, run.run_id) == "FAILED"
+
+
+def test_a_tracking_outage_leaves_a_resumable_run_running_for_its_resume(store):
+    with pytest.raises(tracking.TrackingError):
+        with tracking.tracked_run(store, "lifecycle", "outage", resumable=True) as run:
             raise tracking.TrackingError("server went away; everything is on disk")
     assert _status(store, run.run_id) == "RUNNING"
     with tracking.tracked_run(store, "lifecycle", "outage", run_id=run.run_id) as again:

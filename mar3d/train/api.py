@@ -188,7 +188,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     vae = _check_stage_inputs(cfg, tracking_uri)
     with tracking.tracked_run(tracking_uri, cfg.experiment, cfg.name,
                               run_id=_previous_run_id(run_location, tracking_uri),
-                              tags={"mar3d.stage": cfg.stage, "mar3d.run_dir": run_location}) as run:
+                              tags={"mar3d.stage": cfg.stage, "mar3d.run_dir": run_location},
+                              resumable=True) as run:
         run_id = run.run_id
         _record_run(cfg, run_location, tracking_uri, run_id)
         _prepare_conditioner(cfg, tracking_uri, run_id, run_dir)
