@@ -732,6 +732,7 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
     model = _resolve_model(model_uri, tracking_uri)
     items = list_inputs(images, cfg, exclude=None if remote else output)
     storage.makedirs(storage.join(output, MESHES))
+    storage.remove_temporary(storage.join(output, MESHES))  # from an earlier, interrupted run
     _check_settings(output, {"model": model, "generate": to_dict(cfg.generate), "base_seed": cfg.base_seed})
 
     rows = {r["id"]: r for r in read_results(output).to_pylist()}
@@ -840,6 +841,9 @@ def _generate_all(todo: list[dict], rows: dict[str, dict], reasons: dict[str, in
                 if time.monotonic() - last_save > cfg.checkpoint_seconds:
                     _write_results(output, rows)
                     last_save = time.monotonic()
+            # Every item has its row and no actor writes any more; an actor that died
+            # mid-write left its temporary file behind (its item was retried elsewhere).
+            storage.remove_temporary(storage.join(output, MESHES))
         finally:
             ctx.enable_progress_bars = old_bar
             _write_results(output, rows)

@@ -327,6 +327,21 @@ def is_temporary(location: str | os.PathLike) -> bool:
     return TEMPORARY_MARKER in name(location)
 
 
+def remove_temporary(folder: str | os.PathLike) -> list[str]:
+    """Delete the leftovers of interrupted :func:`atomic_local_path` writes directly in
+    ``folder`` (a writer killed between write and rename leaves one); returns their names.
+    Call it only when no writer of this job is active: at the start of a job and after its
+    workers have all finished."""
+    if is_remote(folder) or not Path(folder).is_dir():
+        return []  # S3 objects appear only when complete: nothing half-written to remove
+    removed = []
+    for p in list_files(folder, recursive=False):
+        if is_temporary(p):
+            Path(p).unlink(missing_ok=True)
+            removed.append(name(p))
+    return removed
+
+
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` atomically (see the module doc), creating parent folders."""
     if is_remote(location):

@@ -234,9 +234,13 @@ def test_folder_job_rerun_and_seed_stability(ray_local, release, image_folder, t
         assert r["reason"] in DETERMINISTIC_REASONS and r["outputs"] == []
     assert not list(out.rglob("*.tmp*"))
 
-    # A re-run has nothing to do: finished meshes and deterministic errors are skipped.
+    # A re-run has nothing to do: finished meshes and deterministic errors are skipped;
+    # the half-written file of a writer killed in an earlier run is removed.
+    leftover = out / "meshes" / "cup.png.glb.4242.tmp.glb"
+    leftover.write_bytes(b"glTF partial")
     again = batch_generate(str(image_folder), str(release), str(out), cfg, progress=False)
     assert (again.succeeded, again.failed, again.skipped) == (0, 0, total)
+    assert not leftover.exists()
 
     # A lost mesh file is regenerated, with the same seed and the same mesh; a bad input
     # that was fixed (new size/mtime) is tried again.

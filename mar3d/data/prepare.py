@@ -566,11 +566,7 @@ def _clean_partial(output: Path | str, listed: set[str]) -> list[str]:
         if storage.is_temporary(p) or rel not in listed:
             storage.delete(p)
             removed.append(rel)
-    for p in storage.list_files(output, recursive=False) if storage.is_dir(output) else []:
-        if storage.is_temporary(p):
-            storage.delete(p)
-            removed.append(storage.name(p))
-    return removed
+    return removed + storage.remove_temporary(output)
 
 
 def _manifest_doc(cfg: DataConfig, shards: list[dict], errors: pa.Table, inputs_seen: int,
