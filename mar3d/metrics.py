@@ -29,8 +29,28 @@ explicit here):
 * **Volume IoU**: uniform points in [-bounds, bounds]^3 (after normalization),
   inside/outside from libigl's generalized winding number (robust to the holes real
   scans and generated meshes have), IoU of the two inside sets.
+
+Across the objects of one evaluation group (:mod:`mar3d.evaluate`), whether generated
+shapes follow their condition:
+
+* **Aggregation** (``aggregate``) of per-object records: a failed object (``status`` not
+  ``ok``) counts 0 in the F-score / precision / recall / normal consistency / IoU means
+  and is left out of the Chamfer mean (``num_scored`` / ``num_failed`` / ``failure_rate``
+  say how many).
+* **Cross-object Chamfer** (``cross_chamfer``, ``pairwise_chamfer``): the Chamfer distance
+  above between every prediction and every ground truth of the group, in the frame the
+  points are given in (no normalization); a failed prediction is a row of +inf.
+* **Retrieval and diversity** (``following_metrics``): ``retrieval_top1`` is the share of
+  objects whose own ground truth is their prediction's nearest (chance 1/N);
+  ``diversity_ratio`` the mean pairwise Chamfer among the predictions over that among
+  their ground truths (0 for a constant output).
+* **Category accuracy** (``category_following``, ``per_category``): the share of objects
+  whose nearest ground truth has their own category, next to the chance of that.
 """
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 import trimesh
@@ -253,3 +273,117 @@ def mesh_metrics(pred: trimesh.Trimesh, gt: trimesh.Trimesh | tuple[np.ndarray, 
     if with_volume_iou:
         out["volume_iou"] = volume_iou(pred, gt, seed=seed)
     return out
+
+
+def aggregate(per_object: list[dict[str, Any]]) -> dict[str, float]:
+    """Aggregate metrics of per-object records under the failure rule of the module doc."""
+    n = len(per_object)
+    if n == 0:
+        raise ValueError("no objects were evaluated")
+    scored = [r for r in per_object if r["status"] == "ok"]
+    out: dict[str, float] = {"num_objects": float(n), "num_scored": float(len(scored)),
+                             "num_failed": float(n - len(scored)),
+                             "failure_rate": (n - len(scored)) / n}
+    out["chamfer"] = float(np.mean([r["chamfer"] for r in scored])) if scored else math.inf
+    for key in ("f_score", "precision", "recall", "normal_consistency", "iou", "vae_iou"):
+        values = [r.get(key) for r in per_object]
+        if all(v is not None for v in values):  # absent where not measured (e.g. with_iou off)
+            out[key] = float(np.mean(values))
+    if "seconds" in per_object[0]:
+        out["seconds_per_object"] = float(np.mean([r["seconds"] for r in per_object]))
+    return out
+
+
+def cross_chamfer(predictions: list[np.ndarray | None], truths: list[np.ndarray]) -> np.ndarray:
+    """[N, M] Chamfer distance (as :func:`chamfer_distance`) of every
+    prediction (points, or None for a failure: a row of +inf) to every ground truth.
+    One KD-tree per point set, so N x M costs N x M queries, not N x M tree builds."""
+    matrix = np.full((len(predictions), len(truths)), math.inf)
+    ok = [i for i, p in enumerate(predictions) if p is not None and len(p)]
+    if not ok or not truths:
+        return matrix
+    truth_trees = [cKDTree(t) for t in truths]
+    done: dict[int, int] = {}  # a prediction given several times (a constant) is scored once
+    for i in ok:
+        if id(predictions[i]) in done:
+            matrix[i] = matrix[done[id(predictions[i])]]
+            continue
+        done[id(predictions[i])] = i
+        tree = cKDTree(predictions[i])
+        for j, truth in enumerate(truths):
+            to_truth = truth_trees[j].query(predictions[i], k=1, workers=-1)[0].mean()
+            to_pred = tree.query(truth, k=1, workers=-1)[0].mean()
+            matrix[i, j] = 0.5 * (to_truth + to_pred)
+    return matrix
+
+
+def pairwise_chamfer(points: list[np.ndarray]) -> np.ndarray:
+    """[N, N] Chamfer distance among one list of point sets (as :func:`cross_chamfer` of
+    the list with itself): the distance is symmetric, so each pair is computed once."""
+    trees = [cKDTree(p) for p in points]
+    matrix = np.zeros((len(points), len(points)))
+    for i, j in zip(*np.triu_indices(len(points), k=1)):
+        if points[i] is points[j]:  # one set given twice (a constant prediction)
+            continue
+        to_j = trees[j].query(points[i], k=1, workers=-1)[0].mean()
+        to_i = trees[i].query(points[j], k=1, workers=-1)[0].mean()
+        matrix[i, j] = matrix[j, i] = 0.5 * (to_j + to_i)
+    return matrix
+
+
+def following_metrics(matrix: np.ndarray, predictions: list[np.ndarray | None],
+                      truths: list[np.ndarray], truth_pairs: np.ndarray | None = None
+                      ) -> dict[str, float | None]:
+    """Top-1 retrieval from a square prediction x truth Chamfer matrix, and the diversity
+    ratio over the objects whose prediction exists (None below two of them).
+    ``truth_pairs``: :func:`pairwise_chamfer` of ``truths`` when already computed."""
+    n = len(truths)
+    hits = sum(bool(np.isfinite(matrix[i]).any()) and int(np.argmin(matrix[i])) == i for i in range(n))
+    ok = [i for i in range(n) if predictions[i] is not None and len(predictions[i])]
+    diversity = None
+    if len(ok) >= 2:
+        upper = np.triu_indices(len(ok), k=1)
+        generated = pairwise_chamfer([predictions[i] for i in ok])[upper].mean()
+        spread = (truth_pairs[np.ix_(ok, ok)] if truth_pairs is not None
+                  else pairwise_chamfer([truths[i] for i in ok]))[upper].mean()
+        diversity = float(generated / spread) if spread > 0 else None
+    return {"retrieval_hits": float(hits), "retrieval_top1": hits / n if n else 0.0,
+            "retrieval_chance": 1.0 / n if n else 0.0, "diversity_ratio": diversity}
+
+
+def category_hits(matrix: np.ndarray, categories: list[str | None], members: Any = None) -> int:
+    """How many of ``members`` (default: all rows of the square prediction x truth Chamfer
+    matrix) have a nearest ground truth of their own category (a failed prediction misses)."""
+    members = range(len(categories)) if members is None else members
+    return sum(bool(np.isfinite(matrix[i]).any()) and categories[int(np.argmin(matrix[i]))] == categories[i]
+               for i in members)
+
+
+def category_following(matrix: np.ndarray, categories: list[str | None]) -> dict[str, float]:
+    """Category accuracy: the share of objects whose nearest ground truth of the group has
+    the object's own category; ``category_chance`` is what nearest ground truths drawn at
+    random would score. Empty when some object has no category (a dataset without labels)."""
+    n = len(categories)
+    if n == 0 or any(c is None for c in categories):
+        return {}
+    hits = category_hits(matrix, categories)
+    shares = np.unique(np.asarray(categories, dtype=object), return_counts=True)[1] / n
+    return {"category_hits": float(hits), "category_accuracy": hits / n,
+            "category_chance": float((shares ** 2).sum())}
+
+
+def per_category(categories: list[str], scored: dict[str, tuple[np.ndarray, list[dict[str, Any]]]]
+                 ) -> list[dict[str, Any]]:
+    """One row per category of a group: objects, then for each scored model (``scored``:
+    column prefix -> (Chamfer matrix, per-object records)) its mean F-score, Chamfer and
+    category accuracy over the category's objects."""
+    rows = []
+    for category in sorted(set(categories)):
+        members = [i for i, c in enumerate(categories) if c == category]
+        row: dict[str, Any] = {"category": category, "objects": len(members)}
+        for prefix, (matrix, records) in scored.items():
+            means = aggregate([records[i] for i in members])
+            row.update({f"{prefix}f_score": means["f_score"], f"{prefix}chamfer": means["chamfer"],
+                        f"{prefix}category_accuracy": category_hits(matrix, categories, members) / len(members)})
+        rows.append(row)
+    return rows

@@ -10,8 +10,9 @@ from mar3d.config import ConfigError, load_config
 from mar3d.data.render import intrinsics_matrix, look_at
 from mar3d.evaluate import (EvalConfig, aggregate, assemble_release_dir, cross_chamfer, pairwise_chamfer,
                             dataset_fingerprint, evaluate, evaluate_components, evaluation_table,
-                            category_following, following_metrics, occupancy_iou, per_category)
+                            category_following, following_metrics, per_category)
 from mar3d.inference import GenerateConfig
+from mar3d.models.vae import occupancy_iou
 from mar3d.preview import (comparison_preview, mesh_normals, render_mesh_normal_map,
                            render_points_normal_map, splat_normals)
 

@@ -13,8 +13,9 @@ import trimesh
 from PIL import Image
 
 from mar3d.config import ConfigError, load_config, to_dict
-from mar3d.generate import (DETERMINISTIC_REASONS, RESULTS, BatchGenerateConfig, _GeneratorActor,
-                            batch_generate, item_seed, list_inputs, mesh_paths, read_results)
+from mar3d.generate import (DETERMINISTIC_REASONS, RESULTS, BatchGenerateConfig, batch_generate,
+                            item_seed, list_inputs, mesh_paths, read_results)
+from mar3d.generate.actor import _GeneratorActor
 from mar3d.inference import GenerateConfig
 from mar3d.storage import safe_name
 from mar3d.weights import load_model_dir, save_model_dir
@@ -354,7 +355,7 @@ def test_registry_alias_is_pinned_to_a_version(ray_local, release, mlflow_server
 
 @pytest.mark.e2e
 def test_actor_pool_fits_the_cluster(ray_local):
-    from mar3d.generate import _fit_actors
+    from mar3d.generate.job import _fit_actors
 
     cpus = ray_local.cluster_resources()["CPU"]
     assert _fit_actors(int(cpus) + 3, 1.0, 0.0) == int(cpus)  # capped, with a warning

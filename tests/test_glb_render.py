@@ -18,7 +18,7 @@ from mar3d.data import MeshError, process_mesh
 from mar3d.data.config import small_test_config
 from mar3d.data.gltf import as_plain_glb, uv_transform_matrix
 from mar3d.data.mesh_io import load_mesh
-from mar3d.data.prepare import _keeps_column
+from mar3d.data.prepare.job import _keeps_column
 from mar3d.data.render import render_views, texture_array
 from mar3d.data.schema import rows_to_batch, shard_schema
 

@@ -19,8 +19,9 @@ import trimesh
 
 from mar3d.config import to_dict
 from mar3d.data.config import DataConfig, small_test_config
-from mar3d.data.prepare import (MANIFEST, _hash_item, _open_existing, _plan, find_inputs,
-                                read_errors, write_shard)
+from mar3d.data.prepare import MANIFEST, find_inputs, read_errors, write_shard
+from mar3d.data.prepare.inputs import _hash_item
+from mar3d.data.prepare.job import _open_existing, _plan
 from mar3d.data.schema import ERRORS_SCHEMA, LABEL_COLUMNS
 from mar3d.data.sources import OBJAVERSE_SOURCE, Selection, read_uid_list
 
@@ -273,7 +274,8 @@ def test_prepared_rows_and_errors_carry_the_objaverse_labels(prepared_tree):
 def test_evaluation_and_generation_inputs_carry_source_uid_and_category(prepared_tree):
     from mar3d.data import ShapeDataset
     from mar3d.evaluate import EvalRows
-    from mar3d.generate import BatchGenerateConfig, _result_row, list_inputs
+    from mar3d.generate import BatchGenerateConfig, list_inputs
+    from mar3d.generate.results import _result_row
 
     out, _ = prepared_tree
     reader = ShapeDataset(out, num_occ=256)

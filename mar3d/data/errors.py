@@ -1,6 +1,6 @@
 """Why a mesh cannot become a dataset row: ``MeshError(reason_code, message)``, with the
 reason codes a closed set (``REASONS``) that reports can count. Shared by the checks
-before loading (preflight.py) and after (mesh_io.py, watertight.py, prepare.py)."""
+before loading (preflight.py) and after (mesh_io.py, watertight.py, prepare/)."""
 from __future__ import annotations
 
 REASONS = {

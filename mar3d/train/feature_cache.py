@@ -250,7 +250,7 @@ class _CacheEncoder:
         self.schema = cache_schema(shapes, dtype)
 
     def __call__(self, item: dict) -> dict:
-        from mar3d.data.prepare import _serialize_batch
+        from mar3d.data.prepare.process import _serialize_batch
         from mar3d.data.schema import rows_to_batch
 
         index = int(item["index"])
@@ -321,7 +321,7 @@ def _encode_all(dataset, writer: "_CacheWriter", cfg: FeatureCacheConfig, progre
     """Every row of ``dataset`` through the encoder actors, in order, into ``writer``."""
     import ray.data
 
-    from mar3d.data.prepare import _deserialize_batch
+    from mar3d.data.prepare.process import _deserialize_batch
     from mar3d.logs import progress_bar
 
     items = [{"index": i} for i in range(len(dataset))]
