@@ -69,7 +69,7 @@ def prepare(args, preset: dict) -> Path:
 
 def train_budget(args, preset: dict, data: Path, factor: float, tracking_uri: str) -> dict:
     """Train VAE -> LR -> HR at ``factor`` x the preset's steps; returns stage -> TrainResult."""
-    from pipelines.orchestrate import scaled_steps
+    from pipelines.presets import scaled_steps
     from mar3d.train import load_train_config, run_training
 
     results, samples = {}, 0
@@ -163,9 +163,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from mar3d import tracking
-    from pipelines.orchestrate import preset_args
+    from pipelines.presets import pipeline_preset
 
-    preset = preset_args(args.preset)
+    preset = pipeline_preset(args.preset)
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = args.mlflow_uri or f"sqlite:///{args.workdir / 'mlflow.db'}"

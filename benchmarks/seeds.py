@@ -70,9 +70,9 @@ STEPS = ("data", "vae", "lr", "hr", "eval", "generate")
 def seed_arguments(preset: str, seed: int, overrides: list[str] = ()) -> dict:
     """The preset's pipeline arguments plus ``overrides`` (``step:key=value``) and
     ``seed`` appended to every training stage's overrides (the last override wins)."""
-    from pipelines.orchestrate import preset_args
+    from pipelines.presets import pipeline_preset
 
-    args = preset_args(preset)
+    args = pipeline_preset(preset)
     for item in overrides:
         step, sep, pair = item.partition(":")
         if not sep or step not in STEPS or "=" not in pair:

@@ -44,8 +44,10 @@ def _cmd_pipeline_run(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline_submit(args: argparse.Namespace) -> int:
     from pipelines.orchestrate import parse_pipeline_arguments, submit_pipeline
+    from pipelines.presets import pipeline_preset
 
-    run_id = submit_pipeline(args.host, parse_pipeline_arguments(args.arg), experiment=args.experiment,
+    arguments = {**pipeline_preset(args.preset), **parse_pipeline_arguments(args.arg)}
+    run_id = submit_pipeline(args.host, arguments, experiment=args.experiment,
                              package=args.package, namespace=args.namespace)
     print(f"submitted pipeline run {run_id} to {args.host}")
     write_result(args, {"run_id": run_id})
@@ -74,8 +76,16 @@ def _default_ycb() -> str | None:
     return str(path) if path is not None and path.is_dir() else None
 
 
+PRESET_HELP = ("pipeline preset (mar3d/configs/pipeline/): tiny: the local demo on CPU; small: the "
+               "same models trained 3.5x longer; smoke: the smallest run (CI), a plumbing check of 4 "
+               "objects and a few steps, promoted without the gate's mean-shape baseline floor; "
+               "paper: the paper's models on a GPU cluster")
+
+
 def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     """`mar3d pipeline compile|run|submit`."""
+    from pipelines.presets import pipeline_presets
+
     pipe = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit",
                           description="prepare -> train_vae -> train_lr -> train_hr -> evaluate -> "
                                       "promote -> batch_generate, as a kfp v2 pipeline.")
@@ -108,13 +118,11 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--workdir", default="outputs/pipeline", help="where everything is written")
     run.add_argument("--mlflow-uri", default=None,
                      help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
-    run.add_argument("--preset", default="tiny", choices=["tiny", "small", "smoke"],
-                     help="tiny: the local demo (22 min measured on 2 cores); small: the same models "
-                          "trained 3.5x longer (~45 min); smoke: the smallest run (CI), a plumbing "
-                          "check of 4 objects and a few steps, promoted without the gate's "
-                          "mean-shape baseline floor")
-    run.add_argument("--num-workers", type=int, default=2,
-                     help="Ray Train workers per training stage (fractional CPUs each, so 2 fit on 2 cores)")
+    run.add_argument("--preset", default="tiny", choices=pipeline_presets(),
+                     help=f"{PRESET_HELP} (default: tiny)")
+    run.add_argument("--num-workers", type=int, default=None,
+                     help="Ray Train workers per training stage (default: the preset's; tiny: 2 with "
+                          "fractional CPUs, so they fit on 2 cores)")
     run.add_argument("--resume", default=None, metavar="RUN_ID",
                      help="continue an earlier run of this work folder (its id is printed when it "
                           "fails): finished data shards are skipped, training resumes from checkpoints")
@@ -122,16 +130,16 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
                      help="MAR-LR first builds a feature/latent cache (frozen encoder features + VAE "
                           "posteriors, Parquet) into its run folder and MAR-LR/HR train from it")
     run.add_argument("--model-name", default="mar3d", help="registered release name")
-    run.add_argument("--gate-max-chamfer", type=float, default=1.0,
-                     help="promotion gate: largest acceptable Chamfer distance")
-    run.add_argument("--gate-min-fscore", type=float, default=0.0,
-                     help="promotion gate: smallest acceptable F-score")
+    run.add_argument("--gate-max-chamfer", type=float, default=None,
+                     help="promotion gate: largest acceptable Chamfer distance (default: the preset's)")
+    run.add_argument("--gate-min-fscore", type=float, default=None,
+                     help="promotion gate: smallest acceptable F-score (default: the preset's)")
     run.add_argument("--gate-baseline", dest="gate_baseline",
                      action=argparse.BooleanOptionalAction, default=None,
                      help="promotion gate: the release must beat the constant mean-shape baseline "
                           "on every gate metric of the held-out objects, even as the registry's "
-                          "first release (default: on, except --preset smoke, a plumbing check of "
-                          "4 objects and a few steps); --no-gate-baseline turns this floor off")
+                          "first release (default: the preset's: on, except smoke, a plumbing check "
+                          "of 4 objects and a few steps); --no-gate-baseline turns this floor off")
     run.add_argument("--result-json", type=Path, default=None, metavar="PATH", help=argparse.SUPPRESS)
     run.set_defaults(func=_cmd_pipeline_run)
     submit = pipe_sub.add_parser("submit", help="submit the compiled pipeline to Kubeflow Pipelines")
@@ -139,6 +147,8 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
                         help="pipeline parameter (JSON values allowed); repeatable, "
                              "e.g. --arg dataset_uri=s3://bucket/meshes --arg workdir=/mnt/mar3d --arg use_gpu=true")
+    submit.add_argument("--preset", default="paper", choices=pipeline_presets(),
+                        help=f"{PRESET_HELP} (default: paper); --arg values win")
     submit.add_argument("--experiment", default="mar3d")
     submit.add_argument("--namespace", default=None)
     submit.add_argument("--package", type=Path, default=None, help="compiled IR YAML (default: compile now)")

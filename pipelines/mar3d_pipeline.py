@@ -22,8 +22,12 @@ from components.generate import batch_generate
 from components.prepare import prepare
 from components.promote import promote
 from components.train import train_hr, train_lr, train_vae
+from pipelines.presets import DEFAULT_PRESET, pipeline_preset
 
 COMPILED = Path(__file__).with_name("mar3d_pipeline.yaml")
+# The parameters' defaults are a pipeline preset's (a Kubeflow user who sets nothing runs
+# the paper's models on GPUs); `mar3d pipeline run/submit --preset` pass another one.
+DEFAULTS = pipeline_preset(DEFAULT_PRESET)
 
 
 @dsl.pipeline(name="mar3d", description="MAR-3D: prepare, train VAE/MAR-LR/MAR-HR, "
@@ -31,25 +35,25 @@ COMPILED = Path(__file__).with_name("mar3d_pipeline.yaml")
 def mar3d_pipeline(
     dataset_uri: str,
     workdir: str,
-    data_config: str = "",
-    vae_config: str = "",
-    lr_config: str = "",
-    hr_config: str = "",
-    eval_config: str = "",
-    generate_config: str = "",
-    data_overrides: list = [],
-    vae_overrides: list = [],
-    lr_overrides: list = [],
-    hr_overrides: list = [],
-    eval_overrides: list = [],
-    generate_overrides: list = [],
-    num_workers: int = 1,
-    use_gpu: bool = False,
+    data_config: str = DEFAULTS["data_config"],
+    vae_config: str = DEFAULTS["vae_config"],
+    lr_config: str = DEFAULTS["lr_config"],
+    hr_config: str = DEFAULTS["hr_config"],
+    eval_config: str = DEFAULTS["eval_config"],
+    generate_config: str = DEFAULTS["generate_config"],
+    data_overrides: list = DEFAULTS["data_overrides"],
+    vae_overrides: list = DEFAULTS["vae_overrides"],
+    lr_overrides: list = DEFAULTS["lr_overrides"],
+    hr_overrides: list = DEFAULTS["hr_overrides"],
+    eval_overrides: list = DEFAULTS["eval_overrides"],
+    generate_overrides: list = DEFAULTS["generate_overrides"],
+    num_workers: int = DEFAULTS["num_workers"],
+    use_gpu: bool = DEFAULTS["use_gpu"],
     mlflow_tracking_uri: str = "",
     model_name: str = "mar3d",
-    gate_max_chamfer: float = 0.05,
-    gate_min_fscore: float = 0.5,
-    gate_beat_baseline: bool = True,
+    gate_max_chamfer: float = DEFAULTS["gate_max_chamfer"],
+    gate_min_fscore: float = DEFAULTS["gate_min_fscore"],
+    gate_beat_baseline: bool = DEFAULTS["gate_beat_baseline"],
     generate_input: str = "",
     ray_address: str = "",
     resume_run_id: str = "",

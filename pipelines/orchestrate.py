@@ -17,48 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.presets import pipeline_preset
+
 log = logging.getLogger(__name__)
-
-# Config presets (mar3d/configs) per pipeline step for each size preset ("" = the library default).
-_TINY = {"data_config": "data_local.yaml", "vae_config": "train_vae_tiny.yaml",
-         "lr_config": "train_lr_tiny.yaml", "hr_config": "train_hr_tiny.yaml",
-         "eval_config": "eval_tiny.yaml", "generate_config": "generate_tiny.yaml"}
-PRESETS = {
-    "tiny": _TINY,
-    "small": _TINY,
-    "smoke": {**_TINY, "data_config": "data_smoke.yaml"},
-}
-# Overrides on top of a preset's files.
-#   small: the tiny models trained SMALL_FACTOR x longer (see scaled_steps).
-#   smoke: CI's smallest run; batch 1 so that 2 workers train on the 2 training objects
-#          of a 4-object dataset (the other 2 are held out).
-SMALL_FACTOR = 3.5
-PRESET_OVERRIDES = {
-    "smoke": {f"{stage}_overrides": [f"steps={steps}", "checkpoint_every=30", "eval_every=0",
-                                     "log_every=10", "batch_size=1", "warmup_steps=5"]
-              for stage, steps in (("vae", 60), ("lr", 30), ("hr", 30))},
-}
-# Pipeline parameters a preset sets besides its config files (run_local's and `pipeline
-# run`'s explicit flags win).
-#   smoke: a plumbing check (4 objects and a few steps), not a model that is expected to
-#          learn: the gate's mean-shape baseline floor is off (gate_beat_baseline=False).
-#          tiny and small keep it on: their release must beat the mean shape to be promoted.
-PRESET_PARAMETERS = {
-    "smoke": {"gate_beat_baseline": False},
-}
-# Training-length keys of TrainConfig that scale together with a budget.
-SCALED_KEYS = ("steps", "warmup_steps", "checkpoint_every", "eval_every")
-
-
-def scaled_steps(config: str | Path, factor: float) -> list[str]:
-    """Overrides that train ``config``'s run (a file or preset) ``factor`` x as long
-    (intervals keep their share of the run)."""
-    import yaml
-
-    from mar3d.config import config_path
-
-    doc = yaml.safe_load(config_path(config).read_text()) or {}
-    return [f"{key}={max(1, round(doc[key] * factor))}" for key in SCALED_KEYS if doc.get(key)]
 
 
 @dataclass
@@ -101,32 +62,17 @@ def compile_pipeline(path: str | Path | None = None) -> Path:
     return _compile(path or COMPILED)
 
 
-def preset_args(preset: str) -> dict:
-    """The pipeline arguments of a size preset: config files, their overrides and the
-    preset's other pipeline parameters (:data:`PRESET_PARAMETERS`)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    from mar3d.config import preset_path
-
-    args = {k: str(preset_path(v)) for k, v in PRESETS[preset].items()}
-    args.update({k: list(v) for k, v in PRESET_OVERRIDES.get(preset, {}).items()})
-    if preset == "small":
-        for stage in ("vae", "lr", "hr"):
-            args[f"{stage}_overrides"] = scaled_steps(args[f"{stage}_config"], SMALL_FACTOR)
-    args.update(PRESET_PARAMETERS.get(preset, {}))
-    return args
-
-
 def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None = None,
-              preset: str = "tiny", model_name: str = "mar3d", gate_max_chamfer: float = 1.0,
-              gate_min_fscore: float = 0.0, gate_beat_baseline: bool | None = None,
-              num_workers: int = 2, extra: dict | None = None, ray_address: str = "",
+              preset: str = "tiny", model_name: str = "mar3d", gate_max_chamfer: float | None = None,
+              gate_min_fscore: float | None = None, gate_beat_baseline: bool | None = None,
+              num_workers: int | None = None, extra: dict | None = None, ray_address: str = "",
               resume: str = "", verbose: bool = False) -> LocalRunResult:
     """Run the whole pipeline with kfp's local runner and return where its outputs are.
 
-    ``gate_beat_baseline``: whether promotion requires the release to beat the mean-shape
-    baseline on the gate's metrics; None = the preset's choice (on, except ``smoke``: a
-    plumbing check of 4 objects and a few steps, see :data:`PRESET_PARAMETERS`).
+    ``preset``: a pipeline preset (:mod:`pipelines.presets`); the gate's bounds,
+    ``gate_beat_baseline`` (promotion requires beating the mean-shape baseline) and
+    ``num_workers`` are the preset's unless given; ``extra`` sets any other pipeline
+    parameter.
 
     ``ray_address`` empty: every step runs here (local Ray for the heavy ones). Set to a
     Ray cluster's Jobs API (``http://HOST:8265``): kfp still orchestrates from here, and
@@ -153,9 +99,10 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     mlflow_uri = mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-    args = preset_args(preset)
-    if gate_beat_baseline is not None:
-        args["gate_beat_baseline"] = bool(gate_beat_baseline)
+    args = pipeline_preset(preset)
+    explicit = {"gate_max_chamfer": gate_max_chamfer, "gate_min_fscore": gate_min_fscore,
+                "gate_beat_baseline": gate_beat_baseline, "num_workers": num_workers}
+    args.update({k: v for k, v in explicit.items() if v is not None})
     args.update(extra or {})
     if ray_address:
         _check_jobs_api(ray_address)
@@ -177,9 +124,7 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
         with pipeline_output(launcher_log, verbose):
             mar3d_pipeline(dataset_uri=str(dataset), workdir=str(runs),
                            mlflow_tracking_uri=mlflow_uri, model_name=model_name,
-                           gate_max_chamfer=gate_max_chamfer, gate_min_fscore=gate_min_fscore,
-                           num_workers=num_workers, ray_address=ray_address,
-                           resume_run_id=resume, **args)
+                           ray_address=ray_address, resume_run_id=resume, **args)
     except RuntimeError as exc:
         raise _pipeline_failure(exc, failures, resume or _new_run_id(runs, before),
                                 launcher_log) from None

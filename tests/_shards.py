@@ -1,8 +1,8 @@
 """Small Parquet shards of real YCB meshes for the training tests.
 
-Built once per test session with the data job itself (``prepare_dataset``) and a
-deliberately small DataConfig: coarse watertight grid, few points, two 64 px views, so
-the whole preparation takes seconds on two cores.
+Built once per test session with the data job itself (``prepare_dataset``) and the
+pipeline's smoke data preset (``data_smoke``: coarse watertight grid, few points, two
+small views), so the whole preparation takes seconds on two cores.
 """
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pathlib import Path
 
 
 def small_data_config():
+    from mar3d.config import load_config
     from mar3d.data.config import DataConfig
 
-    return DataConfig(watertight_resolution=64, surface_sizes=(2048, 512, 128),
-                      num_vol=4096, num_near=4096, render_views=2, render_resolution=64,
-                      shard_size=2, num_workers=2, cpus_per_task=0.5)
+    # Shards of 2 rows, so every test reads a dataset of several shards; half a CPU per
+    # task, so the data tasks fit beside the session's other Ray work on 2 cores.
+    return load_config(DataConfig, "data_smoke", ["shard_size=2", "cpus_per_task=0.5"])
 
 
 def make_small_shards(meshes_dir: Path, output: Path) -> Path:

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mar3d.config import ConfigError, config_path
+from pipelines.presets import PIPELINE_PRESET_DIR
+
 from components import MAR3D_IMAGE
 from components import _run
 from pipelines.mar3d_pipeline import COMPILED, compile_pipeline
@@ -228,34 +231,71 @@ def test_pointer_artifacts_round_trip(tmp_path):
 
 
 def test_presets_scale_training_and_keep_the_same_models():
-    from pipelines.orchestrate import SMALL_FACTOR, preset_args
+    from pipelines.presets import pipeline_preset
     from mar3d.train import load_train_config
 
-    tiny, small, smoke = (preset_args(p) for p in ("tiny", "small", "smoke"))
-    assert {k: v for k, v in small.items() if k.endswith("_config")} == tiny
+    tiny, small, smoke = (pipeline_preset(p) for p in ("tiny", "small", "smoke"))
+    factor = yaml.safe_load((PIPELINE_PRESET_DIR / "small.yaml").read_text())["train_length_factor"]
+    assert factor == 3.5
+    assert {k: v for k, v in small.items() if not k.endswith("_overrides")} == \
+        {k: v for k, v in tiny.items() if not k.endswith("_overrides")}
     for stage in ("vae", "lr", "hr"):
         vae = [] if stage == "vae" else ["vae_model_uri=/path/to/vae"]  # required, unused here
         base = load_train_config(stage, tiny[f"{stage}_config"], vae)
         longer = load_train_config(stage, small[f"{stage}_config"], [*small[f"{stage}_overrides"], *vae])
-        assert longer.steps == round(base.steps * SMALL_FACTOR)
-        assert longer.warmup_steps == round(base.warmup_steps * SMALL_FACTOR)
+        assert longer.steps == round(base.steps * factor)
+        assert longer.warmup_steps == round(base.warmup_steps * factor)
         # Same models: only the training length differs.
         assert longer.vae == base.vae and (stage == "vae" or longer.mar == base.mar)
         assert "batch_size=1" in smoke[f"{stage}_overrides"]
-    with pytest.raises(ValueError, match="unknown preset"):
-        preset_args("huge")
+    with pytest.raises(ConfigError, match="unknown pipeline preset 'huge'"):
+        pipeline_preset("huge")
+
+
+def test_pipeline_presets_are_the_one_place_for_sizes_gate_and_workers(ir, tmp_path, monkeypatch):
+    """Every preset sets every parameter (alone or through its base); the Kubeflow
+    pipeline's defaults are the paper preset's; a file with an unknown key or a base
+    cycle is refused, naming the key."""
+    from pipelines import presets
+
+    assert presets.pipeline_presets() == ["paper", "small", "smoke", "tiny"]
+    for name in presets.pipeline_presets():
+        args = presets.pipeline_preset(name)
+        assert set(args) == set(presets.PARAMETERS), name
+        for step in presets.STEPS:
+            if args[f"{step}_config"]:
+                assert config_path(args[f"{step}_config"]).is_file()
+    paper = presets.pipeline_preset("paper")
+    spec = ir["root"]["inputDefinitions"]["parameters"]
+    for key, value in paper.items():
+        assert spec[key]["defaultValue"] == value, key
+    assert (paper["num_workers"], paper["use_gpu"], paper["gate_max_chamfer"]) == (8, True, 0.05)
+
+    monkeypatch.setattr(presets, "PIPELINE_PRESET_DIR", tmp_path)
+    (tmp_path / "typo.yaml").write_text("base: typo2\nnum_worker: 3\n")
+    (tmp_path / "a.yaml").write_text("base: b\n")
+    (tmp_path / "b.yaml").write_text("base: a\n")
+    with pytest.raises(ConfigError, match=r"unknown keys \['num_worker'\]"):
+        presets.pipeline_preset("typo")
+    with pytest.raises(ConfigError, match="its own base"):
+        presets.pipeline_preset("a")
+    (tmp_path / "partial.yaml").write_text("data_config: data\n")
+    with pytest.raises(ConfigError, match="does not set"):
+        presets.pipeline_preset("partial")
 
 
 def test_smoke_preset_turns_the_baseline_floor_off_and_flags_win(monkeypatch, tmp_path):
     """smoke is a plumbing check (4 objects and a few steps): promoted without the gate's
-    mean-shape floor; tiny and small keep the pipeline's default (on)."""
+    mean-shape floor; tiny and small keep it on. A flag given on the command line wins
+    over the preset; a flag not given leaves the preset's value."""
     from pipelines import cli, orchestrate
+    from pipelines.presets import pipeline_preset
     from mar3d.config import load_config
     from mar3d.registry import PromoteConfig
 
-    assert orchestrate.preset_args("smoke")["gate_beat_baseline"] is False
-    assert "gate_beat_baseline" not in orchestrate.preset_args("tiny")
-    assert "gate_beat_baseline" not in orchestrate.preset_args("small")
+    assert pipeline_preset("smoke")["gate_beat_baseline"] is False
+    assert pipeline_preset("tiny")["gate_beat_baseline"] is True
+    assert pipeline_preset("small")["gate_beat_baseline"] is True
     # What the promote component passes for either value loads as PromoteConfig.
     for value, expected in (("false", False), ("true", True)):
         assert load_config(PromoteConfig, None, [f"gate.beat_baseline={value}"]).gate.beat_baseline is expected

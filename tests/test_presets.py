@@ -184,7 +184,10 @@ def test_cli_config_flags_take_preset_names(capsys):
     assert "'nope' is not a preset" in err and "vae_paper" in err
     assert main(["config", "presets"]) == 0
     listed = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert listed == [[name, str(preset_path(name))] for name in presets()]
+    pipeline = sorted((PRESET_DIR / "pipeline").glob("*.yaml"))
+    assert listed == [[name, str(preset_path(name))] for name in presets()] + [
+        ["pipeline", path.stem, str(path)] for path in pipeline]
+    assert [p.stem for p in pipeline] == ["paper", "small", "smoke", "tiny"]
 
 
 # --------------------------------------------------------------- installed package
@@ -192,7 +195,7 @@ def test_cli_config_flags_take_preset_names(capsys):
 def test_presets_are_package_data_inside_mar3d():
     assert PRESET_DIR.parent == Path(mar3d.__file__).resolve().parent
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert package_data["mar3d"] == ["configs/*.yaml"]
+    assert package_data["mar3d"] == ["configs/*.yaml", "configs/pipeline/*.yaml"]
 
 
 def test_a_built_wheel_ships_and_finds_every_preset(tmp_path):
@@ -210,6 +213,8 @@ def test_a_built_wheel_ships_and_finds_every_preset(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     assert sorted(p.stem for p in (site / "mar3d" / "configs").glob("*.yaml")) == presets()
+    assert sorted(p.name for p in (site / "mar3d" / "configs" / "pipeline").glob("*.yaml")) == sorted(
+        p.name for p in (PRESET_DIR / "pipeline").glob("*.yaml"))
     code = ("import json, sys; from mar3d.config import config_path, to_dict; "
             "from mar3d.train import load_train_config; "
             "print(json.dumps([str(config_path('train_lr_paper')), "
