@@ -1,6 +1,8 @@
 """Train the whole tiny cascade (VAE -> MAR-LR, MAR-HR) and score what it generates.
 
-Used by ``tests/test_cascade_e2e.py``. Everything runs through the production code:
+Trained once per test session (``trained_cascade`` in tests/conftest.py) and read by
+``tests/test_cascade_e2e.py`` (does the generated shape follow its image?) and
+``tests/test_train_e2e.py`` (what the MAR-LR/HR trainings logged and saved). Everything runs through the production code:
 ``run_training`` (Ray Train + DeepSpeed, MLflow), the trained ``model/`` folders
 assembled into a release folder, ``MAR3DPipeline.from_pretrained`` and
 ``mar3d.metrics.mesh_metrics``.
@@ -14,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 
-# 64 px condition renders (tests/_shards.py renders at 64 px): the tiny encoders at
-# 64 px keep the CPU training fast; the pipeline resizes inputs to the same size.
+# The tiny encoders at 64 px keep the CPU training fast; the pipeline resizes the
+# shards' condition renders (96 px, the smoke data preset) to that size.
 SMALL_CONDITION = ("condition.image_size=64", "condition.tiny_clip_patch=16",
                    "condition.tiny_dino_patch=16")
 
@@ -41,10 +43,15 @@ def load_ground_truth(shards: Path) -> list[GroundTruth]:
     return sorted(out, key=lambda g: g.uid)
 
 
+CASCADE_STEPS = {"vae": 300, "lr": 300, "hr": 300}
+CASCADE_LOG_EVERY = 50
+
+
 def train_cascade(shards: Path, storage: Path, mlflow_uri: str, steps: dict[str, int],
                   experiment: str = "test-cascade", overrides: dict[str, list[str]] | None = None,
-                  vae=None):
-    """Train vae, then lr and hr on the frozen VAE; returns stage -> TrainResult.
+                  vae=None) -> tuple[dict, dict]:
+    """Train vae, then lr and hr on the frozen VAE; returns (stage -> TrainConfig,
+    stage -> TrainResult); the VAE's config is None when ``vae`` is given.
 
     ``vae``: the TrainResult of a VAE already trained on ``shards`` (the session's
     ``trained_vae``), built on instead of training one."""
@@ -52,6 +59,7 @@ def train_cascade(shards: Path, storage: Path, mlflow_uri: str, steps: dict[str,
 
     overrides = overrides or {}
     results = {"vae": vae} if vae is not None else {}
+    configs = {"vae": None} if vae is not None else {}
     for stage in ("vae", "lr", "hr"):
         if stage in results:
             continue
@@ -59,7 +67,9 @@ def train_cascade(shards: Path, storage: Path, mlflow_uri: str, steps: dict[str,
         common = [f"data={shards}", f"storage_path={storage}", f"mlflow_uri={mlflow_uri}",
                   f"run_name={stage}-cascade", f"experiment={experiment}", f"steps={n}",
                   f"warmup_steps={min(20, n // 10)}", f"checkpoint_every={n}",
-                  "eval_every=0", "max_failures=0", "log_every=50", "batch_size=2",
+                  # One evaluation, after the last step: it does not change the weights.
+                  f"eval_every={n}", "num_eval_samples=4", "max_failures=0",
+                  f"log_every={CASCADE_LOG_EVERY}", "batch_size=2",
                   # A conditioning test on 4 objects: train on every object and view (the
                   # held-out split is what the pipeline's evaluation tests).
                   "split=all"]
@@ -67,10 +77,10 @@ def train_cascade(shards: Path, storage: Path, mlflow_uri: str, steps: dict[str,
             common += [f"vae_model_uri={results['vae'].model_uri}", *SMALL_CONDITION]
         if stage == "hr":  # one image encoder per release: HR trains on LR's
             common.append(f"condition_model_uri={results['lr'].condition_model_uri}")
-        cfg = load_train_config(stage, f"train_{stage}_tiny",
-                                common + list(overrides.get(stage, ())))
-        results[stage] = run_training(cfg)
-    return results
+        configs[stage] = load_train_config(stage, f"train_{stage}_tiny",
+                                           common + list(overrides.get(stage, ())))
+        results[stage] = run_training(configs[stage])
+    return configs, results
 
 
 def assemble_release(results: dict, folder: Path) -> Path:

@@ -114,3 +114,14 @@ def trained_vae(ycb_small_shards, mlflow_server, tmp_path_factory):
         "split=all", "batch_size=2", "steps=300", "warmup_steps=20", "checkpoint_every=100",
         "eval_every=100", "num_eval_samples=4"])
     return cfg, run_training(cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_cascade(ycb_small_shards, trained_vae, mlflow_server, tmp_path_factory):
+    """(stage -> TrainConfig, stage -> TrainResult) of MAR-LR and MAR-HR (300 steps each)
+    trained once per session on ``trained_vae``: test_cascade_e2e checks that what they
+    generate follows the image, test_train_e2e what their runs logged and saved."""
+    from _cascade import CASCADE_STEPS, train_cascade
+
+    return train_cascade(ycb_small_shards, tmp_path_factory.mktemp("cascade") / "train",
+                         mlflow_server, CASCADE_STEPS, vae=trained_vae[1])

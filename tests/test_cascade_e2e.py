@@ -14,8 +14,9 @@ mean own-object distance is below the mean distance to the other objects, for LR
 for LR only, and prints matrices next to the VAE's own reconstruction (the reference the
 generator is working towards) and how many rows the diagonal wins (chance: 1 in 4).
 
-The shards and the VAE are the session's (``ycb_small_shards`` and ``trained_vae`` in
-tests/conftest.py), shared with test_train_e2e, which checks that VAE's training: 300
+The shards, the VAE and the MAR-LR/HR trainings are the session's (``ycb_small_shards``,
+``trained_vae`` and ``trained_cascade`` in tests/conftest.py), shared with
+test_train_e2e, which checks what those trainings logged and saved. The VAE: 300
 steps of batch 2 on all four objects, what the cascade needs (its evaluations, log
 points and checkpoints on the way do not change the weights, and every VAE run is a
 fresh random draw anyway: its Ray Data stream samples new points).
@@ -30,12 +31,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _cascade import (assemble_release, chamfer_matrix, load_ground_truth,
-                      reconstruction_matrix, train_cascade)
+from _cascade import (CASCADE_STEPS as STEPS, assemble_release, chamfer_matrix, load_ground_truth,
+                      reconstruction_matrix)
 
 pytestmark = pytest.mark.e2e
 
-STEPS = {"vae": 300, "lr": 300, "hr": 300}
 SEED = 0
 RESOLUTION = 64
 # The criterion, pooled over views and sampling seeds: generated shapes are closer
@@ -47,10 +47,9 @@ NUM_SEEDS = 2
 
 
 @pytest.fixture(scope="module")
-def cascade(tmp_path_factory, ycb_small_shards, trained_vae, mlflow_server):
-    work = tmp_path_factory.mktemp("cascade")
-    results = train_cascade(ycb_small_shards, work / "train", mlflow_server, STEPS, vae=trained_vae[1])
-    release = assemble_release(results, work / "release")
+def cascade(tmp_path_factory, ycb_small_shards, trained_cascade):
+    _, results = trained_cascade
+    release = assemble_release(results, tmp_path_factory.mktemp("cascade") / "release")
     return ycb_small_shards, results, release
 
 

@@ -4,7 +4,8 @@
   better than the trivial "everything inside" predictor (the session's ``trained_vae``,
   tests/conftest.py, which test_cascade_e2e builds its cascade on);
 * (a worker killed mid-training resuming from its checkpoint is in tests/reliability);
-* MAR-LR and MAR-HR train on the frozen VAE's latents through the same machinery.
+* MAR-LR and MAR-HR train on the frozen VAE's latents through the same machinery (the
+  session's ``trained_cascade``, which test_cascade_e2e generates from).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import pytest
 import torch
 
 from mar3d.config import from_dict
-from mar3d.train import load_train_config, run_training
 from mar3d.train.loop import DEEPSPEED_TAG
 
 pytestmark = pytest.mark.e2e
@@ -101,33 +101,29 @@ def test_train_vae_two_workers(trained_vae, shards, mlflow_server):
 
 
 @pytest.mark.parametrize("stage", ["lr", "hr"])
-def test_train_mar_stage_on_frozen_vae(stage, trained_vae, shards, mlflow_server, tmp_path):
+def test_train_mar_stage_on_frozen_vae(stage, trained_vae, trained_cascade, mlflow_server):
+    from _cascade import CASCADE_LOG_EVERY
     from mar3d.inference import load_frozen_conditioner, load_mar
     from mar3d.registry import resolve_model_dir
     from mar3d.weights import load_model_dir
 
     _, vae = trained_vae
-    cfg = load_train_config(stage, f"train_{stage}_tiny", [
-        f"data={shards}", f"storage_path={tmp_path}", f"mlflow_uri={mlflow_server}",
-        f"vae_model_uri={vae.model_uri}", f"run_name={stage}-e2e", "experiment=test-train",
-        "steps=20", "warmup_steps=2", "checkpoint_every=10", "log_every=5", "eval_every=10",
-        "split=all", "batch_size=2", "num_eval_samples=4",
-        # 64 px condition renders: smaller tiny encoders keep the CPU test fast.
-        "condition.image_size=64", "condition.tiny_clip_patch=16", "condition.tiny_dino_patch=16"])
-    result = run_training(cfg)
-    assert result.metrics["step"] == 20
+    configs, results = trained_cascade
+    cfg, result = configs[stage], results[stage]
+    assert result.metrics["step"] == cfg.steps
     client = _client(mlflow_server)
     losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
-    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert len(losses) == cfg.steps // CASCADE_LOG_EVERY and all(np.isfinite(losses))
     assert client.get_metric_history(result.run_id, "train/latent_ms")
     assert client.get_metric_history(result.run_id, "eval/loss")
 
     model_dir = resolve_model_dir(result.model_uri, mlflow_server)
     state, doc = load_model_dir(model_dir, kind=stage)
     assert doc["extra"]["vae_model_uri"] == vae.model_uri and doc["extra"]["weights"] == "ema"
-    # The frozen image encoder was built once by the driver and logged to the run; the
-    # stage's weights and its DeepSpeed checkpoints hold only the trainable projection.
-    assert result.condition_model_uri == f"runs:/{result.run_id}/conditioner"
+    # The frozen image encoder was built once by MAR-LR's driver and logged to its run
+    # (MAR-HR reuses it: one encoder per release); the stage's weights and its DeepSpeed
+    # checkpoints hold only the trainable projection.
+    assert result.condition_model_uri == f"runs:/{results['lr'].run_id}/conditioner"
     assert doc["extra"]["condition_model_uri"] == result.condition_model_uri
     encoder, conditioner_id = load_frozen_conditioner(result.condition_model_uri, cfg.condition, mlflow_server)
     assert doc["extra"]["conditioner_id"] == conditioner_id
