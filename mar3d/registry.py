@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mar3d import tracking
 from mar3d.tracking import log_metrics, log_params, tracked_run
 from mar3d.uris import MODELS_URI as _MODELS_URI, NAME as _NAME, RUNS_URI as _RUNS_URI, validate_model_uri
 
@@ -241,16 +242,6 @@ def _tracking_uri(tracking_uri: str | None) -> str:
     return tracking_uri or mlflow.get_tracking_uri()
 
 
-def _client(tracking_uri: str | None = None):
-    from mlflow import MlflowClient
-
-    from mar3d.storage import configure_mlflow_s3
-
-    configure_mlflow_s3()  # registry artifacts on S3 are read and written by this process
-    uri = _tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def _download(artifact_uri: str, tracking_uri: str | None, dst: str | Path | None = None) -> Path:
     """A run or registry artifact (``runs:/...``, ``models:/NAME/VERSION``,
     ``models:/NAME@ALIAS``) as a local path."""
@@ -264,7 +255,7 @@ def _download(artifact_uri: str, tracking_uri: str | None, dst: str | Path | Non
     if m:
         # MLflow resolves models:/ URIs with its process-wide registry URI whatever URI a
         # download is given; resolved here with this call's client instead.
-        client = _client(uri)
+        client = tracking.client(uri)
         version = m["version"] or client.get_model_version_by_alias(m["name"], m["alias"]).version
         artifact_uri = client.get_model_version_download_uri(m["name"], version)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri,
@@ -305,7 +296,7 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
     unknown = set(component_uris) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown release components {sorted(unknown)}")
-    client = _client(tracking_uri)
+    client = tracking.client(tracking_uri)
     derived = "cond" not in component_uris
     if derived:
         conditioner = trained_conditioner({c: u for c, u in component_uris.items() if c in ("lr", "hr")},
@@ -389,7 +380,7 @@ def get_release(uri: str, tracking_uri: str | None = None) -> Release:
     m = _MODELS_URI.match(validate_model_uri(uri))
     if not m:
         raise ValueError(f"a release URI must be models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
-    client = _client(tracking_uri)
+    client = tracking.client(tracking_uri)
     try:
         if m["alias"]:
             mv = client.get_model_version_by_alias(m["name"], m["alias"])
@@ -412,7 +403,7 @@ def record_metrics(release: Release, metrics: dict[str, float], eval_run_id: str
     """Attach evaluation results to a release version (the gate reads them from here):
     ``metric.<name>`` tags, plus ``tags`` as given (an evaluation's protocol fingerprints
     ``eval.<group>.protocol`` and the champion it scored, ``eval.<group>.champion``)."""
-    client = _client(tracking_uri)
+    client = tracking.client(tracking_uri)
     for k, v in metrics.items():
         client.set_model_version_tag(release.name, release.version, f"metric.{k}", repr(float(v)))
     for k, v in (tags or {}).items():
@@ -475,7 +466,7 @@ def promote(candidate_uri: str, *, gate: GateConfig | None = None, cfg: Registry
     cfg.validate()
     candidate = get_release(candidate_uri, tracking_uri)
     champion = find_release(candidate.name, cfg.champion_alias, tracking_uri)
-    client = _client(tracking_uri)
+    client = tracking.client(tracking_uri)
     _align_component_aliases(client, candidate.name, champion, cfg.champion_alias, best_effort=False)
     if champion is not None and champion.version == candidate.version:
         raise RegistryError(f"{candidate.uri} already holds alias {cfg.champion_alias!r}")
@@ -533,7 +524,7 @@ def reconcile_component_aliases(name: str, cfg: RegistryConfig | None = None,
     models whose alias changed. :func:`promote` does this first, every time."""
     cfg = cfg or RegistryConfig()
     champion = find_release(name, cfg.champion_alias, tracking_uri)
-    return _align_component_aliases(_client(tracking_uri), name, champion, cfg.champion_alias,
+    return _align_component_aliases(tracking.client(tracking_uri), name, champion, cfg.champion_alias,
                                     best_effort=False)
 
 

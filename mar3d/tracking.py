@@ -89,13 +89,18 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
                         "(use http(s)://host:port or sqlite:///path/mlflow.db)")
 
 
-def client(tracking_uri: str):
+def client(tracking_uri: str | None = None):
+    """The one way this package talks to MLflow: an explicit client for ``tracking_uri``
+    (None: MLflow's default, ``MLFLOW_TRACKING_URI``), whose model registry is the same
+    server (never MLflow's process-wide registry URI)."""
     configure_http_timeouts()
     # An s3:// artifact store is written by this client (boto3) with the AWS endpoint.
     storage.configure_mlflow_s3()
+    import mlflow
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str,
