@@ -106,6 +106,8 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
     args.update(extra or {})
     if ray_address:
         _check_jobs_api(ray_address)
+    else:
+        _check_local_gpus(preset, args)
     runs = workdir / "runs"
     if resume and not (runs / resume).is_dir():
         known = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
@@ -168,6 +170,22 @@ def _pipeline_failure(exc: RuntimeError, failures: Path, run_id: str,
         message += (f"\nrun id {run_id}: after fixing the cause, continue it with the same "
                     f"command plus --resume {run_id}")
     return StepFailed(message)
+
+
+def _check_local_gpus(preset: str, args: dict) -> None:
+    """Fail before any step starts when the run trains on GPUs that this machine does not
+    have (Ray Train would otherwise wait for them forever)."""
+    if not args.get("use_gpu"):
+        return
+    import torch
+
+    wanted, have = int(args["num_workers"]), torch.cuda.device_count()
+    if wanted > have:
+        raise ValueError(
+            f"preset {preset!r} trains on {wanted} GPU worker(s) (use_gpu: true) but this machine "
+            f"has {have} CUDA GPU(s): choose --num-workers {have} (if above 0), a CPU preset "
+            "(--preset tiny, small or smoke), or run on a GPU cluster (--ray-address URL, or "
+            "`mar3d pipeline submit` to Kubeflow)")
 
 
 def _check_jobs_api(address: str) -> None:

@@ -315,3 +315,19 @@ def test_smoke_preset_turns_the_baseline_floor_off_and_flags_win(monkeypatch, tm
                             (["--preset", "smoke", "--gate-baseline"], True)):
         assert cli.main([*base, *flags]) == 0
         assert seen[-1]["gate_beat_baseline"] is expected, flags
+
+
+def test_a_local_gpu_preset_is_refused_without_the_gpus_before_any_step(monkeypatch, tmp_path):
+    """The paper preset trains on 8 GPU workers: run locally on a machine with fewer GPUs
+    it is refused at once, with what to do, instead of waiting for GPUs forever."""
+    import torch
+
+    from pipelines import orchestrate
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=r"preset 'paper' trains on 8 GPU worker\(s\) .* has 0 CUDA GPU"):
+        orchestrate.run_local(tmp_path, tmp_path / "work", preset="paper")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="choose --num-workers 2"):
+        orchestrate.run_local(tmp_path, tmp_path / "work", preset="paper")
+    assert not (tmp_path / "work" / "runs").exists()  # nothing started
