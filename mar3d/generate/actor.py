@@ -17,6 +17,7 @@ from mar3d.generate.inputs import ItemReader
 from mar3d.generate.results import RESULTS_SCHEMA, _result_row, mesh_paths
 from mar3d.inference import GenerateConfig
 
+
 def _write_mesh_atomic(mesh, path: Path) -> None:
     from mar3d.geometry.extract import save_mesh
 

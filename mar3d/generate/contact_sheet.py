@@ -9,6 +9,7 @@ from mar3d import storage
 from mar3d.generate.config import CONTACT_SHEET, BatchGenerateConfig
 from mar3d.generate.inputs import ItemReader
 
+
 def write_contact_sheet(output: Path | str, rows: dict[str, dict], items: list[dict],
                         cfg: BatchGenerateConfig, up_axis: str = "y") -> Path | str | None:
     """``OUTPUT/contact_sheet.png``: input | generated mesh (from the input's camera when

@@ -19,6 +19,7 @@ from mar3d.ray_runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 
+
 def batch_generate(images: str | Path, model_uri: str, output: str | Path,
                    cfg: BatchGenerateConfig | None = None, tracking_uri: str | None = None,
                    progress: bool = True) -> BatchGenerateResult:
