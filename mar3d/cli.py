@@ -278,13 +278,13 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_presets(args: argparse.Namespace) -> int:
-    from mar3d.config import PRESET_DIR, preset_path, presets
+    from mar3d.config import PIPELINE_PRESET_DIR, pipeline_presets, preset_path, presets
 
     for name in presets():
         print(f"{name:<16} {preset_path(name)}")
     # Whole-pipeline sizes: parameters of `mar3d pipeline run|submit --preset NAME`.
-    for path in sorted((PRESET_DIR / "pipeline").glob("*.yaml")):
-        print(f"{'pipeline ' + path.stem:<16} {path}")
+    for name in pipeline_presets():
+        print(f"{'pipeline ' + name:<16} {PIPELINE_PRESET_DIR / name}.yaml")
     return 0
 
 

@@ -30,6 +30,8 @@ T = TypeVar("T")
 
 # Package data (pyproject.toml), next to this module: no lookup outside the package.
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
+# Whole-pipeline presets (read by the deployment layer's pipelines/presets.py).
+PIPELINE_PRESET_DIR = PRESET_DIR / "pipeline"
 # A reference to another file's block: "file.yaml" or "file.yaml#section".
 _REFERENCE = re.compile(r"(?P<file>[^#]+\.yaml)(?:#(?P<section>[^#]+))?")
 
@@ -173,6 +175,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 def presets() -> list[str]:
     """Names of the shipped presets (``mar3d/configs/*.yaml`` without the suffix)."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def pipeline_presets() -> list[str]:
+    """Names of the shipped pipeline presets (``mar3d/configs/pipeline/*.yaml``)."""
+    return sorted(p.stem for p in PIPELINE_PRESET_DIR.glob("*.yaml"))
 
 
 def preset_path(name: str) -> Path:

@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mar3d.config import PRESET_DIR, ConfigError, config_path
+from mar3d import config
+from mar3d.config import ConfigError, config_path, pipeline_presets
 
-PIPELINE_PRESET_DIR = PRESET_DIR / "pipeline"
 DEFAULT_PRESET = "paper"  # the Kubeflow pipeline's defaults: a GPU cluster
 STEPS = ("data", "vae", "lr", "hr", "eval", "generate")
 TRAIN_STAGES = ("vae", "lr", "hr")
@@ -33,10 +33,6 @@ PARAMETERS: dict[str, type] = {
 SCALED_KEYS = ("steps", "warmup_steps", "checkpoint_every", "eval_every")
 
 
-def pipeline_presets() -> list[str]:
-    return sorted(p.stem for p in PIPELINE_PRESET_DIR.glob("*.yaml"))
-
-
 def scaled_steps(config: str | Path, factor: float) -> list[str]:
     """Overrides that train ``config``'s run (a file or preset) ``factor`` x as long
     (intervals keep their share of the run)."""
@@ -46,10 +42,21 @@ def scaled_steps(config: str | Path, factor: float) -> list[str]:
     return [f"{key}={max(1, round(doc[key] * factor))}" for key in SCALED_KEYS if doc.get(key)]
 
 
+def _is_a(value: Any, tp: type) -> bool:
+    """YAML's own types only: "false" is not a bool, a bool is not a number."""
+    if tp is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
 def _read(name: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     import yaml
 
-    path = PIPELINE_PRESET_DIR / f"{name}.yaml"
+    path = config.PIPELINE_PRESET_DIR / f"{name}.yaml"
     if Path(name).name != name or not path.is_file():
         raise ConfigError(f"unknown pipeline preset {name!r}; presets: {', '.join(pipeline_presets())}")
     if name in chain:
@@ -72,10 +79,14 @@ def pipeline_preset(name: str) -> dict[str, Any]:
         raise ConfigError(f"pipeline preset {name!r} does not set {missing}")
     args: dict[str, Any] = {}
     for key, tp in PARAMETERS.items():
-        value = doc.get(key, [] if tp is list else None)
-        if tp is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise ConfigError(f"pipeline preset {name!r}: {key} must be a list of 'key=value' strings")
-        args[key] = list(value) if tp is list else tp(value if value is not None else "")
+        value = doc.get(key, [])
+        if value is None and tp is str:
+            value = ""  # an empty `eval_config:` means the library's defaults
+        if not _is_a(value, tp):
+            raise ConfigError(f"pipeline preset {name!r}: {key} must be "
+                              + ("a list of 'key=value' strings" if tp is list else f"of type {tp.__name__}")
+                              + f", got {value!r}")
+        args[key] = list(value) if tp is list else tp(value)
     if factor is not None:
         for stage in TRAIN_STAGES:
             args[f"{stage}_overrides"] = (scaled_steps(args[f"{stage}_config"], float(factor))

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mar3d.config import ConfigError, config_path
-from pipelines.presets import PIPELINE_PRESET_DIR
+from mar3d.config import PIPELINE_PRESET_DIR, ConfigError, config_path
 
 from components import MAR3D_IMAGE
 from components import _run
@@ -271,7 +270,9 @@ def test_pipeline_presets_are_the_one_place_for_sizes_gate_and_workers(ir, tmp_p
         assert spec[key]["defaultValue"] == value, key
     assert (paper["num_workers"], paper["use_gpu"], paper["gate_max_chamfer"]) == (8, True, 0.05)
 
-    monkeypatch.setattr(presets, "PIPELINE_PRESET_DIR", tmp_path)
+    import mar3d.config
+
+    monkeypatch.setattr(mar3d.config, "PIPELINE_PRESET_DIR", tmp_path)
     (tmp_path / "typo.yaml").write_text("base: typo2\nnum_worker: 3\n")
     (tmp_path / "a.yaml").write_text("base: b\n")
     (tmp_path / "b.yaml").write_text("base: a\n")
@@ -282,6 +283,14 @@ def test_pipeline_presets_are_the_one_place_for_sizes_gate_and_workers(ir, tmp_p
     (tmp_path / "partial.yaml").write_text("data_config: data\n")
     with pytest.raises(ConfigError, match="does not set"):
         presets.pipeline_preset("partial")
+    # A quoted "false" is not a bool and a bool is not a worker count: refused, not coerced.
+    paper = (PIPELINE_PRESET_DIR / "paper.yaml").read_text()
+    (tmp_path / "quoted.yaml").write_text(paper.replace("use_gpu: true", 'use_gpu: "false"'))
+    with pytest.raises(ConfigError, match="use_gpu must be of type bool, got 'false'"):
+        presets.pipeline_preset("quoted")
+    (tmp_path / "flag.yaml").write_text(paper.replace("num_workers: 8", "num_workers: true"))
+    with pytest.raises(ConfigError, match="num_workers must be of type int, got True"):
+        presets.pipeline_preset("flag")
 
 
 def test_smoke_preset_turns_the_baseline_floor_off_and_flags_win(monkeypatch, tmp_path):
