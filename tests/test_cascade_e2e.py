@@ -105,7 +105,7 @@ def test_generated_shape_follows_its_condition(cascade, capsys):
 
 
 def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_server, tmp_path):
-    """Issue 5 end to end on the trained tiny cascade and a real `mlflow server`:
+    """The release lifecycle end to end on the trained tiny cascade and a real `mlflow server`:
     register -> evaluate -> promote; a deliberately worse release (untrained MAR-LR/HR
     on the same VAE) is refused; batch generation from the champion over rendered YCB
     views plus broken images accounts for every input."""

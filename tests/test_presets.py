@@ -10,14 +10,14 @@ is a behaviour change. The lr/hr training presets lost their dead ``vae:`` secti
 since; those held the VAEConfig defaults, so ``vae`` still loads to the same values.
 ``TrainConfig.data_loader`` was removed (training data has one path, Ray Data): every
 training preset had ``data_loader: ray``, so the test checks that and compares the rest.
-``DataConfig.watertight_method`` was added later on purpose (issue 15): the data presets
+``DataConfig.watertight_method`` was added later on purpose: the data presets
 now put their geometry on the input surface ("snap"), a measured behaviour change
 (benchmarks/data_fidelity.py); the test checks that value and compares the rest.
 ``ConditionConfig.init_seed`` and ``TrainConfig.condition_model_uri`` were added with the
-one shared image encoder per release (issue 14): the seed random encoder weights come
+one shared image encoder per release: the seed random encoder weights come
 from (0) and "" (build the encoder from the config); checked the same way, at any depth.
-``GenerateConfig.kv_top_k`` / ``kv_block`` / ``kv_score_queries`` (adaptive KV selection,
-issue 14) were added later too, default off (exact decoding) in every preset.
+``GenerateConfig.kv_top_k`` / ``kv_block`` / ``kv_score_queries`` (adaptive KV selection)
+were added later too, default off (exact decoding) in every preset.
 ``DataConfig.watertight_reuse_closed`` (on in every preset): a mesh that already bounds a
 solid is sampled and labelled as it is instead of through the distance grid.
 ``DataConfig.select_categories`` / ``select_uids_file`` / ``select_limit`` (choosing objects
