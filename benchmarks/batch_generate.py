@@ -2,7 +2,7 @@
 pipeline, in process) and of `mar3d.generate.batch_generate` with 1 vs 2 actors, on CPU and
 on GPU when CUDA is available (rows say "skipped" otherwise).
 
-Batch sizes (--batch-sizes): the same N images go through `MAR3DPipeline.generate_tokens`
+Batch sizes (--batch-sizes): the same N images go through `MAR3DPipeline(..., output_type="latent")`
 in chunks of each batch size ("sampling": condition + MAR-LR + MAR-HR), then through
 per-item decoding and mesh extraction ("end-to-end" adds that). shapes/s are N over the
 process CPU seconds on CPU (--threads torch threads, default 1: per-core throughput,
@@ -40,7 +40,17 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_DEFAULTS = {"num_iters": 4, "diffusion_steps": 5, "resolution": 32}
+TINY_DEFAULTS = {"num_inference_steps": 4, "diffusion_steps": 5, "resolution": 32}
+
+
+def pipeline_config(settings: dict):
+    """A PipelineConfig of flat ``settings``: sampling names go to its ``sampling`` block."""
+    from mar3d.inference import PipelineConfig
+    from mar3d.models.mar import SAMPLING_FIELDS, SamplingConfig
+
+    sampling = {k: v for k, v in settings.items() if k in SAMPLING_FIELDS}
+    rest = {k: v for k, v in settings.items() if k not in SAMPLING_FIELDS}
+    return PipelineConfig(sampling=SamplingConfig(**sampling), **rest)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batch sizes of the in-process sampling table")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process table (CPU)")
     p.add_argument("--skip-actors", action="store_true", help="only the in-process batch-size table")
-    p.add_argument("--num-iters", type=int, default=None, help="AR steps (default: model's; tiny: 4)")
+    p.add_argument("--num-inference-steps", type=int, default=None,
+                   help="AR steps (default: model's; tiny: 4)")
     p.add_argument("--diffusion-steps", type=int, default=None, help="(default: model's; tiny: 5)")
     p.add_argument("--resolution", type=int, default=None, help="marching-cubes grid (default 128; tiny: 32)")
     p.add_argument("--no-hr", action="store_true", help="LR tokens only")
@@ -87,12 +98,11 @@ def make_images(folder: Path, n: int, size: int) -> Path:
 
 def run_one(images: Path, model: str, tracking_uri: str | None, gen_kwargs: dict, actors: int,
             gpu: bool, args, workdir: Path) -> dict:
-    from mar3d.generate import BatchGenerateConfig, batch_generate
-    from mar3d.inference import GenerateConfig
+    from mar3d.generate import GenerateConfig, batch_generate
 
-    cfg = BatchGenerateConfig(generate=GenerateConfig(**gen_kwargs), num_actors=actors,
-                              cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-                              use_gpu=gpu, gpus_per_actor=(min(1.0, 1.0 / actors) if gpu else 0.0))
+    cfg = GenerateConfig(pipeline=pipeline_config(gen_kwargs), num_actors=actors,
+                         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
+                         use_gpu=gpu, gpus_per_actor=(min(1.0, 1.0 / actors) if gpu else 0.0))
     out = Path(tempfile.mkdtemp(prefix=f"out-{'gpu' if gpu else 'cpu'}-{actors}-", dir=workdir))
     result = batch_generate(str(images), model, str(out), cfg, tracking_uri=tracking_uri, progress=False)
     if result.failed or result.succeeded != args.num_images:
@@ -126,7 +136,8 @@ def time_batch_size(pipe, images: list, batch: int) -> dict:
     device = pipe.device.type
     t0 = _clock(device)
     chunks = [range(i, min(i + batch, len(images))) for i in range(0, len(images), batch)]
-    tokens = torch.cat([pipe.generate_tokens([images[j] for j in c], seed=list(c))[0] for c in chunks])
+    tokens = torch.cat([pipe([images[j] for j in c], seed=list(c), output_type="latent").latents
+                        for c in chunks])
     t1 = _clock(device)
     faces = [len(pipe.decode(t).mesh.faces) for t in tokens.split(1)]
     t2 = _clock(device)
@@ -136,7 +147,7 @@ def time_batch_size(pipe, images: list, batch: int) -> dict:
 def batch_size_table(model: str, tracking_uri: str | None, gen_kwargs: dict, images: Path, args) -> None:
     import torch
 
-    from mar3d.inference import GenerateConfig, MAR3DPipeline
+    from mar3d.inference import MAR3DPipeline
 
     paths = sorted(images.iterdir())
     print("| device | batch | images | sampling s | shapes/s (sampling) | speed-up | end-to-end s | "
@@ -150,7 +161,7 @@ def batch_size_table(model: str, tracking_uri: str | None, gen_kwargs: dict, ima
             continue
         if device == "cpu":
             torch.set_num_threads(args.threads)
-        pipe = MAR3DPipeline.from_pretrained(model, config=GenerateConfig(**gen_kwargs), device=device,
+        pipe = MAR3DPipeline.from_pretrained(model, config=pipeline_config(gen_kwargs), device=device,
                                              tracking_uri=tracking_uri)
         time_batch_size(pipe, paths[:1], 1)  # warm-up: allocator, kernels, lazy imports
         best: dict[int, dict] = {}
@@ -183,7 +194,8 @@ def main(argv=None) -> int:
         defaults = TINY_DEFAULTS
     else:
         model, defaults = args.model, {}
-    gen_kwargs = {k: v for k, v in {"num_iters": args.num_iters, "diffusion_steps": args.diffusion_steps,
+    gen_kwargs = {k: v for k, v in {"num_inference_steps": args.num_inference_steps,
+                                    "diffusion_steps": args.diffusion_steps,
                                     "resolution": args.resolution}.items() if v is not None}
     gen_kwargs = {**defaults, **gen_kwargs, "use_hr": not args.no_hr}
     images = make_images(workdir / "images", args.num_images, args.image_size)

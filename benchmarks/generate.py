@@ -4,7 +4,7 @@ For each model size, the same condition image is generated ``--num-shapes`` time
 (after one warm-up shape) in each mode, and the time is split into
 
 * **LR sampling**: the image encoders (run once per image, shared with HR) + MAR-LR
-  (``num_iters`` AR steps, CFG doubles the batch);
+  (``num_inference_steps`` AR steps, guidance doubles the batch);
 * **HR sampling**: MAR-HR on the same encoder features and the LR tokens (LR+HR mode only);
 * **decode + extract**: the VAE's latent decoder and marching cubes over the occupancy
   field (``--extraction``, ``--resolution``).
@@ -61,9 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--num-shapes", type=int, default=3, help="timed shapes per mode (after 1 warm-up)")
-    p.add_argument("--num-iters", type=int, default=None, help="AR steps (default: the model's)")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="AR steps (default: the model's)")
     p.add_argument("--diffusion-steps", type=int, default=None, help="(default: the model's)")
-    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="final classifier-free guidance scale (default: the model's)")
     p.add_argument("--resolution", type=int, default=128, help="marching-cubes cells per axis")
     p.add_argument("--extraction", default="hierarchical", choices=["hierarchical", "dense"])
     p.add_argument("--image-size", type=int, default=224, help="side of the synthetic condition image")
@@ -107,12 +108,12 @@ def condition_image(size: int) -> np.ndarray:
 
 
 def build_pipeline(model: str | None, size: str | None, gen_kwargs: dict, device, tracking_uri=None):
-    from mar3d.inference import GenerateConfig, MAR3DPipeline
+    from mar3d.inference import PipelineConfig, MAR3DPipeline
 
     if model:
-        return MAR3DPipeline.from_pretrained(model, GenerateConfig(**gen_kwargs), device=str(device),
+        return MAR3DPipeline.from_pretrained(model, PipelineConfig(**gen_kwargs), device=str(device),
                                              tracking_uri=tracking_uri)
-    return random_pipeline(size, GenerateConfig(**gen_kwargs), device)
+    return random_pipeline(size, PipelineConfig(**gen_kwargs), device)
 
 
 def _max_rss_mib() -> float:
@@ -194,7 +195,7 @@ class Timing:
 
 
 def generate_one(pipe, image: np.ndarray, seed: int, use_hr: bool, sampling: dict) -> Timing:
-    """One shape, the same steps as ``MAR3DPipeline.run`` with a clock between stages."""
+    """One shape, the same steps as a ``MAR3DPipeline`` call with a clock between stages."""
     import torch
 
     from mar3d.inference import load_image
@@ -209,11 +210,11 @@ def generate_one(pipe, image: np.ndarray, seed: int, use_hr: bool, sampling: dic
         sync()
         t0 = time.perf_counter()
         features = pipe.encode(rgba)
-        tokens = pipe.generate_lr(features, gen, **sampling)
+        tokens = pipe.sample_lr(features, gen, **sampling)
         sync()
         t1 = time.perf_counter()
         if use_hr:
-            tokens = pipe.generate_hr(features, tokens, gen, **sampling)
+            tokens = pipe.sample_hr(features, tokens, gen, **sampling)
         sync()
         t2 = time.perf_counter()
         extraction = pipe.decode(tokens)
@@ -230,10 +231,10 @@ def time_mode(pipe, image, use_hr: bool, sampling: dict, num_shapes: int) -> lis
 
 def settings_of(pipe, sampling: dict) -> str:
     s = pipe.lr.mar.cfg.sampling
-    iters = sampling.get("num_iters") or s.num_iters
+    iters = sampling.get("num_inference_steps") or s.num_inference_steps
     steps = sampling.get("diffusion_steps") or s.diffusion_steps
-    cfg = sampling.get("cfg") or s.cfg
-    return (f"{iters} AR steps, {steps} diffusion steps, CFG {cfg}, "
+    guidance = sampling.get("guidance_scale") or s.guidance_scale
+    return (f"{iters} AR steps, {steps} diffusion steps, guidance {guidance}, "
             f"{pipe.config.extraction} {pipe.config.resolution}^3")
 
 
@@ -246,8 +247,9 @@ def main(argv=None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     gen_kwargs = {"resolution": args.resolution, "extraction": args.extraction}
-    sampling = {k: v for k, v in {"num_iters": args.num_iters, "diffusion_steps": args.diffusion_steps,
-                                  "cfg": args.cfg}.items() if v is not None}
+    sampling = {k: v for k, v in {"num_inference_steps": args.num_inference_steps,
+                                  "diffusion_steps": args.diffusion_steps,
+                                  "guidance_scale": args.guidance_scale}.items() if v is not None}
     image = condition_image(args.image_size)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)"

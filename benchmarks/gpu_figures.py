@@ -210,19 +210,20 @@ def phase_generate(args, size: str, work: Path, result: Path) -> None:
 
     sys.path[:0] = [str(HERE), str(REPO / "tests")]
     from _tiny_release import write_random_release
-    from batch_generate import TINY_DEFAULTS, make_images, time_batch_size
+    from batch_generate import TINY_DEFAULTS, make_images, pipeline_config, time_batch_size
 
-    from mar3d.inference import GenerateConfig, MAR3DPipeline
+    from mar3d.config import flatten
+    from mar3d.inference import MAR3DPipeline
 
     if args.device == "cpu":
         torch.set_num_threads(1)  # per-core figures; other jobs share the machine
     cuda = args.device == "cuda"
     release = write_random_release(work / f"release_{size}", size)
-    gen = GenerateConfig(**(TINY_DEFAULTS if size == "tiny" else {}))
+    gen = pipeline_config(TINY_DEFAULTS if size == "tiny" else {})
     pipe = MAR3DPipeline.from_pretrained(str(release), config=gen, device=args.device)
     images = sorted(make_images(work / "images", max(args.gen_batch_sizes), 224).iterdir())
     time_batch_size(pipe, images[:1], 1)  # warm-up: allocator, kernels, lazy imports
-    doc = {"settings": {k: v for k, v in vars(gen).items() if v is not None}, "rows": [],
+    doc = {"settings": {k: v for k, v in flatten(gen).items() if v is not None}, "rows": [],
            **_device_info(args.device)}
     for batch in args.gen_batch_sizes:
         if cuda:

@@ -170,19 +170,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for group, path in result.contact_sheets.items():
         print(f"contact sheet {group}: {path}")
     write_result(args, {"metrics": result.metrics, "report_path": str(result.report_path),
-                         "run_id": result.run_id, "num_failed": len(result.failed),
-                         "contact_sheets": {g: str(p) for g, p in result.contact_sheets.items()}})
+                        "run_id": result.run_id, "num_failed": len(result.failed),
+                        "contact_sheets": {g: str(p) for g, p in result.contact_sheets.items()}})
     return 0
 
 
 def generate_config(args: argparse.Namespace):
-    """The BatchGenerateConfig of `mar3d generate` args: --config, --set, then --kv-top-k."""
-    from mar3d.generate import BatchGenerateConfig
+    """The GenerateConfig of `mar3d generate` args: --config, --set, then the shortcuts
+    (--num-inference-steps, --guidance-scale, --kv-top-k)."""
+    from mar3d.generate import GenerateConfig
 
     overrides = list(args.overrides)
-    if args.kv_top_k is not None:
-        overrides.append(f"generate.kv_top_k={args.kv_top_k}")
-    return load_config(BatchGenerateConfig, args.config, overrides)
+    for key, value in (("pipeline.sampling.num_inference_steps", args.num_inference_steps),
+                       ("pipeline.sampling.guidance_scale", args.guidance_scale),
+                       ("pipeline.kv_top_k", args.kv_top_k)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(GenerateConfig, args.config, overrides)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -235,7 +239,7 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
                          cpus_per_node=args.cpus_per_node, object_store_mb=args.object_store_mb)
     print(started.summary())
     write_result(args, {"dashboard_url": started.dashboard_url, "gcs_address": started.gcs_address,
-                         "state_dir": started.state_dir, **started.client_env()})
+                        "state_dir": started.state_dir, **started.client_env()})
     return 0
 
 
@@ -262,7 +266,7 @@ def _config_classes() -> dict[str, tuple[str, str]]:
         "cache": ("mar3d.train.feature_cache", "FeatureCacheConfig"),
         "promote": ("mar3d.registry", "PromoteConfig"),
         "evaluate": ("mar3d.evaluate", "EvalConfig"),
-        "generate": ("mar3d.generate", "BatchGenerateConfig"),
+        "generate": ("mar3d.generate", "GenerateConfig"),
     }
 
 
@@ -467,11 +471,19 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     gen.add_argument("--fail-on-errors", action="store_true",
                      help="exit with status 3 if any input got an error row")
+    gen.add_argument("--num-inference-steps", type=int, default=None, metavar="N",
+                     help="autoregressive steps of each MAR stage (same as --set "
+                          "pipeline.sampling.num_inference_steps=N). Default: the model's own "
+                          "(MAR-3D: 64; the tiny models: 16)")
+    gen.add_argument("--guidance-scale", type=float, default=None, metavar="S",
+                     help="final classifier-free guidance scale, reached by a linear ramp over the "
+                          "steps; 1 disables guidance (same as --set pipeline.sampling.guidance_scale=S). "
+                          "Default: the model's own (3.0)")
     gen.add_argument("--kv-top-k", type=int, default=None, metavar="K",
                      help="adaptive KV selection in mesh decoding: each block of nearby query points "
                           "attends only to its top K latent tokens (faster, approximate; same as "
-                          "--set generate.kv_top_k=K; block size and scoring points: "
-                          "generate.kv_block, generate.kv_score_queries). Default: exact")
+                          "--set pipeline.kv_top_k=K; block size and scoring points: "
+                          "pipeline.kv_block, pipeline.kv_score_queries). Default: exact")
     _add_config_args(gen)
     gen.set_defaults(func=_cmd_generate)
 

@@ -1,8 +1,8 @@
 """Image -> mesh inference: ``MAR3DPipeline`` in the diffusers style.
 
     pipe = MAR3DPipeline.from_pretrained("models:/mar3d@champion")   # or a local folder
-    mesh = pipe(image, seed=0)                                         # trimesh.Trimesh
-    meshes = pipe([im0, im1, im2], seed=0)                             # one batch -> 3 meshes
+    mesh = pipe(image, num_inference_steps=64, guidance_scale=3.0).meshes[0]
+    out = pipe([im0, im1, im2], seed=0)                 # one batch -> out.meshes, out.latents
 
 The cascade: the release's frozen image encoder (CLIP + DINOv2, run once per image) ->
 each stage's condition projection -> MAR-LR samples LR latent tokens ->
@@ -21,19 +21,20 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
+import trimesh
 
 from mar3d.config import from_dict
 from mar3d.geometry.extract import ExtractionResult, extract_mesh, latent_occupancy_fn
 from mar3d.models.attention import KVSelect
 from mar3d.models.condition import (ConditionConfig, EncoderFeatures, EncoderSpec, ImageEncoder,
                                     encoder_config, encoder_differences)
-from mar3d.models.mar import ConditionalMAR, MARConfig
+from mar3d.models.mar import ConditionalMAR, MARConfig, SamplingConfig
 from mar3d.models.rng import Generators
 from mar3d.models.vae import ShapeVAE, VAEConfig
 from mar3d.weights import content_id, load_model_dir, save_model_dir
@@ -44,13 +45,12 @@ class InvalidImageError(ValueError):
 
 
 @dataclass
-class GenerateConfig:
-    """Sampling and extraction settings. ``None`` means "the model's own default"."""
-    num_iters: int | None = None          # autoregressive steps (paper 64)
-    cfg: float | None = None              # final CFG scale, ramped linearly (paper 3.0)
-    temperature: float | None = None
-    diffusion_steps: int | None = None    # respaced diffusion-head sampling steps (paper 100)
-    timestep_spacing: str | None = None   # "leading" | "linspace" (MAR's); None: the model's
+class PipelineConfig:
+    """How a :class:`MAR3DPipeline` samples and extracts meshes.
+
+    ``sampling`` holds overrides of the models' own sampling defaults (None: the model's);
+    a call's arguments override both."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     use_hr: bool = True                   # False: LR tokens only (the --no-hr path)
     resolution: int = 128                 # marching-cubes cells per axis
     extraction: Literal["hierarchical", "dense"] = "hierarchical"
@@ -66,16 +66,7 @@ class GenerateConfig:
     max_image_pixels: int = 4096 * 4096
 
     def validate(self) -> None:
-        if self.num_iters is not None and self.num_iters < 1:
-            raise ValueError(f"num_iters must be >= 1, got {self.num_iters}")
-        if self.cfg is not None and self.cfg < 1.0:
-            raise ValueError(f"cfg must be >= 1, got {self.cfg}")
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.diffusion_steps is not None and self.diffusion_steps < 1:
-            raise ValueError(f"diffusion_steps must be >= 1, got {self.diffusion_steps}")
-        if self.timestep_spacing not in (None, "leading", "linspace"):
-            raise ValueError(f"timestep_spacing must be leading, linspace or null, got {self.timestep_spacing!r}")
+        self.sampling.validate()
         if not 16 <= self.resolution <= 1024:
             raise ValueError(f"resolution must be in [16, 1024], got {self.resolution}")
         if self.query_batch_size < 1024:
@@ -92,7 +83,7 @@ class GenerateConfig:
         return None if self.kv_top_k is None else KVSelect(self.kv_top_k, self.kv_block, self.kv_score_queries)
 
 
-def load_image(source: Any, cfg: GenerateConfig | None = None) -> np.ndarray:
+def load_image(source: Any, cfg: PipelineConfig | None = None) -> np.ndarray:
     """A path, bytes, PIL image or array -> RGBA uint8 [H, W, 4], validated.
 
     Accepts 8-bit L/LA/RGB/RGBA/P images (converted to RGBA); refuses 16-bit or float
@@ -100,7 +91,7 @@ def load_image(source: Any, cfg: GenerateConfig | None = None) -> np.ndarray:
     ``max_image_pixels`` (decompression bombs), with an :class:`InvalidImageError`."""
     from PIL import Image, UnidentifiedImageError
 
-    cfg = cfg or GenerateConfig()
+    cfg = cfg or PipelineConfig()
     if isinstance(source, np.ndarray) or torch.is_tensor(source):
         arr = np.asarray(source.cpu() if torch.is_tensor(source) else source)
         if arr.dtype != np.uint8:
@@ -143,7 +134,7 @@ def load_image(source: Any, cfg: GenerateConfig | None = None) -> np.ndarray:
         raise InvalidImageError(f"unreadable image: {e}") from e
 
 
-def _check_size(width: int, height: int, cfg: GenerateConfig) -> None:
+def _check_size(width: int, height: int, cfg: PipelineConfig) -> None:
     if min(width, height) < cfg.min_image_side:
         raise InvalidImageError(f"image is {width}x{height}; the smaller side must be at least "
                                 f"{cfg.min_image_side} px")
@@ -315,6 +306,27 @@ def resolve_component_dirs(uri: str, tracking_uri: str | None = None) -> dict[st
     return dirs
 
 
+@dataclass
+class MAR3DPipelineOutput:
+    """What one :class:`MAR3DPipeline` call returns: one entry per image, in input order
+    (one image is a batch of one)."""
+    meshes: list[trimesh.Trimesh] | None  # None with output_type="latent"
+    latents: torch.Tensor                 # the decoded stage's VAE latents [B, T, C]
+    level: str                            # that stage: "hr" or "lr"
+    sample_seconds: float                 # sampling the whole batch
+    decode_seconds: list[float] = field(default_factory=list)  # per mesh
+    num_queries: list[int] = field(default_factory=list)       # decoder queries per mesh
+
+    def split(self) -> list["MAR3DPipelineOutput"]:
+        """One output per image; each carries an even share of the batch's sampling time."""
+        n = len(self.latents)
+        return [MAR3DPipelineOutput(
+            meshes=None if self.meshes is None else [self.meshes[i]], latents=self.latents[i:i + 1],
+            level=self.level, sample_seconds=self.sample_seconds / n,
+            decode_seconds=self.decode_seconds[i:i + 1], num_queries=self.num_queries[i:i + 1])
+            for i in range(n)]
+
+
 class MAR3DPipeline:
     """The whole cascade for inference; construct with :meth:`from_pretrained`.
 
@@ -322,9 +334,9 @@ class MAR3DPipeline:
     encoded once and its features feed MAR-LR and MAR-HR."""
 
     def __init__(self, vae: ShapeVAE, encoder: ImageEncoder, lr: ConditionalMAR,
-                 hr: ConditionalMAR | None, config: GenerateConfig | None = None,
+                 hr: ConditionalMAR | None, config: PipelineConfig | None = None,
                  device: str | torch.device = "cpu", vae_surface_sizes: list[int] | None = None):
-        self.config = config or GenerateConfig()
+        self.config = config or PipelineConfig()
         self.config.validate()
         self.device = _device(device)
         # Points per pyramid level the VAE was trained on (None: unknown); encoding a
@@ -343,10 +355,10 @@ class MAR3DPipeline:
                                      f"{model.conditioner.spec}, the encoder gives {self.encoder.spec}")
 
     @classmethod
-    def from_pretrained(cls, uri: str, config: GenerateConfig | None = None, device: str = "auto",
+    def from_pretrained(cls, uri: str, config: PipelineConfig | None = None, device: str = "auto",
                         tracking_uri: str | None = None, use_hr: bool | None = None) -> "MAR3DPipeline":
         dirs = resolve_component_dirs(uri, tracking_uri)
-        config = dataclasses.replace(config) if config else GenerateConfig()  # never mutate the caller's
+        config = dataclasses.replace(config) if config else PipelineConfig()  # never mutate the caller's
         if use_hr is not None:
             config.use_hr = use_hr
         dev = _device(device)
@@ -365,11 +377,11 @@ class MAR3DPipeline:
     def uses_hr(self) -> bool:
         return self.config.use_hr and self.hr is not None
 
-    def _sampling(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        keys = ("num_iters", "cfg", "temperature", "diffusion_steps", "timestep_spacing")
-        out = {k: getattr(self.config, k) for k in keys}
-        out.update({k: v for k, v in overrides.items() if k in keys and v is not None})
-        return out
+    def _sampling(self, **overrides) -> SamplingConfig:
+        """The pipeline's sampling settings with a call's (not None) on top."""
+        sampling = SamplingConfig(**overrides).over(self.config.sampling)
+        sampling.validate()
+        return sampling
 
     def item_generators(self, count: int, seed: int | Sequence[int] = 0,
                         generator: Generators = None) -> list[torch.Generator]:
@@ -377,8 +389,8 @@ class MAR3DPipeline:
 
         ``generator``: one per item (diffusers style), or a single one, used as is for one
         item and, for several, drawing one child seed per item. Without it ``seed`` is one
-        seed per item, or an int: item i of the batch gets ``seed + i`` (so
-        ``pipe(images, seed=s)[i]`` is ``pipe(images[i], seed=s + i)``)."""
+        seed per item, or an int: item i of the batch gets ``seed + i`` (so mesh i of
+        ``pipe(images, seed=s)`` is the mesh of ``pipe(images[i], seed=s + i)``)."""
         if isinstance(generator, torch.Generator):
             if count == 1:
                 return [generator]
@@ -395,45 +407,25 @@ class MAR3DPipeline:
         return [torch.Generator(device=self.device).manual_seed(x) for x in seeds]
 
     @torch.no_grad()
-    def generate_tokens(self, images: Any, seed: int | Sequence[int] = 0, use_hr: bool | None = None,
-                        generator: Generators = None, **sampling) -> tuple[torch.Tensor, str]:
-        """One image or a list -> (VAE latents [B, T, C], "hr" or "lr"); B = 1 for one image.
-
-        Each image is encoded once; its features condition both stages. A list is sampled
-        as one batch (one forward per AR step for all items, conditional and
-        unconditional halves together) with one generator per item
-        (:meth:`item_generators`): an item's tokens do not depend on its batch mates.
-        Each MAR model generates in its own normalized token space; the tokens are mapped
-        back to VAE latents with the statistics stored in its config (and, for MAR-HR,
-        the LR latents into its prefix space)."""
-        rgba = [load_image(im, self.config) for im in as_image_list(images)]
-        gens = self.item_generators(len(rgba), seed, generator)
-        features = self.encode(rgba)
-        lr_latents = self.generate_lr(features, gens, **sampling)
-        hr_wanted = self.uses_hr if use_hr is None else use_hr
-        if hr_wanted:
-            return self.generate_hr(features, lr_latents, gens, **sampling), "hr"
-        return lr_latents, "lr"
-
-    @torch.no_grad()
     def encode(self, rgba: Any) -> EncoderFeatures:
         """RGBA uint8 images [B, H, W, 4] (or a list of [H, W, 4]) -> encoder features."""
         return self.encoder.encode(rgba)
 
     @torch.no_grad()
-    def generate_lr(self, features: EncoderFeatures, generator: Generators, **sampling) -> torch.Tensor:
-        """MAR-LR: encoder features (:meth:`encode`) -> LR VAE latents."""
-        tokens = self.lr.generate(features, generator=generator, **self._sampling(sampling))
+    def sample_lr(self, features: EncoderFeatures, generator: Generators, **sampling) -> torch.Tensor:
+        """MAR-LR: encoder features (:meth:`encode`) -> LR VAE latents. ``sampling``:
+        :class:`SamplingConfig` settings over the pipeline's."""
+        tokens = self.lr.sample(features, generator=generator, **self._sampling(**sampling).overrides())
         return self.lr.mar.denormalize(tokens)
 
     @torch.no_grad()
-    def generate_hr(self, features: EncoderFeatures, lr_latents: torch.Tensor, generator: Generators,
-                    **sampling) -> torch.Tensor:
+    def sample_hr(self, features: EncoderFeatures, lr_latents: torch.Tensor, generator: Generators,
+                  **sampling) -> torch.Tensor:
         """MAR-HR: encoder features + LR VAE latents -> HR VAE latents."""
         if self.hr is None:
             raise ValueError("this pipeline has no MAR-HR model")
-        tokens = self.hr.generate(features, lr_tokens=self.hr.mar.normalize_lr(lr_latents),
-                                  generator=generator, **self._sampling(sampling))
+        tokens = self.hr.sample(features, lr_tokens=self.hr.mar.normalize_lr(lr_latents),
+                                generator=generator, **self._sampling(**sampling).overrides())
         return self.hr.mar.denormalize(tokens)
 
     @torch.no_grad()
@@ -451,27 +443,42 @@ class MAR3DPipeline:
         kv = self.vae.decode(tokens.to(self.device).float())
         return latent_occupancy_fn(self.vae, kv, kv_select=self.config.kv_select())(points)
 
-    def run(self, images: Any, seed: int | Sequence[int] = 0, use_hr: bool | None = None,
-            resolution: int | None = None, generator: Generators = None, **sampling):
-        """Like ``__call__`` but each mesh comes in a dict with its tokens and timings; a list
-        of images gives a list of dicts. A batch's sampling time is shared evenly between
-        its items (``sample_seconds``; ``batch_sample_seconds`` is the whole)."""
-        t0 = time.perf_counter()
-        tokens, level = self.generate_tokens(images, seed=seed, use_hr=use_hr, generator=generator, **sampling)
-        batch_seconds = time.perf_counter() - t0
-        outs = []
-        for item_tokens in tokens.split(1):
-            extraction = self.decode(item_tokens, resolution)
-            outs.append({"mesh": extraction.mesh, "tokens": item_tokens, "level": level,
-                         "sample_seconds": batch_seconds / len(tokens), "batch_sample_seconds": batch_seconds,
-                         "decode_seconds": extraction.seconds, "num_queries": extraction.num_queries})
-        return outs if is_image_list(images) else outs[0]
+    @torch.no_grad()
+    def __call__(self, images: Any, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, generator: Generators = None,
+                 seed: int | Sequence[int] = 0, temperature: float | None = None,
+                 diffusion_steps: int | None = None, timestep_spacing: str | None = None,
+                 use_hr: bool | None = None, resolution: int | None = None,
+                 output_type: Literal["mesh", "latent"] = "mesh") -> MAR3DPipelineOutput:
+        """One image (path, bytes, PIL or uint8 array) or a list, sampled as one batch ->
+        :class:`MAR3DPipelineOutput` with one mesh per image.
 
-    def __call__(self, images: Any, seed: int | Sequence[int] = 0, steps: int | None = None,
-                 cfg: float | None = None, temperature: float | None = None, use_hr: bool | None = None,
-                 resolution: int | None = None, generator: Generators = None):
-        """One image (path, bytes, PIL or uint8 array) -> ``trimesh.Trimesh``; a list of
-        images -> a list of meshes, sampled as one batch (see :meth:`generate_tokens`)."""
-        out = self.run(images, seed=seed, use_hr=use_hr, resolution=resolution, generator=generator,
-                       num_iters=steps, cfg=cfg, temperature=temperature)
-        return [o["mesh"] for o in out] if is_image_list(images) else out["mesh"]
+        Sampling settings left None are the pipeline config's, else the models' own.
+        Randomness: ``generator`` (one per image, or one for all), else ``seed`` (see
+        :meth:`item_generators`); an item's mesh does not depend on its batch mates.
+        Each image is encoded once; its features condition both stages. Each MAR model
+        samples in its own normalized token space; the tokens are mapped back to VAE
+        latents with the statistics stored in its config (and, for MAR-HR, the LR latents
+        into its prefix space). ``output_type="latent"``: latents only, nothing decoded."""
+        if output_type not in ("mesh", "latent"):
+            raise ValueError(f"output_type must be 'mesh' or 'latent', got {output_type!r}")
+        sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                        temperature=temperature, diffusion_steps=diffusion_steps,
+                        timestep_spacing=timestep_spacing)
+        self._sampling(**sampling)  # refuse bad settings before any work
+        t0 = time.perf_counter()
+        rgba = [load_image(im, self.config) for im in as_image_list(images)]
+        gens = self.item_generators(len(rgba), seed, generator)
+        features = self.encode(rgba)
+        latents = self.sample_lr(features, gens, **sampling)
+        level = "lr"
+        if (self.uses_hr if use_hr is None else use_hr):
+            latents, level = self.sample_hr(features, latents, gens, **sampling), "hr"
+        out = MAR3DPipelineOutput(meshes=None, latents=latents, level=level,
+                                  sample_seconds=time.perf_counter() - t0)
+        if output_type == "mesh":
+            extractions = [self.decode(item, resolution) for item in latents.split(1)]
+            out.meshes = [e.mesh for e in extractions]
+            out.decode_seconds = [e.seconds for e in extractions]
+            out.num_queries = [e.num_queries for e in extractions]
+        return out

@@ -147,11 +147,11 @@ def chamfer_matrix(pipe, truths: list[GroundTruth], view: int = 0, seed: int = 0
     cd = np.full((n, n), math.inf)
     sample_s = decode_s = 0.0
     for i, gen_from in enumerate(truths):
-        out = pipe.run(gen_from.views[view], seed=seed, use_hr=use_hr, resolution=resolution, **sampling)
-        sample_s += out["sample_seconds"]
-        decode_s += out["decode_seconds"]
+        out = pipe(gen_from.views[view], seed=seed, use_hr=use_hr, resolution=resolution, **sampling)
+        sample_s += out.sample_seconds
+        decode_s += out.decode_seconds[0]
         for j, gt in enumerate(truths):
-            cd[i, j] = mesh_metrics(out["mesh"], (gt.points, gt.normals), num_points=num_points)["chamfer"]
+            cd[i, j] = mesh_metrics(out.meshes[0], (gt.points, gt.normals), num_points=num_points)["chamfer"]
     return CascadeScores([t.uid for t in truths], cd, sample_s, decode_s)
 
 

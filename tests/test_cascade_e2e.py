@@ -70,7 +70,7 @@ def _check_follows_condition(all_scores, label: str) -> None:
 
 
 def test_generated_shape_follows_its_condition(cascade, capsys):
-    from mar3d.inference import GenerateConfig, MAR3DPipeline
+    from mar3d.inference import PipelineConfig, MAR3DPipeline
     from mar3d.train import load_train_config
 
     shards, results, release = cascade
@@ -79,7 +79,7 @@ def test_generated_shape_follows_its_condition(cascade, capsys):
     truths = load_ground_truth(shards)
     assert len(truths) == 4, [t.uid for t in truths]
 
-    pipe = MAR3DPipeline.from_pretrained(str(release), GenerateConfig(resolution=RESOLUTION),
+    pipe = MAR3DPipeline.from_pretrained(str(release), PipelineConfig(resolution=RESOLUTION),
                                          device="cpu")
     assert pipe.uses_hr
     pooled = {use_hr: [chamfer_matrix(pipe, truths, view=view, seed=SEED + k, use_hr=use_hr,
@@ -115,8 +115,8 @@ def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_serv
     from PIL import Image
 
     from mar3d.evaluate import EvalConfig, evaluate
-    from mar3d.generate import BatchGenerateConfig, batch_generate
-    from mar3d.inference import GenerateConfig
+    from mar3d.generate import GenerateConfig, batch_generate
+    from mar3d.inference import PipelineConfig
     from mar3d.registry import GateConfig, RegistryConfig, get_release, promote, register_release
 
     from _tiny_release import write_tiny_release
@@ -128,7 +128,7 @@ def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_serv
     # This checks register -> evaluate -> promote -> refuse on a 300-step tiny cascade; it
     # is not asked to beat the mean-shape baseline (the floor's own tests: test_registry.py).
     gate = GateConfig(rel_tolerance=0.05, group="all_objects", beat_baseline=False)
-    eval_cfg = EvalConfig(generate=GenerateConfig(resolution=RESOLUTION), groups=("all_objects",),
+    eval_cfg = EvalConfig(pipeline=PipelineConfig(resolution=RESOLUTION), groups=("all_objects",),
                           previews=2, num_points=20000)
 
     good = register_release({s: results[s].model_uri for s in ("vae", "lr", "hr")}, cfg=registry,
@@ -166,8 +166,8 @@ def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_serv
     (images / "notes.txt").write_text("not an image")
     n_inputs = len(list(images.iterdir()))
     out = tmp_path / "generated"
-    cfg = BatchGenerateConfig(generate=GenerateConfig(resolution=RESOLUTION), num_actors=2,
-                              cpus_per_actor=0.5, batch_size=2)
+    cfg = GenerateConfig(pipeline=PipelineConfig(resolution=RESOLUTION), num_actors=2,
+                         cpus_per_actor=0.5, batch_size=2)
     result = batch_generate(str(images), "models:/mar3d-e2e@champion", str(out), cfg,
                             tracking_uri=mlflow_server, progress=False)
     rows = pq.read_table(result.results_path).to_pylist()

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from _tiny_release import write_tiny_release
 from mar3d.config import load_config
-from mar3d.inference import GenerateConfig, MAR3DPipeline, load_conditioner, load_frozen_conditioner
+from mar3d.inference import PipelineConfig, MAR3DPipeline, load_conditioner, load_frozen_conditioner
+from mar3d.models.mar import SamplingConfig
 from mar3d.models.condition import ConditionConfig, ImageEncoder
 from mar3d.models.mar import ConditionalMAR, MARConfig
 from mar3d.registry import RegistryError, trained_conditioner
@@ -21,7 +22,7 @@ from mar3d.weights import WEIGHTS_FILE
 
 # Tensors of the image encoder inside a MAR model: none since the encoder is its own folder.
 ENCODER_PREFIXES = ("conditioner.clip.", "conditioner.dino.")
-FAST = GenerateConfig(num_iters=4, diffusion_steps=5, resolution=32)
+FAST = PipelineConfig(sampling=SamplingConfig(num_inference_steps=4, diffusion_steps=5), resolution=32)
 
 
 def encoder_keys(folder: Path) -> list[str]:
@@ -62,8 +63,8 @@ def test_tiny_release_stores_the_encoder_once_and_encodes_each_image_once(tmp_pa
     calls = []
     pipe.encoder.register_forward_hook(lambda *args: calls.append(1))
     images = [np.full((64, 64, 4), 255, np.uint8), np.zeros((64, 64, 4), np.uint8)]
-    tokens, level = pipe.generate_tokens(images, seed=0)
-    assert level == "hr" and tokens.shape[0] == 2
+    out = pipe(images, seed=0, output_type="latent")
+    assert out.level == "hr" and out.latents.shape[0] == 2
     assert len(calls) == 1  # one batch, one encoder pass, both stages fed from it
 
 

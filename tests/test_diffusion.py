@@ -147,20 +147,20 @@ def test_classifier_free_guidance_extrapolates_from_uncond_to_cond():
     z = torch.cat([cond_mean.expand(n, 2), uncond_mean.expand(n, 2)])
     # Epsilon is affine in the mean, so guidance w samples around uncond + w (cond - uncond).
     for w in (1.0, 2.5):
-        out = diff.sample(z, num_steps=50, cfg=w, generator=torch.Generator().manual_seed(0))
+        out = diff.sample(z, num_steps=50, guidance_scale=w, generator=torch.Generator().manual_seed(0))
         assert out.shape == (2 * n, 2) and torch.equal(out[:n], out[n:])
         expected = uncond_mean + w * (cond_mean - uncond_mean)
         assert torch.allclose(out[:n].mean(0), expected, atol=0.03)
     # cfg = 1 is exactly the unguided sampler on the conditional half (same noise stream).
-    guided = diff.sample(z[:8].repeat(2, 1), num_steps=20, cfg=1.0,
+    guided = diff.sample(z[:8].repeat(2, 1), num_steps=20, guidance_scale=1.0,
                          generator=torch.Generator().manual_seed(5))
     plain = diff.sample(z[:8], num_steps=20, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(guided[:8], plain, atol=1e-5)
     # Per-row scales are accepted too.
-    rows = diff.sample(z[:4].repeat(2, 1), num_steps=5, cfg=torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    rows = diff.sample(z[:4].repeat(2, 1), num_steps=5, guidance_scale=torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert rows.shape == (8, 2)
     with pytest.raises(ValueError, match="even"):
-        diff.sample(torch.randn(3, 2), cfg=2.0)
+        diff.sample(torch.randn(3, 2), guidance_scale=2.0)
 
 
 def test_learned_head_fits_a_conditional_distribution():

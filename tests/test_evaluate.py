@@ -11,7 +11,8 @@ from mar3d.data.render import intrinsics_matrix, look_at
 from mar3d.evaluate import (EvalConfig, aggregate, assemble_release_dir, cross_chamfer, pairwise_chamfer,
                             dataset_fingerprint, evaluate, evaluate_components, evaluation_table,
                             category_following, following_metrics, per_category)
-from mar3d.inference import GenerateConfig
+from mar3d.inference import PipelineConfig
+from mar3d.models.mar import SamplingConfig
 from mar3d.models.vae import occupancy_iou
 from mar3d.preview import (comparison_preview, mesh_normals, render_mesh_normal_map,
                            render_points_normal_map, splat_normals)
@@ -191,11 +192,11 @@ def test_occupancy_iou():
 
 
 def test_eval_config_loads_nested_and_validates(tmp_path):
-    cfg = load_config(EvalConfig, None, ["generate.resolution=32", "max_objects=2", "previews=0"])
-    assert cfg.generate.resolution == 32 and cfg.max_objects == 2
+    cfg = load_config(EvalConfig, None, ["pipeline.resolution=32", "max_objects=2", "previews=0"])
+    assert cfg.pipeline.resolution == 32 and cfg.max_objects == 2
     assert cfg.groups == ("seen_view", "heldout_objects") and cfg.view_index is None
     for bad in (["num_points=0"], ["fscore_threshold=0"], ["preview_resolution=8"],
-                ["max_objects=0"], ["generate.resolution=4"], ["device=tpu"], ["groups=[]"],
+                ["max_objects=0"], ["pipeline.resolution=4"], ["device=tpu"], ["groups=[]"],
                 ["groups=[seen_view, seen_view]"], ["groups=[train]"], ["retrieval_points=0"]):
         with pytest.raises((ValueError, ConfigError)):
             load_config(EvalConfig, None, bad)
@@ -215,7 +216,7 @@ def test_assemble_release_dir_links_local_components(tmp_path):
 
 
 # ------------------------------------------------------------------------------ e2e
-TINY = dict(num_iters=4, diffusion_steps=5, resolution=32)
+TINY = dict(sampling=SamplingConfig(num_inference_steps=4, diffusion_steps=5), resolution=32)
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +251,7 @@ def test_evaluate_release_logs_to_mlflow_and_registry(eval_shards, mlflow_server
     from mar3d.registry import get_release
 
     release_uri = _registered_tiny_release(mlflow_server, tmp_path / "release")
-    cfg = EvalConfig(generate=GenerateConfig(**TINY), num_points=4000, previews=1,
+    cfg = EvalConfig(pipeline=PipelineConfig(**TINY), num_points=4000, previews=1,
                      preview_resolution=64, contact_sheet_resolution=64, device="cpu",
                      experiment="test-eval")
     result = evaluate(release_uri, str(eval_shards), tmp_path / "out", cfg, tracking_uri=mlflow_server,
@@ -291,7 +292,7 @@ def test_evaluate_release_logs_to_mlflow_and_registry(eval_shards, mlflow_server
     assert run.info.status == "FINISHED"
     assert run.data.metrics["seen_view/f_score"] == pytest.approx(m["seen_view/f_score"])
     assert run.data.metrics["heldout_objects/num_objects"] == 1
-    assert run.data.params["model"] == release_uri and run.data.params["eval.generate.resolution"] == "32"
+    assert run.data.params["model"] == release_uri and run.data.params["eval.pipeline.resolution"] == "32"
     assert run.data.params["dataset.hash"] == report["dataset_fingerprint"]["hash"]
     artifacts = {f.path for f in client.list_artifacts(result.run_id)}
     assert {"report.json", "per_object.csv", "per_object_table.json", "previews",
@@ -314,7 +315,7 @@ def test_evaluate_release_logs_to_mlflow_and_registry(eval_shards, mlflow_server
 @pytest.mark.e2e
 def test_evaluate_components_lr_only(eval_shards, tmp_path):
     release = write_tiny_release(tmp_path / "release")
-    cfg = EvalConfig(generate=GenerateConfig(use_hr=False, **TINY), num_points=2000, previews=0,
+    cfg = EvalConfig(pipeline=PipelineConfig(use_hr=False, **TINY), num_points=2000, previews=0,
                      with_iou=False, max_objects=1, device="cpu", contact_sheet=False,
                      groups=("all_objects",))
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -339,7 +340,7 @@ def test_failed_objects_are_recorded_not_skipped(eval_shards, tmp_path):
     from mlflow import MlflowClient
 
     release = write_tiny_release(tmp_path / "release")
-    cfg = EvalConfig(generate=GenerateConfig(min_image_side=128, **TINY), previews=1,
+    cfg = EvalConfig(pipeline=PipelineConfig(min_image_side=128, **TINY), previews=1,
                      preview_resolution=64, contact_sheet_resolution=64, device="cpu")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = evaluate(str(release), eval_shards, tmp_path / "out", cfg, tracking_uri=tracking_uri,
@@ -363,15 +364,15 @@ def test_failed_objects_are_recorded_not_skipped(eval_shards, tmp_path):
 @pytest.mark.e2e
 def test_objects_sampled_together_score_as_sampled_alone(eval_shards, tmp_path):
     from mar3d.data.dataset import ShapeDataset
-    from mar3d.evaluate import EvalRows, evaluate_object, generate_batch
+    from mar3d.evaluate import EvalRows, evaluate_object, pipeline_outputs
     from mar3d.inference import MAR3DPipeline
 
     release = write_tiny_release(tmp_path / "release")
-    cfg = EvalConfig(generate=GenerateConfig(**TINY), num_points=2000, device="cpu")
-    pipe = MAR3DPipeline.from_pretrained(str(release), config=cfg.generate, device="cpu")
+    cfg = EvalConfig(pipeline=PipelineConfig(**TINY), num_points=2000, device="cpu")
+    pipe = MAR3DPipeline.from_pretrained(str(release), config=cfg.pipeline, device="cpu")
     reader = ShapeDataset(eval_shards, num_occ=1, near_fraction=0.0, with_image=False)
     rows = [EvalRows(reader).get(i, 0) for i in range(len(reader))]
-    together = generate_batch(pipe, rows, cfg)
+    together = pipeline_outputs(pipe, rows, cfg)
     for i, row in enumerate(rows):
         batched, _ = evaluate_object(pipe, row, cfg, i, together[i])
         alone, _ = evaluate_object(pipe, row, cfg, i)
@@ -381,7 +382,7 @@ def test_objects_sampled_together_score_as_sampled_alone(eval_shards, tmp_path):
     # A batch with an object that cannot be generated is retried object by object: the
     # others keep their shapes, the bad one is its own failure.
     broken = {**rows[0], "uid": "broken", "image": np.zeros((8, 8, 2), np.uint8)}
-    outs = generate_batch(pipe, [broken, rows[1]], cfg)
+    outs = pipeline_outputs(pipe, [broken, rows[1]], cfg)
     assert isinstance(outs[0], Exception) and not isinstance(outs[1], Exception)
     record, mesh = evaluate_object(pipe, broken, cfg, 0, outs[0])
     assert record["status"] == "failed" and record["error"].startswith("generation:") and mesh is None

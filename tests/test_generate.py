@@ -13,23 +13,24 @@ import trimesh
 from PIL import Image
 
 from mar3d.config import ConfigError, load_config, to_dict
-from mar3d.generate import (DETERMINISTIC_REASONS, RESULTS, BatchGenerateConfig, batch_generate,
+from mar3d.generate import (DETERMINISTIC_REASONS, RESULTS, GenerateConfig, batch_generate,
                             item_seed, list_inputs, mesh_paths, read_results)
 from mar3d.generate.actor import _GeneratorActor
-from mar3d.inference import GenerateConfig
+from mar3d.inference import PipelineConfig
+from mar3d.models.mar import SamplingConfig
 from mar3d.storage import safe_name
 from mar3d.weights import load_model_dir, save_model_dir
 
 from _tiny_release import write_tiny_release
 
-FAST = dict(num_iters=4, diffusion_steps=5, resolution=32)
+FAST = dict(sampling=SamplingConfig(num_inference_steps=4, diffusion_steps=5), resolution=32)
 
 
-def _cfg(**kw) -> BatchGenerateConfig:
+def _cfg(**kw) -> GenerateConfig:
     kw.setdefault("num_actors", 2)
     kw.setdefault("cpus_per_actor", 0.5)  # two actors fit on two busy cores
     kw.setdefault("batch_size", 2)
-    cfg = BatchGenerateConfig(generate=GenerateConfig(**FAST), **kw)
+    cfg = GenerateConfig(pipeline=PipelineConfig(**FAST), **kw)
     cfg.validate()
     return cfg
 
@@ -104,33 +105,40 @@ def test_item_seed_is_stable_and_spread():
 
 
 def test_config_validation_and_loading():
-    cfg = load_config(BatchGenerateConfig, overrides=["generate.resolution=64", "formats=[glb,ply]",
-                                                      "num_actors=3", "gpus_per_actor=0.5"])
-    assert cfg.generate.resolution == 64 and cfg.formats == ("glb", "ply") and cfg.gpus_per_actor == 0.5
+    cfg = load_config(GenerateConfig, overrides=["pipeline.resolution=64", "formats=[glb,ply]",
+                                                 "num_actors=3", "gpus_per_actor=0.5"])
+    assert cfg.pipeline.resolution == 64 and cfg.formats == ("glb", "ply") and cfg.gpus_per_actor == 0.5
     for bad, match in [({"formats": ("stl",)}, "formats"), ({"formats": ("glb", "glb")}, "formats"),
                        ({"num_actors": 0}, "num_actors"), ({"cpus_per_actor": 0}, "cpus_per_actor"),
                        ({"batch_size": 0}, "batch_size"), ({"max_items": 0}, "max_items"),
                        ({"base_seed": -1}, "base_seed")]:
         with pytest.raises(ValueError, match=match):
-            BatchGenerateConfig(**bad).validate()
+            GenerateConfig(**bad).validate()
     with pytest.raises(ConfigError, match="unknown key"):
-        load_config(BatchGenerateConfig, overrides=["num_actor=2"])
+        load_config(GenerateConfig, overrides=["num_actor=2"])
 
 
-def test_cli_kv_top_k_flag_sets_the_generate_config():
+def test_cli_shortcut_flags_set_the_generate_config():
     from mar3d.cli import build_parser, generate_config
 
     def config(*flags):
         return generate_config(build_parser().parse_args(
             ["generate", "--images", "in", "--output", "out", "--config", "generate_tiny", *flags]))
 
-    assert config().generate.kv_top_k is None  # exact by default
-    assert config("--kv-top-k", "64").generate.kv_select().top_k == 64
+    assert config().pipeline.kv_top_k is None  # exact by default
+    assert config("--kv-top-k", "64").pipeline.kv_select().top_k == 64
     # the flag wins over --set, which still sets the other two
-    cfg = config("--set", "generate.kv_top_k=8", "--set", "generate.kv_block=256", "--kv-top-k", "32")
-    assert (cfg.generate.kv_top_k, cfg.generate.kv_block, cfg.generate.resolution) == (32, 256, 64)
+    cfg = config("--set", "pipeline.kv_top_k=8", "--set", "pipeline.kv_block=256", "--kv-top-k", "32")
+    assert (cfg.pipeline.kv_top_k, cfg.pipeline.kv_block, cfg.pipeline.resolution) == (32, 256, 64)
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         config("--kv-top-k", "0")
+    # sampling: None is the model's own; the flags win over --set
+    assert config().pipeline.sampling.overrides() == {}
+    cfg = config("--set", "pipeline.sampling.guidance_scale=2", "--num-inference-steps", "8",
+                 "--guidance-scale", "1.5")
+    assert cfg.pipeline.sampling.overrides() == {"num_inference_steps": 8, "guidance_scale": 1.5}
+    with pytest.raises(ValueError, match="guidance_scale must be >= 1"):
+        config("--guidance-scale", "0.5")
 
 
 def test_list_folder_accounts_for_every_file(image_folder):
@@ -164,7 +172,7 @@ def test_empty_field_is_an_error_row_not_a_crash(tmp_path):
     save_model_dir(release / "vae", state, doc["model"], kind="vae")
     Image.fromarray(_rgb(0)).save(tmp_path / "a.png")
     (tmp_path / "out").mkdir()
-    actor = _GeneratorActor(str(release), to_dict(GenerateConfig(**FAST)), str(tmp_path / "out"),
+    actor = _GeneratorActor(str(release), to_dict(PipelineConfig(**FAST)), str(tmp_path / "out"),
                             ["glb"], None, use_gpu=False, num_cpus=1)
     items = [{"id": "a.png", "kind": "file", "source": str(tmp_path / "a.png"), "row": -1, "view": -1,
               "column": "", "input": "a.png", "fingerprint": "f", "seed": 1},
@@ -192,15 +200,15 @@ def test_actor_samples_its_batch_together_and_keeps_errors_per_item(release, tmp
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     Image.fromarray(_rgb(2, size=80)).save(tmp_path / "c.png")
     out = tmp_path / "out"
-    actor = _GeneratorActor(str(release), to_dict(GenerateConfig(**FAST)), str(out), ["ply"], None,
+    actor = _GeneratorActor(str(release), to_dict(PipelineConfig(**FAST)), str(out), ["ply"], None,
                             use_gpu=False, num_cpus=1)
     items = [_file_item(tmp_path, "a.png", 11), _file_item(tmp_path, "bad.png", 12), _file_item(tmp_path, "c.png", 13)]
     rows = actor(pa.Table.from_pylist(items)).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "error", "ok"]
     assert rows[1]["reason"] == "invalid_image" and "unreadable" in rows[1]["error"]
-    pipe = MAR3DPipeline.from_pretrained(str(release), config=GenerateConfig(**FAST), device="cpu")
+    pipe = MAR3DPipeline.from_pretrained(str(release), config=PipelineConfig(**FAST), device="cpu")
     for row, item in zip(rows[::2], items[::2]):
-        alone = pipe(item["source"], seed=item["seed"])
+        alone = pipe(item["source"], seed=item["seed"]).meshes[0]
         written = trimesh.load(out / row["outputs"][0], process=False)
         assert row["num_vertices"] == len(alone.vertices) == len(written.vertices)
         np.testing.assert_allclose(np.sort(written.vertices, axis=0), np.sort(alone.vertices, axis=0), atol=1e-5)

@@ -11,7 +11,7 @@ from mar3d.config import ConfigError, from_dict, load_config, to_dict
 from mar3d.models.condition import ConditionConfig, ImageEncoder
 from mar3d.models.diffusion import DiffusionConfig
 from mar3d.models.mar import MAR, ConditionalMAR, MARConfig, SamplingConfig, augment_lr
-from mar3d.models.schedules import (cfg_scale, cosine_mask_schedule, mask_from_orders,
+from mar3d.models.schedules import (guidance_ramp, cosine_mask_schedule, mask_from_orders,
                                     random_orders, sample_mask_ratio)
 
 COND_LEN, COND_DIM = 5, 12
@@ -26,7 +26,7 @@ def tiny_cfg(stage: str = "lr", **overrides) -> MARConfig:
 def small_cfg(stage: str = "lr", **overrides) -> MARConfig:
     base = dict(seq_len=32 if stage == "lr" else 48, lr_seq_len=32, token_dim=4,
                 enc_layers=1, dec_layers=1, diffusion=DiffusionConfig(width=32, depth=1),
-                sampling=SamplingConfig(num_iters=4, cfg=2.0, diffusion_steps=10))
+                sampling=SamplingConfig(num_inference_steps=4, guidance_scale=2.0, temperature=1.0, diffusion_steps=10))
     base.update(overrides)
     return tiny_cfg(stage, **base)
 
@@ -51,45 +51,45 @@ def randn(*shape, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- schedules
-@pytest.mark.parametrize("seq_len,num_iters", [(64, 16), (256, 64), (1024, 64), (1024, 256),
+@pytest.mark.parametrize("seq_len,num_steps", [(64, 16), (256, 64), (1024, 64), (1024, 256),
                                                (128, 128), (5, 5), (7, 1), (100, 3)])
-def test_cosine_schedule_sums_and_reveals_few_tokens_early(seq_len, num_iters):
-    counts = cosine_mask_schedule(seq_len, num_iters)
-    assert len(counts) == num_iters and sum(counts) == seq_len
+def test_cosine_schedule_sums_and_reveals_few_tokens_early(seq_len, num_steps):
+    counts = cosine_mask_schedule(seq_len, num_steps)
+    assert len(counts) == num_steps and sum(counts) == seq_len
     assert min(counts) >= 1
-    if num_iters >= 4:
-        quarter = num_iters // 4
+    if num_steps >= 4:
+        quarter = num_steps // 4
         assert sum(counts[:quarter]) <= sum(counts[-quarter:])
-        if 2 * num_iters <= seq_len:   # room for more than one token per step
+        if 2 * num_steps <= seq_len:   # room for more than one token per step
             assert sum(counts[:quarter]) < sum(counts[-quarter:])
         # Non-decreasing up to the +-1 jitter of the floor().
         assert all(b >= a - 1 for a, b in zip(counts, counts[1:]))
 
 
 def test_cosine_schedule_matches_mar_formula():
-    seq_len, num_iters = 256, 64
+    seq_len, num_steps = 256, 64
     masked = seq_len
     expected = []
-    for step in range(num_iters):  # LTH14/mar sample_tokens, clamps included
-        after = 0 if step == num_iters - 1 else max(1, min(
-            masked - 1, math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_iters))))
+    for step in range(num_steps):  # LTH14/mar sample_tokens, clamps included
+        after = 0 if step == num_steps - 1 else max(1, min(
+            masked - 1, math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_steps))))
         expected.append(masked - after)
         masked = after
-    assert cosine_mask_schedule(seq_len, num_iters) == expected
+    assert cosine_mask_schedule(seq_len, num_steps) == expected
     with pytest.raises(ValueError):
         cosine_mask_schedule(8, 9)
 
 
 def test_cfg_scale_ramps_linearly():
-    assert cfg_scale(3.0, 0, 256) == 1.0
-    assert cfg_scale(3.0, 128, 256) == 2.0
-    assert cfg_scale(3.0, 256, 256) == 3.0
-    values = [cfg_scale(7.5, g, 100) for g in range(0, 101, 10)]
+    assert guidance_ramp(3.0, 0, 256) == 1.0
+    assert guidance_ramp(3.0, 128, 256) == 2.0
+    assert guidance_ramp(3.0, 256, 256) == 3.0
+    values = [guidance_ramp(7.5, g, 100) for g in range(0, 101, 10)]
     steps = [b - a for a, b in zip(values, values[1:])]
     assert all(abs(s - steps[0]) < 1e-12 for s in steps)
-    assert cfg_scale(1.0, 37, 100) == 1.0
+    assert guidance_ramp(1.0, 37, 100) == 1.0
     with pytest.raises(ValueError):
-        cfg_scale(3.0, 101, 100)
+        guidance_ramp(3.0, 101, 100)
 
 
 def test_mask_ratio_truncated_normal():
@@ -217,24 +217,26 @@ def test_stage_inputs_are_checked():
 
 
 # ---------------------------------------------------------------------------- generation
-def test_generate_is_reproducible_per_seed():
+def test_sample_is_reproducible_per_seed():
     model = wake_head(small_mar()).train()
     cond = randn(2, COND_LEN, COND_DIM)
-    a = model.generate(cond, generator=torch.Generator().manual_seed(0))
-    b = model.generate(cond, generator=torch.Generator().manual_seed(0))
-    c = model.generate(cond, generator=torch.Generator().manual_seed(1))
+    a = model.sample(cond, generator=torch.Generator().manual_seed(0))
+    b = model.sample(cond, generator=torch.Generator().manual_seed(0))
+    c = model.sample(cond, generator=torch.Generator().manual_seed(1))
     assert a.shape == (2, 32, 4) and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.allclose(a, c)
-    assert model.training                                   # generate restores the mode
-    unguided = model.generate(cond, cfg=1.0, num_iters=8, temperature=0.5, diffusion_steps=5,
-                              generator=torch.Generator().manual_seed(0))
+    assert model.training                                   # sample restores the mode
+    unguided = model.sample(cond, guidance_scale=1.0, num_inference_steps=8, temperature=0.5,
+                            diffusion_steps=5,
+                            generator=torch.Generator().manual_seed(0))
     assert unguided.shape == (2, 32, 4)
     with pytest.raises(ValueError):
-        model.generate(cond, cfg=0.5)
+        model.sample(cond, guidance_scale=0.5)
 
 
 def test_every_token_is_generated_once_per_step_schedule():
-    model = small_mar(sampling=SamplingConfig(num_iters=5, cfg=1.0, diffusion_steps=4))
+    model = small_mar(sampling=SamplingConfig(num_inference_steps=5, guidance_scale=1.0, temperature=1.0,
+                                              diffusion_steps=4))
     seen = []
     original = model.diffusion.sample
 
@@ -243,7 +245,7 @@ def test_every_token_is_generated_once_per_step_schedule():
         return original(z, *args, **kwargs)
 
     model.diffusion.sample = counting_sample
-    out = model.generate(randn(3, COND_LEN, COND_DIM), generator=torch.Generator().manual_seed(0))
+    out = model.sample(randn(3, COND_LEN, COND_DIM), generator=torch.Generator().manual_seed(0))
     assert seen == [3 * n for n in cosine_mask_schedule(32, 5)]
     assert (out.abs().sum(-1) > 0).all()                    # no token left at its zero init
 
@@ -253,7 +255,7 @@ def test_hr_consumes_lr_tokens():
     cond, lr_a, lr_b = randn(2, COND_LEN, COND_DIM), randn(2, 32, 4, seed=1), randn(2, 32, 4, seed=2)
 
     def gen(lr_tokens):
-        return hr.generate(cond, lr_tokens=lr_tokens, generator=torch.Generator().manual_seed(0))
+        return hr.sample(cond, lr_tokens=lr_tokens, generator=torch.Generator().manual_seed(0))
 
     a = gen(lr_a)
     assert a.shape == (2, 48, 4)
@@ -265,8 +267,8 @@ def test_hr_consumes_lr_tokens():
     assert torch.allclose(prefix[:, COND_LEN:], hr.lr_proj(lr_a))
 
 
-@pytest.mark.parametrize("stage,cfg", [("lr", 2.0), ("lr", 1.0), ("hr", 2.0)])
-def test_per_item_generators_make_samples_batch_invariant(stage, cfg):
+@pytest.mark.parametrize("stage,guidance", [("lr", 2.0), ("lr", 1.0), ("hr", 2.0)])
+def test_per_item_generators_make_samples_batch_invariant(stage, guidance):
     """With one generator per sample, a sample's mask order, condition augmentation and
     diffusion noise come from its own generator only: sampled in a batch of 3 or alone,
     guided or not, it gets the same tokens, up to float32 rounding: CPU matrix kernels
@@ -280,16 +282,16 @@ def test_per_item_generators_make_samples_batch_invariant(stage, cfg):
         return [torch.Generator().manual_seed(s) for s in seeds]
 
     def sample(rows, seeds):
-        return model.generate(cond[rows], lr_tokens=None if lr is None else lr[rows], cfg=cfg,
-                              generator=gens(*seeds))
+        return model.sample(cond[rows], lr_tokens=None if lr is None else lr[rows], guidance_scale=guidance,
+                            generator=gens(*seeds))
 
     batch = sample([0, 1, 2], [5, 6, 7])
     for i, seed in enumerate([5, 6, 7]):
         torch.testing.assert_close(batch[i:i + 1], sample([i], [seed]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sample([2, 0], [7, 5]), batch[[2, 0]], rtol=1e-5, atol=1e-5)
     # A one-sample list is that sample's plain generator: the same stream as before.
-    alone = model.generate(cond[:1], lr_tokens=None if lr is None else lr[:1], cfg=cfg,
-                           generator=torch.Generator().manual_seed(5))
+    alone = model.sample(cond[:1], lr_tokens=None if lr is None else lr[:1], guidance_scale=guidance,
+                         generator=torch.Generator().manual_seed(5))
     assert torch.equal(alone, sample([0], [5]))
     with pytest.raises(ValueError, match="one per item"):
         sample([0, 1], [5])
@@ -307,10 +309,10 @@ def test_lr_only_cascade_from_images():
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert model.conditioner.clip_proj.weight.grad is not None
-    tokens = model.generate(features, generator=torch.Generator().manual_seed(0), num_iters=4)
+    tokens = model.sample(features, generator=torch.Generator().manual_seed(0), num_inference_steps=4)
     assert tokens.shape == (2, 32, 4)
-    assert torch.equal(tokens, model.generate(features, generator=torch.Generator().manual_seed(0),
-                                              num_iters=4))
+    assert torch.equal(tokens, model.sample(features, generator=torch.Generator().manual_seed(0),
+                                            num_inference_steps=4))
 
 
 def test_tiny_lr_model_overfits_two_conditions():
@@ -321,7 +323,8 @@ def test_tiny_lr_model_overfits_two_conditions():
     # alpha_bar ~ 2e-9, where a briefly trained head's errors on a point mass blow up).
     cfg = tiny_cfg("lr", seq_len=16, token_dim=4, enc_layers=1, dec_layers=1, cfg_dropout=0.0,
                    diffusion=DiffusionConfig(width=64, depth=2, timestep_spacing="leading"),
-                         sampling=SamplingConfig(num_iters=4, cfg=1.0, diffusion_steps=25))
+                   sampling=SamplingConfig(num_inference_steps=4, guidance_scale=1.0, temperature=1.0,
+                                           diffusion_steps=25))
     model = MAR(cfg, cond_dim=8, cond_len=2)
     targets, conds = randn(2, 16, 4, seed=0), randn(2, 2, 8, seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -331,7 +334,7 @@ def test_tiny_lr_model_overfits_two_conditions():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out = model.generate(conds, generator=torch.Generator().manual_seed(1))
+    out = model.sample(conds, generator=torch.Generator().manual_seed(1))
     dist = torch.cdist(out.flatten(1), targets.flatten(1)) ** 2 / targets[0].numel()
     assert dist[0, 0] < 0.1 * dist[0, 1] and dist[1, 1] < 0.1 * dist[1, 0]
     assert dist[0, 0] < 0.1 and dist[1, 1] < 0.1
@@ -356,7 +359,9 @@ def test_configs_load_and_validate():
     ("hr", "cond_aug_t_min=0.7", "cond_aug_t_min"),
     ("hr", "lr_seq_len=0", "lr_seq_len"),
     ("lr", "cfg_dropout=1.5", "cfg_dropout"),
-    ("lr", "sampling.num_iters=65", "num_iters"),
+    ("lr", "sampling.num_inference_steps=65", "num_inference_steps"),
+    ("lr", "sampling.guidance_scale=0.5", "guidance_scale"),
+    ("lr", "sampling.temperature=null", "must set temperature"),
     ("lr", "stage=mr", "stage"),
 ])
 def test_bad_configs_are_rejected(section, override, match):

@@ -274,7 +274,7 @@ def test_prepared_rows_and_errors_carry_the_objaverse_labels(prepared_tree):
 def test_evaluation_and_generation_inputs_carry_source_uid_and_category(prepared_tree):
     from mar3d.data import ShapeDataset
     from mar3d.evaluate import EvalRows
-    from mar3d.generate import BatchGenerateConfig, list_inputs
+    from mar3d.generate import GenerateConfig, list_inputs
     from mar3d.generate.results import _result_row
 
     out, _ = prepared_tree
@@ -282,7 +282,7 @@ def test_evaluation_and_generation_inputs_carry_source_uid_and_category(prepared
     rows = EvalRows(reader)
     labels = {(r["source_uid"], r["category"]) for r in (rows.get(i, 0) for i in range(len(reader)))}
     assert labels == {(BOX, "box"), (CAN, "can"), (BALL, "ball")}
-    items = list_inputs(out, BatchGenerateConfig())
+    items = list_inputs(out, GenerateConfig())
     assert {(it["source_uid"], it["category"]) for it in items} == labels
     row = _result_row(items[0], "ok")
     assert (row["source_uid"], row["category"]) == (items[0]["source_uid"], items[0]["category"])

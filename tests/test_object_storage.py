@@ -316,12 +316,13 @@ def test_generate_to_s3(s3, mlflow_s3, ray_local, tmp_path):
     from PIL import Image
 
     from mar3d.generate import (
-        BatchGenerateConfig,
+        GenerateConfig,
         batch_generate,
         mesh_paths,
         read_results,
     )
-    from mar3d.inference import GenerateConfig
+    from mar3d.inference import PipelineConfig
+    from mar3d.models.mar import SamplingConfig
 
     release = write_tiny_release(tmp_path / "release")
     images = tmp_path / "images"
@@ -331,8 +332,9 @@ def test_generate_to_s3(s3, mlflow_s3, ray_local, tmp_path):
         rgb = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
         Image.fromarray(rgb).save(images / name)
     (images / "notes.txt").write_text("not an image")
-    cfg = BatchGenerateConfig(generate=GenerateConfig(num_iters=4, diffusion_steps=5, resolution=32),
-                              num_actors=2, cpus_per_actor=0.5, batch_size=2, formats=("glb", "ply"))
+    fast = SamplingConfig(num_inference_steps=4, diffusion_steps=5)
+    cfg = GenerateConfig(pipeline=PipelineConfig(sampling=fast, resolution=32),
+                         num_actors=2, cpus_per_actor=0.5, batch_size=2, formats=("glb", "ply"))
     output = f"s3://{BUCKET}/generated"
 
     result = batch_generate(str(images), str(release), output, cfg, tracking_uri=mlflow_s3, progress=False)
@@ -370,12 +372,14 @@ def test_evaluate_s3_dataset_to_s3(s3, s3_shards, mlflow_s3, tmp_path):
     from _tiny_release import write_tiny_release
 
     from mar3d.evaluate import EvalConfig, evaluate
-    from mar3d.inference import GenerateConfig
+    from mar3d.inference import PipelineConfig
+    from mar3d.models.mar import SamplingConfig
     from mar3d.registry import read_eval_report
 
     data, _ = s3_shards
     release = write_tiny_release(tmp_path / "release")
-    cfg = EvalConfig(generate=GenerateConfig(use_hr=False, num_iters=4, diffusion_steps=5, resolution=32),
+    fast = SamplingConfig(num_inference_steps=4, diffusion_steps=5)
+    cfg = EvalConfig(pipeline=PipelineConfig(use_hr=False, sampling=fast, resolution=32),
                      num_points=2000, previews=1, with_iou=False, max_objects=2, device="cpu",
                      groups=("all_objects",))
     output = f"s3://{BUCKET}/eval"

@@ -16,7 +16,7 @@ now put their geometry on the input surface ("snap"), a measured behaviour chang
 ``ConditionConfig.init_seed`` and ``TrainConfig.condition_model_uri`` were added with the
 one shared image encoder per release: the seed random encoder weights come
 from (0) and "" (build the encoder from the config); checked the same way, at any depth.
-``GenerateConfig.kv_top_k`` / ``kv_block`` / ``kv_score_queries`` (adaptive KV selection)
+``PipelineConfig.kv_top_k`` / ``kv_block`` / ``kv_score_queries`` (adaptive KV selection)
 were added later too, default off (exact decoding) in every preset.
 ``DataConfig.watertight_reuse_closed`` (on in every preset): a mesh that already bounds a
 solid is sampled and labelled as it is instead of through the distance grid.
@@ -26,9 +26,14 @@ of an Objaverse tree or table) select everything in every preset.
 with training beyond the YCB scans: no corpus and no per-group limits by default; the
 local demo's presets changed on purpose (``CHANGED``): ``data_local`` mixes a corpus of
 1,000 objects into its scans, ``eval_tiny`` scores 100 held-out corpus objects too and
-``generate_tiny`` (``BatchGenerateConfig.exclude_sources``, added then) generates for the
+``generate_tiny`` (``GenerateConfig.exclude_sources``, added then) generates for the
 scans only. ``EvalConfig.batch_size`` (objects generated together; scores do not depend
 on it) was added with 8 everywhere.
+Sampling took the diffusers names (``RENAMED``: ``num_iters`` is ``num_inference_steps``,
+``cfg`` is ``guidance_scale``) and one config, ``SamplingConfig``: the inference settings
+of the evaluation and generation presets (``generate:``, now ``pipeline:``) hold their
+sampling overrides in a ``sampling`` block, and a model's sampling gained
+``timestep_spacing`` (null: its diffusion config's); the values are the same.
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ from mar3d.config import (PRESET_DIR, ConfigError, config_path, load_config, pre
                           to_dict)
 from mar3d.data.config import DataConfig
 from mar3d.evaluate import EvalConfig
-from mar3d.generate import BatchGenerateConfig
+from mar3d.generate import GenerateConfig
 from mar3d.models.condition import ConditionConfig
 from mar3d.models.mar import MARConfig
 from mar3d.models.vae import VAEConfig
@@ -61,7 +66,7 @@ EXPECTED = json.loads(FIXTURE.read_text())
 VAE_URI = ["vae_model_uri=runs:/fixture/model"]  # lr/hr need one to validate
 
 CLASSES = {"data": DataConfig, "data_local": DataConfig, "data_smoke": DataConfig,
-           "eval_tiny": EvalConfig, "generate_tiny": BatchGenerateConfig,
+           "eval_tiny": EvalConfig, "generate_tiny": GenerateConfig,
            "vae_tiny": VAEConfig, "vae_paper": VAEConfig}
 # The cascade presets hold one section per part, each loaded on its own.
 SECTION_CLASSES = {"condition": ConditionConfig, "lr": MARConfig, "hr": MARConfig}
@@ -84,8 +89,12 @@ def preset_values(key: str) -> dict:
 # Keys removed from a config since the fixture was written -> the value every preset had
 # (the behaviour that was kept).
 REMOVED = {"data_loader": "ray"}
+# Keys renamed since -> their name now, at any depth.
+RENAMED = {"num_iters": "num_inference_steps", "cfg": "guidance_scale", "generate": "pipeline"}
+SAMPLING = ("num_inference_steps", "guidance_scale", "temperature", "diffusion_steps", "timestep_spacing")
 # Keys added to a config since -> the value every preset that has the key now loads.
-ADDED = {"watertight_method": "snap", "watertight_reuse_closed": True, "init_seed": 0, "condition_model_uri": "", "feature_cache": "",
+ADDED = {"watertight_method": "snap", "watertight_reuse_closed": True, "init_seed": 0,
+         "condition_model_uri": "", "feature_cache": "", "timestep_spacing": None,
          "kv_top_k": None, "kv_block": 1024, "kv_score_queries": 32,
          "select_categories": [], "select_uids_file": None, "select_limit": None,
          "synth_objects": 0, "synth_seed": 0, "group_max_objects": {}, "exclude_sources": [],
@@ -99,6 +108,20 @@ CHANGED = {"data_local": {"synth_objects": (1000, None)},
            "generate_tiny": {"exclude_sources": (["mar3d-synth"], None)}}
 
 
+def renamed(values: dict) -> dict:
+    """The fixture's ``values`` under today's names; the pipeline settings' sampling
+    overrides moved into their ``sampling`` block."""
+    out = {}
+    for key, value in values.items():
+        key = RENAMED.get(key, key)
+        if isinstance(value, dict):
+            value = renamed(value)
+            if key == "pipeline":
+                value = {"sampling": {k: value.pop(k) for k in SAMPLING}, **value}
+        out[key] = value
+    return out
+
+
 def pop_added(loaded: dict, expected: dict) -> None:
     """Check and remove the ADDED keys that ``expected`` (the fixture) lacks, at any depth."""
     for key in list(loaded):
@@ -110,7 +133,7 @@ def pop_added(loaded: dict, expected: dict) -> None:
 
 @pytest.mark.parametrize("key", sorted(EXPECTED))
 def test_every_preset_loads_to_the_same_values_as_before(key):
-    expected = dict(EXPECTED[key])
+    expected = renamed(EXPECTED[key])
     for removed, kept in REMOVED.items():
         if removed in expected:
             assert expected.pop(removed) == kept
@@ -224,6 +247,6 @@ def test_a_built_wheel_ships_and_finds_every_preset(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(site)}).stdout
     path, values = json.loads(out)
     assert Path(path) == site / "mar3d" / "configs" / "train_lr_paper.yaml"
-    expected = {k: v for k, v in EXPECTED["train_lr_paper"].items() if k not in REMOVED}
+    expected = {k: v for k, v in renamed(EXPECTED["train_lr_paper"]).items() if k not in REMOVED}
     pop_added(values, expected)
     assert values == expected

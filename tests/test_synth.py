@@ -261,7 +261,8 @@ def test_scans_and_a_corpus_make_one_dataset_scored_per_collection(tmp_path, ray
     from mar3d.data.prepare import prepare_dataset
     from mar3d.data.synth import SYNTH_SOURCE
     from mar3d.evaluate import EvalConfig, evaluate, evaluation_table, group_pools
-    from mar3d.inference import GenerateConfig
+    from mar3d.inference import PipelineConfig
+    from mar3d.models.mar import SamplingConfig
 
     # Scans (OBJ, z-up as YCB's) and a procedural corpus made by the job itself (glTF, +Y
     # up, turned into the z-up dataset's frame).
@@ -295,15 +296,16 @@ def test_scans_and_a_corpus_make_one_dataset_scored_per_collection(tmp_path, ray
             assert np.ptp(level[:, 2]) > np.ptp(level[:, 1])
 
     # Batch generation can leave the corpus out (the local demo generates for its scans).
-    from mar3d.generate import BatchGenerateConfig, list_inputs
+    from mar3d.generate import GenerateConfig, list_inputs
 
     scan_uids = sorted(u for u, src in by_source.items() if src is None)
-    kept = list_inputs(data, BatchGenerateConfig(exclude_sources=(SYNTH_SOURCE,)))
+    kept = list_inputs(data, GenerateConfig(exclude_sources=(SYNTH_SOURCE,)))
     assert sorted(i["id"].rsplit("_v", 1)[0] for i in kept) == scan_uids
-    assert len(list_inputs(data, BatchGenerateConfig())) == 9
+    assert len(list_inputs(data, GenerateConfig())) == 9
 
     release = write_tiny_release(tmp_path / "release")
-    ecfg = EvalConfig(generate=GenerateConfig(use_hr=False, num_iters=4, diffusion_steps=5, resolution=32),
+    fast = SamplingConfig(num_inference_steps=4, diffusion_steps=5)
+    ecfg = EvalConfig(pipeline=PipelineConfig(use_hr=False, sampling=fast, resolution=32),
                       num_points=2000, previews=0, with_iou=False, device="cpu", contact_sheet=False,
                       groups=("heldout_objects", "synth_heldout", "all_objects"))
     result = evaluate(str(release), data, tmp_path / "out", ecfg,

@@ -83,13 +83,13 @@ from mar3d.evaluate.groups import (EvalGroup, EvalRows, dataset_fingerprint, gro
 from mar3d.evaluate.job import evaluate, evaluate_components
 from mar3d.evaluate.release import assemble_release_dir
 from mar3d.evaluate.reporting import TABLE_METRICS, evaluation_table, write_table
-from mar3d.evaluate.scoring import evaluate_object, generate_batch, strided, vae_reconstruction_iou
+from mar3d.evaluate.scoring import evaluate_object, pipeline_outputs, strided, vae_reconstruction_iou
 from mar3d.metrics import (aggregate, category_following, category_hits, cross_chamfer, following_metrics,
                            pairwise_chamfer, per_category)
 
 __all__ = ["EvalConfig", "EvalGroup", "EvalResult", "GROUPS", "aggregate", "assemble_release_dir",
            "cross_chamfer", "pairwise_chamfer", "dataset_fingerprint", "evaluate", "evaluate_components",
-           "evaluate_object", "evaluation_table", "generate_batch", "following_metrics", "mean_shape",
+           "evaluate_object", "evaluation_table", "pipeline_outputs", "following_metrics", "mean_shape",
            "select_groups",
            # the other public names, so callers keep importing from the package, not its modules
            "FAILED_SCORES", "GROUP_DESCRIPTIONS", "PREVIEW_DIR", "REPORT_FILE", "SCORE_KEYS", "SHEET_DIR",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mar3d.inference import GenerateConfig
+from mar3d.inference import PipelineConfig
 from mar3d.metrics import DEFAULT_THRESHOLD
 
 REPORT_FILE = "report.json"
@@ -32,7 +32,7 @@ _RECORD_LABELS = ("source_uid", "category")
 
 @dataclass
 class EvalConfig:
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     groups: tuple[str, ...] = ("seen_view", "heldout_objects")
     view_index: int | None = None        # condition view; None = the dataset's held-out view
     max_objects: int | None = None       # per group, in the split's hash order; None = all
@@ -56,7 +56,7 @@ class EvalConfig:
     device: str = "auto"                 # "auto" | "cpu" | "cuda" | "cuda:N"
 
     def validate(self) -> None:
-        self.generate.validate()
+        self.pipeline.validate()
         if not self.groups or len(set(self.groups)) != len(self.groups):
             raise ValueError(f"groups must list distinct values of {GROUPS}, got {list(self.groups)}")
         bad = [g for g in self.groups if g not in GROUPS]

@@ -122,6 +122,6 @@ def protocol_fingerprint(group: EvalGroup, dataset_hash: str, cfg: EvalConfig) -
     """Identity of "the same objects, scored the same way": two evaluations with equal
     fingerprints are comparable metric by metric (the promotion gate relies on it)."""
     doc = {"dataset": dataset_hash, "group": group.name, "uids": group.uids, "view": group.view,
-           "generate": to_dict(cfg.generate), "seed": cfg.seed, "num_points": cfg.num_points,
+           "pipeline": to_dict(cfg.pipeline), "seed": cfg.seed, "num_points": cfg.num_points,
            "threshold": cfg.fscore_threshold}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

@@ -70,10 +70,10 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
     ctx = _GroupScoring(
         cfg=cfg, output=output, rows=EvalRows(reader), up_axis=reader.up_axis,
         dataset_hash=fingerprint["hash"],
-        pipe=MAR3DPipeline.from_pretrained(model, config=copy.deepcopy(cfg.generate), device=cfg.device,
+        pipe=MAR3DPipeline.from_pretrained(model, config=copy.deepcopy(cfg.pipeline), device=cfg.device,
                                            tracking_uri=tracking_uri),
         champion=champion,
-        champion_pipe=(MAR3DPipeline.from_pretrained(champion.uri, config=copy.deepcopy(cfg.generate),
+        champion_pipe=(MAR3DPipeline.from_pretrained(champion.uri, config=copy.deepcopy(cfg.pipeline),
                                                      device=cfg.device, tracking_uri=tracking_uri)
                        if champion else None),
         baselines=_group_baselines(reader, cfg, groups))
@@ -301,8 +301,8 @@ def evaluate_components(vae_uri: str, lr_uri: str, hr_uri: str | None, dataset: 
     from mar3d.tracking import default_tracking_uri
 
     cfg = cfg or EvalConfig()
-    if hr_uri is None and cfg.generate.use_hr:
-        raise ValueError("no MAR-HR model given: pass hr_uri or set generate.use_hr=false")
+    if hr_uri is None and cfg.pipeline.use_hr:
+        raise ValueError("no MAR-HR model given: pass hr_uri or set pipeline.use_hr=false")
     tracking_uri = tracking_uri or default_tracking_uri(output)
     components = {"model.vae": vae_uri, "model.lr": lr_uri, "model.hr": hr_uri or ""}
     with tempfile.TemporaryDirectory(prefix="mar3d-eval-release-") as tmp:

@@ -13,7 +13,7 @@ import numpy as np
 
 from mar3d.evaluate.config import _RECORD_LABELS, FAILED_SCORES, SCORE_KEYS, EvalConfig
 from mar3d.evaluate.groups import EvalGroup, EvalRows
-from mar3d.inference import MAR3DPipeline
+from mar3d.inference import MAR3DPipeline, MAR3DPipelineOutput
 from mar3d.metrics import mesh_metrics
 from mar3d.models.vae import occupancy_iou
 
@@ -38,27 +38,27 @@ def strided(points: np.ndarray, count: int) -> np.ndarray:
     return points[np.linspace(0, len(points) - 1, count).round().astype(int)]
 
 
-def generate_batch(pipe: MAR3DPipeline, rows: list[dict[str, Any]], cfg: EvalConfig
-                   ) -> list[dict[str, Any] | Exception]:
-    """Generation outputs (``MAR3DPipeline.run`` dicts) of ``rows``' condition images,
+def pipeline_outputs(pipe: MAR3DPipeline, rows: list[dict[str, Any]], cfg: EvalConfig
+                   ) -> list[MAR3DPipelineOutput | Exception]:
+    """Pipeline outputs, one per row, of ``rows``' condition images,
     sampled as one batch with the same seed for every object (per-item generators: an
     object's shape does not depend on its batch mates). A batch that fails is retried
     object by object, so one bad object is its own failure, not its batch's."""
     try:
-        return pipe.run([row["image"] for row in rows], seed=[cfg.seed] * len(rows))
+        return pipe([row["image"] for row in rows], seed=[cfg.seed] * len(rows)).split()
     except Exception as e:  # noqa: BLE001 - retried per object below
         if len(rows) == 1:
             return [e]
-    outs: list[dict[str, Any] | Exception] = []
+    outs: list[MAR3DPipelineOutput | Exception] = []
     for row in rows:
-        outs += generate_batch(pipe, [row], cfg)
+        outs += pipeline_outputs(pipe, [row], cfg)
     return outs
 
 
 def evaluate_object(pipe: MAR3DPipeline, row: dict[str, Any], cfg: EvalConfig,
-                    index: int = 0, out: dict[str, Any] | Exception | None = None
+                    index: int = 0, out: MAR3DPipelineOutput | Exception | None = None
                     ) -> tuple[dict[str, Any], Any]:
-    """Score one object's generated shape (``out``, from :func:`generate_batch`; None:
+    """Score one object's generated shape (``out``, from :func:`pipeline_outputs`; None:
     generate it here); returns (per-object record, mesh or None)."""
     record: dict[str, Any] = {
         "index": index, "uid": row["uid"], **{k: row.get(k) for k in _RECORD_LABELS},
@@ -68,14 +68,14 @@ def evaluate_object(pipe: MAR3DPipeline, row: dict[str, Any], cfg: EvalConfig,
     if not cfg.with_iou:
         record.pop("iou")
     t0 = time.perf_counter()
-    out = generate_batch(pipe, [row], cfg)[0] if out is None else out
+    out = pipeline_outputs(pipe, [row], cfg)[0] if out is None else out
     if isinstance(out, Exception):
         record["seconds"] = time.perf_counter() - t0
         log.warning("object %s: generation failed: %s", row["uid"], out)
         return _failed(record, f"generation: {type(out).__name__}: {out}"), None
-    mesh = out["mesh"]
-    record.update(level=out["level"], seconds=out["sample_seconds"] + out["decode_seconds"],
-                  sample_seconds=out["sample_seconds"], decode_seconds=out["decode_seconds"],
+    mesh, decode_seconds = out.meshes[0], out.decode_seconds[0]
+    record.update(level=out.level, seconds=out.sample_seconds + decode_seconds,
+                  sample_seconds=out.sample_seconds, decode_seconds=decode_seconds,
                   num_vertices=len(mesh.vertices), num_faces=len(mesh.faces))
     if len(mesh.faces) == 0:
         return _failed(record, "empty mesh: the decoded occupancy field has no surface "
@@ -85,7 +85,7 @@ def evaluate_object(pipe: MAR3DPipeline, row: dict[str, Any], cfg: EvalConfig,
         scores = mesh_metrics(mesh, (surface[:, :3], surface[:, 3:]), num_points=cfg.num_points,
                               threshold=cfg.fscore_threshold, normalize=True, seed=cfg.seed)
         if cfg.with_iou:
-            logits = pipe.occupancy(out["tokens"], np.array(row["vol_points"], np.float32))
+            logits = pipe.occupancy(out.latents, np.array(row["vol_points"], np.float32))
             scores["iou"] = _volume_iou(logits, row["vol_labels"])
     except ValueError as e:  # e.g. a degenerate ground truth: recorded, never skipped
         return _failed(record, f"metrics: {e}"), mesh
@@ -126,7 +126,7 @@ def _score_group(pipe: MAR3DPipeline, group: EvalGroup, group_rows: list[dict[st
     outs: list[Any] = []
     for i, row in enumerate(group_rows):
         if i % cfg.batch_size == 0:
-            outs = generate_batch(pipe, group_rows[i:i + cfg.batch_size], cfg)
+            outs = pipeline_outputs(pipe, group_rows[i:i + cfg.batch_size], cfg)
         record, mesh = evaluate_object(pipe, row, cfg, index=i, out=outs[i % cfg.batch_size])
         record.update(group=group.name, view=group.view, model=label)
         if cfg.with_vae_iou:

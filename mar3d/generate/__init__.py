@@ -53,7 +53,7 @@ downloaded by each actor. The pool is capped at the actors the cluster can hold 
 job starts (a warning says so), so it never waits for CPUs or GPUs that do not exist.
 """
 from mar3d.generate.config import (CONTACT_SHEET, DETERMINISTIC_REASONS, IMAGE_SUFFIXES, MESH_FORMATS,
-                                   MESHES, RESULTS, SETTINGS, BatchGenerateConfig, BatchGenerateResult)
+                                   MESHES, RESULTS, SETTINGS, GenerateConfig, GenerateResult)
 from mar3d.generate.contact_sheet import write_contact_sheet
 from mar3d.generate.inputs import ITEM_FIELDS, ITEM_LABELS, ItemReader, item_seed, list_inputs
 from mar3d.generate.job import batch_generate
@@ -62,6 +62,6 @@ from mar3d.generate.results import RESULTS_SCHEMA, mesh_paths, read_results
 __all__ = [
     "CONTACT_SHEET", "DETERMINISTIC_REASONS", "IMAGE_SUFFIXES", "ITEM_FIELDS", "ITEM_LABELS",
     "MESHES", "MESH_FORMATS", "RESULTS", "RESULTS_SCHEMA", "SETTINGS",
-    "BatchGenerateConfig", "BatchGenerateResult", "ItemReader",
+    "GenerateConfig", "GenerateResult", "ItemReader",
     "batch_generate", "item_seed", "list_inputs", "mesh_paths", "read_results", "write_contact_sheet",
 ]

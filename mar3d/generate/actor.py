@@ -15,7 +15,7 @@ from mar3d import storage
 from mar3d.config import from_dict
 from mar3d.generate.inputs import ItemReader
 from mar3d.generate.results import RESULTS_SCHEMA, _result_row, mesh_paths
-from mar3d.inference import GenerateConfig
+from mar3d.inference import PipelineConfig
 
 
 def _write_mesh_atomic(mesh, path: Path) -> None:
@@ -39,7 +39,7 @@ def _upload_mesh(mesh, location: str) -> None:
 class _GeneratorActor:
     """Ray Data callable class: loads the model once, then item batch -> result batch."""
 
-    def __init__(self, model_uri: str, generate: dict, output: str, formats: list[str],
+    def __init__(self, model_uri: str, pipeline: dict, output: str, formats: list[str],
                  tracking_uri: str | None, use_gpu: bool, num_cpus: float):
         import torch
 
@@ -53,7 +53,7 @@ class _GeneratorActor:
         self.formats = list(formats)
         self.model_uri = model_uri
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.pipe = MAR3DPipeline.from_pretrained(model_uri, config=from_dict(GenerateConfig, generate),
+        self.pipe = MAR3DPipeline.from_pretrained(model_uri, config=from_dict(PipelineConfig, pipeline),
                                                   device="cuda" if use_gpu else "cpu",
                                                   tracking_uri=tracking_uri)
         # Pixels are read by reference, in the actor (the driver never holds them).
@@ -93,8 +93,8 @@ class _GeneratorActor:
         GPU memory) every item is retried alone, so one item's failure is its own only;
         per-item generators make the retried tokens the batch's."""
         try:
-            tokens, level = self.pipe.generate_tokens(rgbas, seed=seeds)
-            return [(t, level) for t in tokens.split(1)]
+            out = self.pipe(rgbas, seed=seeds, output_type="latent")
+            return [(t, out.level) for t in out.latents.split(1)]
         except Exception as e:  # noqa: BLE001 - becomes the items' error rows
             if len(rgbas) == 1:
                 return [e]

@@ -1,11 +1,11 @@
-"""What a batch generation job is asked (``BatchGenerateConfig``), what it answers
-(``BatchGenerateResult``), and the names of the files it writes."""
+"""What a batch generation job is asked (``GenerateConfig``), what it answers
+(``GenerateResult``), and the names of the files it writes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mar3d.inference import GenerateConfig
+from mar3d.inference import PipelineConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MESH_FORMATS = ("glb", "obj", "ply")
@@ -21,8 +21,8 @@ DETERMINISTIC_REASONS = frozenset({"not_image", "invalid_image", "missing_image"
 
 
 @dataclass
-class BatchGenerateConfig:
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
+class GenerateConfig:
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     num_actors: int = 2
     cpus_per_actor: float = 1.0           # fractional values let several actors share a core
     gpus_per_actor: float | None = None   # None (auto): 1, or a share when actors > GPUs; 0 without GPUs
@@ -48,7 +48,7 @@ class BatchGenerateConfig:
     experiment: str = "mar3d-generate"
 
     def validate(self) -> None:
-        self.generate.validate()
+        self.pipeline.validate()
         if self.num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {self.num_actors}")
         if self.cpus_per_actor <= 0:
@@ -81,7 +81,7 @@ class BatchGenerateConfig:
 
 
 @dataclass
-class BatchGenerateResult:
+class GenerateResult:
     output: Path | str   # a local folder, or the URI of a remote one
     total: int           # items listed (after max_items), good and bad
     succeeded: int       # new meshes written by this run

@@ -6,12 +6,12 @@ import io
 from pathlib import Path
 
 from mar3d import storage
-from mar3d.generate.config import CONTACT_SHEET, BatchGenerateConfig
+from mar3d.generate.config import CONTACT_SHEET, GenerateConfig
 from mar3d.generate.inputs import ItemReader
 
 
 def write_contact_sheet(output: Path | str, rows: dict[str, dict], items: list[dict],
-                        cfg: BatchGenerateConfig, up_axis: str = "y") -> Path | str | None:
+                        cfg: GenerateConfig, up_axis: str = "y") -> Path | str | None:
     """``OUTPUT/contact_sheet.png``: input | generated mesh (from the input's camera when
     the input is a dataset view, else a default one, and turned 90 degrees) | ground truth
     when known, for the first ``contact_sheet_items`` listed items (errors included, with
@@ -28,7 +28,7 @@ def write_contact_sheet(output: Path | str, rows: dict[str, dict], items: list[d
     for it in shown:
         row = rows[it["id"]]
         try:
-            rgba = load_image(reader.image(it), cfg.generate)
+            rgba = load_image(reader.image(it), cfg.pipeline)
         except Exception:  # noqa: BLE001 - an unreadable input is shown as an empty panel
             rgba = np.full((64, 64, 4), 255, np.uint8)
         mesh = None
@@ -64,7 +64,7 @@ def _load_mesh(location: Path | str):
         return trimesh.load(storage.download(location, Path(tmp) / storage.name(location)), force="mesh")
 
 
-def _up_axis(images: str | Path, cfg: BatchGenerateConfig) -> str:
+def _up_axis(images: str | Path, cfg: GenerateConfig) -> str:
     from mar3d.data.prepare import load_manifest
 
     if cfg.up_axis != "auto":

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mar3d import storage
-from mar3d.generate.config import IMAGE_SUFFIXES, BatchGenerateConfig
+from mar3d.generate.config import IMAGE_SUFFIXES, GenerateConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _list_parquet(files: list[Path], root: Path) -> list[dict]:
     return items
 
 
-def _list_shards(root: Path, cfg: BatchGenerateConfig) -> list[dict]:
+def _list_shards(root: Path, cfg: GenerateConfig) -> list[dict]:
     from mar3d.data.prepare import complete_shards, load_manifest
     from mar3d.data.schema import label_columns
 
@@ -126,7 +126,7 @@ def _list_folder(root: Path, files: list[Path]) -> list[dict]:
     return items
 
 
-def list_inputs(images: str | Path, cfg: BatchGenerateConfig, exclude: str | Path | None = None) -> list[dict]:
+def list_inputs(images: str | Path, cfg: GenerateConfig, exclude: str | Path | None = None) -> list[dict]:
     """Items (sorted by id, before ``max_items``) of a folder, Parquet file/folder, shard
     dataset or single image. Each is a dict with ``id`` (safe, or None when refused),
     ``id_error``, ``kind`` ('file', 'parquet', 'shard' or 'not_image'), ``source``,

@@ -10,8 +10,8 @@ from pathlib import Path
 from mar3d import storage
 from mar3d.config import to_dict
 from mar3d.generate.actor import _GeneratorActor
-from mar3d.generate.config import (IMAGE_SUFFIXES, MESHES, RESULTS, SETTINGS, BatchGenerateConfig,
-                                   BatchGenerateResult)
+from mar3d.generate.config import (IMAGE_SUFFIXES, MESHES, RESULTS, SETTINGS, GenerateConfig,
+                                   GenerateResult)
 from mar3d.generate.contact_sheet import _up_axis, write_contact_sheet
 from mar3d.generate.inputs import ITEM_FIELDS, list_inputs
 from mar3d.generate.results import _check_settings, _finished, _result_row, _write_results, read_results
@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def batch_generate(images: str | Path, model_uri: str, output: str | Path,
-                   cfg: BatchGenerateConfig | None = None, tracking_uri: str | None = None,
-                   progress: bool = True) -> BatchGenerateResult:
+                   cfg: GenerateConfig | None = None, tracking_uri: str | None = None,
+                   progress: bool = True) -> GenerateResult:
     """Run the batch generation job (see the :mod:`mar3d.generate` docstring)."""
-    cfg = cfg or BatchGenerateConfig()
+    cfg = cfg or GenerateConfig()
     cfg.validate()
     # Bad locations fail here, before the model is resolved or Ray starts.
     storage.check(output, "generation output")
@@ -41,7 +41,7 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
     items = list_inputs(images, cfg, exclude=None if remote else output)
     storage.makedirs(storage.join(output, MESHES))
     storage.remove_temporary(storage.join(output, MESHES))  # from an earlier, interrupted run
-    _check_settings(output, {"model": model, "generate": to_dict(cfg.generate), "base_seed": cfg.base_seed})
+    _check_settings(output, {"model": model, "pipeline": to_dict(cfg.pipeline), "base_seed": cfg.base_seed})
 
     rows = {r["id"]: r for r in read_results(output).to_pylist()}
     todo, new_rows, skipped = _triage(items, rows, model, cfg, output)
@@ -52,18 +52,18 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
     _write_results(output, rows)
     succeeded, generation_failed = _generate_all(todo, rows, reasons, model, output, cfg,
                                                  tracking_uri, progress)
-    result = BatchGenerateResult(output=output, total=len(items), succeeded=succeeded,
-                                 failed=len(new_rows) + generation_failed,
-                                 skipped=skipped, results_path=storage.join(output, RESULTS)
-                                 if remote else output / RESULTS,
-                                 seconds=time.perf_counter() - start, model=model, reasons=reasons)
+    result = GenerateResult(output=output, total=len(items), succeeded=succeeded,
+                            failed=len(new_rows) + generation_failed,
+                            skipped=skipped, results_path=storage.join(output, RESULTS)
+                            if remote else output / RESULTS,
+                            seconds=time.perf_counter() - start, model=model, reasons=reasons)
     if cfg.contact_sheet_items:
         result.contact_sheet = write_contact_sheet(output, rows, items, cfg, _up_axis(images, cfg))
     result.run_id = _track(result, images, cfg, tracking_uri)
     return result
 
 
-def _triage(items: list[dict], rows: dict[str, dict], model: str, cfg: BatchGenerateConfig,
+def _triage(items: list[dict], rows: dict[str, dict], model: str, cfg: GenerateConfig,
             output: Path | str) -> tuple[list[dict], dict[str, dict], int]:
     """(items to generate, error rows decided here, items skipped): unsafe or duplicate
     ids and non-images get an error row without reaching a model; items finished by an
@@ -103,7 +103,7 @@ def _triage(items: list[dict], rows: dict[str, dict], model: str, cfg: BatchGene
 
 
 def _generate_all(todo: list[dict], rows: dict[str, dict], reasons: dict[str, int], model: str,
-                  output: Path | str, cfg: BatchGenerateConfig, tracking_uri: str | None,
+                  output: Path | str, cfg: GenerateConfig, tracking_uri: str | None,
                   progress: bool) -> tuple[int, int]:
     """Generate ``todo`` on a Ray Data actor pool into ``rows`` (saved every
     ``checkpoint_seconds`` and on the way out, also on interruption: finished items stay
@@ -130,7 +130,7 @@ def _generate_all(todo: list[dict], rows: dict[str, dict], reasons: dict[str, in
             ds = ray.data.from_items(ray_items, override_num_blocks=blocks)
             ds = ds.map_batches(
                 _GeneratorActor, batch_size=cfg.batch_size, batch_format="pyarrow",
-                fn_constructor_kwargs={"model_uri": model, "generate": to_dict(cfg.generate),
+                fn_constructor_kwargs={"model_uri": model, "pipeline": to_dict(cfg.pipeline),
                                        "output": str(output), "formats": list(cfg.formats),
                                        "tracking_uri": tracking_uri, "use_gpu": num_gpus > 0,
                                        "num_cpus": cfg.cpus_per_actor},
@@ -175,7 +175,7 @@ def _resolve_model(model_uri: str, tracking_uri: str | None) -> str:
     return uri
 
 
-def _gpus_per_actor(cfg: BatchGenerateConfig) -> float:
+def _gpus_per_actor(cfg: GenerateConfig) -> float:
     import ray
 
     if not cfg.use_gpu:
@@ -218,7 +218,7 @@ def _log_artifact(client, run_id: str, location: Path | str) -> None:
         client.log_artifact(run_id, str(storage.download(location, Path(tmp) / storage.name(location))))
 
 
-def _track(result: BatchGenerateResult, images: str | Path, cfg: BatchGenerateConfig,
+def _track(result: GenerateResult, images: str | Path, cfg: GenerateConfig,
            tracking_uri: str | None) -> str:
     """One MLflow run per job: settings, counts, throughput and the contact sheet."""
     from mar3d import tracking

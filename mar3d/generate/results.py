@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mar3d import storage
-from mar3d.generate.config import DETERMINISTIC_REASONS, MESHES, RESULTS, SETTINGS, BatchGenerateConfig
+from mar3d.generate.config import DETERMINISTIC_REASONS, MESHES, RESULTS, SETTINGS, GenerateConfig
 from mar3d.generate.inputs import ITEM_LABELS
 
 RESULTS_SCHEMA = pa.schema([
@@ -78,7 +78,7 @@ def _write_results(output: Path | str, rows: dict[str, dict]) -> None:
     _write_parquet_atomic(table, storage.join(output, RESULTS), row_group_size=65536)
 
 
-def _finished(prev: dict | None, item: dict, cfg: BatchGenerateConfig, output: Path | str) -> bool:
+def _finished(prev: dict | None, item: dict, cfg: GenerateConfig, output: Path | str) -> bool:
     if prev is None or prev["fingerprint"] != item["fingerprint"]:  # new or changed input
         return False
     if prev["status"] == "ok":

@@ -341,23 +341,23 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, num_steps: int = 100, temperature: float = 1.0,
-               cfg: torch.Tensor | float | None = None,
+               guidance_scale: torch.Tensor | float | None = None,
                generator: Generators = None, spacing: str | None = None) -> torch.Tensor:
         """Sample tokens [N, C] for conditions ``z`` [N, D] by ancestral DDPM sampling.
 
         ``temperature`` scales the noise added at each step (not the initial noise), as in
-        MAR. With ``cfg`` (scalar or [N/2]) ``z`` must be [z_cond; z_uncond] (N even) and
+        MAR. With ``guidance_scale`` (scalar or [N/2]) ``z`` must be [z_cond; z_uncond] (N even) and
         the result is [N, C] with identical halves; callers keep the first half. With a
         list of G generators the rows (of each half) are G item-major groups, one per generator.
         """
         if z.dim() != 2:
             raise ValueError(f"z must be [N, D], got {tuple(z.shape)}")
-        if cfg is not None and z.shape[0] % 2:
-            raise ValueError("with cfg, z must stack conditional and unconditional halves (even N)")
+        if guidance_scale is not None and z.shape[0] % 2:
+            raise ValueError("with guidance_scale, z must stack conditional and unconditional halves (even N)")
         sched = self.sample_schedule(num_steps, spacing)
         n = z.shape[0]
         like = z.float()  # the chain runs in float32 whatever the head's precision
-        if cfg is None:
+        if guidance_scale is None:
             x = gaussian_noise((n, self.token_dim), generator, like)
         else:
             half = gaussian_noise((n // 2, self.token_dim), generator, like)
@@ -365,10 +365,10 @@ class GaussianDiffusion(nn.Module):
         for i in reversed(range(sched.num_steps)):
             idx = torch.full((n,), i, device=z.device, dtype=torch.long)
             t = sched.timesteps.to(z.device)[idx]
-            out = self._guided_output(x, t, z, cfg).float()
+            out = self._guided_output(x, t, z, guidance_scale).float()
             mean, log_var = self._p_mean_logvar(sched, out, x, idx)
             if i > 0:
-                if cfg is None:
+                if guidance_scale is None:
                     noise = gaussian_noise(tuple(x.shape), generator, x)
                 else:  # one draw per pair, so guided and unguided runs consume the same stream
                     noise = gaussian_noise((n // 2, self.token_dim), generator, x)

@@ -19,7 +19,7 @@ A port of MAR (Li et al. 2024, LTH14/mar) to MAR-3D's cascade:
   HR learns to trust LR tokens only as far as generated LR tokens deserve.
   With ``uncond_drops_lr`` (default, "fake latent replaces the whole prefix") the
   unconditional branch drops the LR tokens too; otherwise only the image tokens.
-* Inference: ``num_iters`` steps reveal tokens on the cosine schedule, each sampled by the
+* Inference: ``num_inference_steps`` steps reveal tokens on the cosine schedule, each sampled by the
   diffusion head with CFG whose scale ramps linearly with the fraction generated.
 
 ``ConditionalMAR`` bundles a stage's condition projection with a MAR model, so callers go
@@ -40,28 +40,53 @@ from mar3d.models.attention import Block
 from mar3d.models.condition import ConditionConfig, ConditionProjection, EncoderFeatures, EncoderSpec
 from mar3d.models.diffusion import DiffusionConfig, GaussianDiffusion, gaussian_noise
 from mar3d.models.rng import Generators, check_per_item
-from mar3d.models.schedules import (cfg_scale, cosine_mask_schedule, mask_from_orders,
+from mar3d.models.schedules import (cosine_mask_schedule, guidance_ramp, mask_from_orders,
                                     random_orders, sample_mask_ratio)
+
+
+SAMPLING_FIELDS = ("num_inference_steps", "guidance_scale", "temperature", "diffusion_steps",
+                   "timestep_spacing")
 
 
 @dataclass
 class SamplingConfig:
-    """Defaults of :meth:`MAR.generate` (MAR-3D: 64 iterations, CFG 3.0, 100 diffusion steps)."""
+    """How a MAR stage samples its tokens: the one sampling config of the project.
 
-    num_iters: int = 64
-    cfg: float = 3.0
-    temperature: float = 1.0
-    diffusion_steps: int = 100
+    A model's config holds its defaults (MAR-3D: 64 steps, guidance 3.0, 100 diffusion
+    steps); a pipeline's and every per-call argument hold overrides, where ``None`` means
+    "the model's own". ``timestep_spacing`` None: the model's ``diffusion.timestep_spacing``."""
 
-    def validate(self) -> None:
-        if self.num_iters < 1:
-            raise ValueError(f"sampling.num_iters must be >= 1, got {self.num_iters}")
-        if self.cfg < 1.0:
-            raise ValueError(f"sampling.cfg must be >= 1 (1 disables guidance), got {self.cfg}")
-        if self.temperature <= 0:
-            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
-        if self.diffusion_steps < 1:
-            raise ValueError(f"sampling.diffusion_steps must be >= 1, got {self.diffusion_steps}")
+    num_inference_steps: int | None = None  # autoregressive steps on the cosine schedule
+    guidance_scale: float | None = None     # final classifier-free guidance, ramped linearly
+    temperature: float | None = None
+    diffusion_steps: int | None = None      # respaced diffusion-head sampling steps
+    timestep_spacing: str | None = None     # "leading" | "linspace"
+
+    def validate(self, where: str = "sampling") -> None:
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"{where}.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.guidance_scale is not None and self.guidance_scale < 1.0:
+            raise ValueError(f"{where}.guidance_scale must be >= 1 (1 disables guidance), "
+                             f"got {self.guidance_scale}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
+        if self.diffusion_steps is not None and self.diffusion_steps < 1:
+            raise ValueError(f"{where}.diffusion_steps must be >= 1, got {self.diffusion_steps}")
+        if self.timestep_spacing not in (None, "leading", "linspace"):
+            raise ValueError(f"{where}.timestep_spacing must be leading, linspace or null, "
+                             f"got {self.timestep_spacing!r}")
+
+    def overrides(self) -> dict[str, int | float | str]:
+        """The settings this config sets (not None), by name."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+
+    def over(self, base: "SamplingConfig") -> "SamplingConfig":
+        """``base`` with this config's settings on top."""
+        return SamplingConfig(**{**base.overrides(), **self.overrides()})
+
+
+def _paper_sampling() -> SamplingConfig:
+    return SamplingConfig(num_inference_steps=64, guidance_scale=3.0, temperature=1.0, diffusion_steps=100)
 
 
 @dataclass
@@ -97,7 +122,7 @@ class MARConfig:
     lr_latent_shift: float = 0.0       # HR: the same for the LR tokens of its prefix
     lr_latent_scale: float = 1.0
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingConfig = field(default_factory=_paper_sampling)  # this model's defaults
 
     def validate(self) -> None:
         if self.stage not in ("lr", "hr"):
@@ -127,10 +152,13 @@ class MARConfig:
             raise ValueError(f"mar.latent_scale and lr_latent_scale must be > 0, got "
                              f"{self.latent_scale}, {self.lr_latent_scale}")
         self.diffusion.validate()
-        self.sampling.validate()
-        if self.sampling.num_iters > self.seq_len:
-            raise ValueError(f"mar.sampling.num_iters ({self.sampling.num_iters}) must be <= "
-                             f"mar.seq_len ({self.seq_len})")
+        self.sampling.validate("mar.sampling")
+        unset = [name for name in SAMPLING_FIELDS[:4] if getattr(self.sampling, name) is None]
+        if unset:
+            raise ValueError(f"a model's mar.sampling must set {', '.join(unset)} (its defaults)")
+        if self.sampling.num_inference_steps > self.seq_len:
+            raise ValueError(f"mar.sampling.num_inference_steps ({self.sampling.num_inference_steps}) "
+                             f"must be <= mar.seq_len ({self.seq_len})")
 
 
 def augment_lr(x_lr: torch.Tensor, t: float | torch.Tensor,
@@ -322,40 +350,34 @@ class MAR(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def generate(self, cond: torch.Tensor, num_iters: int | None = None, cfg: float | None = None,
-                 temperature: float | None = None, diffusion_steps: int | None = None,
-                 lr_tokens: torch.Tensor | None = None, generator: Generators = None,
-                 aug_t: float | None = None, timestep_spacing: str | None = None) -> torch.Tensor:
-        """Sample tokens [B, T, C]. Arguments left None come from ``cfg.sampling`` (and
-        ``aug_t`` from ``cond_aug_t_infer``, ``timestep_spacing`` from ``cfg.diffusion``).
+    def sample(self, cond: torch.Tensor, lr_tokens: torch.Tensor | None = None,
+               generator: Generators = None, aug_t: float | None = None,
+               **sampling) -> torch.Tensor:
+        """Sample tokens [B, T, C]. ``sampling``: :class:`SamplingConfig` settings
+        (``num_inference_steps``, ``guidance_scale``, ...); those left out or None come from
+        ``cfg.sampling``, ``aug_t`` from ``cond_aug_t_infer``.
         Same ``generator`` state -> same tokens. ``generator`` may be one generator per
         sample: each sample then draws only from its own (mask order, condition
         augmentation, diffusion noise), so its tokens do not depend on its batch mates."""
         self._check_inputs(cond, lr_tokens)
         check_per_item(generator, cond.shape[0])
-        s = self.cfg.sampling
-        num_iters = s.num_iters if num_iters is None else num_iters
-        cfg = s.cfg if cfg is None else cfg
-        temperature = s.temperature if temperature is None else temperature
-        diffusion_steps = s.diffusion_steps if diffusion_steps is None else diffusion_steps
-        if cfg < 1.0 or temperature <= 0:
-            raise ValueError(f"need cfg >= 1 and temperature > 0, got cfg={cfg}, temperature={temperature}")
+        s = SamplingConfig(**sampling).over(self.cfg.sampling)
+        s.validate()
         was_training = self.training
         self.eval()
         try:
-            return self._generate(cond, num_iters, cfg, temperature, diffusion_steps, lr_tokens,
-                                  generator, self.cfg.cond_aug_t_infer if aug_t is None else aug_t,
-                                  timestep_spacing)
+            return self._sample(cond, s, lr_tokens, generator,
+                                self.cfg.cond_aug_t_infer if aug_t is None else aug_t)
         finally:
             self.train(was_training)
 
-    def _generate(self, cond, num_iters, cfg, temperature, diffusion_steps, lr_tokens, generator,
-                  aug_t, timestep_spacing=None) -> torch.Tensor:
+    def _sample(self, cond: torch.Tensor, s: SamplingConfig, lr_tokens: torch.Tensor | None,
+                generator: Generators, aug_t: float) -> torch.Tensor:
         b, device = cond.shape[0], cond.device
         seq_len, c = self.cfg.seq_len, self.cfg.token_dim
         if self.is_hr:
             lr_tokens = augment_lr(lr_tokens, aug_t, generator)
-        guided = cfg != 1.0
+        guided = s.guidance_scale != 1.0
         prefix = self.build_prefix(cond, lr_tokens)
         if guided:
             everything = torch.ones(b, dtype=torch.bool, device=device)
@@ -367,7 +389,7 @@ class MAR(nn.Module):
         mask = torch.ones(b, seq_len, dtype=torch.bool, device=device)
         orders = random_orders(b, seq_len, generator, device)
         masked = seq_len
-        for reveal in cosine_mask_schedule(seq_len, num_iters):
+        for reveal in cosine_mask_schedule(seq_len, s.num_inference_steps):
             masked -= reveal
             next_mask = mask_from_orders(orders, masked)
             to_predict = mask & ~next_mask
@@ -375,9 +397,9 @@ class MAR(nn.Module):
             z = self.decode(self.encode(tok_in, mask_in, prefix), mask_in)
             # Boolean indexing is batch-major: with guidance the rows are [cond; uncond].
             rows = torch.cat([to_predict, to_predict]) if guided else to_predict
-            scale = cfg_scale(cfg, seq_len - masked, seq_len) if guided else None
-            sampled = self.diffusion.sample(z[rows], diffusion_steps, temperature, scale, generator,
-                                            spacing=timestep_spacing)
+            scale = guidance_ramp(s.guidance_scale, seq_len - masked, seq_len) if guided else None
+            sampled = self.diffusion.sample(z[rows], s.diffusion_steps, s.temperature, scale, generator,
+                                            spacing=s.timestep_spacing)
             tokens[to_predict] = sampled[: b * reveal].to(tokens.dtype)
             mask = next_mask
         return tokens.float()
@@ -398,7 +420,7 @@ class ConditionalMAR(nn.Module):
         return self.mar(tokens, self.conditioner(features), lr_tokens)
 
     @torch.no_grad()
-    def generate(self, features: EncoderFeatures, lr_tokens: torch.Tensor | None = None,
-                 generator: Generators = None, **sampling) -> torch.Tensor:
-        return self.mar.generate(self.conditioner(features), lr_tokens=lr_tokens,
-                                 generator=generator, **sampling)
+    def sample(self, features: EncoderFeatures, lr_tokens: torch.Tensor | None = None,
+               generator: Generators = None, **sampling) -> torch.Tensor:
+        return self.mar.sample(self.conditioner(features), lr_tokens=lr_tokens,
+                               generator=generator, **sampling)

@@ -7,7 +7,7 @@ Pure functions, no model state:
 * ``cosine_mask_schedule``: how many tokens each inference step reveals. The fraction still
   masked after step k is cos(pi/2 * (k+1)/n), so early steps reveal few tokens (when the
   sequence is nearly empty and predictions are least certain) and late steps many.
-* ``cfg_scale``: classifier-free guidance grows linearly with the fraction generated, because
+* ``guidance_ramp``: classifier-free guidance grows linearly with the fraction generated, because
   strong guidance on the first, context-free tokens hurts diversity more than it helps.
 """
 from __future__ import annotations
@@ -19,44 +19,44 @@ import torch
 from mar3d.models.rng import Generators, draw
 
 
-def cosine_mask_schedule(seq_len: int, num_iters: int) -> list[int]:
-    """Tokens revealed at each of ``num_iters`` steps; sums to ``seq_len``.
+def cosine_mask_schedule(seq_len: int, num_steps: int) -> list[int]:
+    """Tokens revealed at each of ``num_steps`` steps; sums to ``seq_len``.
 
-    Follows MAR: after step k, ``floor(seq_len * cos(pi/2 * (k+1)/num_iters))`` tokens stay
+    Follows MAR: after step k, ``floor(seq_len * cos(pi/2 * (k+1)/num_steps))`` tokens stay
     masked, clamped so every step reveals at least one token and at least one token is left
     for the final step, which reveals everything that remains.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    if not 1 <= num_iters <= seq_len:
-        raise ValueError(f"num_iters must be in [1, seq_len={seq_len}] so every step "
-                         f"reveals a token, got {num_iters}")
+    if not 1 <= num_steps <= seq_len:
+        raise ValueError(f"num_steps must be in [1, seq_len={seq_len}] so every step "
+                         f"reveals a token, got {num_steps}")
     counts = []
     masked = seq_len
-    for step in range(num_iters):
-        if step == num_iters - 1:
+    for step in range(num_steps):
+        if step == num_steps - 1:
             masked_after = 0
         else:
-            target = math.floor(seq_len * math.cos(math.pi / 2.0 * (step + 1) / num_iters))
+            target = math.floor(seq_len * math.cos(math.pi / 2.0 * (step + 1) / num_steps))
             # Leave at least one token per remaining step so no step is empty.
-            remaining_steps = num_iters - 1 - step
+            remaining_steps = num_steps - 1 - step
             masked_after = max(remaining_steps, min(masked - 1, target))
         counts.append(masked - masked_after)
         masked = masked_after
     return counts
 
 
-def cfg_scale(cfg: float, generated: int, seq_len: int) -> float:
-    """Guidance scale ``1 + (cfg - 1) * generated / seq_len`` (linear ramp).
+def guidance_ramp(guidance_scale: float, generated: int, seq_len: int) -> float:
+    """Guidance scale ``1 + (guidance_scale - 1) * generated / seq_len`` (linear ramp).
 
     ``generated`` counts the tokens known once the current step is done (MAR uses the
-    count after the step, so the last step gets exactly ``cfg``).
+    count after the step, so the last step gets exactly ``guidance_scale``).
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if not 0 <= generated <= seq_len:
         raise ValueError(f"generated must be in [0, {seq_len}], got {generated}")
-    return 1.0 + (cfg - 1.0) * generated / seq_len
+    return 1.0 + (guidance_scale - 1.0) * generated / seq_len
 
 
 def sample_mask_ratio(num: int, generator: torch.Generator | None = None, *,

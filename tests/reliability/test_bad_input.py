@@ -22,15 +22,16 @@ from mar3d.data.errors import REASONS, MeshError
 from mar3d.data.mesh_io import load_mesh
 from mar3d.data.prepare import read_errors
 from mar3d.data.schema import column_to_numpy
-from mar3d.generate import BatchGenerateConfig, batch_generate, read_results
-from mar3d.inference import GenerateConfig, InvalidImageError, load_image
+from mar3d.generate import GenerateConfig, batch_generate, read_results
+from mar3d.inference import PipelineConfig, InvalidImageError, load_image
+from mar3d.models.mar import SamplingConfig
 
 from _tiny_release import write_tiny_release
 
 pytestmark = pytest.mark.e2e
 
 VALID_YCB = ["013_apple", "077_rubiks_cube"]
-FAST = dict(num_iters=4, diffusion_steps=5, resolution=32)
+FAST = dict(sampling=SamplingConfig(num_inference_steps=4, diffusion_steps=5), resolution=32)
 
 
 def _readable(message: str) -> bool:
@@ -151,9 +152,9 @@ def release(tmp_path_factory):
     return write_tiny_release(tmp_path_factory.mktemp("release"))
 
 
-def _gen_cfg() -> BatchGenerateConfig:
-    cfg = BatchGenerateConfig(generate=GenerateConfig(**FAST), num_actors=2, cpus_per_actor=0.5,
-                              batch_size=2)
+def _gen_cfg() -> GenerateConfig:
+    cfg = GenerateConfig(pipeline=PipelineConfig(**FAST), num_actors=2, cpus_per_actor=0.5,
+                         batch_size=2)
     cfg.validate()
     return cfg
 
@@ -212,11 +213,11 @@ def test_every_bad_image_is_an_error_row_with_its_reason(ray_local, release, tmp
 
 
 def test_image_limits_are_configurable_with_safe_defaults():
-    defaults = GenerateConfig()
+    defaults = PipelineConfig()
     assert defaults.min_image_side == 32 and defaults.max_image_pixels == 4096 * 4096
     img = np.zeros((64, 64, 3), np.uint8)
     assert load_image(img).shape == (64, 64, 4)
     with pytest.raises(InvalidImageError, match="over the limit"):
-        load_image(img, GenerateConfig(max_image_pixels=64 * 63, min_image_side=8))
+        load_image(img, PipelineConfig(max_image_pixels=64 * 63, min_image_side=8))
     with pytest.raises(InvalidImageError, match="at least 65"):
-        load_image(img, GenerateConfig(min_image_side=65))
+        load_image(img, PipelineConfig(min_image_side=65))

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mar3d.generate import RESULTS, BatchGenerateConfig, batch_generate, read_results
-from mar3d.inference import GenerateConfig
+from mar3d.generate import RESULTS, GenerateConfig, batch_generate, read_results
+from mar3d.inference import PipelineConfig
+from mar3d.models.mar import SamplingConfig
 
 from _tiny_release import write_tiny_release
 from _faults import Background, processes, wait_for
@@ -40,8 +41,9 @@ def test_200_images_two_actors_one_killed_every_item_accounted_for(ray_local, tm
     images, out = tmp_path / "images", tmp_path / "out"
     _write_images(images)
     release = write_tiny_release(tmp_path / "release")
-    cfg = BatchGenerateConfig(generate=GenerateConfig(num_iters=4, diffusion_steps=5, resolution=32),
-                              num_actors=2, cpus_per_actor=0.5, batch_size=4, checkpoint_seconds=2)
+    fast = SamplingConfig(num_inference_steps=4, diffusion_steps=5)
+    cfg = GenerateConfig(pipeline=PipelineConfig(sampling=fast, resolution=32),
+                         num_actors=2, cpus_per_actor=0.5, batch_size=4, checkpoint_seconds=2)
     cfg.validate()
     t0 = time.monotonic()
     job = Background(lambda: batch_generate(str(images), str(release), str(out), cfg, progress=False))

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mar3d.generate import BatchGenerateConfig, batch_generate
+from mar3d.generate import GenerateConfig, batch_generate
 from mar3d.inference import MAR3DPipeline
 from mar3d.registry import resolve_model_dir
 from mar3d.uris import validate_model_uri
@@ -188,7 +188,7 @@ def test_hostile_model_uris_are_refused_everywhere(tmp_path, reliability_report)
     # The batch job refuses before starting anything (no Ray needed to see it).
     for uri in HOSTILE_URIS[:6]:
         with pytest.raises(ValueError):
-            batch_generate(str(tmp_path), uri, str(tmp_path / "out"), BatchGenerateConfig(), progress=False)
+            batch_generate(str(tmp_path), uri, str(tmp_path / "out"), GenerateConfig(), progress=False)
         refused += 1
     assert validate_model_uri("models:/mar3d@champion") and validate_model_uri(str(tmp_path))
     reliability_report.add("safety", check="hostile model URIs (file/http/s3/traversal/injection/malformed)",
@@ -212,7 +212,7 @@ def test_generated_file_names_cannot_escape_the_output(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(ValueError, match="must not be"):
         batch_generate(str(tmp_path / "images"), str(write_tiny_release(tmp_path / "rel")),
-                       str(tmp_path), BatchGenerateConfig(), progress=False)
+                       str(tmp_path), GenerateConfig(), progress=False)
 
 
 def _k8s_validator():
