@@ -1,4 +1,4 @@
-"""The full `mar3d` command: the library's commands (mar3d/cli.py) plus the deployment
+"""The full `mar3d` command: the library's commands (mar3d/cli/) plus the deployment
 layer's `pipeline` (compile, run locally or on a Ray cluster, submit to Kubeflow) and
 `ray submit`.
 

@@ -117,7 +117,8 @@ def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_serv
     from mar3d.evaluate import EvalConfig, evaluate
     from mar3d.generate import GenerateConfig, batch_generate
     from mar3d.inference import PipelineConfig
-    from mar3d.registry import GateConfig, RegistryConfig, get_release, promote, register_release
+    from mar3d.gate import GateConfig
+    from mar3d.registry import RegistryConfig, get_release, promote, register_release
 
     from _tiny_release import write_tiny_release
 

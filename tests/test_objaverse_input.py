@@ -196,12 +196,13 @@ def test_plain_csv_manifest_is_not_an_xl_table(tmp_path):
 
 
 def test_cli_flags_become_the_config_selection(tmp_path):
-    from mar3d.cli import _apply_selection_flags, build_parser
+    from mar3d.cli import build_parser
+    from mar3d.cli.data import apply_selection_flags
 
     args = build_parser().parse_args(["data", "prepare", "--input", "in", "--output", "out",
                                       "--categories", "chair, table", "--uids", "uids.txt", "--limit", "5"])
     cfg = DataConfig()
-    _apply_selection_flags(cfg, args)
+    apply_selection_flags(cfg, args)
     cfg.validate()
     assert cfg.select_categories == ("chair", "table") and cfg.select_limit == 5
     assert Path(cfg.select_uids_file).is_absolute() and cfg.select_uids_file.endswith("uids.txt")

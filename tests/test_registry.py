@@ -7,9 +7,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mar3d.config import load_config
-from mar3d.registry import (GateConfig, PromoteConfig, RegistryConfig, RegistryError,
-                            download_release, evaluate_gate, find_release, get_release, promote,
-                            record_metrics)
+from mar3d.gate import GateConfig, evaluate_gate
+from mar3d.registry import (PromoteConfig, RegistryConfig, RegistryError, download_release, find_release,
+                            get_release, promote, record_metrics)
 from mar3d.uris import validate_model_uri
 
 from _registry_helpers import make_release

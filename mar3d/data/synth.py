@@ -13,6 +13,9 @@ object is watertight and free of self-intersections by construction):
 * **extrusions** (a 2D outline pushed along an axis): box, carton, plank, bracket, prism;
 * **compositions** (unions of parts): mug, table, chair, hammer, screwdriver, ring.
 
+(One module over ~500 lines on purpose: each category is a short builder of its own, and
+a reader compares them side by side; splitting the table of builders would only scatter it.)
+
 Every object gets random proportions within its category's range, a random orientation
 about the vertical axis, and a PBR material (base colour texture, metallic, roughness)
 with a procedural image texture: stripes, checker, a label band, dots, noise, or a crop

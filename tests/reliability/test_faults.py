@@ -35,7 +35,8 @@ from _services import start_mlflow_server, stop_mlflow_server
 from mar3d.config import to_dict
 from mar3d.data import prepare_dataset
 from mar3d.data.prepare import complete_shards, load_manifest
-from mar3d.registry import GateConfig, RegistryConfig, get_release, promote, reconcile_component_aliases
+from mar3d.gate import GateConfig
+from mar3d.registry import RegistryConfig, get_release, promote, reconcile_component_aliases
 from mar3d.tracking import TrackingError, backlog_size
 from mar3d.train import load_train_config, run_training
 from mar3d.train.loop import TRACKING_BACKLOG
@@ -233,7 +234,7 @@ KILL_DURING_PROMOTION = textwrap.dedent("""
     import os, signal, sys
     import mlflow
     from mlflow import MlflowClient
-    from mar3d.registry import GateConfig, RegistryConfig, promote
+    from mar3d.registry import RegistryConfig, promote
 
     uri, candidate, name = sys.argv[1:4]
     mlflow.set_tracking_uri(uri)
