@@ -130,9 +130,13 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
     except RuntimeError as exc:
         raise _pipeline_failure(exc, failures, resume or _new_run_id(runs, before),
                                 launcher_log) from None
-    seconds = time.perf_counter() - start
     run_id = resume or _new_run_id(runs, before)
-    latest = runs / run_id / "generate" / "results.parquet" if run_id else None
+    return _local_result(workdir, mlflow_uri, time.perf_counter() - start, run_id)
+
+
+def _local_result(workdir: Path, mlflow_uri: str, seconds: float, run_id: str) -> LocalRunResult:
+    """Where a finished local run's meshes, contact sheets and evaluation table are."""
+    latest = workdir / "runs" / run_id / "generate" / "results.parquet" if run_id else None
     latest = latest if latest is not None and latest.is_file() else None
     meshes = sorted(latest.parent.rglob("*.glb")) if latest else []
     sheets, table = [], ""
