@@ -1,5 +1,13 @@
 """Shared fixtures: one local Ray instance and one real `mlflow server` per test session,
-and what several test modules train or prepare the same way (shards, the tiny VAE)."""
+and what several test modules train or prepare the same way (shards, the tiny VAE).
+
+The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup``, pyproject's
+addopts): much of an end-to-end test's time is spent waiting (services starting, Ray
+jobs polled), so two run side by side on two cores. Each worker is its own session with
+its own session fixtures, so the tests that read a fixture too costly to build twice run
+on one worker (``SHARED``), and every other test stays with its module, whose
+module-scoped fixtures are then built once as well. ``pytest -n 0`` runs in one process.
+"""
 from __future__ import annotations
 
 import os
@@ -8,12 +16,31 @@ from pathlib import Path
 import pytest
 
 from _ray import RAY_TRAIN_ENV
+from _report import collect, summary
 from _services import start_mlflow_server, stop_mlflow_server
 from _ycb import YCB, YCB_SMALL
 
 # Tests share 2 cores with Ray workers; oversubscribed BLAS/OpenMP threads made the
 # model tests ~10x slower. Benchmarks, not tests, measure speed.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Session fixture -> the xdist group of every test that uses it (directly or not).
+SHARED = {"ray_cluster": "ray-cluster", "trained_vae": "trained-models", "trained_cascade": "trained-models"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = next((g for fixture, g in SHARED.items() if fixture in item.fixturenames),
+                     item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_runtest_logreport(report):
+    collect(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    summary(terminalreporter)
 
 
 
