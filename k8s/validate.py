@@ -15,7 +15,8 @@
    exactly in GPU groups, non-root pods, pinned image tags, secrets only by reference,
    no committed Secrets, RayJobs that clean up and run ``mar3d ...`` with a worker count
    matching their worker groups, the pipeline's least-privilege Role, and references
-   between objects (service accounts, PVCs, ConfigMaps, RoleBindings).
+   between objects (service accounts, PVCs, ConfigMaps, RoleBindings); Ray token
+   authentication on every Ray cluster and RayJob submitter, MLflow's basic-auth app.
 
 Every error names the target, the object (with the file it comes from) and the field.
 It does not replace ``kubectl apply --dry-run=server`` against a cluster with the CRDs
@@ -197,7 +198,7 @@ def pod_templates(doc: dict) -> list[tuple[str, dict, bool]]:
             gpu = "gpu" in group.get("groupName", "")
             out.append((f"{prefix}{group.get('groupName')}", group.get("template") or {}, gpu))
 
-    if kind == "Deployment":
+    if kind in ("Deployment", "Job"):
         out.append(("pod", spec.get("template") or {}, False))
     elif kind == "RayCluster":
         cluster(spec, "")
@@ -265,6 +266,7 @@ def policy_errors(doc: dict) -> list[str]:
             if not image or image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1]:
                 errors.append(f"{where}: image {image!r} must carry an explicit, non-latest tag")
             errors += _env_secret_errors(where, c.get("env"))
+    errors += auth_errors(doc)
     if kind == "RayJob":
         spec = doc.get("spec") or {}
         if spec.get("shutdownAfterJobFinishes") is not True:
@@ -283,6 +285,47 @@ def policy_errors(doc: dict) -> list[str]:
         errors += _num_workers_errors(me, spec)
     if kind == "Role" and name == "mar3d-pipeline-rayjobs":
         errors += rbac_errors(doc)
+    return errors
+
+
+RAY_AUTH_SECRET = "mar3d-ray-auth"
+
+
+def _secret_env(container: dict, name: str) -> str | None:
+    """The Secret that env ``name`` of ``container`` comes from (None: not from one)."""
+    for var in container.get("env") or []:
+        if var.get("name") == name:
+            return ((var.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name")
+    return None
+
+
+def auth_errors(doc: dict) -> list[str]:
+    """Nobody reaches Ray or MLflow without credentials: every Ray cluster (long-lived or
+    a RayJob's own) has token authentication from the Secret, a RayJob's submitter
+    carries that token, and the MLflow server runs its basic-auth app with the admin
+    password from a Secret."""
+    kind, spec, me = doc.get("kind"), doc.get("spec") or {}, _who(doc)
+    errors = []
+    clusters = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec") or {}}
+    if kind in clusters:
+        auth = clusters[kind].get("authOptions") or {}
+        where = "spec.authOptions" if kind == "RayCluster" else "spec.rayClusterSpec.authOptions"
+        if auth.get("mode") != "token" or auth.get("secretName") != RAY_AUTH_SECRET:
+            errors.append(f"{me}: {where} must be mode token with secretName {RAY_AUTH_SECRET} "
+                          f"(Ray token authentication), got {auth or 'nothing'}")
+    if kind == "RayJob" and "submitterPodTemplate" in spec:
+        for c in (spec["submitterPodTemplate"].get("spec") or {}).get("containers") or []:
+            if _secret_env(c, "RAY_AUTH_TOKEN") != RAY_AUTH_SECRET:
+                errors.append(f"{me} submitter/{c.get('name')}: env RAY_AUTH_TOKEN must come from "
+                              f"Secret {RAY_AUTH_SECRET} (the submitter talks to a token-authenticated cluster)")
+    if kind == "Deployment" and (doc.get("metadata") or {}).get("name") == "mlflow":
+        for c in ((spec.get("template") or {}).get("spec") or {}).get("containers") or []:
+            args = [str(a) for a in c.get("args") or []]
+            if "--app-name" not in args or args[args.index("--app-name") + 1:][:1] != ["basic-auth"]:
+                errors.append(f"{me} {c.get('name')}: the MLflow server must run with "
+                              "--app-name basic-auth (no anonymous access to runs and the registry)")
+            if not _secret_env(c, "MLFLOW_AUTH_ADMIN_PASSWORD"):
+                errors.append(f"{me} {c.get('name')}: env MLFLOW_AUTH_ADMIN_PASSWORD must come from a Secret")
     return errors
 
 

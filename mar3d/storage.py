@@ -41,6 +41,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 from urllib.parse import urlparse
 
+from mar3d.uris import refuse_credentials
+
 REMOTE_SCHEMES = ("s3",)
 _CREDENTIAL_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, a shared "
                     "credentials file, AWS_WEB_IDENTITY_TOKEN_FILE, or AWS_EC2_METADATA_DISABLED=false "
@@ -59,6 +61,11 @@ def is_remote(location: str | os.PathLike) -> bool:
 
 def _split_s3(uri: str) -> tuple[str, str]:
     """(bucket, key) of an ``s3://`` URI; the key has no leading or trailing slash."""
+    try:
+        refuse_credentials(uri, "storage location", "give the keys as AWS_ACCESS_KEY_ID / "
+                           "AWS_SECRET_ACCESS_KEY (or an AWS profile) instead")
+    except ValueError as e:
+        raise StorageError(str(e)) from None
     parsed = urlparse(uri)
     if parsed.scheme not in REMOTE_SCHEMES:
         raise StorageError(f"unsupported storage scheme {parsed.scheme!r} in {uri!r}: use a local path "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from mar3d import storage
+from mar3d.uris import refuse_credentials
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,23 @@ def default_tracking_uri(storage_path: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
+CREDENTIALS_HINT = ("give them as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
+                    "MLFLOW_TRACKING_TOKEN) in the environment instead")
+
+
+def _no_credentials(tracking_uri: str) -> str:
+    try:
+        return refuse_credentials(tracking_uri, "MLflow tracking URI", CREDENTIALS_HINT)
+    except ValueError as e:
+        raise TrackingError(str(e)) from None
+
+
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
-    """Raise :class:`TrackingError` unless ``tracking_uri`` answers (HTTP) or is local."""
+    """Raise :class:`TrackingError` unless ``tracking_uri`` answers (HTTP) or is local;
+    a server with authentication must also accept this process's credentials."""
     if not tracking_uri:
         raise TrackingError("MLflow tracking URI is empty")
+    _no_credentials(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         url = tracking_uri.rstrip("/") + "/health"
         deadline = time.monotonic() + timeout_s
@@ -71,13 +85,16 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
             try:
                 with urllib.request.urlopen(url, timeout=min(5.0, timeout_s)) as r:
                     if r.status == 200:
-                        return
+                        break
                     last = TrackingError(f"HTTP {r.status}")
             except (urllib.error.URLError, OSError) as e:
                 last = e
             time.sleep(0.5)
-        raise TrackingError(f"MLflow tracking server {tracking_uri} is not reachable "
-                            f"within {timeout_s:.0f}s ({last}); start it or set mlflow_uri")
+        else:
+            raise TrackingError(f"MLflow tracking server {tracking_uri} is not reachable "
+                                f"within {timeout_s:.0f}s ({last}); start it or set mlflow_uri")
+        _check_credentials(tracking_uri)
+        return
     if tracking_uri.startswith("sqlite:///"):
         parent = Path(tracking_uri[len("sqlite:///"):]).parent
         if not parent.is_dir():
@@ -87,6 +104,24 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
         return
     raise TrackingError(f"unsupported MLflow tracking URI {tracking_uri!r} "
                         "(use http(s)://host:port or sqlite:///path/mlflow.db)")
+
+
+def _check_credentials(tracking_uri: str) -> None:
+    """A server with authentication (MLflow's basic-auth app) answers 401 to a request
+    without valid credentials: say so before any job starts, naming the variables."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(tracking_uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        if "401" in str(e) or getattr(e, "error_code", "") == "UNAUTHENTICATED" or "Unauthorized" in str(e):
+            who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise TrackingError(
+                f"MLflow tracking server {tracking_uri} refused "
+                f"{'the credentials of user ' + repr(who) if who else 'a request without credentials'} "
+                "(401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account "
+                "of the server") from None
+        raise
 
 
 def client(tracking_uri: str | None = None):
@@ -99,7 +134,7 @@ def client(tracking_uri: str | None = None):
     import mlflow
     from mlflow import MlflowClient
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = _no_credentials(tracking_uri or mlflow.get_tracking_uri())
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -367,3 +402,29 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
 
 def list_artifacts(tracking_uri: str, run_id: str, path: str | None = None) -> Iterable[str]:
     return [f.path for f in client(tracking_uri).list_artifacts(run_id, path)]
+
+
+USER_PASSWORD_ENV = "MAR3D_USER_PASSWORD"
+
+
+def ensure_user(tracking_uri: str, username: str, password: str) -> bool:
+    """Make ``username`` an account of an MLflow server that runs the basic-auth app,
+    acting as its admin (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``):
+    created if missing (True), else its password set to ``password`` (False). What a new
+    account may do is the server's ``default_permission`` plus MANAGE on what it creates."""
+    _no_credentials(tracking_uri)
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    if not username or not password:
+        raise TrackingError("an MLflow account needs a user name and a non-empty password")
+    auth = AuthServiceClient(tracking_uri)
+    try:
+        auth.get_user(username)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(f"MLflow at {tracking_uri} did not answer who {username!r} is: {e}") from None
+        auth.create_user(username, password)
+        return True
+    auth.update_user_password(username, password)
+    return False

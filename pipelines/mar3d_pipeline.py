@@ -15,7 +15,7 @@ Compile:  python -m pipelines.mar3d_pipeline [out.yaml]   (default: pipelines/ma
 import sys
 from pathlib import Path
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
 from components.evaluate import evaluate
 from components.generate import batch_generate
@@ -25,6 +25,13 @@ from components.train import train_hr, train_lr, train_vae
 from pipelines.presets import DEFAULT_PRESET, pipeline_preset
 
 COMPILED = Path(__file__).with_name("mar3d_pipeline.yaml")
+# On Kubeflow every step pod reads its credentials from Secrets (created out of band,
+# k8s/README.md) as the standard variables, never from a pipeline parameter: the Ray
+# cluster's auth token (sent by the Jobs API client, mar3d.cluster.auth_headers) and the
+# pipeline's MLflow account. kfp's local runner ignores these.
+STEP_SECRETS = {"mar3d-ray-auth": {"auth_token": "RAY_AUTH_TOKEN"},
+                "mar3d-mlflow-pipeline": {"username": "MLFLOW_TRACKING_USERNAME",
+                                          "password": "MLFLOW_TRACKING_PASSWORD"}}
 # The parameters' defaults are a pipeline preset's (a Kubeflow user who sets nothing runs
 # the paper's models on GPUs); `mar3d pipeline run/submit --preset` pass another one.
 DEFAULTS = pipeline_preset(DEFAULT_PRESET)
@@ -111,6 +118,8 @@ def mar3d_pipeline(
                  generate_task):
         task.set_cpu_request("250m").set_cpu_limit("1")
         task.set_memory_request("512M").set_memory_limit("2G")
+        for secret, keys in STEP_SECRETS.items():
+            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys)
 
 
 def compile_pipeline(path: str | Path = COMPILED) -> Path:

@@ -11,18 +11,37 @@ module-scoped fixtures are then built once as well. ``pytest -n 0`` runs in one 
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
 from _ray import RAY_TRAIN_ENV
 from _report import collect, summary
-from _services import start_mlflow_server, stop_mlflow_server
+from _services import add_mlflow_user, start_mlflow_server, stop_mlflow_server
 from _ycb import YCB, YCB_SMALL
 
 # Tests share 2 cores with Ray workers; oversubscribed BLAS/OpenMP threads made the
 # model tests ~10x slower. Benchmarks, not tests, measure speed.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The session's credentials, distinctive so that a test can search everything the system
+# wrote for them (tests/_leaks.py). Every process the tests start inherits them, as a
+# deployment's pods get theirs from Secrets: the session's `mlflow server` runs MLflow's
+# basic-auth app and these are its pipeline account.
+SESSION_CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "mar3d-pipeline",
+                       "MLFLOW_TRACKING_PASSWORD": f"mlflow-pw-{secrets.token_hex(12)}"}
+MLFLOW_ADMIN_PASSWORD = f"mlflow-admin-{secrets.token_hex(12)}"
+os.environ.update(SESSION_CREDENTIALS)
+
+class ServerURI(str):
+    """A server's URI that also knows the folder holding its stores (``root``)."""
+
+    def __new__(cls, uri: str, root: Path):
+        self = super().__new__(cls, uri)
+        self.root = root
+        return self
+
 
 # Session fixture -> the xdist group of every test that uses it (directly or not).
 SHARED = {"ray_cluster": "ray-cluster", "trained_vae": "trained-models", "trained_cascade": "trained-models"}
@@ -119,9 +138,14 @@ def cluster_env(ray_cluster, monkeypatch):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and local artifact store."""
-    uri, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
-    yield uri
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and local artifact store,
+    with authentication: MLflow's basic-auth app, the session's pipeline account
+    (``SESSION_CREDENTIALS``, in every test's environment) made by its admin."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri, proc = start_mlflow_server(root, admin_password=MLFLOW_ADMIN_PASSWORD)
+    add_mlflow_user(uri, MLFLOW_ADMIN_PASSWORD, SESSION_CREDENTIALS["MLFLOW_TRACKING_USERNAME"],
+                    SESSION_CREDENTIALS["MLFLOW_TRACKING_PASSWORD"])
+    yield ServerURI(uri, root)
     stop_mlflow_server(proc)
 
 

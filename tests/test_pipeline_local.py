@@ -1,14 +1,18 @@
-"""The README's main job, smallest preset: the kfp pipeline run locally end to end."""
+"""The README's main job, smallest preset: the kfp pipeline run locally end to end, with
+distinctive credentials in its environment that nothing it writes may contain."""
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import trimesh
+
+from _leaks import leaks
 
 pytestmark = pytest.mark.e2e
 
@@ -46,6 +50,8 @@ def test_local_pipeline_end_to_end(tmp_path, ycb_small_dir):
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    # An S3 secret the run has no use for, as a user's shell may hold one: it must stay out too.
+    env["AWS_SECRET_ACCESS_KEY"] = f"s3-secret-{secrets.token_hex(12)}"
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines", "pipeline", "run", "--local", "--preset", "smoke",
          "--dataset", str(dataset), "--workdir", str(workdir), "--result-json", str(result_json)],
@@ -79,3 +85,12 @@ def test_local_pipeline_end_to_end(tmp_path, ycb_small_dir):
     assert {r.data.tags.get("mar3d.stage") for r in train_runs} == {"vae", "lr", "hr"}
     eval_exp = client.get_experiment_by_name("mar3d-eval")
     assert eval_exp is not None and client.search_runs([eval_exp.experiment_id])
+
+    # No credential in what the run wrote: step logs, report.json, results.parquet, kfp's
+    # executor inputs (the steps' arguments), MLflow's store and artifacts, its API.
+    ray_token = Path.home() / ".ray" / "auth_token"  # the local Ray's own (token auth by default)
+    found = leaks({"MLflow password": env["MLFLOW_TRACKING_PASSWORD"],
+                   "S3 secret key": env["AWS_SECRET_ACCESS_KEY"],
+                   "Ray token": ray_token.read_text().strip() if ray_token.is_file() else ""},
+                  folders=[workdir, tmp_path / "result.json"], mlflow_uri=result["mlflow_uri"])
+    assert not found, found

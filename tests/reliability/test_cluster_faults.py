@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from mlflow import MlflowClient
 
 from _faults import (Background, latest_run_id, logged_steps, one_row_shards, registered_step, uids,
                      wait_for)
+from _leaks import leaks
 from _ray import RAY_TRAIN_ENV
 from components._run import run_step
 from mar3d.cluster import job_client
@@ -140,8 +142,13 @@ def test_worker_node_lost_during_training_resumes_from_checkpoint(
 
 
 # ------------------------------------- (c) pipeline step's driver killed, then resume
+# An S3 secret the run has no use for, as a user's shell may hold one: it must stay out too.
+S3_SECRET = f"s3-secret-{secrets.token_hex(12)}"
+
+
 def _pipeline(cluster, dataset, workdir, mlflow_uri, *extra) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
     return subprocess.Popen(
         [sys.executable, "-m", "pipelines", "pipeline", "run", "--ray-address", cluster.dashboard_url,
          "--preset", "smoke", "--dataset", str(dataset), "--workdir", str(workdir),
@@ -200,6 +207,14 @@ def test_pipeline_on_cluster_step_driver_killed_then_resumed(cluster, ycb_small_
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["run_id"] == run_id and result["num_meshes"] == 4
     assert len(list((workdir / "runs" / run_id / "generate").rglob("*.glb"))) == 4
+    # The run logged in to the authenticated MLflow server and the token-authenticated
+    # cluster; no credential is in anything it wrote: step logs, report.json,
+    # results.parquet, kfp's executor inputs (the steps' arguments), the MLflow server's
+    # stores and artifacts, its runs' params/tags/metric names, the Ray jobs' metadata and logs.
+    found = leaks({"MLflow password": os.environ["MLFLOW_TRACKING_PASSWORD"], "S3 secret key": S3_SECRET,
+                   "Ray token": Path(cluster.token_path).read_text().strip()},
+                  folders=[workdir, mlflow_server.root], mlflow_uri=mlflow_server, ray_client=client)
+    assert not found, found
     reliability_report.add("faults", fault="SIGKILL the driver of the pipeline's train-vae Ray job",
                            at=f"after checkpoint step {registered}",
                            outcome=f"pipeline failed naming train-vae; --resume {run_id}: data skipped "
