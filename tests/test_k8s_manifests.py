@@ -217,8 +217,8 @@ def test_missing_crds_fail_naming_the_path(tmp_path, capsys, base_docs):
 
 def test_every_pod_is_non_root_limited_and_gpu_groups_ask_for_gpus(base_docs):
     pods = [(d, label, t, gpu) for d in base_docs for label, t, gpu in V.pod_templates(d)]
-    # head + 2 groups, 6 jobs x (head + group + submitter), mlflow
-    assert len(pods) == 3 + 6 * 3 + 1
+    # head + 2 groups, 6 jobs x (head + group + submitter), mlflow, its users Job
+    assert len(pods) == 3 + 6 * 3 + 1 + 1
     for d, label, tmpl, gpu in pods:
         spec = tmpl["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True
@@ -230,6 +230,30 @@ def test_every_pod_is_non_root_limited_and_gpu_groups_ask_for_gpus(base_docs):
             assert ("nvidia.com/gpu" in limits) == gpu, f"{d['metadata']['name']} {label}"
     gpu_jobs = {d["metadata"]["name"] for d, _, _, gpu in pods if gpu and d["kind"] == "RayJob"}
     assert gpu_jobs == {"mar3d-train-vae", "mar3d-train-lr", "mar3d-train-hr", "mar3d-evaluate", "mar3d-generate"}
+
+
+def test_nobody_reaches_ray_or_mlflow_without_credentials(base_docs):
+    """Token authentication on every Ray cluster (long-lived and each RayJob's own), the
+    submitters given the token from the Secret, MLflow's basic-auth app; the validator
+    refuses a manifest that drops any of them."""
+    for doc in base_docs:
+        assert V.auth_errors(doc) == [], doc["metadata"]["name"]
+    cluster, job = _one(base_docs, "RayCluster", "mar3d"), _one(base_docs, "RayJob", "mar3d-train-vae")
+    mlflow = _one(base_docs, "Deployment", "mlflow")
+    assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "mar3d-ray-auth"}
+    bad = copy.deepcopy(cluster); del bad["spec"]["authOptions"]
+    assert any("spec.authOptions must be mode token" in e for e in V.policy_errors(bad))
+    bad = copy.deepcopy(job); bad["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "disabled"
+    assert any("rayClusterSpec.authOptions" in e for e in V.policy_errors(bad))
+    bad = copy.deepcopy(job)
+    bad["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"] = []
+    assert any("RAY_AUTH_TOKEN must come from Secret" in e for e in V.policy_errors(bad))
+    bad = copy.deepcopy(mlflow)
+    bad["spec"]["template"]["spec"]["containers"][0]["args"] = ["server", "--host", "0.0.0.0"]
+    assert any("--app-name basic-auth" in e for e in V.policy_errors(bad))
+    # Ray pods log in to MLflow with the pipeline's account, from its Secret.
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert V._secret_env(head, "MLFLOW_TRACKING_PASSWORD") == "mar3d-mlflow-pipeline"
 
 
 def test_policy_catches_violations(base_docs):

@@ -57,10 +57,31 @@ EXPECTED_ARTIFACT_EDGES = {
 }
 
 
+def _load_ir(path) -> dict:
+    """The compiled package: the pipeline spec, with kfp-kubernetes' platform spec (the
+    second YAML document) under ``"platform"``."""
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return {**spec, "platform": platform}
+
+
 @pytest.fixture(scope="module")
 def ir(tmp_path_factory) -> dict:
-    path = compile_pipeline(tmp_path_factory.mktemp("ir") / "mar3d.yaml")
-    return yaml.safe_load(path.read_text())
+    return _load_ir(compile_pipeline(tmp_path_factory.mktemp("ir") / "mar3d.yaml"))
+
+
+def test_every_step_pod_gets_its_credentials_from_secrets(ir):
+    """On Kubeflow each step pod reads the Ray token and the pipeline's MLflow account from
+    Secrets as the standard variables; no credential is a pipeline parameter."""
+    executors = ir["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == len(EXPECTED_DEPENDENCIES)
+    for name, spec in executors.items():
+        env = {(s["secretName"], k["secretKey"]): k["envVar"] for s in spec["secretAsEnv"]
+               for k in s["keyToEnv"]}
+        assert env == {("mar3d-ray-auth", "auth_token"): "RAY_AUTH_TOKEN",
+                       ("mar3d-mlflow-pipeline", "username"): "MLFLOW_TRACKING_USERNAME",
+                       ("mar3d-mlflow-pipeline", "password"): "MLFLOW_TRACKING_PASSWORD"}, name
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert not [p for p in params if any(w in p.lower() for w in ("password", "token", "secret"))]
 
 
 def test_dag_has_the_seven_steps_in_order(ir):
@@ -134,7 +155,7 @@ def _without_volatile(ir: dict) -> dict:
 
 def test_committed_ir_is_up_to_date(ir):
     assert COMPILED.is_file(), "run: python -m pipelines.mar3d_pipeline"
-    committed = yaml.safe_load(COMPILED.read_text())
+    committed = _load_ir(COMPILED)
     assert _without_volatile(committed) == _without_volatile(ir), (
         "pipelines/mar3d_pipeline.yaml is stale; regenerate with: python -m pipelines.mar3d_pipeline")
 
