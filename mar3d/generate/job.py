@@ -134,7 +134,8 @@ def _generate_all(todo: list[dict], rows: dict[str, dict], reasons: dict[str, in
                                        "output": str(output), "formats": list(cfg.formats),
                                        "tracking_uri": tracking_uri, "use_gpu": num_gpus > 0,
                                        "num_cpus": cfg.cpus_per_actor},
-                concurrency=actors, num_cpus=cfg.cpus_per_actor,  # a fixed pool of actors
+                compute=ray.data.ActorPoolStrategy(size=actors),  # a fixed pool of actors
+                num_cpus=cfg.cpus_per_actor,
                 num_gpus=num_gpus, **storage.ray_task_options(output))
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for row in batch.to_pylist():

@@ -334,7 +334,8 @@ def _encode_all(dataset, writer: "_CacheWriter", cfg: FeatureCacheConfig, progre
         if items:
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
                 _CacheEncoder, fn_constructor_kwargs=actor_kwargs,
-                concurrency=min(cfg.num_workers, len(items)),  # a fixed pool of that many actors
+                # a fixed pool of that many actors (Ray >= 2.51: `compute`, not `concurrency`)
+                compute=ray.data.ActorPoolStrategy(size=min(cfg.num_workers, len(items))),
                 num_cpus=cfg.cpus_per_worker,
                 num_gpus=cfg.gpus_per_worker or None, **storage.ray_task_options(actor_kwargs["data"], writer.output))
             for result in ds.iter_rows():
