@@ -1,9 +1,8 @@
 """The reliability summary printed at the end of a session (rows added by the tests
 under tests/reliability/, see their conftest.py).
 
-The hooks live in the top-level conftest, the one the controlling process of a
-pytest-xdist run loads too: it receives every test's report, workers' included, and so
-every row."""
+The rows travel with each test's report (``user_properties``); the hooks that gather
+and print them are the top-level conftest's."""
 from __future__ import annotations
 
 import json

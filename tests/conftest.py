@@ -1,12 +1,5 @@
 """Shared fixtures: one local Ray instance and one real `mlflow server` per test session,
 and what several test modules train or prepare the same way (shards, the tiny VAE).
-
-The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup``, pyproject's
-addopts): much of an end-to-end test's time is spent waiting (services starting, Ray
-jobs polled), so two run side by side on two cores. Each worker is its own session with
-its own session fixtures, so the tests that read a fixture too costly to build twice run
-on one worker (``SHARED``), and every other test stays with its module, whose
-module-scoped fixtures are then built once as well. ``pytest -n 0`` runs in one process.
 """
 from __future__ import annotations
 
@@ -41,17 +34,6 @@ class ServerURI(str):
         self = super().__new__(cls, uri)
         self.root = root
         return self
-
-
-# Session fixture -> the xdist group of every test that uses it (directly or not).
-SHARED = {"ray_cluster": "ray-cluster", "trained_vae": "trained-models", "trained_cascade": "trained-models"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = next((g for fixture, g in SHARED.items() if fixture in item.fixturenames),
-                     item.nodeid.split("::")[0])
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_runtest_logreport(report):

@@ -1,10 +1,9 @@
 """The reliability report: tests record what they tried, pytest prints one summary.
 
 Each test adds rows with the ``reliability_report`` fixture. A row travels with the
-test's own report (``user_properties``), so the rows of tests run on pytest-xdist
-workers reach the one process that prints the summary; the tables are printed under
-"mar3d reliability summary" (tests/_report.py) and, when ``MAR3D_RELIABILITY_JSON`` names
-a file, written there as JSON.
+test's own report (``user_properties``, so ``--junitxml`` records it with the test too);
+the tables are printed under "mar3d reliability summary" (tests/_report.py) and, when
+``MAR3D_RELIABILITY_JSON`` names a file, written there as JSON.
 """
 from __future__ import annotations
 

@@ -234,6 +234,7 @@ KILL_DURING_PROMOTION = textwrap.dedent("""
     import os, signal, sys
     import mlflow
     from mlflow import MlflowClient
+    from mar3d.gate import GateConfig
     from mar3d.registry import RegistryConfig, promote
 
     uri, candidate, name = sys.argv[1:4]
