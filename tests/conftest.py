@@ -4,11 +4,11 @@ and what several test modules train or prepare the same way (shards, the tiny VA
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import pytest
 
+from _credentials import MLFLOW_ADMIN_PASSWORD, SESSION_CREDENTIALS
 from _ray import RAY_TRAIN_ENV
 from _report import collect, summary
 from _services import add_mlflow_user, start_mlflow_server, stop_mlflow_server
@@ -18,13 +18,7 @@ from _ycb import YCB, YCB_SMALL
 # model tests ~10x slower. Benchmarks, not tests, measure speed.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The session's credentials, distinctive so that a test can search everything the system
-# wrote for them (tests/_leaks.py). Every process the tests start inherits them, as a
-# deployment's pods get theirs from Secrets: the session's `mlflow server` runs MLflow's
-# basic-auth app and these are its pipeline account.
-SESSION_CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "mar3d-pipeline",
-                       "MLFLOW_TRACKING_PASSWORD": f"mlflow-pw-{secrets.token_hex(12)}"}
-MLFLOW_ADMIN_PASSWORD = f"mlflow-admin-{secrets.token_hex(12)}"
+# Every process the tests start inherits the session's MLflow account (tests/_credentials.py).
 os.environ.update(SESSION_CREDENTIALS)
 
 class ServerURI(str):

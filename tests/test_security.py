@@ -1,7 +1,7 @@
 """Nobody gets in without credentials, and no credential leaks.
 
 Against the real engines: the session's `mlflow server` runs MLflow's basic-auth app
-(tests/conftest.py: the pipeline's account is in every test's environment), and the
+(tests/_credentials.py: the pipeline's account is in every test's environment), and the
 session's 2-node `mar3d cluster up` cluster runs Ray's token authentication. A client
 without credentials, or with wrong ones, is refused; a read-only account cannot move the
 registry's alias; URIs that carry credentials are refused without echoing them. Whether a
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from _services import add_mlflow_user
-from conftest import MLFLOW_ADMIN_PASSWORD, SESSION_CREDENTIALS
+from _credentials import MLFLOW_ADMIN_PASSWORD, SESSION_CREDENTIALS
 from mar3d import storage, tracking
 from mar3d.uris import redact_credentials, refuse_credentials
 
