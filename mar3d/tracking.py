@@ -268,11 +268,13 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
 def is_outage(error: BaseException) -> bool:
     """True when ``error`` means the tracking server could not be reached or failed
     (connection refused, timeout, HTTP 5xx), as opposed to a request it refused (4xx)."""
-    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.exceptions import MlflowException
 
-    if isinstance(error, RestException):
+    # MLflow maps every answer to an error code, also a server's plain-text 401/403 (its
+    # auth app) and a failed connection (INTERNAL_ERROR, 500).
+    if isinstance(error, MlflowException):
         return error.get_http_status_code() >= 500
-    return isinstance(error, (MlflowException, OSError))  # OSError: ConnectionError, TimeoutError
+    return isinstance(error, OSError)  # ConnectionError, TimeoutError
 
 
 class MetricLogger:

@@ -29,6 +29,9 @@ class ServerURI(str):
         self.root = root
         return self
 
+    def __reduce__(self):  # handed to Ray tasks and actors as the plain URI
+        return str, (str(self),)
+
 
 def pytest_runtest_logreport(report):
     collect(report)
