@@ -143,13 +143,10 @@ def _check_size(width: int, height: int, cfg: PipelineConfig) -> None:
                                 f"limit of {cfg.max_image_pixels}")
 
 
-def is_image_list(images: Any) -> bool:
-    """A list/tuple of images (a batch), as opposed to one image (an array, PIL, path...)."""
-    return isinstance(images, (list, tuple))
-
-
 def as_image_list(images: Any) -> list:
-    if not is_image_list(images):
+    """A list/tuple of images (a batch) as a list; one image (an array, PIL, path...) as a
+    list of one."""
+    if not isinstance(images, (list, tuple)):
         return [images]
     if not images:
         raise ValueError("no images given")

@@ -61,11 +61,8 @@ def is_remote(location: str | os.PathLike) -> bool:
 
 def _split_s3(uri: str) -> tuple[str, str]:
     """(bucket, key) of an ``s3://`` URI; the key has no leading or trailing slash."""
-    try:
-        refuse_credentials(uri, "storage location", "give the keys as AWS_ACCESS_KEY_ID / "
-                           "AWS_SECRET_ACCESS_KEY (or an AWS profile) instead")
-    except ValueError as e:
-        raise StorageError(str(e)) from None
+    refuse_credentials(uri, "storage location", "give the keys as AWS_ACCESS_KEY_ID / "
+                       "AWS_SECRET_ACCESS_KEY (or an AWS profile) instead", StorageError)
     parsed = urlparse(uri)
     if parsed.scheme not in REMOTE_SCHEMES:
         raise StorageError(f"unsupported storage scheme {parsed.scheme!r} in {uri!r}: use a local path "

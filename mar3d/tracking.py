@@ -65,10 +65,7 @@ CREDENTIALS_HINT = ("give them as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PAS
 
 
 def _no_credentials(tracking_uri: str) -> str:
-    try:
-        return refuse_credentials(tracking_uri, "MLflow tracking URI", CREDENTIALS_HINT)
-    except ValueError as e:
-        raise TrackingError(str(e)) from None
+    return refuse_credentials(tracking_uri, "MLflow tracking URI", CREDENTIALS_HINT, TrackingError)
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:

@@ -42,8 +42,8 @@ def redact_credentials(uri: str) -> str:
     return f"{scheme}://***@{authority.rsplit('@', 1)[1]}{sep}{tail}"
 
 
-def refuse_credentials(uri: str, what: str, instead: str) -> str:
-    """``uri`` unchanged, or ValueError when it embeds a user or password: a URI is
+def refuse_credentials(uri: str, what: str, instead: str, error: type[Exception] = ValueError) -> str:
+    """``uri`` unchanged, or ``error`` when it embeds a user or password: a URI is
     printed, logged and recorded as a parameter, a secret must not be. ``instead`` says
     where the credentials belong."""
     text = str(uri)
@@ -54,6 +54,6 @@ def refuse_credentials(uri: str, what: str, instead: str) -> str:
         except ValueError:
             embedded = "@" in text.split("://", 1)[1].partition("/")[0]
         if embedded:
-            raise ValueError(f"{what} {redact_credentials(text)} embeds credentials in the URI, where "
+            raise error(f"{what} {redact_credentials(text)} embeds credentials in the URI, where "
                              f"they would be printed and logged; {instead}")
     return text

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
+def add_result_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-json", type=Path, default=None, metavar="PATH",
                    help="also write the command's result as a JSON object to PATH "
                         "(used by the Kubeflow components to chain steps)")
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    add_result_arg(p)
     p.add_argument("--config", default=None, metavar="FILE_OR_PRESET",
                    help="YAML file with config values (unknown keys are errors), or the name of "
                         "a shipped preset, e.g. train_vae_tiny (see `mar3d config presets`)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from mar3d.cli.common import write_result
+from mar3d.cli.common import add_result_arg, write_result
 
 
 def _cmd_add_user(args: argparse.Namespace) -> int:
@@ -35,5 +35,5 @@ def add_tracking_commands(sub: argparse._SubParsersAction) -> None:
                     "it, and the admin, move the registry's aliases).")
     add.add_argument("username")
     add.add_argument("--tracking-uri", default=None, help="server URL (default: $MLFLOW_TRACKING_URI)")
-    add.add_argument("--result-json", default=None, help="also write the result as JSON here")
+    add_result_arg(add)
     add.set_defaults(func=_cmd_add_user)
