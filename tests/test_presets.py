@@ -105,7 +105,13 @@ CHANGED = {"data_local": {"synth_objects": (1000, None)},
                                     ["seen_view", "heldout_objects"]),
                          "group_max_objects": ({"synth_heldout": 100}, None),
                          "baseline_pool": (96, 256)},
-           "generate_tiny": {"exclude_sources": (["mar3d-synth"], None)}}
+           "generate_tiny": {"exclude_sources": (["mar3d-synth"], None)},
+           # Faster steps (rows cached, no per-log Ray Train report) bought longer training.
+           "train_vae_tiny": {"steps": (1200, 800), "checkpoint_every": (600, 400),
+                              "eval_every": (600, 400), "cache_rows": (1100, 128)},
+           "train_lr_tiny": {"steps": (1200, 800), "checkpoint_every": (600, 400),
+                             "eval_every": (600, 400), "cache_rows": (1100, 128)},
+           "train_hr_tiny": {"cache_rows": (1100, 128)}}
 
 
 def renamed(values: dict) -> dict:

@@ -234,16 +234,26 @@ class ShapeDataset(torch.utils.data.Dataset):
 
 _READERS: dict[tuple, ShapeDataset] = {}
 
+# Row ids per Ray Data map call: a per-row map adds Ray Data's bookkeeping to every
+# sample, and on a small CPU machine that work competes with the training workers.
+SAMPLE_BATCH = 16
 
-def _ray_sample(item: dict, root: str, kwargs: tuple, rows: int, with_uid: bool) -> dict:
-    """Ray Data map: row id -> one ShapeDataset sample (ids wrap around the dataset)."""
+
+def stack_samples(samples: list[dict]) -> dict:
+    """One Ray Data batch (name -> stacked array) from samples with the same keys."""
+    return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def _ray_sample_batch(batch: dict, root: str, kwargs: tuple, rows: int, with_uid: bool) -> dict:
+    """Ray Data map: row ids -> ShapeDataset samples (ids wrap around the dataset)."""
     key = (root, kwargs)
     if key not in _READERS:  # one reader (and its open files) per Ray worker process
         _READERS[key] = ShapeDataset(root, **dict(kwargs))
-    sample = _READERS[key].sample(int(item["id"]) % rows)
+    samples = [_READERS[key].sample(int(i) % rows) for i in batch["id"]]
     if not with_uid:
-        sample.pop("uid")  # strings do not become tensors (iter_torch_batches)
-    return sample
+        for sample in samples:
+            sample.pop("uid")  # strings do not become tensors (iter_torch_batches)
+    return stack_samples(samples)
 
 
 def representative_order(dataset: ShapeDataset) -> list[int]:
@@ -271,6 +281,7 @@ def ray_dataset(root: str | Path, repeats: int = 1, shuffle: bool = False, with_
     ids = ray.data.range(rows * repeats)
     if shuffle:
         ids = ids.random_shuffle()
-    return ids.map(_ray_sample, fn_kwargs={"root": str(root), "kwargs": tuple(sorted(kwargs.items())),
-                                           "rows": rows, "with_uid": with_uid},
-                   **storage.ray_task_options(root))
+    return ids.map_batches(_ray_sample_batch, batch_size=SAMPLE_BATCH, batch_format="numpy",
+                           fn_kwargs={"root": str(root), "kwargs": tuple(sorted(kwargs.items())),
+                                      "rows": rows, "with_uid": with_uid},
+                           **storage.ray_task_options(root))

@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from mar3d import storage
 from mar3d.config import to_dict
+from mar3d.data.dataset import SAMPLE_BATCH, stack_samples
 
 FORMAT = "mar3d-feature-cache/v1"
 MANIFEST = "manifest.json"
@@ -470,12 +471,13 @@ class FeatureCacheReader:
         return {k: np.array(row[k][view if k in FEATURE_KEYS else subset]) for k in self.columns}
 
 
-def _ray_cached_sample(item: dict, root: str, data: str, split: str, levels: tuple, rows: int,
-                       cache_rows: int) -> dict:
+def _ray_cached_samples(batch: dict, root: str, data: str, split: str, levels: tuple, rows: int,
+                        cache_rows: int) -> dict:
     key = (root, data, split, levels)
     if key not in _READERS:  # one reader (and its open files) per Ray worker process
         _READERS[key] = FeatureCacheReader(root, data, split, levels, cache_rows)
-    return _READERS[key].sample(int(item["id"]) % rows, np.random.default_rng())
+    rng = np.random.default_rng()
+    return stack_samples([_READERS[key].sample(int(i) % rows, rng) for i in batch["id"]])
 
 
 def cached_ray_dataset(root: str | Path, data: str | Path, split: str, levels: tuple[str, ...],
@@ -486,7 +488,7 @@ def cached_ray_dataset(root: str | Path, data: str | Path, split: str, levels: t
 
     rows = len(FeatureCacheReader(root, data, split, levels, cache_rows=0))  # refuses gaps up front
     ids = ray.data.range(rows * repeats).random_shuffle()
-    return ids.map(_ray_cached_sample, fn_kwargs={"root": str(root), "data": str(data), "split": split,
-                                                  "levels": tuple(levels), "rows": rows,
-                                                  "cache_rows": cache_rows},
-                   **storage.ray_task_options(root, data))
+    return ids.map_batches(_ray_cached_samples, batch_size=SAMPLE_BATCH, batch_format="numpy",
+                           fn_kwargs={"root": str(root), "data": str(data), "split": split,
+                                      "levels": tuple(levels), "rows": rows, "cache_rows": cache_rows},
+                           **storage.ray_task_options(root, data))
