@@ -179,13 +179,14 @@ def load_frozen_vae(uri: str, tracking_uri: str | None,
 def check_vae_fits_mar(vae_cfg: VAEConfig, mar_cfg: MARConfig) -> None:
     """A MAR model (LR or HR) must produce exactly the VAE's latents: same channels,
     same token counts. Checked before training and when a release is loaded."""
-    tokens = vae_cfg.hr_tokens if mar_cfg.stage == "hr" else vae_cfg.lr_tokens
+    level = mar_cfg.target_level
+    tokens = vae_cfg.hr_tokens if level == "hr" else vae_cfg.lr_tokens
     problems = []
     if mar_cfg.token_dim != vae_cfg.latent_channels:
         problems.append(f"mar.token_dim={mar_cfg.token_dim} but the VAE has "
                         f"latent_channels={vae_cfg.latent_channels}")
     if mar_cfg.seq_len != tokens:
-        problems.append(f"mar.seq_len={mar_cfg.seq_len} but the VAE's {mar_cfg.stage} latents "
+        problems.append(f"mar.seq_len={mar_cfg.seq_len} but the VAE's {level} latents "
                         f"have {tokens} tokens")
     if mar_cfg.stage == "hr" and mar_cfg.lr_seq_len != vae_cfg.lr_tokens:
         problems.append(f"mar.lr_seq_len={mar_cfg.lr_seq_len} but the VAE's LR latents have "
@@ -344,6 +345,9 @@ class MAR3DPipeline:
         self._check_shapes()
 
     def _check_shapes(self) -> None:
+        if self.hr is not None and self.lr.mar.cfg.target_level != "lr":
+            raise ValueError("the first stage generates HR latents itself (mar.latents: hr, the "
+                             "single-stage ablation): it has no MAR-HR after it; load it with use_hr=False")
         for model in (self.lr, self.hr):
             if model is not None:
                 check_vae_fits_mar(self.vae.cfg, model.mar.cfg)
@@ -373,6 +377,12 @@ class MAR3DPipeline:
     @property
     def uses_hr(self) -> bool:
         return self.config.use_hr and self.hr is not None
+
+    @property
+    def output_level(self) -> str:
+        """The VAE latents a call returns by default: ``"hr"`` after MAR-HR, else those
+        the first stage generates (``"lr"``, or ``"hr"`` for a single-stage model)."""
+        return "hr" if self.uses_hr else self.lr.mar.cfg.target_level
 
     def _sampling(self, **overrides) -> SamplingConfig:
         """The pipeline's sampling settings with a call's (not None) on top."""
@@ -468,7 +478,7 @@ class MAR3DPipeline:
         gens = self.item_generators(len(rgba), seed, generator)
         features = self.encode(rgba)
         latents = self.sample_lr(features, gens, **sampling)
-        level = "lr"
+        level = self.lr.mar.cfg.target_level
         if (self.uses_hr if use_hr is None else use_hr):
             latents, level = self.sample_hr(features, latents, gens, **sampling), "hr"
         out = MAR3DPipelineOutput(meshes=None, latents=latents, level=level,

@@ -21,9 +21,9 @@ from mar3d.models.vae import ShapeVAE, VAEConfig
 from mar3d.weights import save_model_dir
 
 
-def write_random_release(root: Path, size: str, seed: int = 0) -> Path:
+def write_random_release(root: Path, size: str, seed: int = 0, lr_overrides: tuple[str, ...] = ()) -> Path:
     """The ``vae_{size}`` VAE, the ``mar_{size}`` image encoder (once, ``cond/``) and the
-    ``mar_{size}`` MAR-LR/HR presets."""
+    ``mar_{size}`` MAR-LR/HR presets (``lr_overrides``: ``key=value`` for MAR-LR's config)."""
     torch.manual_seed(seed)
     vae_cfg = load_config(VAEConfig, f"vae_{size}")
     cond_cfg = load_config(ConditionConfig, f"mar_{size}", section="condition")
@@ -31,7 +31,7 @@ def write_random_release(root: Path, size: str, seed: int = 0) -> Path:
     encoder = ImageEncoder(cond_cfg)
     conditioner_id = save_conditioner(encoder, root / "cond")
     for stage in ("lr", "hr"):
-        mar_cfg = load_config(MARConfig, f"mar_{size}", section=stage)
+        mar_cfg = load_config(MARConfig, f"mar_{size}", lr_overrides if stage == "lr" else (), section=stage)
         model = ConditionalMAR(cond_cfg, mar_cfg, encoder.spec)
         save_model_dir(root / stage, model.state_dict(),
                        {"mar": to_dict(mar_cfg), "condition": to_dict(cond_cfg),
@@ -41,5 +41,5 @@ def write_random_release(root: Path, size: str, seed: int = 0) -> Path:
     return root
 
 
-def write_tiny_release(root: Path, seed: int = 0) -> Path:
-    return write_random_release(root, "tiny", seed)
+def write_tiny_release(root: Path, seed: int = 0, lr_overrides: tuple[str, ...] = ()) -> Path:
+    return write_random_release(root, "tiny", seed, lr_overrides)

@@ -73,6 +73,20 @@ def test_lr_only_path(release):
     assert out.level == "lr" and out.latents.shape[1] == pipe.vae.cfg.lr_tokens
 
 
+def test_single_stage_model_generates_hr_latents_alone(tmp_path):
+    # The paper's "joint" ablation: one MAR generates the HR token set from the image.
+    joint = write_tiny_release(tmp_path / "joint", lr_overrides=("latents=hr", "seq_len=128"))
+    with pytest.raises(ValueError, match="no MAR-HR after it"):
+        _pipe(joint)
+    pipe = _pipe(joint, use_hr=False)
+    assert pipe.output_level == "hr"
+    out = pipe(_rgba(), seed=0, output_type="latent")
+    assert out.level == "hr" and out.latents.shape[1] == pipe.vae.cfg.hr_tokens == 128
+    wrong = write_tiny_release(tmp_path / "wrong", lr_overrides=("latents=hr",))  # 64 tokens
+    with pytest.raises(ValueError, match="mar.seq_len=64 but the VAE's hr latents have 128 tokens"):
+        _pipe(wrong, use_hr=False)
+
+
 def test_release_folder_must_hold_vae_and_lr(release, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         MAR3DPipeline.from_pretrained(str(tmp_path))

@@ -98,7 +98,7 @@ ADDED = {"watertight_method": "snap", "watertight_reuse_closed": True, "init_see
          "kv_top_k": None, "kv_block": 1024, "kv_score_queries": 32,
          "select_categories": [], "select_uids_file": None, "select_limit": None,
          "synth_objects": 0, "synth_seed": 0, "group_max_objects": {}, "exclude_sources": [],
-         "batch_size": 8}
+         "batch_size": 8, "latents": None}
 # Values a preset changed on purpose since -> (what it loads now, what the fixture has).
 CHANGED = {"data_local": {"synth_objects": (1000, None)},
            "eval_tiny": {"groups": (["seen_view", "heldout_objects", "synth_heldout"],

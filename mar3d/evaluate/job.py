@@ -129,7 +129,7 @@ def _run_params(model: str, dataset, fingerprint: dict, cfg: EvalConfig, ctx: "_
     params = {f"eval.{k}": v for k, v in flatten(cfg).items()}
     params.update({"model": model, "dataset.path": _dataset_path(dataset),
                    "dataset.hash": fingerprint["hash"], "dataset.rows": fingerprint["rows"],
-                   "pipeline.level": "hr" if ctx.pipe.uses_hr else "lr", "device": str(ctx.pipe.device),
+                   "pipeline.level": ctx.pipe.output_level, "device": str(ctx.pipe.device),
                    "compare_to": ctx.champion.uri if ctx.champion else "",
                    **{f"group.{name}.baseline_uid": shape.uid for name, shape in ctx.baselines.items()},
                    **{f"group.{g.name}.objects": len(g.indices) for g in groups},

@@ -101,7 +101,7 @@ def vae_reconstruction_iou(pipe: MAR3DPipeline, row: dict[str, Any]) -> float:
     pipeline's level), on the stored uniform points: what a perfect generator reaches."""
     import torch
 
-    vae, level = pipe.vae, "hr" if pipe.uses_hr else "lr"
+    vae, level = pipe.vae, pipe.output_level
     sizes = pipe.vae_surface_sizes or [len(s) for s in row["surfaces"]]
     surfaces = [torch.from_numpy(np.ascontiguousarray(strided(s, n), np.float32)).unsqueeze(0).to(pipe.device)
                 for s, n in zip(row["surfaces"][: vae.required_levels()], sizes)]

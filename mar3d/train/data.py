@@ -97,7 +97,7 @@ def ray_datasets(cfg, world_size: int) -> dict[str, Any]:
                          f"{cfg.batch_size} need at least {needed}")
     repeats = max(1, -(-MIN_BATCHES_PER_PASS * needed // rows))
     if cfg.feature_cache:
-        levels = ("lr", "hr") if cfg.stage == "hr" else ("lr",)
+        levels = ("lr", "hr") if cfg.stage == "hr" else (cfg.mar.target_level,)
         train = cached_ray_dataset(cfg.feature_cache, cfg.data, cfg.split, levels, repeats, cfg.cache_rows)
     else:
         train = ray_dataset(cfg.data, repeats=repeats, shuffle=True, with_uid=False, **kwargs)

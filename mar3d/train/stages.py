@@ -228,8 +228,8 @@ class MARStage(Stage):
             raise RuntimeError("MARStage.setup() must load the frozen VAE before training")
         start = time.perf_counter()
         sample = self.cfg.latent_target == "sample"
-        levels = ("lr", "hr") if self.kind == "hr" else ("lr",)
-        if "lr_mean" in batch:  # a feature-cache batch: the VAE's posterior is in it
+        levels = ("lr", "hr") if self.kind == "hr" else (self.cfg.mar.target_level,)
+        if f"{levels[0]}_mean" in batch:  # a feature-cache batch: the VAE's posterior is in it
             posteriors = [DiagonalGaussian(batch[f"{lv}_mean"], batch[f"{lv}_logvar"]) for lv in levels]
             latents = [p.sample() if sample else p.mode() for p in posteriors]
         else:
@@ -347,7 +347,7 @@ def apply_latent_stats(mar_cfg, stats: dict | None, target: str, vae_uri: str) -
                          "stage measured them): retrain it, or set latent_norm=false to train "
                          "MAR on unnormalized latents")
     spread = f"std_{target}"
-    own = stats[mar_cfg.stage]
+    own = stats[mar_cfg.target_level]
     mar_cfg.latent_shift, mar_cfg.latent_scale = float(own["shift"]), float(own[spread])
     if mar_cfg.stage == "hr":
         mar_cfg.lr_latent_shift = float(stats["lr"]["shift"])
