@@ -78,6 +78,12 @@ def seed_runs(seeds_workdir: Path) -> list[dict]:
     return runs
 
 
+def run_tracking_uri(run: Path) -> str:
+    """The MLflow the run's stages logged to: its components' ``runs:/`` URIs resolve
+    there, so the variants are tracked there too (experiment ``mar3d-ablations``)."""
+    return json.loads((run / "train" / "vae" / "mar3d_run.json").read_text())["tracking_uri"]
+
+
 def vae_ceiling(run: Path) -> dict[str, float]:
     """The VAE run's final reconstruction IoUs (eval: training objects, val: held out)."""
     from mlflow.tracking import MlflowClient
@@ -165,7 +171,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.workdir = args.workdir or args.seeds_workdir / "ablations"
     args.workdir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = f"sqlite:///{(args.workdir / 'mlflow.db').resolve()}"
     variants = [v for v in VARIANTS if v in args.variants]
     results = []
     for entry in seed_runs(args.seeds_workdir):
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
         for variant in variants:
             start = time.perf_counter()
             print(f"seed {seed}: {variant}", flush=True)
-            record["variants"][variant] = evaluate_variant(args, variant, seed, run, tracking_uri)
+            record["variants"][variant] = evaluate_variant(args, variant, seed, run, run_tracking_uri(run))
             record["seconds"][variant] = time.perf_counter() - start
         results.append(record)
     text = table(results, variants)
