@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -78,17 +77,17 @@ def seed_runs(seeds_workdir: Path) -> list[dict]:
     return runs
 
 
-def run_tracking_uri(run: Path) -> str:
-    """The MLflow the run's stages logged to: its components' ``runs:/`` URIs resolve
-    there, so the variants are tracked there too (experiment ``mar3d-ablations``)."""
-    return json.loads((run / "train" / "vae" / "mar3d_run.json").read_text())["tracking_uri"]
+def vae_run(run: Path) -> dict:
+    """The run's VAE training record (``run_id``, ``tracking_uri``). That MLflow is where
+    the run's components' ``runs:/`` URIs resolve, so the variants are tracked there too
+    (experiment ``mar3d-ablations``)."""
+    return json.loads((run / "train" / "vae" / "mar3d_run.json").read_text())
 
 
-def vae_ceiling(run: Path) -> dict[str, float]:
+def vae_ceiling(info: dict) -> dict[str, float]:
     """The VAE run's final reconstruction IoUs (eval: training objects, val: held out)."""
     from mlflow.tracking import MlflowClient
 
-    info = json.loads((run / "train" / "vae" / "mar3d_run.json").read_text())
     metrics = MlflowClient(info["tracking_uri"]).get_run(info["run_id"]).data.metrics
     return {k: metrics[k] for k in ("eval/iou_hr", "eval/iou_lr", "val/iou_hr", "val/iou_lr") if k in metrics}
 
@@ -96,8 +95,7 @@ def vae_ceiling(run: Path) -> dict[str, float]:
 def train_variant(args, variant: str, seed: int, run: Path, out: Path, tracking_uri: str) -> Path:
     """The variant's retrained stage (``no_cond_aug``: MAR-HR, ``joint``: the single-stage
     MAR) with ``run``'s seed, VAE and image encoder; its model folder."""
-    import yaml
-
+    from mar3d.registry import read_model_config
     from mar3d.train import load_train_config, run_training
 
     model = out / "train" / "model"
@@ -110,7 +108,7 @@ def train_variant(args, variant: str, seed: int, run: Path, out: Path, tracking_
     if variant == "no_cond_aug":
         cfg = load_train_config("hr", args.hr_config, common + NO_COND_AUG)
     else:
-        hr_tokens = yaml.safe_load((vae / "config.yaml").read_text())["model"]["hr_tokens"]
+        hr_tokens = read_model_config(str(vae))["model"]["hr_tokens"]
         cfg = load_train_config("lr", args.lr_config, common + ["mar.latents=hr", f"mar.seq_len={hr_tokens}"])
     run_training(cfg)
     if not model.is_dir():
@@ -134,10 +132,12 @@ def evaluate_variant(args, variant: str, seed: int, run: Path, tracking_uri: str
     lr, hr = run / "train" / "lr" / "model", run / "train" / "hr" / "model"
     if variant == "no_cond_aug":
         hr = train_variant(args, variant, seed, run, out, tracking_uri)
-    elif variant in ("lr_only", "joint"):
-        overrides.append("pipeline.use_hr=false")
-        lr = train_variant(args, variant, seed, run, out, tracking_uri) if variant == "joint" else lr
+    elif variant == "joint":
+        lr, hr = train_variant(args, variant, seed, run, out, tracking_uri), None
+    elif variant == "lr_only":
         hr = None
+    if hr is None:
+        overrides.append("pipeline.use_hr=false")
     cfg = load_config(EvalConfig, args.eval_config, overrides)
     result = evaluate_components(str(run / "train" / "vae" / "model"), str(lr), str(hr) if hr else None,
                                  run / "data", out / "eval", cfg, tracking_uri=tracking_uri)
@@ -145,8 +145,9 @@ def evaluate_variant(args, variant: str, seed: int, run: Path, tracking_uri: str
 
 
 def mean_std(values: list[float]) -> str:
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+    from benchmarks.seeds import mean_std as mean_and_std  # the seeds table's statistics
+
+    return "{:.3f} ± {:.3f}".format(*mean_and_std(values))
 
 
 def table(results: list[dict], variants: list[str]) -> str:
@@ -175,11 +176,12 @@ def main(argv=None) -> int:
     results = []
     for entry in seed_runs(args.seeds_workdir):
         seed, run = entry["seed"], entry["run"]
-        record = {"seed": seed, "run": str(run), "vae": vae_ceiling(run), "variants": {}, "seconds": {}}
+        info = vae_run(run)
+        record = {"seed": seed, "run": str(run), "vae": vae_ceiling(info), "variants": {}, "seconds": {}}
         for variant in variants:
             start = time.perf_counter()
             print(f"seed {seed}: {variant}", flush=True)
-            record["variants"][variant] = evaluate_variant(args, variant, seed, run, run_tracking_uri(run))
+            record["variants"][variant] = evaluate_variant(args, variant, seed, run, info["tracking_uri"])
             record["seconds"][variant] = time.perf_counter() - start
         results.append(record)
     text = table(results, variants)

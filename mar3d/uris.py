@@ -55,5 +55,5 @@ def refuse_credentials(uri: str, what: str, instead: str, error: type[Exception]
             embedded = "@" in text.split("://", 1)[1].partition("/")[0]
         if embedded:
             raise error(f"{what} {redact_credentials(text)} embeds credentials in the URI, where "
-                             f"they would be printed and logged; {instead}")
+                        f"they would be printed and logged; {instead}")
     return text
