@@ -130,7 +130,11 @@ def load_image(source: Any, cfg: PipelineConfig | None = None) -> np.ndarray:
         raise
     except Image.DecompressionBombError as e:
         raise InvalidImageError(f"image too large: {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        what = f"{source}" if isinstance(source, (str, Path)) else f"{len(bytes(source))} bytes"
+        raise InvalidImageError(f"unreadable image: {what} in no format Pillow reads "
+                                "(PNG, JPEG, WebP, BMP, TIFF, GIF, ...)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise InvalidImageError(f"unreadable image: {e}") from e
 
 
@@ -358,7 +362,18 @@ class MAR3DPipeline:
     @classmethod
     def from_pretrained(cls, uri: str, config: PipelineConfig | None = None, device: str = "auto",
                         tracking_uri: str | None = None, use_hr: bool | None = None) -> "MAR3DPipeline":
-        dirs = resolve_component_dirs(uri, tracking_uri)
+        return cls.from_folders(resolve_component_dirs(uri, tracking_uri), config, device, use_hr, source=uri)
+
+    @classmethod
+    def from_folders(cls, dirs: dict[str, str | Path], config: PipelineConfig | None = None,
+                     device: str = "auto", use_hr: bool | None = None,
+                     source: str | None = None) -> "MAR3DPipeline":
+        """The pipeline of a release's model folders (component -> folder: ``vae``,
+        ``cond``, ``lr`` and optionally ``hr``), wherever they were put."""
+        dirs = {c: Path(d) for c, d in dirs.items()}
+        missing = {"vae", "lr"} - set(dirs)
+        if missing:
+            raise FileNotFoundError(f"{source or 'the release'} lacks the {sorted(missing)} model folder(s)")
         config = dataclasses.replace(config) if config else PipelineConfig()  # never mutate the caller's
         if use_hr is not None:
             config.use_hr = use_hr
@@ -367,7 +382,8 @@ class MAR3DPipeline:
         if config.use_hr and "hr" in dirs:
             stages["hr"] = load_mar(dirs["hr"], "hr", dev)
         elif config.use_hr:
-            raise FileNotFoundError(f"{uri} has no MAR-HR model; pass use_hr=False for LR-only generation")
+            raise FileNotFoundError(f"{source or 'the release'} has no MAR-HR model; pass use_hr=False "
+                                    "for LR-only generation")
         encoder = release_encoder(stages, dirs.get("cond"), dev)
         vae, vae_extra = load_vae(dirs["vae"], dev)
         hr = stages.get("hr")

@@ -4,7 +4,10 @@ A *release* is the models that belong together: VAE, the frozen image encoder bo
 MAR stages were trained on (``cond``, stored once), MAR-LR and MAR-HR. Each component is
 its own registered model (``<name>-vae``, ``<name>-cond``, ``<name>-lr``, ``<name>-hr``);
 the release itself is a version of the registered model ``<name>`` whose tags pin the
-exact component versions and whose artifact is a ``release.json`` with the same content.
+exact component versions and whose artifact folder holds a ``release.json`` with the same
+content. That folder is also an MLflow pyfunc model (:mod:`mar3d.serving`) with copies of
+the component folders, so ``mlflow models predict/serve -m models:/<name>@champion`` run
+the promoted release.
 
 Consumers resolve *only* through the release (``models:/mar3d@champion``) and then load
 the pinned component versions, never the components' own aliases. Promotion moves the
@@ -21,12 +24,13 @@ import getpass
 import json
 import logging
 import re
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mar3d import tracking
+from mar3d import lineage, tracking
 from mar3d.gate import GateConfig, GateDecision, evaluate_gate
 from mar3d.tracking import log_metrics, log_params, tracked_run
 from mar3d.uris import MODELS_URI as _MODELS_URI, NAME as _NAME, RUNS_URI as _RUNS_URI, validate_model_uri
@@ -159,15 +163,20 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
             raise ValueError(f"component {comp}: expected runs:/RUN_ID/PATH, got {uri!r}{recorded}")
         name = cfg.component_name(comp)
         _ensure_registered_model(client, name)
-        mv = client.create_model_version(name, uri, run_id=m["run_id"],
-                                         tags={"mar3d.component": comp})
+        # The version names the logged model its training run produced (when ``uri`` is that
+        # model: a conditioner logged beside MAR-LR's model is not). A tag, not MLflow's
+        # model_id: that one requires the version's files to be the logged model's, and the
+        # weights stay the run's artifacts (one copy).
+        model_id = lineage.produced_model_id(client, m["run_id"], uri)
+        mv = client.create_model_version(name, uri, run_id=m["run_id"], tags={
+            "mar3d.component": comp, **({lineage.MODEL_ID_TAG: model_id} if model_id else {})})
         pinned[comp] = (name, str(mv.version))
 
     release_doc = {"name": cfg.name, "components": {c: {"name": n, "version": v, "source": component_uris[c]}
                                                     for c, (n, v) in pinned.items()}}
     with tracked_run(_tracking_uri(tracking_uri), PROMOTION_EXPERIMENT, f"release-{cfg.name}",
                      tags={"mar3d.kind": "release"}) as run:
-        client.log_dict(run.run_id, release_doc, "release/release.json")
+        log_release_model(client, run.run_id, component_uris, release_doc, tracking_uri)
     _ensure_registered_model(client, cfg.name)
     tags = {f"component.{c}": f"{n}/{v}" for c, (n, v) in pinned.items()}
     mv = client.create_model_version(cfg.name, f"runs:/{run.run_id}/release",
@@ -175,6 +184,21 @@ def register_release(component_uris: dict[str, str], *, cfg: RegistryConfig | No
     client.set_registered_model_alias(cfg.name, alias or cfg.candidate_alias, mv.version)
     log.info("registered release %s/%s: %s", cfg.name, mv.version, tags)
     return _release_from_version(client.get_model_version(cfg.name, mv.version))
+
+
+def log_release_model(client, run_id: str, component_uris: dict[str, str], release_doc: dict,
+                      tracking_uri: str | None) -> None:
+    """The release's artifact folder ``release/`` of run ``run_id``: an MLflow pyfunc model
+    (:mod:`mar3d.serving`) carrying copies of the component folders, and ``release.json``."""
+    from mar3d.serving import save_release_model
+
+    with tempfile.TemporaryDirectory(prefix="mar3d-release-") as tmp:
+        dirs = {}
+        for comp, uri in component_uris.items():  # each as artifacts/<component> in the model
+            dirs[comp] = Path(tmp, "components", comp)
+            shutil.move(_download(uri, tracking_uri, Path(tmp, "downloads", comp)), dirs[comp])
+        folder = save_release_model(Path(tmp, "release"), dirs, release_doc)
+        client.log_artifacts(run_id, str(folder), "release")
 
 
 def read_model_config(uri: str, tracking_uri: str | None = None) -> dict:
@@ -237,6 +261,16 @@ def get_release(uri: str, tracking_uri: str | None = None) -> Release:
     except MlflowException as e:
         raise RegistryError(f"{uri}: not found in the registry ({e.message})") from e
     return _release_from_version(mv)
+
+
+def component_model_ids(release: Release | None, tracking_uri: str | None = None) -> list[str]:
+    """The MLflow logged models of a release's components (their training runs' outputs;
+    none for components registered before lineage or not trained by mar3d)."""
+    if release is None:
+        return []
+    client = tracking.client(tracking_uri)
+    versions = [client.get_model_version(name, version) for name, version in release.components.values()]
+    return [mv.tags[lineage.MODEL_ID_TAG] for mv in versions if lineage.MODEL_ID_TAG in (mv.tags or {})]
 
 
 def find_release(name: str, alias: str, tracking_uri: str | None = None) -> Release | None:

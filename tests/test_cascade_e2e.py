@@ -139,6 +139,7 @@ def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_serv
     assert good_eval.metrics["all_objects/num_scored"] == 4, good_eval.per_object
     assert promote(good.uri, gate=gate, cfg=registry, tracking_uri=mlflow_server).passed
     assert get_release("models:/mar3d-e2e@champion", mlflow_server).version == good.version
+    _check_lineage(good, good_eval.run_id, results, mlflow_server, "eval", shards)
 
     # Deliberately worse: randomly initialised MAR-LR/HR of the same shapes on the trained VAE.
     untrained = write_tiny_release(tmp_path / "untrained", seed=123)
@@ -185,3 +186,23 @@ def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_serv
             assert r["reason"] and r["error"], r
         for path in r["outputs"]:
             assert len(trimesh.load(out / path, force="mesh").faces) > 0
+    _check_lineage(good, result.run_id, results, mlflow_server, "generate", images)
+
+
+def _check_lineage(release, run_id: str, results, tracking_uri: str, context: str, data) -> None:
+    """Read back through the MLflow client: the release's component versions name the
+    logged models their training runs produced, and the evaluation / generation run logged
+    its data as a dataset input (role ``context``) and those models as its model inputs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    produced = {}
+    for stage in ("vae", "lr", "hr"):
+        name, version = release.components[stage]
+        produced[stage] = client.get_model_version(name, version).tags["mar3d.logged_model_id"]
+        assert produced[stage] == client.get_run(results[stage].run_id).data.tags["mar3d.logged_model_id"]
+    run = client.get_run(run_id)
+    inputs = [d.dataset for d in run.inputs.dataset_inputs
+              if {t.key: t.value for t in d.tags}.get("mlflow.data.context") == context]
+    assert len(inputs) == 1 and str(data) in inputs[0].source, run.inputs.dataset_inputs
+    assert set(produced.values()) <= {m.model_id for m in run.inputs.model_inputs}, run.inputs.model_inputs

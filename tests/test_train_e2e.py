@@ -86,6 +86,7 @@ def test_train_vae_two_workers(trained_vae, shards, mlflow_server):
     assert lrs[cfg.steps] < 0.5 * cfg.lr  # cosine decay
     artifacts = {f.path for f in client.list_artifacts(result.run_id, "model")}
     assert {"model/model.safetensors", "model/config.yaml", "model/MLmodel"} <= artifacts
+    _check_lineage(client, run, shards, result)
 
     # Reload through MLflow (as the registry / inference would) and reconstruct.
     state, doc = load_model_dir(resolve_model_dir(result.model_uri, mlflow_server), kind="vae")
@@ -98,6 +99,23 @@ def test_train_vae_two_workers(trained_vae, shards, mlflow_server):
     print(f"reconstruction IoU per shape {scores}; mean {model_iou:.3f} vs all-inside {baseline:.3f}")
     assert model_iou > 0.6 and model_iou > baseline + 0.25, scores
     assert all(iou > base + 0.15 for iou, base in scores), scores
+
+
+def _check_lineage(client, run, shards, result) -> None:
+    """The run's dataset input (the shards, role train, digest their fingerprint) and the
+    logged model it produced, read back through the MLflow client."""
+    from mar3d.evaluate import dataset_fingerprint
+
+    inputs = [d for d in run.inputs.dataset_inputs
+              if {t.key: t.value for t in d.tags}.get("mlflow.data.context") == "train"]
+    assert len(inputs) == 1, run.inputs.dataset_inputs
+    fingerprint = dataset_fingerprint(shards)
+    assert inputs[0].dataset.digest == fingerprint["hash"][:36]
+    assert '"rows": %d' % fingerprint["rows"] in inputs[0].dataset.profile
+    model_id = run.data.tags["mar3d.logged_model_id"]
+    logged = client.get_logged_model(model_id)
+    assert logged.source_run_id == result.run_id and logged.tags["mar3d.model_uri"] == result.model_uri
+    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]
 
 
 @pytest.mark.parametrize("stage", ["lr", "hr"])

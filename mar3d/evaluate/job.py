@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mar3d import storage
+from mar3d import lineage, storage
 from mar3d.config import flatten, to_dict
 from mar3d.evaluate.baseline import _group_baselines, baseline_record
 from mar3d.evaluate.config import (GROUP_DESCRIPTIONS, PREVIEW_DIR, REPORT_FILE, SHEET_DIR, TABLE_FILE,
@@ -42,7 +42,7 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
     ``extra_params`` are logged as MLflow params next to the config."""
     from mar3d import tracking
     from mar3d.data.dataset import ShapeDataset
-    from mar3d.registry import get_release
+    from mar3d.registry import component_model_ids, get_release
 
     cfg = cfg or EvalConfig()
     cfg.validate()
@@ -86,6 +86,10 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         run_id = run.run_id
         params = _run_params(model, dataset, fingerprint, cfg, ctx, groups, extra_params)
         tracking.log_params(tracking_uri, run_id, params)
+        lineage.log_prepared_dataset(tracking_uri, run_id, str(dataset), fingerprint, "eval",
+                                     {"groups": {g.name: len(g.indices) for g in groups}})
+        lineage.log_model_inputs(tracking_uri, run_id, [
+            *component_model_ids(release, tracking_uri), *component_model_ids(champion, tracking_uri)])
 
         for folder in (PREVIEW_DIR, SHEET_DIR):
             (output / folder).mkdir(exist_ok=True)

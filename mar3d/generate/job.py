@@ -3,6 +3,7 @@ actor pool that generates the rest, and its MLflow run."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
                             seconds=time.perf_counter() - start, model=model, reasons=reasons)
     if cfg.contact_sheet_items:
         result.contact_sheet = write_contact_sheet(output, rows, items, cfg, _up_axis(images, cfg))
-    result.run_id = _track(result, images, cfg, tracking_uri)
+    result.run_id = _track(result, images, items, cfg, tracking_uri)
     return result
 
 
@@ -219,11 +220,14 @@ def _log_artifact(client, run_id: str, location: Path | str) -> None:
         client.log_artifact(run_id, str(storage.download(location, Path(tmp) / storage.name(location))))
 
 
-def _track(result: GenerateResult, images: str | Path, cfg: GenerateConfig,
+def _track(result: GenerateResult, images: str | Path, items: list[dict], cfg: GenerateConfig,
            tracking_uri: str | None) -> str:
-    """One MLflow run per job: settings, counts, throughput and the contact sheet."""
-    from mar3d import tracking
+    """One MLflow run per job: settings, counts, throughput and the contact sheet; the
+    images as its dataset input (digest over the items' ids and file fingerprints), the
+    release's models as its model inputs."""
+    from mar3d import lineage, tracking
     from mar3d.config import flatten
+    from mar3d.registry import component_model_ids, get_release
 
     uri = tracking_uri or tracking.default_tracking_uri(result.output)
     with tracking.tracked_run(uri, cfg.experiment, f"generate-{storage.name(result.output)}",
@@ -236,6 +240,12 @@ def _track(result: GenerateResult, images: str | Path, cfg: GenerateConfig,
                                            "failed": result.failed, "skipped": result.skipped,
                                            "seconds": result.seconds,
                                            "shapes_per_second": result.shapes_per_second}, step=0)
+        listing = sorted((it["raw_id"], it["fingerprint"]) for it in items)
+        lineage.log_dataset(uri, run_id, str(Path(images).resolve()),
+                            hashlib.sha256(json.dumps(listing).encode()).hexdigest(), "generate",
+                            {"items": len(items), "kinds": sorted({it["kind"] for it in items})})
+        if result.model.startswith("models:/"):
+            lineage.log_model_inputs(uri, run_id, component_model_ids(get_release(result.model, uri), uri))
         client = tracking.client(uri)
         for path in (result.contact_sheet, storage.join(result.output, SETTINGS)):
             if path is not None and storage.is_file(path):

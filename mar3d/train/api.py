@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mar3d import logs, storage
+from mar3d import lineage, logs, storage
 from mar3d.config import flatten, to_dict
 from mar3d.train.config import TrainConfig
 from mar3d.train.loop import MODEL_DIR, TRACKING_BACKLOG
@@ -236,6 +236,13 @@ def _record_run(cfg: TrainConfig, run_location: str, tracking_uri: str, run_id: 
     params.update({"world_size": cfg.num_workers, "precision_resolved": cfg.resolved_precision(),
                    "backend_resolved": cfg.resolved_backend()})
     tracking.log_params(tracking_uri, run_id, params)
+    from mar3d.evaluate import dataset_fingerprint
+
+    lineage.log_prepared_dataset(tracking_uri, run_id, cfg.data, dataset_fingerprint(cfg.data), "train",
+                                 {"split": cfg.split})
+    if cfg.eval_data:
+        lineage.log_prepared_dataset(tracking_uri, run_id, cfg.eval_data, dataset_fingerprint(cfg.eval_data),
+                                     "eval")
 
 
 def _make_trainer(cfg: TrainConfig, root: str, run_context: dict[str, str]):
@@ -312,6 +319,9 @@ def _finish_tracking_run(cfg: TrainConfig, run, run_dir: Path, model_dir: Path, 
                         replayed, backlog)
         tracking.log_artifacts(tracking_uri, run_id, model_dir, MODEL_DIR)
         c.set_tag(run_id, "mar3d.model_uri", f"runs:/{run_id}/{MODEL_DIR}")
+        if not lineage.produced_model_id(c, run_id):  # once, also when a re-run finishes the run
+            lineage.log_produced_model(tracking_uri, run_id, cfg.name, f"runs:/{run_id}/{MODEL_DIR}",
+                                       cfg.stage, {"steps": cfg.steps, "data": cfg.data})
         trained = run_dir / TRAINED_CONDITIONER_DIR
         if trained.is_dir():
             tracking.log_artifacts(tracking_uri, run_id, trained, TRAINED_CONDITIONER_DIR)
