@@ -16,7 +16,7 @@ REASONS = {
     "nonfinite_vertices": "vertices contain NaN or Inf",
     "invalid_faces": "face indices out of range",
     "unsupported_extension": "a glTF file requires an extension the loader does not implement "
-                             "(e.g. EXT_meshopt_compression, KHR_texture_basisu); the message names it",
+                             "(e.g. KHR_texture_basisu, KHR_materials_transmission); the message names it",
     "unsafe_reference": "the file references a file outside its folder (../, absolute path, URL)",
     "too_many_faces": "more triangles than DataConfig.max_faces",
     "degenerate": "zero extent or zero surface area",

@@ -8,8 +8,8 @@ not at all. Materials have the same problem: trimesh turns a specular-glossiness
 material into a metallic one through a conversion that reads a palette ("P") diffuse
 texture as grey, and it reads every texture through TEXCOORD_0 untransformed (a base
 colour texture on TEXCOORD_1, or with KHR_texture_transform, comes out scrambled).
-:func:`as_plain_glb` rewrites such a file in memory into the plain form (Draco decoded,
-integers dequantized, sparse applied, strips and fans listed as triangles,
+:func:`as_plain_glb` rewrites such a file in memory into the plain form (Draco and
+meshopt-compressed buffer views decoded, integers dequantized, sparse applied, strips and fans listed as triangles,
 specular-glossiness written as the metallic-roughness material of its diffuse colour,
 the base colour texture's coordinates baked into TEXCOORD_0) and leaves the rest of
 the materials, the textures and the scene graph to trimesh. A file that needs none of
@@ -20,7 +20,7 @@ with ``MeshError("unsupported_extension")`` naming it, instead of loading a wron
 (Alpha modes and vertex colours under a material are read by trimesh as they are and
 drawn by the renderer, :mod:`mar3d.data.render`.)
 
-(Just over ~500 lines on purpose: one rewrite of one file format, each case a small
+(About 590 lines on purpose: one rewrite of one file format, each case a small
 function beside the accessor code it shares.)
 """
 from __future__ import annotations
@@ -42,12 +42,17 @@ from .preflight import check_reference
 
 GLTF_SUFFIXES = (".glb", ".gltf")
 DRACO = "KHR_draco_mesh_compression"
+# Compressed bufferViews (gltfpack, gltf-transform, Blender exporters with meshopt): the
+# EXT_ name is the original, the KHR_ one its ratified successor with the same layout.
+MESHOPT = ("EXT_meshopt_compression", "KHR_meshopt_compression")
+MESHOPT_MODES = ("ATTRIBUTES", "TRIANGLES", "INDICES")
+MESHOPT_FILTERS = ("NONE", "OCTAHEDRAL", "QUATERNION", "EXPONENTIAL", "COLOR")
 QUANTIZATION = "KHR_mesh_quantization"
 SPEC_GLOSS = "KHR_materials_pbrSpecularGlossiness"
 TEXTURE_TRANSFORM = "KHR_texture_transform"
 # Decoded here into plain accessors and materials, so the rewritten file no longer uses
 # them (a texture transform is baked for the base colour texture, the only one rendered).
-DECODED_EXTENSIONS = frozenset({DRACO, QUANTIZATION, SPEC_GLOSS, TEXTURE_TRANSFORM})
+DECODED_EXTENSIONS = frozenset({DRACO, *MESHOPT, QUANTIZATION, SPEC_GLOSS, TEXTURE_TRANSFORM})
 # Implemented by trimesh's own glTF reader (trimesh/exchange/gltf/extensions.py).
 TRIMESH_EXTENSIONS = frozenset({"EXT_texture_webp"})
 SUPPORTED_REQUIRED = DECODED_EXTENSIONS | TRIMESH_EXTENSIONS
@@ -71,7 +76,8 @@ def as_plain_glb(path: Path, max_faces: int) -> bytes | None:
     check_bufferless_sizes(doc, max_faces)
     if not needs_rewrite(doc):
         return None
-    plain, binary = rewrite(doc, load_buffers(path, doc), max_faces)
+    doc, buffers = decode_meshopt_views(doc, load_buffers(path, doc), max_faces)
+    plain, binary = rewrite(doc, buffers, max_faces)
     return glb_bytes(plain, binary)
 
 
@@ -111,6 +117,8 @@ def needs_rewrite(doc: dict) -> bool:
     than plain TEXCOORD_0. Tolerant of malformed documents: those are left to trimesh."""
     accessors = _list(doc.get("accessors"))
     if any(isinstance(a, dict) and "sparse" in a for a in accessors):
+        return True
+    if any(meshopt_extension(view) is not None for view in _list(doc.get("bufferViews"))):
         return True
     if any(SPEC_GLOSS in _dict(m.get("extensions")) for m in materials(doc)):
         return True
@@ -154,6 +162,68 @@ def rewrite(doc: dict, buffers: list[bytes], max_faces: int) -> tuple[dict, byte
     plain["buffers"] = [{"byteLength": builder.size}]
     _drop_decoded_extensions(plain)
     return plain, builder.bytes()
+
+
+def meshopt_extension(view) -> dict | None:
+    extensions = _dict(_dict(view).get("extensions"))
+    return next((_dict(extensions[name]) for name in MESHOPT if name in extensions), None)
+
+
+def is_meshopt_fallback(buffer) -> bool:
+    """A buffer that only stands in for meshopt-compressed views: no data of its own."""
+    extensions = _dict(_dict(buffer).get("extensions"))
+    return any(_dict(extensions.get(name)).get("fallback") is True for name in MESHOPT)
+
+
+def decode_meshopt_views(doc: dict, buffers: list[bytes], max_faces: int) -> tuple[dict, list[bytes]]:
+    """``doc`` and ``buffers`` with every EXT/KHR_meshopt_compression bufferView decoded
+    into a plain view of a new buffer (meshoptimizer's own decoder, filters included);
+    unchanged when no view is compressed. Compressed data is bounded by what
+    ``max_faces`` triangles can use before it is decoded."""
+    views = _list(doc.get("bufferViews"))
+    if not any(meshopt_extension(view) is not None for view in views):
+        return doc, buffers
+    import meshopt  # imported here: only meshopt files need the native decoder
+
+    doc, buffers = copy.deepcopy(doc), list(buffers)
+    for index, view in enumerate(doc["bufferViews"]):
+        extension = meshopt_extension(view)
+        if extension is None:
+            continue
+        what = f"glTF bufferViews[{index}] (meshopt)"
+        count, stride = extension.get("count"), extension.get("byteStride")
+        mode, filter_ = extension.get("mode"), extension.get("filter", "NONE")
+        if not (isinstance(count, int) and isinstance(stride, int) and count > 0 and 0 < stride <= 256):
+            raise MeshError("unreadable", f"{what}: count {count!r} / byteStride {stride!r} are not valid")
+        if mode not in MESHOPT_MODES or filter_ not in MESHOPT_FILTERS:
+            raise MeshError("unsupported_extension", f"{what}: mode {mode!r} / filter {filter_!r} is not one "
+                                                     f"of {MESHOPT_MODES} / {MESHOPT_FILTERS}")
+        if count * stride > _BUFFERLESS_COMPONENTS_PER_FACE * 4 * max_faces:
+            raise MeshError("too_many_faces", f"{what} decodes to {count * stride} bytes, more than "
+                                              f"max_faces={max_faces} triangles can use")
+        source = bytes(view_bytes({"bufferViews": [extension]}, buffers, 0))
+        try:
+            rows = meshopt.decode_gltf_buffer(source, count, stride, mode, filter_)
+        except (ValueError, RuntimeError) as e:
+            raise MeshError("unreadable", f"{what}: the compressed data does not decode ({e})") from None
+        plain = np.ascontiguousarray(rows).tobytes()
+        length = view.get("byteLength")
+        if not isinstance(length, int) or not 0 <= length <= len(plain):
+            raise MeshError("unreadable", f"{what}: byteLength {length!r} exceeds the {len(plain)} "
+                                          "bytes its data decodes to")
+        buffers.append(plain)
+        decoded = {k: v for k, v in view.items() if k != "extensions"}
+        others = {k: v for k, v in _dict(view.get("extensions")).items() if k not in MESHOPT}
+        if others:
+            decoded["extensions"] = others
+        decoded.update(buffer=len(buffers) - 1, byteOffset=0)
+        doc["bufferViews"][index] = decoded
+    fallbacks = {i for i, buffer in enumerate(_list(doc.get("buffers"))) if is_meshopt_fallback(buffer)}
+    reading = sorted(i for i, view in enumerate(doc["bufferViews"]) if _dict(view).get("buffer") in fallbacks)
+    if reading:
+        raise MeshError("unreadable", f"glTF bufferViews {reading} read a meshopt fallback buffer, which "
+                                      "holds no data, without being compressed themselves")
+    return doc, buffers
 
 
 def plain_accessors(doc: dict, buffers: list[bytes], builder: BinaryBuilder) -> list[Values]:
@@ -453,6 +523,9 @@ def load_buffers(path: Path, doc: dict) -> list[bytes]:
     buffers = []
     for i, buffer in enumerate(_list(doc.get("buffers"))):
         uri = _dict(buffer).get("uri")
+        if not isinstance(uri, str) and is_meshopt_fallback(buffer):
+            buffers.append(b"")  # every view of it is compressed (decode_meshopt_views checks)
+            continue
         if isinstance(uri, str):
             data = _uri_bytes(path, uri, f"glTF buffers[{i}].uri")
         elif i == 0 and binary is not None:  # GLB: the first buffer without a uri is the chunk
