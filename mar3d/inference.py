@@ -400,7 +400,7 @@ class MAR3DPipeline:
         the first stage generates (``"lr"``, or ``"hr"`` for a single-stage model)."""
         return "hr" if self.uses_hr else self.lr.mar.cfg.target_level
 
-    def _sampling(self, **overrides) -> SamplingConfig:
+    def sampling_config(self, **overrides) -> SamplingConfig:
         """The pipeline's sampling settings with a call's (not None) on top."""
         sampling = SamplingConfig(**overrides).over(self.config.sampling)
         sampling.validate()
@@ -438,7 +438,7 @@ class MAR3DPipeline:
     def sample_lr(self, features: EncoderFeatures, generator: Generators, **sampling) -> torch.Tensor:
         """MAR-LR: encoder features (:meth:`encode`) -> LR VAE latents. ``sampling``:
         :class:`SamplingConfig` settings over the pipeline's."""
-        tokens = self.lr.sample(features, generator=generator, **self._sampling(**sampling).overrides())
+        tokens = self.lr.sample(features, generator=generator, **self.sampling_config(**sampling).overrides())
         return self.lr.mar.denormalize(tokens)
 
     @torch.no_grad()
@@ -448,7 +448,7 @@ class MAR3DPipeline:
         if self.hr is None:
             raise ValueError("this pipeline has no MAR-HR model")
         tokens = self.hr.sample(features, lr_tokens=self.hr.mar.normalize_lr(lr_latents),
-                                generator=generator, **self._sampling(**sampling).overrides())
+                                generator=generator, **self.sampling_config(**sampling).overrides())
         return self.hr.mar.denormalize(tokens)
 
     @torch.no_grad()
@@ -488,7 +488,7 @@ class MAR3DPipeline:
         sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                         temperature=temperature, diffusion_steps=diffusion_steps,
                         timestep_spacing=timestep_spacing)
-        self._sampling(**sampling)  # refuse bad settings before any work
+        self.sampling_config(**sampling)  # refuse bad settings before any work
         t0 = time.perf_counter()
         rgba = [load_image(im, self.config) for im in as_image_list(images)]
         gens = self.item_generators(len(rgba), seed, generator)

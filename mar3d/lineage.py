@@ -32,7 +32,9 @@ def dataset_entity(location: str, digest: str, profile: dict[str, Any], name: st
     from mlflow.entities import Dataset
 
     source = location if storage.is_remote(location) else str(storage.display(location))
-    return Dataset(name=name or storage.name(location) or source, digest=digest[:36],
+    # The last two path parts: a prepared dataset's folder is often just "data".
+    default_name = "/".join(source.rstrip("/").split("/")[-2:])
+    return Dataset(name=name or default_name, digest=digest[:36],
                    source_type="s3" if storage.is_remote(location) else "local",
                    source=json.dumps({"uri": source}), profile=json.dumps(profile, sort_keys=True))
 

@@ -32,8 +32,13 @@ class ReleaseModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         try:
-            requests = self._requests(model_input)
             output = str((params or {}).get("output_uri") or "")
+            if output:
+                try:
+                    storage.check(output, "output_uri")
+                except (storage.StorageError, OSError, ValueError) as e:
+                    raise BadRequest(f"output_uri {output!r}: {e}") from None
+            requests = self._requests(model_input)
             rows = [self._generate(image, settings, output) for image, settings in requests]
         except BadRequest as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
@@ -65,7 +70,7 @@ class ReleaseModel(mlflow.pyfunc.PythonModel):
             raise BadRequest(f"resolution must be in [16, 1024], got {resolution}")
         sampling = {k: settings[k] for k in ("num_inference_steps", "guidance_scale")}
         try:
-            self.pipe._sampling(**sampling)
+            self.pipe.sampling_config(**sampling)
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
@@ -91,13 +96,6 @@ class ReleaseModel(mlflow.pyfunc.PythonModel):
                 row["glb_base64"] = base64.b64encode(glb).decode()
         row["seconds"] = time.perf_counter() - t0
         return row
-
-
-def python_model_class():
-    """:class:`ReleaseModel` as an ``mlflow.pyfunc.PythonModel`` subclass."""
-    import mlflow.pyfunc
-
-    return type("ReleaseModel", (ReleaseModel, mlflow.pyfunc.PythonModel), {})
 
 
 mlflow.models.set_model(ReleaseModel())
