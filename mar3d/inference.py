@@ -400,6 +400,13 @@ class MAR3DPipeline:
         the first stage generates (``"lr"``, or ``"hr"`` for a single-stage model)."""
         return "hr" if self.uses_hr else self.lr.mar.cfg.target_level
 
+    def check_settings(self, resolution: int | None = None, **sampling) -> SamplingConfig:
+        """Refuse a call's settings before any work (ValueError): its sampling settings over
+        the pipeline's, and its marching-cubes resolution; returns the sampling settings."""
+        if resolution is not None:
+            dataclasses.replace(self.config, resolution=resolution).validate()
+        return self.sampling_config(**sampling)
+
     def sampling_config(self, **overrides) -> SamplingConfig:
         """The pipeline's sampling settings with a call's (not None) on top."""
         sampling = SamplingConfig(**overrides).over(self.config.sampling)
@@ -488,7 +495,7 @@ class MAR3DPipeline:
         sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                         temperature=temperature, diffusion_steps=diffusion_steps,
                         timestep_spacing=timestep_spacing)
-        self.sampling_config(**sampling)  # refuse bad settings before any work
+        self.check_settings(resolution, **sampling)
         t0 = time.perf_counter()
         rgba = [load_image(im, self.config) for im in as_image_list(images)]
         gens = self.item_generators(len(rgba), seed, generator)

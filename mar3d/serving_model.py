@@ -16,7 +16,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from mar3d import storage
-from mar3d.inference import InvalidImageError, MAR3DPipeline, load_image
+from mar3d.geometry.extract import no_surface_reason
+from mar3d.inference import MAR3DPipeline, load_image
 from mar3d.serving import (IMAGE_COLUMN, OPTIONAL_COLUMNS, OUTPUT_COLUMNS, READ_LOCATIONS_ENV, BadRequest, cell_value,
                            image_bytes, mesh_name)
 
@@ -39,14 +40,15 @@ class ReleaseModel(mlflow.pyfunc.PythonModel):
                 except (storage.StorageError, OSError, ValueError) as e:
                     raise BadRequest(f"output_uri {output!r}: {e}") from None
             requests = self._requests(model_input)
-            rows = [self._generate(image, settings, output) for image, settings in requests]
+            rows = [self._generate(image, rgba, settings, output) for image, rgba, settings in requests]
         except BadRequest as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
-    def _requests(self, model_input) -> list[tuple[bytes, dict[str, Any]]]:
-        """Every row's image bytes (decoded, checked) and settings, before any generation:
-        one bad row refuses the request before time is spent on the others."""
+    def _requests(self, model_input) -> list[tuple[bytes, Any, dict[str, Any]]]:
+        """Every row's image (file bytes, for naming a written mesh, and its decoded pixels)
+        and settings, checked before any generation: one bad row refuses the request before
+        time is spent on the others."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if IMAGE_COLUMN not in frame.columns:
             raise BadRequest(f"input has no {IMAGE_COLUMN!r} column (columns: {list(frame.columns)})")
@@ -56,42 +58,30 @@ class ReleaseModel(mlflow.pyfunc.PythonModel):
         for i, row in enumerate(frame.to_dict("records")):
             try:
                 image = image_bytes(row[IMAGE_COLUMN], self.read_locations)
-                load_image(image, self.pipe.config)  # refuse what the pipeline would refuse
+                rgba = load_image(image, self.pipe.config)
                 settings = {name: cell_value(row, name, cast) for name, (_, cast) in OPTIONAL_COLUMNS.items()}
-                self._check(settings)
-            except (BadRequest, InvalidImageError) as e:
+                self.pipe.check_settings(settings["resolution"], num_inference_steps=settings["num_inference_steps"],
+                                         guidance_scale=settings["guidance_scale"])
+            except (BadRequest, ValueError) as e:  # InvalidImageError is a ValueError
                 raise BadRequest(f"row {i}: {e}") from None
-            requests.append((image, settings))
+            requests.append((image, rgba, settings))
         return requests
 
-    def _check(self, settings: dict[str, Any]) -> None:
-        resolution = settings["resolution"]
-        if resolution is not None and not 16 <= resolution <= 1024:
-            raise BadRequest(f"resolution must be in [16, 1024], got {resolution}")
-        sampling = {k: settings[k] for k in ("num_inference_steps", "guidance_scale")}
-        try:
-            self.pipe.sampling_config(**sampling)
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
-
-    def _generate(self, image: bytes, settings: dict[str, Any], output: str) -> dict[str, Any]:
+    def _generate(self, image: bytes, rgba, settings: dict[str, Any], output: str) -> dict[str, Any]:
         t0 = time.perf_counter()
-        out = self.pipe(image, seed=settings["seed"] or 0, resolution=settings["resolution"],
+        out = self.pipe(rgba, seed=settings["seed"] or 0, resolution=settings["resolution"],
                         num_inference_steps=settings["num_inference_steps"],
                         guidance_scale=settings["guidance_scale"])
         mesh = out.meshes[0]
         row = {"glb_base64": "", "uri": "", "level": out.level, "num_vertices": len(mesh.vertices),
                "num_faces": len(mesh.faces), "status": "ok", "error": ""}
         if len(mesh.faces) == 0:
-            row.update(status="error", error="the decoded occupancy field has no surface (no sign change "
-                                             "on the marching-cubes grid: all inside or all outside)")
+            row.update(status="error", error=no_surface_reason(settings["resolution"] or self.pipe.config.resolution))
         else:
             glb = mesh.export(file_type="glb")
             if output:
                 row["uri"] = storage.join(output, mesh_name(image, settings))
-                if not storage.is_remote(output):
-                    Path(output).mkdir(parents=True, exist_ok=True)
-                storage.write_bytes(row["uri"], glb)
+                storage.write_bytes(row["uri"], glb)  # creates the folder
             else:
                 row["glb_base64"] = base64.b64encode(glb).decode()
         row["seconds"] = time.perf_counter() - t0

@@ -56,18 +56,25 @@ def start_mlflow_server(root: Path, port: int | None = None, artifact_args: list
          *artifact_args, "--workers", "1", *auth_args],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    wait_until_answers(uri + "/health", proc, root / "server.log", 120, "mlflow server")
+    return uri, proc
+
+
+def wait_until_answers(url: str, proc: subprocess.Popen, log: Path, seconds: float, what: str) -> None:
+    """Return once ``url`` answers 200; a server process that exits first, or is not
+    answering after ``seconds`` (then stopped), raises with the end of its ``log``."""
+    deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+            raise RuntimeError(f"{what} exited: {log.read_text()[-2000:]}")
         try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
-                    return uri, proc
+                    return
         except OSError:
             time.sleep(0.5)
     stop_mlflow_server(proc)
-    raise RuntimeError("mlflow server did not become healthy in 120 s")
+    raise RuntimeError(f"{what} did not answer {url} in {seconds:.0f} s: {log.read_text()[-2000:]}")
 
 
 def stop_mlflow_server(proc: subprocess.Popen, timeout: float = 20) -> None:

@@ -23,14 +23,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from _services import _free_port
+from _services import _free_port, stop_mlflow_server, wait_until_answers
 
 pytestmark = pytest.mark.e2e
 
@@ -120,16 +119,7 @@ def test_mlflow_models_serve_answers_glbs_and_refuses_bad_input_with_400(
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.time() < deadline, "mlflow models serve did not answer /ping in 180 s"
-            try:
-                with urllib.request.urlopen(base + "/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_until_answers(base + "/ping", proc, tmp_path / "serve.log", 180, "mlflow models serve")
         image = base64.b64encode(_png_of_view(ycb_small_shards)).decode()
         good = {"dataframe_records": [{"image": image, "resolution": RESOLUTION, "seed": 1}]}
 
@@ -160,11 +150,4 @@ def test_mlflow_models_serve_answers_glbs_and_refuses_bad_input_with_400(
         status, body = _post(base + "/invocations", good)  # the server survived every refusal
         assert status == 200 and len(_glb_mesh(body["predictions"][0]).faces) == len(first.faces)
     finally:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_mlflow_server(proc)  # the server's whole process group

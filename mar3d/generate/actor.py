@@ -15,6 +15,7 @@ from mar3d import storage
 from mar3d.config import from_dict
 from mar3d.generate.inputs import ItemReader
 from mar3d.generate.results import RESULTS_SCHEMA, _result_row, mesh_paths
+from mar3d.geometry.extract import no_surface_reason
 from mar3d.inference import PipelineConfig
 
 
@@ -106,10 +107,8 @@ class _GeneratorActor:
         mesh = extraction.mesh
         timings["decode_seconds"] = extraction.seconds
         if len(mesh.faces) == 0:
-            # extract_mesh returns an empty mesh when the field never crosses the level.
-            return self._error(item, "no_surface", f"the decoded occupancy field has no surface (no sign "
-                               f"change on the {self.pipe.config.resolution}^3 grid: all inside or all "
-                               f"outside)", timings, level=level)
+            return self._error(item, "no_surface", no_surface_reason(extraction.resolution), timings,
+                               level=level)
         t2 = time.perf_counter()
         rel = mesh_paths(item["id"], self.formats)
         try:

@@ -277,6 +277,12 @@ def keep_large_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh
     return trimesh.util.concatenate(keep)
 
 
+def no_surface_reason(resolution: int) -> str:
+    """Why :func:`extract_mesh` returned an empty mesh (the field never crossed the level)."""
+    return (f"the decoded occupancy field has no surface (no sign change on the {resolution}^3 grid: "
+            "all inside or all outside)")
+
+
 def extract_mesh(occupancy_fn: OccupancyFn, resolution: int = 256, bounds: float = 1.05,
                  batch_size: int = 65536, method: Literal["hierarchical", "dense"] = "hierarchical",
                  level: float = 0.0, coarse_resolution: int | None = None, band: float | None = None,
