@@ -30,6 +30,7 @@ class LocalRunResult:
     meshes: list[Path]
     results_path: Path | None
     contact_sheets: list[Path] = field(default_factory=list)  # evaluation groups, then generation
+    pages: list[Path] = field(default_factory=list)           # 3D pages: evaluation groups, gallery
     evaluation: str = ""                                       # the evaluation's side-by-side table
     run_id: str = ""                                           # its folder under workdir/runs
 
@@ -43,6 +44,7 @@ class LocalRunResult:
         if self.run_id:
             lines.append(f"  step logs:   {self.workdir / 'runs' / self.run_id}/<step>/step.log")
         lines += [f"  contact sheet: {p}" for p in self.contact_sheets]
+        lines += [f"  3D page:       {p}" for p in self.pages]
         if self.mlflow_uri.startswith("sqlite:///"):
             lines.append(f"  browse runs and registered models: mlflow ui --backend-store-uri {self.mlflow_uri}")
         if self.evaluation:
@@ -53,7 +55,8 @@ class LocalRunResult:
         return {"workdir": str(self.workdir), "mlflow_uri": self.mlflow_uri, "run_id": self.run_id,
                 "seconds": round(self.seconds, 1), "num_meshes": len(self.meshes),
                 "results_path": str(self.results_path) if self.results_path else None,
-                "contact_sheets": [str(p) for p in self.contact_sheets]}
+                "contact_sheets": [str(p) for p in self.contact_sheets],
+                "pages": [str(p) for p in self.pages]}
 
 
 def compile_pipeline(path: str | Path | None = None) -> Path:
@@ -135,21 +138,24 @@ def run_local(dataset: str | Path, workdir: str | Path, mlflow_uri: str | None =
 
 
 def _local_result(workdir: Path, mlflow_uri: str, seconds: float, run_id: str) -> LocalRunResult:
-    """Where a finished local run's meshes, contact sheets and evaluation table are."""
+    """Where a finished local run's meshes, contact sheets, 3D pages and evaluation table are."""
     latest = workdir / "runs" / run_id / "generate" / "results.parquet" if run_id else None
     latest = latest if latest is not None and latest.is_file() else None
     meshes = sorted(latest.parent.rglob("*.glb")) if latest else []
-    sheets, table = [], ""
+    sheets, pages, table = [], [], ""
     if latest is not None:
         from mar3d.evaluate import evaluation_table
 
         run = latest.parent.parent
         sheets = sorted((run / "eval" / "contact_sheets").glob("*.png"))
         sheets += [p for p in [latest.parent / "contact_sheet.png"] if p.is_file()]
+        pages = sorted((run / "eval" / "views").glob("*.html"))
+        pages += [p for p in [latest.parent / "gallery.html"] if p.is_file()]
         report = run / "eval" / "report.json"
         if report.is_file():
             table = evaluation_table(json.loads(report.read_text())["metrics"])
-    return LocalRunResult(workdir, mlflow_uri, seconds, meshes, latest, sheets, table, run_id)
+    return LocalRunResult(workdir, mlflow_uri, seconds, meshes, latest, contact_sheets=sheets, pages=pages,
+                          evaluation=table, run_id=run_id)
 
 
 def _new_run_id(runs: Path, before: set[Path]) -> str:

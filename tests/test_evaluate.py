@@ -304,6 +304,20 @@ def test_evaluate_release_logs_to_mlflow_and_registry(eval_shards, mlflow_server
     table = json.loads(open(client.download_artifacts(result.run_id, "per_object_table.json",
                                                       str(tmp_path))).read())
     assert len(table["data"]) == 2 and "chamfer" in table["columns"]
+    # One rotatable 3D page per group, logged; the MLflow UI's artifact view shows it
+    # (a real browser: the view drew a shape and a drag turns the panel's views together).
+    assert report["view_pages"] == {g: f"views/{g}.html" for g in groups}
+    assert sorted(f.path for f in client.list_artifacts(result.run_id, "views")) == [
+        "views/heldout_objects.html", "views/seen_view.html"]
+    from _browser import check_view_turns, chromium_page, page_frame
+    from _credentials import SESSION_CREDENTIALS
+
+    account = {"username": SESSION_CREDENTIALS["MLFLOW_TRACKING_USERNAME"],
+               "password": SESSION_CREDENTIALS["MLFLOW_TRACKING_PASSWORD"]}
+    with chromium_page(http_credentials=account) as page:
+        page.goto(f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{result.run_id}"
+                  "/artifacts/views/seen_view.html")
+        check_view_turns(page, page_frame(page), "mlflow_ui_view.png")
 
     # The promotion gate reads the metrics (and the protocol of each group) from the release.
     rel = get_release(release_uri, mlflow_server)

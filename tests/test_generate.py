@@ -13,7 +13,7 @@ import trimesh
 from PIL import Image
 
 from mar3d.config import ConfigError, load_config, to_dict
-from mar3d.generate import (DETERMINISTIC_REASONS, RESULTS, GenerateConfig, batch_generate,
+from mar3d.generate import (DETERMINISTIC_REASONS, GALLERY, RESULTS, GenerateConfig, batch_generate,
                             item_seed, list_inputs, mesh_paths, read_results)
 from mar3d.generate.actor import _GeneratorActor
 from mar3d.inference import PipelineConfig
@@ -83,6 +83,13 @@ def _write_image_folder(root):
 @pytest.fixture
 def image_folder(tmp_path):
     return _write_image_folder(tmp_path / "images")
+
+
+def _gallery_panels(path) -> list[dict]:
+    import json
+    import re
+
+    return json.loads(re.search(r'id="mar3d-data">(.*?)</script>', path.read_text(), re.S).group(1))["panels"]
 
 
 # ----------------------------------------------------------------------- units (no Ray)
@@ -242,6 +249,18 @@ def test_folder_job_rerun_and_seed_stability(ray_local, release, image_folder, t
         assert r["status"] == "error" and r["reason"] == reason and fragment in r["error"], r
         assert r["reason"] in DETERMINISTIC_REASONS and r["outputs"] == []
     assert not list(out.rglob("*.tmp*"))
+    # The gallery shows every result: the meshes with their input images, the errors with
+    # their reasons (the page's own data, as its script reads it).
+    assert result.gallery == out / GALLERY
+    panels = {p["title"]: p for p in _gallery_panels(out / GALLERY)}
+    assert set(panels) == {r["id"] for r in rows.values()}
+    for name, r in rows.items():
+        panel = panels[r["id"]]
+        if name in GOOD:
+            assert panel["image"] and [s["label"] for s in panel["shapes"]] == ["generated"], panel
+            assert panel["shapes"][0]["source_count"] == r["num_faces"] and not panel["error"]
+        else:
+            assert panel["error"] == f"{r['reason']}: {r['error']}" and not panel["shapes"]
 
     # A re-run has nothing to do: finished meshes and deterministic errors are skipped;
     # the half-written file of a writer killed in an earlier run is removed.
@@ -323,7 +342,19 @@ def test_shard_dataset_job(ray_local, release, shard_dataset, tmp_path):
     client = tracking.client(tracking.default_tracking_uri(tmp_path / "out"))
     run = client.get_run(result.run_id)
     assert run.data.metrics["succeeded"] == 2 and run.data.tags["mar3d.kind"] == "generate"
-    assert {f.path for f in client.list_artifacts(result.run_id)} >= {"contact_sheet.png", "generate.json"}
+    assert {f.path for f in client.list_artifacts(result.run_id)} >= {"contact_sheet.png", "generate.json",
+                                                                      "gallery.html"}
+    # The gallery in a real browser: each panel's generated mesh and ground truth draw
+    # and turn together; `mar3d view` on the output writes the same page.
+    from _browser import check_view_turns, chromium_page, page_frame
+
+    with chromium_page() as page:
+        page.goto(result.gallery.as_uri())
+        assert check_view_turns(page, page_frame(page), "gallery.png")["views_in_panel"] == 2
+    from mar3d.cli import main
+
+    assert main(["view", str(tmp_path / "out"), "-o", str(tmp_path / "again.html"), "--no-progress"]) == 0
+    assert _gallery_panels(tmp_path / "again.html") == _gallery_panels(result.gallery)
 
 
 @pytest.mark.e2e

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -403,8 +404,9 @@ def test_training_image_installs_the_project_with_the_lock():
     assert "pip install" in runs and "requirements.lock" in runs and re.search(r"pip install .*\s\.(\s|$)", runs)
     # The config presets ship as package data of the installed mar3d package.
     assert ("COPY", "mar3d /opt/mar3d/mar3d") in instrs, "the package (with its configs) must ship in the image"
-    assert 'mar3d = ["configs/*.yaml", "configs/pipeline/*.yaml"]' in (REPO / "pyproject.toml").read_text(), \
-        "configs must ship in the image"
+    shipped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mar3d"]
+    assert {"configs/*.yaml", "configs/pipeline/*.yaml", "viewer/page.html"} <= set(shipped), \
+        "configs and the pages' template must ship in the image"
 
 
 @pytest.mark.parametrize("lock", ["requirements.lock", "mlflow/requirements.lock"])

@@ -353,11 +353,14 @@ def test_generate_to_s3(s3, mlflow_s3, ray_local, tmp_path):
         data = storage.read_bytes(f"{output}/{r['outputs'][0]}")
         mesh = trimesh.load(__import__("io").BytesIO(data), file_type="glb", force="mesh")
         assert len(mesh.faces) == r["num_faces"] > 0
-    assert {"generated/results.parquet", "generated/generate.json", "generated/contact_sheet.png"} <= set(keys)
+    assert {"generated/results.parquet", "generated/generate.json", "generated/contact_sheet.png",
+            "generated/gallery.html"} <= set(keys)
+    assert result.gallery == f"{output}/gallery.html"
+    assert b'id="mar3d-shapes-' in storage.read_bytes(result.gallery)  # meshes read back from S3
     assert not [k for k in keys if ".tmp" in k]
-    # The job's MLflow artifacts (contact sheet, settings) are objects in the bucket too.
+    # The job's MLflow artifacts (contact sheet, gallery, settings) are objects in the bucket too.
     run_keys = [k for k in _keys(s3, "mlflow/") if f"/{result.run_id}/artifacts/" in k]
-    assert {k.rsplit("/", 1)[1] for k in run_keys} == {"contact_sheet.png", "generate.json"}
+    assert {k.rsplit("/", 1)[1] for k in run_keys} == {"contact_sheet.png", "gallery.html", "generate.json"}
 
     again = batch_generate(str(images), str(release), output, cfg, tracking_uri=mlflow_s3, progress=False)
     assert (again.succeeded, again.failed, again.skipped) == (0, 0, 4)  # resumable on S3 too
@@ -387,9 +390,10 @@ def test_evaluate_s3_dataset_to_s3(s3, s3_shards, mlflow_s3, tmp_path):
     assert result.metrics["all_objects/num_objects"] == 2
     assert result.report_path == f"{output}/report.json"
     assert result.contact_sheets == {"all_objects": f"{output}/contact_sheets/all_objects.png"}
+    assert result.view_pages == {"all_objects": f"{output}/views/all_objects.html"}
     keys = set(_keys(s3, "eval/"))
     assert {"eval/report.json", "eval/per_object.csv", "eval/chamfer_all_objects.csv",
-            "eval/contact_sheets/all_objects.png"} <= keys
+            "eval/contact_sheets/all_objects.png", "eval/views/all_objects.html"} <= keys
     assert any(k.startswith("eval/previews/") for k in keys)
     report = json.loads(storage.read_bytes(result.report_path))
     assert report["dataset"] == data and report["run_id"] == result.run_id

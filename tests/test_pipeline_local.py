@@ -64,6 +64,10 @@ def test_local_pipeline_end_to_end(tmp_path, ycb_small_dir):
 
     result = json.loads(result_json.read_text())
     assert result["num_meshes"] == 4
+    # A rotatable 3D page per evaluation group and the generation's gallery, named in the summary.
+    assert sorted(Path(p).name for p in result["pages"]) == ["gallery.html", "heldout_objects.html",
+                                                             "seen_view.html"]
+    assert all(Path(p).is_file() and f"3D page:       {p}" in proc.stdout for p in result["pages"])
     meshes = sorted(workdir.rglob("generate/**/*.glb"))
     assert len(meshes) == 4
     for path in meshes:

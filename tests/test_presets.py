@@ -98,7 +98,7 @@ ADDED = {"watertight_method": "snap", "watertight_reuse_closed": True, "init_see
          "kv_top_k": None, "kv_block": 1024, "kv_score_queries": 32,
          "select_categories": [], "select_uids_file": None, "select_limit": None,
          "synth_objects": 0, "synth_seed": 0, "group_max_objects": {}, "exclude_sources": [],
-         "batch_size": 8, "latents": None}
+         "batch_size": 8, "latents": None, "view_pages": True, "gallery": True}
 # Values a preset changed on purpose since -> (what it loads now, what the fixture has).
 CHANGED = {"data_local": {"synth_objects": (1000, None)},
            "eval_tiny": {"groups": (["seen_view", "heldout_objects", "synth_heldout"],
@@ -224,7 +224,7 @@ def test_cli_config_flags_take_preset_names(capsys):
 def test_presets_are_package_data_inside_mar3d():
     assert PRESET_DIR.parent == Path(mar3d.__file__).resolve().parent
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert package_data["mar3d"] == ["configs/*.yaml", "configs/pipeline/*.yaml"]
+    assert package_data["mar3d"] == ["configs/*.yaml", "configs/pipeline/*.yaml", "viewer/page.html"]
 
 
 def test_a_built_wheel_ships_and_finds_every_preset(tmp_path):
@@ -244,6 +244,7 @@ def test_a_built_wheel_ships_and_finds_every_preset(tmp_path):
     assert sorted(p.stem for p in (site / "mar3d" / "configs").glob("*.yaml")) == presets()
     assert sorted(p.name for p in (site / "mar3d" / "configs" / "pipeline").glob("*.yaml")) == sorted(
         p.name for p in (PRESET_DIR / "pipeline").glob("*.yaml"))
+    assert (site / "mar3d" / "viewer" / "page.html").is_file()  # the 3D pages' template
     code = ("import json, sys; from mar3d.config import config_path, to_dict; "
             "from mar3d.train import load_train_config; "
             "print(json.dumps([str(config_path('train_lr_paper')), "

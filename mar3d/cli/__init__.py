@@ -8,7 +8,7 @@ Every subcommand resolves its typed config (dataclass defaults <- YAML file <- `
 overrides), calls one library function and prints a short summary. Heavy imports
 happen inside the handlers so `mar3d --help` stays fast. One module per command group:
 ``data`` (prepare, synth, cache), ``jobs`` (train, evaluate, generate, promote),
-``cluster``, ``tracking`` and ``config``; ``common`` holds the flags and result file they share.
+``view``, ``cluster``, ``tracking`` and ``config``; ``common`` holds the flags and result file they share.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from mar3d.cli.data import add_data_commands
 from mar3d.cli.jobs import (add_evaluate_command, add_generate_command, add_promote_command,
                             add_train_command, generate_config)
 from mar3d.cli.tracking import add_tracking_commands
+from mar3d.cli.view import add_view_command
 from mar3d.config import ConfigError
 
 __all__ = ["add_config_args", "build_parser", "generate_config", "main", "write_result"]
@@ -54,7 +55,7 @@ def build_parser(extensions: Iterable[Callable[[argparse._SubParsersAction], Non
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for add_commands in (add_data_commands, add_train_command, add_evaluate_command,
-                         add_generate_command, add_promote_command, *extensions,
+                         add_generate_command, add_promote_command, add_view_command, *extensions,
                          add_cluster_commands, add_tracking_commands, add_config_commands):
         add_commands(sub)
     _accept_verbose_after_commands(parser)

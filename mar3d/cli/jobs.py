@@ -60,9 +60,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           f"failed objects: {len(result.failed)}")
     for group, path in result.contact_sheets.items():
         print(f"contact sheet {group}: {path}")
+    for group, path in result.view_pages.items():
+        print(f"3D page {group}: {path}")
     write_result(args, {"metrics": result.metrics, "report_path": str(result.report_path),
                         "run_id": result.run_id, "num_failed": len(result.failed),
-                        "contact_sheets": {g: str(p) for g, p in result.contact_sheets.items()}})
+                        "contact_sheets": {g: str(p) for g, p in result.contact_sheets.items()},
+                        "view_pages": {g: str(p) for g, p in result.view_pages.items()}})
     return 0
 
 

@@ -14,6 +14,7 @@ REPORT_FILE = "report.json"
 TABLE_FILE = "per_object.csv"
 PREVIEW_DIR = "previews"
 SHEET_DIR = "contact_sheets"
+VIEW_DIR = "views"  # one rotatable 3D page per group (mar3d.viewer)
 GROUPS = ("seen_view", "heldout_objects", "synth_heldout", "all_objects")
 GROUP_DESCRIPTIONS = {
     "seen_view": "training objects, seen from the view training never showed",
@@ -51,6 +52,7 @@ class EvalConfig:
     preview_resolution: int = 256
     contact_sheet: bool = True           # one PNG grid per group (input | generated | truth)
     contact_sheet_resolution: int = 128
+    view_pages: bool = True              # one HTML page per group: input | generated | truth, in 3D
     experiment: str = "mar3d-eval"
     run_name: str = ""                   # "" = "eval-<dataset folder name>"
     device: str = "auto"                 # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -96,3 +98,4 @@ class EvalResult:
     failed: list[dict[str, Any]]         # the per-object rows with status "failed"
     tracking_uri: str = ""
     contact_sheets: dict[str, Path | str] = field(default_factory=dict)
+    view_pages: dict[str, Path | str] = field(default_factory=dict)  # group -> its 3D page

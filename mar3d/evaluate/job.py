@@ -18,11 +18,11 @@ from mar3d import lineage, storage
 from mar3d.config import flatten, to_dict
 from mar3d.evaluate.baseline import _group_baselines, baseline_record
 from mar3d.evaluate.config import (GROUP_DESCRIPTIONS, PREVIEW_DIR, REPORT_FILE, SHEET_DIR, TABLE_FILE,
-                                   EvalConfig, EvalResult)
+                                   VIEW_DIR, EvalConfig, EvalResult)
 from mar3d.evaluate.groups import EvalRows, dataset_fingerprint, protocol_fingerprint, select_groups
 from mar3d.evaluate.release import assemble_release_dir
-from mar3d.evaluate.reporting import (_group_contact_sheet, _json_safe, _preview, _write_matrix, _write_rows,
-                                      write_table)
+from mar3d.evaluate.reporting import (_group_contact_sheet, _group_view_page, _json_safe, _preview,
+                                      _write_matrix, _write_rows, write_table)
 from mar3d.evaluate.scoring import _GroupScoring, _score_group, strided
 from mar3d.inference import MAR3DPipeline
 from mar3d.logs import progress_bar
@@ -72,6 +72,7 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         dataset_hash=fingerprint["hash"],
         pipe=MAR3DPipeline.from_pretrained(model, config=copy.deepcopy(cfg.pipeline), device=cfg.device,
                                            tracking_uri=tracking_uri),
+        model=model,
         champion=champion,
         champion_pipe=(MAR3DPipeline.from_pretrained(champion.uri, config=copy.deepcopy(cfg.pipeline),
                                                      device=cfg.device, tracking_uri=tracking_uri)
@@ -101,6 +102,7 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         metrics = {k: v for o in outcomes for k, v in o.metrics.items()}
         tags = {k: v for o in outcomes for k, v in o.tags.items()}
         sheets = {o.name: o.sheet for o in outcomes if o.sheet is not None}
+        pages = {o.name: o.page for o in outcomes if o.page is not None}
         failed = [r for r in per_object if r["status"] != "ok"]
         report = {"model": model, "dataset": _dataset_path(dataset), "dataset_fingerprint": fingerprint,
                   "config": to_dict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
@@ -113,7 +115,7 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         log.warning("%d of %d objects failed: %s", len(failed), len(per_object),
                     "; ".join(f"{r['uid']}: {r['error']}" for r in failed[:5]))
     return EvalResult(metrics=metrics, per_object=per_object, report_path=report_path, run_id=run_id,
-                      failed=failed, tracking_uri=tracking_uri, contact_sheets=sheets)
+                      failed=failed, tracking_uri=tracking_uri, contact_sheets=sheets, view_pages=pages)
 
 
 def _check_release_matches(model: str, release, tracking_uri: str) -> None:
@@ -153,6 +155,8 @@ def _report_results(ctx: "_GroupScoring", outcomes: list["_GroupOutcome"]) -> di
             "champion_per_object": [r for o in outcomes for r in o.champion_records],
             "contact_sheets": {o.name: str(o.sheet.relative_to(ctx.output)) for o in outcomes
                                if o.sheet is not None},
+            "view_pages": {o.name: str(o.page.relative_to(ctx.output)) for o in outcomes
+                           if o.page is not None},
             "protocol": ("canonical frame, no alignment; per-object scores normalized by the GT "
                          "bounding box (mar3d.metrics), Chamfer matrices in the dataset frame; "
                          "failed objects count 0 in f_score/normal_consistency/iou/precision/"
@@ -169,6 +173,7 @@ class _GroupOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     sheet: Path | None = None
+    page: Path | None = None                  # the group's rotatable 3D page
 
 
 def _evaluate_group(ctx: _GroupScoring, group, dataset) -> _GroupOutcome:
@@ -241,6 +246,9 @@ def _evaluate_group(ctx: _GroupScoring, group, dataset) -> _GroupOutcome:
     if cfg.contact_sheet:
         outcome.sheet = _group_contact_sheet(ctx, group, group_rows, scored, nearest, candidate,
                                              doc.get("baseline") or {})
+    if cfg.view_pages:
+        outcome.page = _group_view_page(ctx, group, group_rows, scored, nearest, candidate,
+                                        doc.get("baseline") or {})
     return outcome
 
 
@@ -263,8 +271,8 @@ def _log_evaluation(tracking_uri: str, run_id: str, output: Path, metrics: dict[
     for path in [output / REPORT_FILE, output / TABLE_FILE, *output.glob("chamfer_*.csv"),
                  *output.glob("per_category_*.csv")]:
         client.log_artifact(run_id, str(path))
-    for folder in (PREVIEW_DIR, SHEET_DIR):
-        if any((output / folder).iterdir()):
+    for folder in (PREVIEW_DIR, SHEET_DIR, VIEW_DIR):
+        if (output / folder).is_dir() and any((output / folder).iterdir()):
             client.log_artifacts(run_id, str(output / folder), folder)
     if release is not None:
         record_metrics(release, metrics, run_id, tracking_uri=tracking_uri, tags=tags)
@@ -294,6 +302,8 @@ def _evaluate_to_remote(model, dataset, output: str, cfg, tracking_uri, release_
     result.report_path = storage.join(output, REPORT_FILE)
     result.contact_sheets = {g: storage.join(output, Path(p).relative_to(staging).as_posix())
                              for g, p in result.contact_sheets.items()}
+    result.view_pages = {g: storage.join(output, Path(p).relative_to(staging).as_posix())
+                         for g, p in result.view_pages.items()}
     return result
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mar3d.evaluate.config import GROUP_DESCRIPTIONS, GROUPS, SHEET_DIR, EvalConfig, EvalResult
+from mar3d.evaluate.config import GROUP_DESCRIPTIONS, GROUPS, SHEET_DIR, VIEW_DIR, EvalConfig, EvalResult
 from mar3d.evaluate.scoring import _GroupScoring
 from mar3d.metrics import DEFAULT_THRESHOLD
 
@@ -76,14 +76,40 @@ def _group_contact_sheet(ctx: _GroupScoring, group, group_rows, scored, nearest,
             row["image"], mesh, (surface[:, :3], surface[:, 3:]), row["world_to_cam"],
             row["intrinsics"], ctx.up_axis, ctx.cfg.contact_sheet_resolution,
             caption=_sheet_caption(record, near)))
-    title = (f"{group.name} ({GROUP_DESCRIPTIONS[group.name]}), view {group.view}: "
-             f"F {candidate['f_score']:.3f} vs mean-shape {baseline.get('f_score', float('nan')):.3f}, "
-             f"retrieval {int(candidate['retrieval_hits'])}/{len(group.indices)}, "
-             f"diversity {candidate['diversity_ratio'] or 0:.2f}"
-             + (f", category accuracy {candidate['category_accuracy']:.2f}"
-                if "category_accuracy" in candidate else ""))
+    title = _group_title(group, candidate, baseline)
     path = ctx.output / SHEET_DIR / f"{group.name}.png"
     Image.fromarray(contact_sheet(sheet_rows, title=title, columns=2)).save(path)
+    return path
+
+
+def _group_title(group, candidate: dict, baseline: dict) -> str:
+    return (f"{group.name} ({GROUP_DESCRIPTIONS[group.name]}), view {group.view}: "
+            f"F {candidate['f_score']:.3f} vs mean-shape {baseline.get('f_score', float('nan')):.3f}, "
+            f"retrieval {int(candidate['retrieval_hits'])}/{len(group.indices)}, "
+            f"diversity {candidate['diversity_ratio'] or 0:.2f}"
+            + (f", category accuracy {candidate['category_accuracy']:.2f}"
+               if "category_accuracy" in candidate else ""))
+
+
+def _group_view_page(ctx: _GroupScoring, group, group_rows, scored, nearest, candidate: dict,
+                     baseline: dict) -> Path:
+    """The group as a page of rotatable shapes (:mod:`mar3d.viewer`): per object its
+    condition image, the generated mesh and the ground-truth surface points, turning
+    together, captioned with the object's scores; failures with their reason."""
+    from mar3d.viewer import Panel, mesh_shape, points_shape, write_page
+
+    panels = []
+    for row, record, mesh, near in zip(group_rows, scored.records, scored.meshes, nearest):
+        ok = record["status"] == "ok" and mesh is not None and len(mesh.faces) > 0
+        shapes = [mesh_shape(mesh, "generated")] if ok else []
+        shapes.append(points_shape(np.asarray(row["surface"])[:, :3], "ground truth"))
+        panels.append(Panel(title=record["uid"], caption="" if not ok else _sheet_caption(record, near),
+                            image=row["image"], shapes=shapes,
+                            error=None if ok else f"generation failed: {record.get('error') or 'empty mesh'}"))
+    path = ctx.output / VIEW_DIR / f"{group.name}.html"
+    write_page(panels, path, title=f"evaluation: {group.name}",
+               subtitle=_group_title(group, candidate, baseline) + f"\nmodel {ctx.model}",
+               up_axis=ctx.up_axis)
     return path
 
 

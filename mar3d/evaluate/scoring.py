@@ -150,6 +150,7 @@ class _GroupScoring:
     up_axis: str
     dataset_hash: str
     pipe: MAR3DPipeline
+    model: str = ""                           # what is evaluated (for captions)
     champion: Any = None                      # the champion release, when compared
     champion_pipe: MAR3DPipeline | None = None
     baselines: dict[str, Any] = field(default_factory=dict)  # group -> its mean shape (when enabled)

@@ -45,23 +45,29 @@ re-run, a re-ordering or a different batch split gives every image the same seed
 
 The output may be an ``s3://`` prefix (:mod:`mar3d.storage`): actors then upload each
 mesh as one object (visible only when complete, like the local rename), and
-``results.parquet``, ``generate.json`` and the contact sheet are objects beside them.
+``results.parquet``, ``generate.json``, the contact sheet and the gallery are objects beside them.
+
+``OUTPUT/gallery.html`` (:mod:`mar3d.generate.gallery`) shows every result, paged: its
+input image and its mesh as a rotatable 3D view (ground truth beside it for dataset
+inputs), errors listed with their reasons; ``mar3d view OUTPUT`` rebuilds it.
 
 One job per output folder at a time. On a cluster, the model folder (for a local-folder
 URI), the input and the output must be on storage every node sees; registry URIs are
 downloaded by each actor. The pool is capped at the actors the cluster can hold when the
 job starts (a warning says so), so it never waits for CPUs or GPUs that do not exist.
 """
-from mar3d.generate.config import (CONTACT_SHEET, DETERMINISTIC_REASONS, IMAGE_SUFFIXES, MESH_FORMATS,
-                                   MESHES, RESULTS, SETTINGS, GenerateConfig, GenerateResult)
+from mar3d.generate.config import (CONTACT_SHEET, DETERMINISTIC_REASONS, GALLERY, IMAGE_SUFFIXES,
+                                   MESH_FORMATS, MESHES, RESULTS, SETTINGS, GenerateConfig, GenerateResult)
 from mar3d.generate.contact_sheet import write_contact_sheet
+from mar3d.generate.gallery import write_gallery
 from mar3d.generate.inputs import ITEM_FIELDS, ITEM_LABELS, ItemReader, item_seed, list_inputs
 from mar3d.generate.job import batch_generate
 from mar3d.generate.results import RESULTS_SCHEMA, mesh_paths, read_results
 
 __all__ = [
-    "CONTACT_SHEET", "DETERMINISTIC_REASONS", "IMAGE_SUFFIXES", "ITEM_FIELDS", "ITEM_LABELS",
+    "CONTACT_SHEET", "DETERMINISTIC_REASONS", "GALLERY", "IMAGE_SUFFIXES", "ITEM_FIELDS", "ITEM_LABELS",
     "MESHES", "MESH_FORMATS", "RESULTS", "RESULTS_SCHEMA", "SETTINGS",
     "GenerateConfig", "GenerateResult", "ItemReader",
     "batch_generate", "item_seed", "list_inputs", "mesh_paths", "read_results", "write_contact_sheet",
+    "write_gallery",
 ]

@@ -13,6 +13,7 @@ RESULTS = "results.parquet"
 SETTINGS = "generate.json"
 MESHES = "meshes"
 CONTACT_SHEET = "contact_sheet.png"
+GALLERY = "gallery.html"  # every result, paged, with rotatable meshes (mar3d.viewer)
 
 # Errors that the same input, model and settings reproduce exactly: a re-run skips them
 # (unless ``retry_errors``). Anything else (``internal_error``, ``write_error``) is retried.
@@ -43,6 +44,7 @@ class GenerateConfig:
     # items (0: none); logged to MLflow with the job's counts in ``experiment``.
     contact_sheet_items: int = 48
     contact_sheet_resolution: int = 128
+    gallery: bool = True                  # gallery.html beside results.parquet (logged with the run)
     up_axis: str = "auto"                 # world up of the shapes for the sheet's side view:
                                           # auto = the dataset's (shard inputs), else "y"
     experiment: str = "mar3d-generate"
@@ -92,6 +94,7 @@ class GenerateResult:
     model: str = ""      # resolved model URI
     reasons: dict[str, int] = field(default_factory=dict)  # this run's error reasons
     contact_sheet: Path | str | None = None
+    gallery: Path | str | None = None
     run_id: str = ""     # the MLflow run holding the job's counts and contact sheet
 
     @property
@@ -104,6 +107,7 @@ class GenerateResult:
                 "seconds": round(self.seconds, 3), "shapes_per_second": round(self.shapes_per_second, 4),
                 "model": self.model, "reasons": dict(self.reasons),
                 "contact_sheet": str(self.contact_sheet) if self.contact_sheet else None,
+                "gallery": str(self.gallery) if self.gallery else None,
                 "run_id": self.run_id}
 
     def summary(self) -> str:
@@ -111,4 +115,5 @@ class GenerateResult:
         return (f"{self.total} items: {self.succeeded} meshes, {self.failed} errors"
                 f"{f' ({reasons})' if reasons else ''}, {self.skipped} already done; "
                 f"{self.seconds:.1f} s ({self.shapes_per_second:.2f} shapes/s); results in {self.results_path}"
-                + (f"; contact sheet {self.contact_sheet}" if self.contact_sheet else ""))
+                + (f"; contact sheet {self.contact_sheet}" if self.contact_sheet else "")
+                + (f"; gallery {self.gallery}" if self.gallery else ""))

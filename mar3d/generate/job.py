@@ -14,6 +14,7 @@ from mar3d.generate.actor import _GeneratorActor
 from mar3d.generate.config import (IMAGE_SUFFIXES, MESHES, RESULTS, SETTINGS, GenerateConfig,
                                    GenerateResult)
 from mar3d.generate.contact_sheet import _up_axis, write_contact_sheet
+from mar3d.generate.gallery import write_gallery
 from mar3d.generate.inputs import ITEM_FIELDS, list_inputs
 from mar3d.generate.results import _check_settings, _finished, _result_row, _write_results, read_results
 from mar3d.ray_runtime import ensure_ray
@@ -58,8 +59,11 @@ def batch_generate(images: str | Path, model_uri: str, output: str | Path,
                             skipped=skipped, results_path=storage.join(output, RESULTS)
                             if remote else output / RESULTS,
                             seconds=time.perf_counter() - start, model=model, reasons=reasons)
+    up_axis = _up_axis(images, cfg) if cfg.contact_sheet_items or cfg.gallery else "y"
     if cfg.contact_sheet_items:
-        result.contact_sheet = write_contact_sheet(output, rows, items, cfg, _up_axis(images, cfg))
+        result.contact_sheet = write_contact_sheet(output, rows, items, cfg, up_axis)
+    if cfg.gallery:
+        result.gallery = write_gallery(output, list(rows.values()), up_axis, progress=progress).path
     result.run_id = _track(result, images, items, cfg, tracking_uri)
     return result
 
@@ -222,7 +226,7 @@ def _log_artifact(client, run_id: str, location: Path | str) -> None:
 
 def _track(result: GenerateResult, images: str | Path, items: list[dict], cfg: GenerateConfig,
            tracking_uri: str | None) -> str:
-    """One MLflow run per job: settings, counts, throughput and the contact sheet; the
+    """One MLflow run per job: settings, counts, throughput, the contact sheet and gallery; the
     images as its dataset input (digest over the items' ids and file fingerprints), the
     release's models as its model inputs."""
     from mar3d import lineage, tracking
@@ -247,7 +251,7 @@ def _track(result: GenerateResult, images: str | Path, items: list[dict], cfg: G
         if result.model.startswith("models:/"):
             lineage.log_model_inputs(uri, run_id, component_model_ids(get_release(result.model, uri), uri))
         client = tracking.client(uri)
-        for path in (result.contact_sheet, storage.join(result.output, SETTINGS)):
+        for path in (result.contact_sheet, result.gallery, storage.join(result.output, SETTINGS)):
             if path is not None and storage.is_file(path):
                 _log_artifact(client, run_id, path)
     return run_id
