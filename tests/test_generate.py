@@ -311,6 +311,11 @@ def test_parquet_folder_job(ray_local, release, tmp_path):
     assert rows["a.parquet#row=3"]["reason"] == "invalid_image" and "no image bytes" in rows["a.parquet#row=3"]["error"]
     assert rows["a.parquet#row=4"]["reason"] == "invalid_image"
     assert (tmp_path / "out" / "meshes" / "x.glb").is_file()
+    # The gallery reads each row's image back from its Parquet row (plain bytes and the
+    # Hugging Face struct alike).
+    panels = _gallery_panels(result.gallery)
+    assert len(panels) == 7 and sum(bool(p["shapes"]) for p in panels) == 3
+    assert all(p["image"] for p in panels if p["shapes"])
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,10 @@ def _group_view_page(ctx: _GroupScoring, group, group_rows, scored, nearest, can
         ok = record["status"] == "ok" and mesh is not None and len(mesh.faces) > 0
         shapes = [mesh_shape(mesh, "generated")] if ok else []
         shapes.append(points_shape(np.asarray(row["surface"])[:, :3], "ground truth"))
-        panels.append(Panel(title=record["uid"], caption="" if not ok else _sheet_caption(record, near),
+        caption = _sheet_caption(record, near) if ok else ""
+        if record.get("category"):
+            caption = f"category {record['category']}  {caption}".strip()
+        panels.append(Panel(title=record["uid"], caption=caption,
                             image=row["image"], shapes=shapes,
                             error=None if ok else f"generation failed: {record.get('error') or 'empty mesh'}"))
     path = ctx.output / VIEW_DIR / f"{group.name}.html"
