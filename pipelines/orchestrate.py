@@ -145,12 +145,14 @@ def _local_result(workdir: Path, mlflow_uri: str, seconds: float, run_id: str) -
     sheets, pages, table = [], [], ""
     if latest is not None:
         from mar3d.evaluate import evaluation_table
+        from mar3d.evaluate.config import SHEET_DIR, VIEW_DIR
+        from mar3d.generate import CONTACT_SHEET, GALLERY
 
         run = latest.parent.parent
-        sheets = sorted((run / "eval" / "contact_sheets").glob("*.png"))
-        sheets += [p for p in [latest.parent / "contact_sheet.png"] if p.is_file()]
-        pages = sorted((run / "eval" / "views").glob("*.html"))
-        pages += [p for p in [latest.parent / "gallery.html"] if p.is_file()]
+        sheets = sorted((run / "eval" / SHEET_DIR).glob("*.png"))
+        sheets += [p for p in [latest.parent / CONTACT_SHEET] if p.is_file()]
+        pages = sorted((run / "eval" / VIEW_DIR).glob("*.html"))
+        pages += [p for p in [latest.parent / GALLERY] if p.is_file()]
         report = run / "eval" / "report.json"
         if report.is_file():
             table = evaluation_table(json.loads(report.read_text())["metrics"])

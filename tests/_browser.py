@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
 from pathlib import Path
@@ -94,16 +93,16 @@ def check_view_turns(page, frame, screenshot_name: str | None = None) -> dict:
     # A drag that stays inside the view (views shrink in narrow frames such as MLflow's).
     page.mouse.move(x + box["width"] * 0.3, y + box["height"] * 0.1, steps=10)
     page.mouse.up()
-    frame.wait_for_function(f"() => JSON.stringify(document.querySelector('.mar3d-view[data-state=drawn]')"
-                            f"._fullLayout.scene.camera) !== {json.dumps(camera_before)}", timeout=30_000)
+    # The same element throughout (another view may finish drawing meanwhile).
+    frame.wait_for_function("([v, before]) => JSON.stringify(v._fullLayout.scene.camera) !== before",
+                            arg=[view.element_handle(), camera_before], timeout=30_000)
     page.wait_for_timeout(500)
     after = _pixels(view.screenshot())
     turned = _changed(before, after)
     assert turned > 0.01, f"dragging did not change the view: {turned:.4f} of its pixels changed"
-    cameras = frame.evaluate(
-        "() => { const panel = document.querySelector('.mar3d-view[data-state=drawn]').closest('.panel');"
-        " return Array.from(panel.querySelectorAll('.mar3d-view[data-state=drawn]'),"
-        " v => JSON.stringify(v._fullLayout.scene.camera.eye)); }")
+    cameras = view.evaluate(
+        "v => Array.from(v.closest('.panel').querySelectorAll('.mar3d-view[data-state=drawn]'),"
+        " w => JSON.stringify(w._fullLayout.scene.camera.eye))")
     assert len(set(cameras)) == 1, f"the panel's views did not turn together: {cameras}"
     if SCREENSHOTS and screenshot_name:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)

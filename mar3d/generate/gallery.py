@@ -7,11 +7,9 @@ and ``mar3d view`` write the same page, also for the results of an earlier run.
 """
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from mar3d import storage
@@ -21,32 +19,27 @@ from mar3d.generate.inputs import ItemReader, _image_column
 log = logging.getLogger(__name__)
 
 
-def item_from_input(description: str) -> dict:
+def item_from_input(description: str, sources: dict | None = None) -> dict:
     """The item a result row's ``input`` names (``path``, ``path#row=N`` for Parquet,
-    ``path#uid=U&view=V`` for a shard dataset), as :class:`ItemReader` reads it."""
+    ``path#uid=U&view=V`` for a shard dataset), as :class:`ItemReader` reads it.
+    ``sources`` keeps each file's image column / uid order across the rows of one page."""
+    sources = {} if sources is None else sources
     source, _, query = description.partition("#")
     fields = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
     item = {"kind": "file", "source": source, "row": -1, "view": -1, "column": ""}
     if "row" in fields:
-        item.update(kind="parquet", row=int(fields["row"]),
-                    column=_image_column(pq.read_schema(source), Path(source)))
+        if source not in sources:
+            sources[source] = _image_column(pq.read_schema(source), Path(source))
+        item.update(kind="parquet", row=int(fields["row"]), column=sources[source])
     elif "uid" in fields:
-        uids = pq.read_table(source, columns=["uid"]).column("uid").to_pylist()
-        if fields["uid"] not in uids:
+        if source not in sources:
+            uids = pq.read_table(source, columns=["uid"]).column("uid").to_pylist()
+            sources[source] = {uid: row for row, uid in enumerate(uids)}
+        if fields["uid"] not in sources[source]:
             raise ValueError(f"{source} has no row with uid {fields['uid']!r}")
-        item.update(kind="shard", row=uids.index(fields["uid"]), view=int(fields["view"]),
+        item.update(kind="shard", row=sources[source][fields["uid"]], view=int(fields["view"]),
                     column="images")
     return item
-
-
-def _pixels(value) -> np.ndarray:
-    """An input image (a path, encoded bytes or pixels) as uint8 pixels, for display."""
-    from PIL import Image
-
-    if isinstance(value, np.ndarray):
-        return value
-    with Image.open(value if isinstance(value, str) else io.BytesIO(value)) as picture:
-        return np.asarray(picture.convert("RGBA"))
 
 
 def _mesh_location(output: Path | str, row: dict) -> Path | str | None:
@@ -66,16 +59,17 @@ def _caption(row: dict) -> str:
     return "  ".join(p for p in parts if p)
 
 
-def result_panel(row: dict, output: Path | str, reader: ItemReader):
+def result_panel(row: dict, output: Path | str, reader: ItemReader, sources: dict | None = None):
     """One result row as a page panel; what cannot be shown is said in the panel."""
     from mar3d.generate.contact_sheet import _load_mesh
+    from mar3d.inference import load_image
     from mar3d.viewer import Panel, mesh_shape, points_shape
 
     panel = Panel(title=row["id"], caption=_caption(row))
     notes = []
     try:
-        item = item_from_input(row["input"])
-        panel.image = _pixels(reader.image(item))
+        item = item_from_input(row["input"], sources)
+        panel.image = load_image(reader.image(item))
         truth = reader.truth(item)
     except Exception as e:  # noqa: BLE001 - an input that cannot be read is shown as a note
         item, truth = None, None
@@ -108,11 +102,11 @@ def write_gallery(output: Path | str, rows: list[dict] | None = None, up_axis: s
     from mar3d.viewer import write_page
 
     rows = sorted(rows if rows is not None else read_results(output).to_pylist(), key=lambda r: r["id"])
-    reader = ItemReader()
+    reader, sources = ItemReader(), {}
     bar = progress_bar(len(rows), "gallery", "result", enabled=progress)
     panels = []
     for row in rows:
-        panels.append(result_panel(row, output, reader))
+        panels.append(result_panel(row, output, reader, sources))
         bar.update(1)
     bar.close()
     ok = sum(r["status"] == "ok" for r in rows)

@@ -66,12 +66,12 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int = DISPLAY_F
     finest cubic grid over the bounding box that leaves few enough faces (the grid found
     by bisection), collapsed and repeated faces dropped. For display: it keeps the
     silhouette and loses detail below one cell, and is not watertight-preserving."""
+    if max_faces < 1:
+        raise ValueError(f"max_faces must be >= 1, got {max_faces}")
     vertices = np.asarray(vertices, np.float64)
     faces = np.asarray(faces, np.int64)
     if len(faces) <= max_faces:
         return vertices.astype(np.float32), faces.astype(np.int32)
-    if max_faces < 1:
-        raise ValueError(f"max_faces must be >= 1, got {max_faces}")
     lo, extent = vertices.min(0), np.maximum(np.ptp(vertices, 0).max(), 1e-12)
     unit = (vertices - lo) / extent
 
@@ -103,11 +103,7 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int = DISPLAY_F
 
 
 def mesh_shape(mesh, label: str = "mesh", max_faces: int = DISPLAY_FACES) -> Shape:
-    """A trimesh mesh (or scene, flattened) as a displayed shape."""
-    import trimesh
-
-    if isinstance(mesh, trimesh.Scene):
-        mesh = mesh.to_geometry() if hasattr(mesh, "to_geometry") else mesh.dump(concatenate=True)
+    """A trimesh mesh as a displayed shape."""
     vertices, faces = decimate(mesh.vertices, mesh.faces, max_faces)
     return Shape(label, vertices, faces, source_count=len(mesh.faces))
 
