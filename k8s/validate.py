@@ -65,8 +65,27 @@ class RenderError(RuntimeError):
 
 # --------------------------------------------------------------------------- render
 
+# libyaml's safe loader where PyYAML was built with it: the same documents, parsed ~5x
+# faster (the KubeRay CRDs took ~8 s with the pure-Python loader of yaml.safe_load_all).
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def safe_yaml_docs(text: str) -> list[dict]:
+    """The non-empty documents of ``text``, read by :data:`SAFE_LOADER` (plain data only)."""
+    loader = SAFE_LOADER(text)
+    try:
+        docs = []
+        while loader.check_data():
+            doc = loader.get_data()
+            if doc is not None:
+                docs.append(doc)
+        return docs
+    finally:
+        loader.dispose()
+
+
 def load_yaml_docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    return safe_yaml_docs(Path(path).read_text())
 
 
 def render(kustomization_dir: Path) -> list[dict]:
@@ -82,7 +101,7 @@ def render(kustomization_dir: Path) -> list[dict]:
         raise RenderError(f"cannot run kubectl ({kubectl}): {e}") from e
     if proc.returncode != 0:
         raise RenderError(f"{kustomization_dir}: kubectl kustomize failed: {proc.stderr.strip()}")
-    return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+    return safe_yaml_docs(proc.stdout)
 
 
 @functools.lru_cache(maxsize=None)

@@ -85,6 +85,20 @@ def produced_model_id(client, run_id: str, model_uri: str | None = None) -> str 
     return tags.get(MODEL_ID_TAG)
 
 
+def produced_model_ids(tracking_uri: str, model_uris: list[str]) -> list[str]:
+    """The logged models that the training runs behind ``runs:/RUN/PATH`` model URIs
+    produced (components evaluated before any release names them); model folders and
+    other URIs name none."""
+    client = tracking.client(tracking_uri)
+    found = []
+    for uri in model_uris:
+        if uri and uri.startswith("runs:/"):
+            model_id = produced_model_id(client, uri[len("runs:/"):].split("/", 1)[0], uri)
+            if model_id:
+                found.append(model_id)
+    return found
+
+
 def log_model_inputs(tracking_uri: str, run_id: str, model_ids: list[str]) -> None:
     """The logged models a run used (an evaluation's or generation's release components)."""
     from mlflow.entities import LoggedModelInput

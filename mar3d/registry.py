@@ -445,6 +445,15 @@ def _align_component_aliases(client, release_name: str, champion: Release | None
 
 def read_eval_report(path: str | Path) -> dict[str, float]:
     """The aggregated metrics of a `mar3d evaluate` report.json."""
+    return _eval_report(path)[0]
+
+
+def eval_report_run_id(path: str | Path) -> str | None:
+    """The MLflow run of the evaluation that wrote the report (None if it names none)."""
+    return _eval_report(path)[1]
+
+
+def _eval_report(path: str | Path) -> tuple[dict[str, float], str | None]:
     from mar3d import storage
 
     if storage.is_dir(path):
@@ -455,7 +464,9 @@ def read_eval_report(path: str | Path) -> dict[str, float]:
     metrics = doc.get("metrics") if isinstance(doc, dict) else None
     if not isinstance(metrics, dict) or not metrics:
         raise ValueError(f"{path}: no 'metrics' mapping in the evaluation report")
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    run_id = doc.get("run_id")
+    return ({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            run_id if isinstance(run_id, str) and run_id else None)
 
 
 def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:

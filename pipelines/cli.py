@@ -24,8 +24,12 @@ def _cmd_pipeline_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline_run(args: argparse.Namespace) -> int:
-    from pipelines.orchestrate import run_local
+    from pipelines.orchestrate import parse_pipeline_arguments, run_local
+    from pipelines.presets import check_arguments
 
+    extra = check_arguments(parse_pipeline_arguments(args.arg))
+    if args.feature_cache:
+        extra["feature_cache"] = True
     if args.local == bool(args.ray_address):
         raise ValueError("`mar3d pipeline run` needs exactly one of --local (every step on this "
                          "machine) or --ray-address URL (every step as a Ray job on that cluster); "
@@ -35,8 +39,7 @@ def _cmd_pipeline_run(args: argparse.Namespace) -> int:
                        gate_min_fscore=args.gate_min_fscore,
                        gate_beat_baseline=args.gate_baseline, num_workers=args.num_workers,
                        ray_address=args.ray_address or "", resume=args.resume or "",
-                       extra={"feature_cache": True} if args.feature_cache else None,
-                       verbose=args.verbose)
+                       extra=extra, verbose=args.verbose)
     print(result.summary())
     write_result(args, result.to_dict())
     return 0
@@ -129,6 +132,10 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--feature-cache", action="store_true",
                      help="MAR-LR first builds a feature/latent cache (frozen encoder features + VAE "
                           "posteriors, Parquet) into its run folder and MAR-LR/HR train from it")
+    run.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                     help="set one pipeline parameter over the preset's (repeatable; the value is JSON "
+                          "when it parses), e.g. --arg 'vae_overrides=[\"steps=300\"]' (replaces the "
+                          "preset's list) or --arg num_workers=1")
     run.add_argument("--model-name", default="mar3d", help="registered release name")
     run.add_argument("--gate-max-chamfer", type=float, default=None,
                      help="promotion gate: largest acceptable Chamfer distance (default: the preset's)")

@@ -69,6 +69,20 @@ def _read(name: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     return {**base, **doc}
 
 
+def check_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` (a user's ``--arg`` values) when every name is a preset parameter
+    with a value of its type; a ConfigError naming the first one that is not."""
+    for key, value in arguments.items():
+        if key not in PARAMETERS:
+            raise ConfigError(f"unknown pipeline argument {key!r}; arguments: {', '.join(sorted(PARAMETERS))}")
+        tp = PARAMETERS[key]
+        if not _is_a(value, tp):
+            raise ConfigError(f"pipeline argument {key} must be "
+                              + ("a JSON list of 'key=value' strings" if tp is list else f"of type {tp.__name__}")
+                              + f", got {value!r}")
+    return arguments
+
+
 def pipeline_preset(name: str) -> dict[str, Any]:
     """The pipeline arguments of preset ``name``: every key of :data:`PARAMETERS`, with
     config presets by name (components resolve names, on any machine)."""

@@ -1,11 +1,7 @@
-"""Train the whole tiny cascade (VAE -> MAR-LR, MAR-HR) and score what it generates.
-
-Trained once per test session (``trained_cascade`` in tests/conftest.py) and read by
-``tests/test_cascade_e2e.py`` (does the generated shape follow its image?) and
-``tests/test_train_e2e.py`` (what the MAR-LR/HR trainings logged and saved). Everything runs through the production code:
-``run_training`` (Ray Train + DeepSpeed, MLflow), the trained ``model/`` folders
-assembled into a release folder, ``MAR3DPipeline.from_pretrained`` and
-``mar3d.metrics.mesh_metrics``.
+"""Score what the session's trained cascade generates (tests/test_cascade_e2e.py): the
+ground truth of its shards, the Chamfer matrix of generated shapes against every object's
+ground truth, and the frozen VAE's own reconstructions as the reference. Everything goes
+through the production code: ``MAR3DPipeline`` and ``mar3d.metrics.mesh_metrics``.
 """
 from __future__ import annotations
 
@@ -14,12 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-
-# The tiny encoders at 64 px keep the CPU training fast; the pipeline resizes the
-# shards' condition renders (96 px, the smoke data preset) to that size.
-SMALL_CONDITION = ("condition.image_size=64", "condition.tiny_clip_patch=16",
-                   "condition.tiny_dino_patch=16")
 
 
 @dataclass
@@ -41,62 +31,6 @@ def load_ground_truth(shards: Path) -> list[GroundTruth]:
         surface = np.asarray(row["surface_0"], np.float64)
         out.append(GroundTruth(row["uid"], surface[:, :3], surface[:, 3:], np.asarray(row["images"])))
     return sorted(out, key=lambda g: g.uid)
-
-
-CASCADE_STEPS = {"vae": 300, "lr": 300, "hr": 300}
-CASCADE_LOG_EVERY = 50
-
-
-def train_cascade(shards: Path, storage: Path, mlflow_uri: str, steps: dict[str, int],
-                  experiment: str = "test-cascade", overrides: dict[str, list[str]] | None = None,
-                  vae=None) -> tuple[dict, dict]:
-    """Train vae, then lr and hr on the frozen VAE; returns (stage -> TrainConfig,
-    stage -> TrainResult); the VAE's config is None when ``vae`` is given.
-
-    ``vae``: the TrainResult of a VAE already trained on ``shards`` (the session's
-    ``trained_vae``), built on instead of training one."""
-    from mar3d.train import load_train_config, run_training
-
-    overrides = overrides or {}
-    results = {"vae": vae} if vae is not None else {}
-    configs = {"vae": None} if vae is not None else {}
-    for stage in ("vae", "lr", "hr"):
-        if stage in results:
-            continue
-        n = steps[stage]
-        common = [f"data={shards}", f"storage_path={storage}", f"mlflow_uri={mlflow_uri}",
-                  f"run_name={stage}-cascade", f"experiment={experiment}", f"steps={n}",
-                  f"warmup_steps={min(20, n // 10)}", f"checkpoint_every={n}",
-                  # One evaluation, after the last step: it does not change the weights.
-                  f"eval_every={n}", "num_eval_samples=4", "max_failures=0",
-                  f"log_every={CASCADE_LOG_EVERY}", "batch_size=2",
-                  # A conditioning test on 4 objects: train on every object and view (the
-                  # held-out split is what the pipeline's evaluation tests).
-                  "split=all"]
-        if stage != "vae":
-            common += [f"vae_model_uri={results['vae'].model_uri}", *SMALL_CONDITION]
-        if stage == "hr":  # one image encoder per release: HR trains on LR's
-            common.append(f"condition_model_uri={results['lr'].condition_model_uri}")
-        configs[stage] = load_train_config(stage, f"train_{stage}_tiny",
-                                           common + list(overrides.get(stage, ())))
-        results[stage] = run_training(configs[stage])
-    return configs, results
-
-
-def assemble_release(results: dict, folder: Path) -> Path:
-    """A release folder (vae/, cond/, lr/, hr/) of the models *as logged to MLflow*: each
-    component is downloaded from its run's ``runs:/<id>/model`` URI (the image encoder
-    from LR's ``condition_model_uri``), so the test covers what a registry release would
-    serve, not just the trainer's local copy."""
-    from mar3d.registry import resolve_model_dir
-
-    folder.mkdir(parents=True, exist_ok=True)
-    uris = {stage: result.model_uri for stage, result in results.items()}
-    uris["cond"] = results["lr"].condition_model_uri
-    for component, uri in uris.items():
-        downloaded = resolve_model_dir(uri, results["lr"].tracking_uri, dst=folder / "_mlflow" / component)
-        downloaded.rename(folder / component)
-    return folder
 
 
 @dataclass

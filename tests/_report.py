@@ -1,5 +1,5 @@
-"""The reliability summary printed at the end of a session (rows added by the tests
-under tests/reliability/, see their conftest.py).
+"""The reliability summary printed at the end of a session (rows added by the fault, load
+and bad-input tests through the ``reliability_report`` fixture of tests/conftest.py).
 
 The rows travel with each test's report (``user_properties``); the hooks that gather
 and print them are the top-level conftest's."""

@@ -1,5 +1,6 @@
-"""Shared fixtures: one local Ray instance and one real `mlflow server` per test session,
-and what several test modules train or prepare the same way (shards, the tiny VAE).
+"""Shared fixtures: one local Ray instance, one 2-node Ray cluster and one real `mlflow
+server` per test session, the shards several modules read, and the session's trained
+release (one pipeline run on the cluster) that every test of trained models reads.
 """
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from _credentials import MLFLOW_ADMIN_PASSWORD, SESSION_CREDENTIALS
-from _ray import RAY_TRAIN_ENV
-from _report import collect, summary
+from _report import PROPERTY, collect, printable, summary
 from _services import add_mlflow_user, start_mlflow_server, stop_mlflow_server
 from _ycb import YCB, YCB_SMALL
 
@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Every process the tests start inherits the session's MLflow account (tests/_credentials.py).
 os.environ.update(SESSION_CREDENTIALS)
+
 
 class ServerURI(str):
     """A server's URI that also knows the folder holding its stores (``root``)."""
@@ -33,13 +34,33 @@ class ServerURI(str):
         return str, (str(self),)
 
 
+class ReliabilityReport:
+    """Adds one test's rows to the reliability summary: ``add(section, column=value, ...)``.
+    A row travels with the test's own report (``user_properties``, so ``--junitxml``
+    records it with the test too); the tables are printed under "mar3d reliability
+    summary" (tests/_report.py) and, when ``MAR3D_RELIABILITY_JSON`` names a file,
+    written there as JSON."""
+
+    def __init__(self, node: pytest.Item):
+        self.node = node
+
+    def add(self, section: str, **row) -> None:
+        self.node.user_properties.append((PROPERTY, [section, printable(row)]))
+
+
+@pytest.fixture
+def reliability_report(request) -> ReliabilityReport:
+    """What a fault, load or bad-input test tried and what came of it (tests/reliability/,
+    and the fault on object storage in test_object_storage.py)."""
+    return ReliabilityReport(request.node)
+
+
 def pytest_runtest_logreport(report):
     collect(report)
 
 
 def pytest_terminal_summary(terminalreporter):
     summary(terminalreporter)
-
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +96,7 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                  log_to_driver=True, ignore_reinit_error=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                                           **RAY_TRAIN_ENV}})
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
 
@@ -129,29 +149,16 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_vae(ycb_small_shards, mlflow_server, tmp_path_factory):
-    """(TrainConfig, TrainResult) of the tiny VAE trained once per session on the small
-    shards: test_train_e2e checks the training itself, the cascade tests build MAR-LR and
-    MAR-HR on it (training it twice, ~2 min on 2 cores, tested nothing more)."""
-    from mar3d.train import load_train_config, run_training
+def cluster_pipeline(ray_cluster, ycb_small_dir, mlflow_server, tmp_path_factory):
+    """The session's trained release: the pipeline run on ``ray_cluster`` through the Jobs
+    API, its train-vae driver killed and the run resumed (tests/_pipeline_run.py). The
+    training, cascade, feature-cache and serving tests read its runs and its release
+    instead of training their own."""
+    from _pipeline_run import run_cluster_pipeline
 
-    out = tmp_path_factory.mktemp("train_vae")
-    cfg = load_train_config("vae", "train_vae_tiny", [
-        f"data={ycb_small_shards}", f"storage_path={out}", f"mlflow_uri={mlflow_server}",
-        "run_name=vae-e2e", "experiment=test-train", "max_failures=0",
-        # Mechanics on 4 objects: 2 workers x batch 2 need them all (no held-out split),
-        # 300 steps (a third of the demo's) are enough to beat the all-inside baseline.
-        "split=all", "batch_size=2", "steps=300", "warmup_steps=20", "checkpoint_every=100",
-        "eval_every=100", "num_eval_samples=4"])
-    return cfg, run_training(cfg)
-
-
-@pytest.fixture(scope="session")
-def trained_cascade(ycb_small_shards, trained_vae, mlflow_server, tmp_path_factory):
-    """(stage -> TrainConfig, stage -> TrainResult) of MAR-LR and MAR-HR (300 steps each)
-    trained once per session on ``trained_vae``: test_cascade_e2e checks that what they
-    generate follows the image, test_train_e2e what their runs logged and saved."""
-    from _cascade import CASCADE_STEPS, train_cascade
-
-    return train_cascade(ycb_small_shards, tmp_path_factory.mktemp("cascade") / "train",
-                         mlflow_server, CASCADE_STEPS, vae=trained_vae[1])
+    with pytest.MonkeyPatch.context() as patch:  # this process talks to the cluster too
+        for key, value in ray_cluster.client_env().items():
+            patch.setenv(key, value)
+        patch.delenv("RAY_ADDRESS", raising=False)
+        return run_cluster_pipeline(ray_cluster, ycb_small_dir,
+                                    tmp_path_factory.mktemp("cluster_pipeline") / "work", mlflow_server)

@@ -1,9 +1,11 @@
 """The whole cascade end to end: the generated shape follows the image condition.
 
-Tiny Pyramid VAE, MAR-LR and MAR-HR are trained on four real YCB objects (their rendered
+Tiny Pyramid VAE, MAR-LR and MAR-HR trained on four real YCB objects (their rendered
 views as conditions) on CPU through Ray Train + DeepSpeed (2 gloo workers), tracked in
-a real MLflow server. The three logged models are downloaded from MLflow into a release
-folder and loaded with ``MAR3DPipeline.from_pretrained``. From views 0 and 1 of each
+a real MLflow server: the session's pipeline run on the 2-node cluster
+(``cluster_pipeline``, tests/_pipeline_run.py; 300 steps per stage on every object and
+view). Its promoted release is loaded from the registry with
+``MAR3DPipeline.from_pretrained("models:/...@champion")``. From views 0 and 1 of each
 object, with two sampling seeds, shapes are generated and extracted (64^3); their Chamfer
 distances to every object's ground-truth surface give 4x4 matrices (rows: generated
 from, columns: GT).
@@ -13,26 +15,17 @@ diagonal could not beat the off-diagonal cells on average. The test asserts the 
 mean own-object distance is below the mean distance to the other objects, for LR+HR and
 for LR only, and prints matrices next to the VAE's own reconstruction (the reference the
 generator is working towards) and how many rows the diagonal wins (chance: 1 in 4).
-
-The shards, the VAE and the MAR-LR/HR trainings are the session's (``ycb_small_shards``,
-``trained_vae`` and ``trained_cascade`` in tests/conftest.py), shared with
-test_train_e2e, which checks what those trainings logged and saved. The VAE: 300
-steps of batch 2 on all four objects, what the cascade needs (its evaluations, log
-points and checkpoints on the way do not change the weights, and every VAE run is a
-fresh random draw anyway: its Ray Data stream samples new points).
-Measured on 2 shared cores: shards ~17 s, training ~280 s (VAE 300 + LR 300 + HR 300
-steps), generation and scoring ~40 s. Across training runs the pooled own/others ratio
-was 0.32-0.53 for LR only and 0.26-0.78 for LR+HR, and the diagonal won 4-15 of 16 rows:
-a 300-step tiny HR stage is the weakest link, and the thin scissors are the shape most
-often generated nearer another object.
+Across training runs the pooled own/others ratio was 0.32-0.53 for LR only and
+0.26-0.78 for LR+HR, and the diagonal won 4-15 of 16 rows: a 300-step tiny HR stage is
+the weakest link, and the thin scissors are the shape most often generated nearer
+another object.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from _cascade import (CASCADE_STEPS as STEPS, assemble_release, chamfer_matrix, load_ground_truth,
-                      reconstruction_matrix)
+from _cascade import chamfer_matrix, load_ground_truth, reconstruction_matrix
 
 pytestmark = pytest.mark.e2e
 
@@ -47,10 +40,8 @@ NUM_SEEDS = 2
 
 
 @pytest.fixture(scope="module")
-def cascade(tmp_path_factory, ycb_small_shards, trained_cascade):
-    _, results = trained_cascade
-    release = assemble_release(results, tmp_path_factory.mktemp("cascade") / "release")
-    return ycb_small_shards, results, release
+def cascade(cluster_pipeline):
+    return cluster_pipeline.data, cluster_pipeline.stages, cluster_pipeline.release_uri
 
 
 def _check_follows_condition(all_scores, label: str) -> None:
@@ -69,18 +60,18 @@ def _check_follows_condition(all_scores, label: str) -> None:
         f"(mean own CD {own:.4f} vs others {others:.4f}); the condition is not used")
 
 
-def test_generated_shape_follows_its_condition(cascade, capsys):
+def test_generated_shape_follows_its_condition(cascade, mlflow_server, capsys):
     from mar3d.inference import PipelineConfig, MAR3DPipeline
     from mar3d.train import load_train_config
 
     shards, results, release = cascade
     for stage, result in results.items():
-        assert result.metrics["step"] == STEPS[stage], (stage, result.metrics)
+        assert result.metrics["step"] == result.steps, (stage, result.metrics)
     truths = load_ground_truth(shards)
     assert len(truths) == 4, [t.uid for t in truths]
 
-    pipe = MAR3DPipeline.from_pretrained(str(release), PipelineConfig(resolution=RESOLUTION),
-                                         device="cpu")
+    pipe = MAR3DPipeline.from_pretrained(release, PipelineConfig(resolution=RESOLUTION), device="cpu",
+                                         tracking_uri=mlflow_server)
     assert pipe.uses_hr
     pooled = {use_hr: [chamfer_matrix(pipe, truths, view=view, seed=SEED + k, use_hr=use_hr,
                                       resolution=RESOLUTION)
@@ -104,16 +95,20 @@ def test_generated_shape_follows_its_condition(cascade, capsys):
     _check_follows_condition(pooled[False], "LR only")
 
 
-def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_server, tmp_path):
-    """The release lifecycle end to end on the trained tiny cascade and a real `mlflow server`:
-    register -> evaluate -> promote; a deliberately worse release (untrained MAR-LR/HR
-    on the same VAE) is refused; batch generation from the champion over rendered YCB
-    views plus broken images accounts for every input."""
+def test_worse_release_is_refused_and_batch_generation_accounts_for_every_input(
+        cascade, mlflow_server, tmp_path):
+    """The release lifecycle past the pipeline's own promotion, on a real `mlflow server`:
+    the pipeline's champion stays champion when a deliberately worse release (untrained
+    MAR-LR/HR on the same VAE), evaluated as the pipeline evaluates, is refused; batch
+    generation from the champion over rendered YCB views plus broken images accounts for
+    every input; evaluation and generation runs name their data and models (lineage)."""
     import mlflow
     import pyarrow.parquet as pq
     import trimesh
     from PIL import Image
 
+    from _pipeline_run import MODEL_NAME
+    from mar3d.config import load_config
     from mar3d.evaluate import EvalConfig, evaluate
     from mar3d.generate import GenerateConfig, batch_generate
     from mar3d.inference import PipelineConfig
@@ -122,40 +117,31 @@ def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_serv
 
     from _tiny_release import write_tiny_release
 
-    shards, results, _ = cascade
-    mlflow.set_tracking_uri(mlflow_server)
-    registry = RegistryConfig(name="mar3d-e2e")
-    # The cascade trained on all 4 objects (split=all): gate on the "all_objects" group.
-    # This checks register -> evaluate -> promote -> refuse on a 300-step tiny cascade; it
-    # is not asked to beat the mean-shape baseline (the floor's own tests: test_registry.py).
-    gate = GateConfig(rel_tolerance=0.05, group="all_objects", beat_baseline=False)
-    eval_cfg = EvalConfig(pipeline=PipelineConfig(resolution=RESOLUTION), groups=("all_objects",),
-                          previews=2, num_points=20000)
-
-    good = register_release({s: results[s].model_uri for s in ("vae", "lr", "hr")}, cfg=registry,
-                            tracking_uri=mlflow_server)
-    good_eval = evaluate(good.uri, shards, tmp_path / "eval-good", eval_cfg,
-                         tracking_uri=mlflow_server, release_uri=good.uri, progress=False)
-    assert good_eval.metrics["all_objects/num_scored"] == 4, good_eval.per_object
-    assert promote(good.uri, gate=gate, cfg=registry, tracking_uri=mlflow_server).passed
-    assert get_release("models:/mar3d-e2e@champion", mlflow_server).version == good.version
-    _check_lineage(good, good_eval.run_id, results, mlflow_server, "eval", shards)
+    shards, results, champion_uri = cascade
+    registry = RegistryConfig(name=MODEL_NAME)
+    good = get_release(champion_uri, mlflow_server)
+    _check_lineage(good, good.tags["eval_run_id"], results, mlflow_server, "eval", shards)
 
     # Deliberately worse: randomly initialised MAR-LR/HR of the same shapes on the trained VAE.
     untrained = write_tiny_release(tmp_path / "untrained", seed=123)
     uris = {"vae": results["vae"].model_uri}
+    mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_experiment("test-cascade")
     for stage in ("cond", "lr", "hr"):  # its own (random) image encoder: logged, registered
         with mlflow.start_run(run_name=f"untrained-{stage}") as run:
             mlflow.log_artifacts(str(untrained / stage), "model")
         uris[stage] = f"runs:/{run.info.run_id}/model"
     worse = register_release(uris, cfg=registry, tracking_uri=mlflow_server)
-    evaluate(worse.uri, shards, tmp_path / "eval-worse", eval_cfg, tracking_uri=mlflow_server,
-             release_uri=worse.uri, progress=False)
-    refused = promote(worse.uri, gate=gate, cfg=registry, tracking_uri=mlflow_server)
-    print("\ngood:", good_eval.metrics, "\nrefused promotion:\n" + refused.table())
+    # Scored as the pipeline scores a candidate: the smoke preset's evaluation, with the
+    # champion scored on the same objects (`mar3d evaluate --compare-to-champion`).
+    evaluate(worse.uri, shards, tmp_path / "eval-worse", load_config(EvalConfig, "eval_tiny"),
+             tracking_uri=mlflow_server, release_uri=worse.uri, progress=False, compare_to=champion_uri)
+    # The pipeline's gate on its held-out group, here compared with the champion only.
+    refused = promote(worse.uri, gate=GateConfig(rel_tolerance=0.05, beat_baseline=False), cfg=registry,
+                      tracking_uri=mlflow_server)
+    print("\nchampion:", good.metrics, "\nrefused promotion:\n" + refused.table())
     assert not refused.passed, refused.table()
-    assert get_release("models:/mar3d-e2e@champion", mlflow_server).version == good.version
+    assert get_release(champion_uri, mlflow_server).version == good.version
 
     # Batch generation over rendered YCB views (written as PNG) plus broken images.
     images = tmp_path / "images"
@@ -170,7 +156,7 @@ def test_release_evaluate_promote_refuse_and_batch_generate(cascade, mlflow_serv
     out = tmp_path / "generated"
     cfg = GenerateConfig(pipeline=PipelineConfig(resolution=RESOLUTION), num_actors=2,
                          cpus_per_actor=0.5, batch_size=2)
-    result = batch_generate(str(images), "models:/mar3d-e2e@champion", str(out), cfg,
+    result = batch_generate(str(images), champion_uri, str(out), cfg,
                             tracking_uri=mlflow_server, progress=False)
     rows = pq.read_table(result.results_path).to_pylist()
     assert len(rows) == n_inputs == result.total

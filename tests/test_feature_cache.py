@@ -1,7 +1,8 @@
 """The feature/latent cache for MAR training (mar3d/train/feature_cache.py), on real YCB
 shards with a real Ray Data job: what it stores equals what an uncached training step
-computes, failures are error rows, a cache of other inputs is refused, and MAR-LR trains
-from it through run_training (Ray Data stream, DeepSpeed, MLflow).
+computes, failures are error rows, a cache of other inputs is refused, and MAR-LR and
+MAR-HR train from it (the session's pipeline run on the cluster: Ray Data stream,
+DeepSpeed, MLflow).
 
 All of it needs Ray (the shards and the cache are Ray Data jobs), hence ``e2e``."""
 from __future__ import annotations
@@ -212,32 +213,32 @@ def test_a_cache_of_other_inputs_is_refused(cache, ycb_small_shards, frozen, tmp
             check_cache_fits(cache, **{**fits, **change})
 
 
-def test_mar_lr_trains_from_a_cache_the_driver_builds(ycb_small_shards, frozen, mlflow_server, tmp_path):
-    """feature_cache=build: the driver builds the cache into the run folder (after the
-    conditioner) and the workers train from it; a run whose VAE differs from the cache's
-    is refused in the driver, before Ray Train starts."""
+def test_pipeline_trains_mar_lr_and_hr_from_the_cache_lr_builds(cluster_pipeline, frozen, mlflow_server,
+                                                                tmp_path):
+    """The session's pipeline run (`--feature-cache`, tests/_pipeline_run.py): MAR-LR's
+    driver built the cache into its run folder (after the conditioner) and the workers
+    trained from it; MAR-HR trained from the same cache. A run whose VAE differs from the
+    cache's is refused in the driver, before Ray Train starts."""
     from mlflow import MlflowClient
 
-    common = [f"data={ycb_small_shards}", f"storage_path={tmp_path}", f"mlflow_uri={mlflow_server}",
-              "experiment=test-feature-cache", "steps=4", "warmup_steps=1", "checkpoint_every=4",
-              "log_every=2", "split=all", "batch_size=2", "num_workers=1", "cpus_per_worker=1",
-              "num_eval_samples=1", *[f"condition.{o}" for o in SMALL_CONDITION]]
-    cfg = load_train_config("lr", "train_lr_tiny", [*common, f"vae_model_uri={frozen['vae']}",
-                                                    "run_name=lr-cached", "feature_cache=build"])
-    result = run_training(cfg)
-    assert result.metrics["step"] == 4
-    assert result.feature_cache == str(tmp_path / "lr-cached" / "feature_cache")
-    manifest = load_cache_manifest(result.feature_cache)
-    assert manifest["counts"]["rows"] == 4 and manifest["surface_sizes"] == list(SIZES)
+    lr, hr = cluster_pipeline.stages["lr"], cluster_pipeline.stages["hr"]
+    assert lr.feature_cache == f"{lr.location}/feature_cache" and hr.feature_cache == lr.feature_cache
+    manifest = load_cache_manifest(lr.feature_cache)
+    vae_sizes = load_train_config("vae", "train_vae_tiny").surface_sizes
+    assert manifest["counts"]["rows"] == 4 and manifest["surface_sizes"] == list(vae_sizes)
     client = MlflowClient(tracking_uri=mlflow_server)
-    losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
-    assert len(losses) == 2 and all(np.isfinite(losses))
-    assert client.get_metric_history(result.run_id, "train/latent_ms")
-    assert client.get_metric_history(result.run_id, "eval/loss")  # evaluation: uncached path
+    for result in (lr, hr):
+        losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
+        assert losses and all(np.isfinite(losses))
+        assert client.get_metric_history(result.run_id, "train/latent_ms")
+        assert client.get_metric_history(result.run_id, "eval/loss")  # evaluation: uncached path
 
     wrong = load_train_config("lr", "train_lr_tiny", [
-        *common, f"vae_model_uri={frozen['other_vae']}", "run_name=lr-wrong-vae",
-        f"condition_model_uri={result.condition_model_uri}", f"feature_cache={result.feature_cache}"])
+        f"data={cluster_pipeline.data}", f"storage_path={tmp_path}", f"mlflow_uri={mlflow_server}",
+        "experiment=test-feature-cache", "split=all", "num_workers=1", "cpus_per_worker=1",
+        *[f"condition.{o}" for o in SMALL_CONDITION], f"vae_model_uri={frozen['other_vae']}",
+        "run_name=lr-wrong-vae", f"condition_model_uri={lr.condition_model_uri}",
+        f"feature_cache={lr.feature_cache}"])
     with pytest.raises(ValueError, match="this run's frozen VAE is"):
         run_training(wrong)
     run = client.search_runs([client.get_experiment_by_name("test-feature-cache").experiment_id],

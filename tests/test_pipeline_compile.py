@@ -314,21 +314,10 @@ def test_pipeline_presets_are_the_one_place_for_sizes_gate_and_workers(ir, tmp_p
         presets.pipeline_preset("flag")
 
 
-def test_smoke_preset_turns_the_baseline_floor_off_and_flags_win(monkeypatch, tmp_path):
-    """smoke is a plumbing check (4 objects and a few steps): promoted without the gate's
-    mean-shape floor; tiny and small keep it on. A flag given on the command line wins
-    over the preset; a flag not given leaves the preset's value."""
-    from pipelines import cli, orchestrate
-    from pipelines.presets import pipeline_preset
-    from mar3d.config import load_config
-    from mar3d.registry import PromoteConfig
-
-    assert pipeline_preset("smoke")["gate_beat_baseline"] is False
-    assert pipeline_preset("tiny")["gate_beat_baseline"] is True
-    assert pipeline_preset("small")["gate_beat_baseline"] is True
-    # What the promote component passes for either value loads as PromoteConfig.
-    for value, expected in (("false", False), ("true", True)):
-        assert load_config(PromoteConfig, None, [f"gate.beat_baseline={value}"]).gate.beat_baseline is expected
+@pytest.fixture
+def local_runs(monkeypatch) -> list[dict]:
+    """The keyword arguments of every `run_local` call the command line makes (none runs)."""
+    from pipelines import orchestrate
 
     seen = []
 
@@ -340,11 +329,48 @@ def test_smoke_preset_turns_the_baseline_floor_off_and_flags_win(monkeypatch, tm
             return {}
 
     monkeypatch.setattr(orchestrate, "run_local", lambda *a, **kw: seen.append(kw) or Done())
+    return seen
+
+
+def test_smoke_preset_turns_the_baseline_floor_off_and_flags_win(local_runs, tmp_path):
+    """smoke is a plumbing check (4 objects and a few steps): promoted without the gate's
+    mean-shape floor; tiny and small keep it on. A flag given on the command line wins
+    over the preset; a flag not given leaves the preset's value."""
+    from pipelines import cli
+    from pipelines.presets import pipeline_preset
+    from mar3d.config import load_config
+    from mar3d.registry import PromoteConfig
+
+    assert pipeline_preset("smoke")["gate_beat_baseline"] is False
+    assert pipeline_preset("tiny")["gate_beat_baseline"] is True
+    assert pipeline_preset("small")["gate_beat_baseline"] is True
+    # What the promote component passes for either value loads as PromoteConfig.
+    for value, expected in (("false", False), ("true", True)):
+        assert load_config(PromoteConfig, None, [f"gate.beat_baseline={value}"]).gate.beat_baseline is expected
+
     base = ["pipeline", "run", "--local", "--dataset", str(tmp_path), "--workdir", str(tmp_path / "w")]
     for flags, expected in (([], None), (["--no-gate-baseline"], False),
                             (["--preset", "smoke", "--gate-baseline"], True)):
         assert cli.main([*base, *flags]) == 0
-        assert seen[-1]["gate_beat_baseline"] is expected, flags
+        assert local_runs[-1]["gate_beat_baseline"] is expected, flags
+
+
+def test_run_args_set_pipeline_parameters_over_the_preset_and_bad_ones_are_refused(local_runs, tmp_path, capsys):
+    """`pipeline run --arg NAME=VALUE` (as `pipeline submit --arg`): JSON values, checked
+    against the preset parameters' names and types before anything runs."""
+    from pipelines import cli
+
+    base = ["pipeline", "run", "--local", "--dataset", str(tmp_path), "--workdir", str(tmp_path / "w")]
+    assert cli.main([*base, "--arg", 'vae_overrides=["steps=3", "batch_size=1"]', "--arg", "num_workers=1",
+                     "--feature-cache"]) == 0
+    assert local_runs[-1]["extra"] == {"vae_overrides": ["steps=3", "batch_size=1"], "num_workers": 1,
+                                       "feature_cache": True}
+    for arg, message in (("no_such=1", "unknown pipeline argument 'no_such'"),
+                         ("num_workers=two", "num_workers must be of type int"),
+                         ("vae_overrides=steps=3", "vae_overrides must be a JSON list")):
+        assert cli.main([*base, "--arg", arg]) == 2
+        assert message in capsys.readouterr().err
+    assert len(local_runs) == 1
 
 
 def test_a_local_gpu_preset_is_refused_without_the_gpus_before_any_step(monkeypatch, tmp_path):

@@ -88,7 +88,9 @@ def test_local_pipeline_end_to_end(tmp_path, ycb_small_dir):
     train_runs = client.search_runs([client.get_experiment_by_name("mar3d").experiment_id])
     assert {r.data.tags.get("mar3d.stage") for r in train_runs} == {"vae", "lr", "hr"}
     eval_exp = client.get_experiment_by_name("mar3d-eval")
-    assert eval_exp is not None and client.search_runs([eval_exp.experiment_id])
+    assert eval_exp is not None
+    # The release leads back to the evaluation that scored it (lineage).
+    assert champion.tags["eval_run_id"] in {r.info.run_id for r in client.search_runs([eval_exp.experiment_id])}
 
     # No credential in what the run wrote: step logs, report.json, results.parquet, kfp's
     # executor inputs (the steps' arguments), MLflow's store and artifacts, its API.

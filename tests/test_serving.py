@@ -1,9 +1,10 @@
 """A release is an MLflow model: `mlflow models predict` and `mlflow models serve` run it.
 
-The session's trained tiny cascade is registered as a release (which writes its pyfunc
-model, :mod:`mar3d.serving`) in the session's real `mlflow server` with basic auth, and
-given the champion alias. Then, as a platform team would, with MLflow's own CLI and the
-local environment (``--env-manager local``):
+The session's trained tiny cascade, registered and promoted by the session's pipeline run
+(tests/_pipeline_run.py; registering a release writes its pyfunc model,
+:mod:`mar3d.serving`) in the session's real `mlflow server` with basic auth. Then, as a
+platform team would, with MLflow's own CLI and the local environment
+(``--env-manager local``):
 
 * ``mlflow models predict -m models:/NAME@champion`` on a JSON file of two rows (a base64
   image with settings, and an image path) writes GLBs that trimesh loads;
@@ -33,7 +34,6 @@ from _services import _free_port, stop_mlflow_server, wait_until_answers
 
 pytestmark = pytest.mark.e2e
 
-NAME = "mar3d-serve"
 RESOLUTION = 32  # a coarse grid: the test checks the serving path, not the shape
 
 
@@ -71,17 +71,18 @@ def _glb_mesh(row: dict, output: Path | None = None):
 
 
 @pytest.fixture(scope="module")
-def champion(trained_cascade, mlflow_server):
-    from mar3d.registry import RegistryConfig, register_release
-
-    _, results = trained_cascade
-    release = register_release({s: results[s].model_uri for s in ("vae", "lr", "hr")},
-                               cfg=RegistryConfig(name=NAME), alias="champion", tracking_uri=mlflow_server)
-    return f"models:/{release.name}@champion"
+def champion(cluster_pipeline):
+    """The release the session's pipeline run promoted (tests/_pipeline_run.py)."""
+    return cluster_pipeline.release_uri
 
 
-def test_mlflow_models_predict_runs_the_champion(champion, mlflow_server, ycb_small_shards, tmp_path):
-    png = _png_of_view(ycb_small_shards)
+@pytest.fixture(scope="module")
+def shards(cluster_pipeline):
+    return cluster_pipeline.data
+
+
+def test_mlflow_models_predict_runs_the_champion(champion, mlflow_server, shards, tmp_path):
+    png = _png_of_view(shards)
     (tmp_path / "view.png").write_bytes(png)
     rows = [{"image": base64.b64encode(png).decode(), "seed": 3, "resolution": RESOLUTION,
              "num_inference_steps": 8, "guidance_scale": 2.0},
@@ -110,7 +111,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 
 def test_mlflow_models_serve_answers_glbs_and_refuses_bad_input_with_400(
-        champion, mlflow_server, ycb_small_shards, tmp_path):
+        champion, mlflow_server, shards, tmp_path):
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([_mlflow(), "models", "serve", "-m", champion, "--env-manager", "local",
@@ -120,7 +121,7 @@ def test_mlflow_models_serve_answers_glbs_and_refuses_bad_input_with_400(
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_answers(base + "/ping", proc, tmp_path / "serve.log", 180, "mlflow models serve")
-        image = base64.b64encode(_png_of_view(ycb_small_shards)).decode()
+        image = base64.b64encode(_png_of_view(shards)).decode()
         good = {"dataframe_records": [{"image": image, "resolution": RESOLUTION, "seed": 1}]}
 
         status, body = _post(base + "/invocations", good)

@@ -1,11 +1,12 @@
-"""End-to-end training on Ray Train + DeepSpeed with 2 CPU workers (gloo), real MLflow.
+"""End-to-end training on Ray Train + DeepSpeed with 2 CPU workers (gloo), real MLflow:
+the trainings of the session's pipeline run on the 2-node cluster (``cluster_pipeline``,
+tests/_pipeline_run.py), read back through MLflow and the files they wrote.
 
-* a tiny Pyramid VAE trained on real YCB shards reconstructs its training shapes far
-  better than the trivial "everything inside" predictor (the session's ``trained_vae``,
-  tests/conftest.py, which test_cascade_e2e builds its cascade on);
-* (a worker killed mid-training resuming from its checkpoint is in tests/reliability);
-* MAR-LR and MAR-HR train on the frozen VAE's latents through the same machinery (the
-  session's ``trained_cascade``, which test_cascade_e2e generates from).
+* the tiny Pyramid VAE trained on real YCB shards reconstructs its training shapes far
+  better than the trivial "everything inside" predictor (its driver was killed mid-run
+  and the run resumed from its checkpoint; tests/reliability/test_cluster_faults.py);
+* MAR-LR and MAR-HR train on the frozen VAE's latents through the same machinery, from
+  the feature cache MAR-LR built, with one image encoder for the release.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from _pipeline_run import LOG_EVERY, stage_overrides
 from mar3d.config import from_dict
 from mar3d.train.loop import DEEPSPEED_TAG
 
@@ -22,8 +24,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def shards(ycb_small_shards) -> Path:
-    return ycb_small_shards
+def shards(cluster_pipeline) -> Path:
+    return cluster_pipeline.data
 
 
 def _client(uri):
@@ -57,13 +59,15 @@ def _reconstruction_iou(model, shards: Path, surface_sizes) -> list[tuple[float,
     return out
 
 
-def test_train_vae_two_workers(trained_vae, shards, mlflow_server):
+def test_train_vae_two_workers(cluster_pipeline, shards, mlflow_server):
     from mar3d.models.vae import ShapeVAE, VAEConfig
     from mar3d.registry import resolve_model_dir
+    from mar3d.train import load_train_config
     from mar3d.weights import load_model_dir
 
-    cfg, result = trained_vae
-    assert result.metrics["step"] == cfg.steps
+    result = cluster_pipeline.stages["vae"]
+    cfg = load_train_config("vae", "train_vae_tiny", stage_overrides("vae"))
+    assert result.metrics["step"] == cfg.steps == result.steps
     assert result.model_uri == f"runs:/{result.run_id}/model"
 
     # DeepSpeed ZeRO-1 over 2 ranks: each rank wrote its optimizer partition.
@@ -119,19 +123,19 @@ def _check_lineage(client, run, shards, result) -> None:
 
 
 @pytest.mark.parametrize("stage", ["lr", "hr"])
-def test_train_mar_stage_on_frozen_vae(stage, trained_vae, trained_cascade, mlflow_server):
-    from _cascade import CASCADE_LOG_EVERY
+def test_train_mar_stage_on_frozen_vae(stage, cluster_pipeline, mlflow_server):
     from mar3d.inference import load_frozen_conditioner, load_mar
     from mar3d.registry import resolve_model_dir
+    from mar3d.train import load_train_config
     from mar3d.weights import load_model_dir
 
-    _, vae = trained_vae
-    configs, results = trained_cascade
-    cfg, result = configs[stage], results[stage]
-    assert result.metrics["step"] == cfg.steps
+    results = cluster_pipeline.stages
+    vae, result = results["vae"], results[stage]
+    cfg = load_train_config(stage, f"train_{stage}_tiny", [*stage_overrides(stage), f"vae_model_uri={vae.model_uri}"])
+    assert result.metrics["step"] == cfg.steps == result.steps
     client = _client(mlflow_server)
     losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
-    assert len(losses) == cfg.steps // CASCADE_LOG_EVERY and all(np.isfinite(losses))
+    assert len(losses) == cfg.steps // LOG_EVERY[stage] and all(np.isfinite(losses))
     assert client.get_metric_history(result.run_id, "train/latent_ms")
     assert client.get_metric_history(result.run_id, "eval/loss")
 

@@ -35,11 +35,13 @@ log = logging.getLogger(__name__)
 def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfig | None = None,
              tracking_uri: str | None = None, release_uri: str | None = None,
              progress: bool = True, extra_params: dict[str, Any] | None = None,
-             compare_to: str | None = None) -> EvalResult:
+             compare_to: str | None = None, model_ids: list[str] | None = None) -> EvalResult:
     """Evaluate ``model`` (a release URI or a folder with vae/ lr/ [hr/]) on the prepared
     dataset at ``dataset``; see :mod:`mar3d.evaluate` for groups, protocol and outputs.
     ``compare_to`` (e.g. ``models:/mar3d@champion``) is scored on the same objects too.
-    ``extra_params`` are logged as MLflow params next to the config."""
+    ``extra_params`` are logged as MLflow params next to the config; ``model_ids``: the
+    MLflow logged models ``model`` was made of, when no registered release names them
+    (the run's model inputs, beside the release's and the champion's components)."""
     from mar3d import tracking
     from mar3d.data.dataset import ShapeDataset
     from mar3d.registry import component_model_ids, get_release
@@ -51,7 +53,7 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
     storage.check(output, "evaluation output")
     if storage.is_remote(output):
         return _evaluate_to_remote(model, dataset, str(output), cfg, tracking_uri, release_uri,
-                                   progress, extra_params, compare_to)
+                                   progress, extra_params, compare_to, model_ids)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or tracking.default_tracking_uri(output)
@@ -90,7 +92,8 @@ def evaluate(model: str, dataset: str | Path, output: str | Path, cfg: EvalConfi
         lineage.log_prepared_dataset(tracking_uri, run_id, str(dataset), fingerprint, "eval",
                                      {"groups": {g.name: len(g.indices) for g in groups}})
         lineage.log_model_inputs(tracking_uri, run_id, [
-            *component_model_ids(release, tracking_uri), *component_model_ids(champion, tracking_uri)])
+            *component_model_ids(release, tracking_uri), *(model_ids or []),
+            *component_model_ids(champion, tracking_uri)])
 
         for folder in (PREVIEW_DIR, SHEET_DIR):
             (output / folder).mkdir(exist_ok=True)
@@ -283,7 +286,7 @@ def _dataset_path(dataset: str | Path) -> str:
 
 
 def _evaluate_to_remote(model, dataset, output: str, cfg, tracking_uri, release_uri, progress,
-                        extra_params, compare_to) -> EvalResult:
+                        extra_params, compare_to, model_ids) -> EvalResult:
     """:func:`evaluate` into a local staging folder, then every output file uploaded to
     ``output`` (object storage); the result names the uploaded files. The evaluation
     writes many small files and logs them to MLflow from local paths, so staging keeps
@@ -295,7 +298,7 @@ def _evaluate_to_remote(model, dataset, output: str, cfg, tracking_uri, release_
         result = evaluate(model, dataset, staging, cfg,
                           tracking_uri=tracking_uri or tracking.default_tracking_uri(output),
                           release_uri=release_uri, progress=progress, extra_params=extra_params,
-                          compare_to=compare_to)
+                          compare_to=compare_to, model_ids=model_ids)
         storage.upload_dir(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -322,4 +325,5 @@ def evaluate_components(vae_uri: str, lr_uri: str, hr_uri: str | None, dataset: 
     with tempfile.TemporaryDirectory(prefix="mar3d-eval-release-") as tmp:
         release_dir = assemble_release_dir(vae_uri, lr_uri, hr_uri, tmp, tracking_uri=tracking_uri)
         return evaluate(str(release_dir), dataset, output, cfg, tracking_uri=tracking_uri,
-                        progress=progress, extra_params=components, compare_to=compare_to)
+                        progress=progress, extra_params=components, compare_to=compare_to,
+                        model_ids=lineage.produced_model_ids(tracking_uri, [vae_uri, lr_uri, hr_uri or ""]))

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 RUN_STATE = "mar3d_run.json"
 CONDITIONER_DIR = "conditioner"
 FEATURE_CACHE_DIR = "feature_cache"
+# Ray Train's controller collects the workers' reports (log points, checkpoints) once per
+# poll, and a worker's next report waits for it: at Ray's default of 2 s every log point
+# could idle the workers up to 2 s. The driver's value reaches the controller and workers.
+REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
 class TrainingError(RuntimeError):
@@ -196,6 +200,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         _prepare_feature_cache(cfg, tracking_uri, run_location, vae)
         # The workers' progress and logs reach this driver's output (the step log).
         ensure_ray(log_to_driver=True)
+        os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)  # a user's own setting wins
         trainer = _make_trainer(cfg, root, {"run_id": run_id, "tracking_uri": tracking_uri,
                                             "run_dir": str(run_dir)})
         try:

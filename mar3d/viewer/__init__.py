@@ -60,6 +60,15 @@ class PageInfo:
     shapes: int
 
 
+def _face_keys(faces: np.ndarray) -> np.ndarray:
+    """One integer per face (its vertex indices as digits), so that repeated faces are
+    found by a 1-D ``np.unique``: row-wise ``np.unique(axis=0)`` was ~10x slower."""
+    base = int(faces.max(initial=0)) + 1
+    if base ** 3 >= 2 ** 63:  # too many vertices for one int64: compare rows
+        return np.unique(faces, axis=0, return_inverse=True)[1].reshape(-1)
+    return (faces[:, 0] * base + faces[:, 1]) * base + faces[:, 2]
+
+
 def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int = DISPLAY_FACES
              ) -> tuple[np.ndarray, np.ndarray]:
     """At most ``max_faces`` faces by vertex clustering: vertices merged per cell of the
@@ -82,7 +91,7 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int = DISPLAY_F
         merged = inverse.reshape(-1)[faces]
         keep = (merged[:, 0] != merged[:, 1]) & (merged[:, 1] != merged[:, 2]) & (merged[:, 0] != merged[:, 2])
         merged = merged[keep]
-        _, first = np.unique(np.sort(merged, axis=1), axis=0, return_index=True)
+        _, first = np.unique(_face_keys(np.sort(merged, axis=1)), return_index=True)
         return inverse.reshape(-1), merged[np.sort(first)]
 
     low, high = 2, 1024

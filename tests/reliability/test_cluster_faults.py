@@ -15,20 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from _faults import (Background, latest_run_id, logged_steps, one_row_shards, registered_step, uids,
-                     wait_for)
+from _faults import Background, latest_run_id, logged_steps, one_row_shards, registered_step, uids, wait_for
 from _leaks import leaks
-from _ray import RAY_TRAIN_ENV
+from _pipeline_run import MODEL_NAME
 from components._run import run_step
 from mar3d.cluster import job_client
 
@@ -104,9 +98,7 @@ def test_worker_node_lost_during_training_resumes_from_checkpoint(
                     "worker_resources={mar3d_node_1: 0.5}"):
         argv += ["--set", setting]
     client = MlflowClient(tracking_uri=mlflow_server)
-    # The job's controller polls its workers as often as the local session's (tests/_ray.py).
-    job = Background(lambda: run_step(argv, cluster.dashboard_url, poll_seconds=1,
-                                      runtime_env={"env_vars": RAY_TRAIN_ENV}))
+    job = Background(lambda: run_step(argv, cluster.dashboard_url, poll_seconds=1))
 
     run_id = wait_for(lambda: job.running() and latest_run_id(client, "test-cluster-faults", run_name), 180,
                       "the run")
@@ -142,81 +134,50 @@ def test_worker_node_lost_during_training_resumes_from_checkpoint(
 
 
 # ------------------------------------- (c) pipeline step's driver killed, then resume
-# An S3 secret the run has no use for, as a user's shell may hold one: it must stay out too.
-S3_SECRET = f"s3-secret-{secrets.token_hex(12)}"
-
-
-def _pipeline(cluster, dataset, workdir, mlflow_uri, *extra) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "pipeline", "run", "--ray-address", cluster.dashboard_url,
-         "--preset", "smoke", "--dataset", str(dataset), "--workdir", str(workdir),
-         "--mlflow-uri", mlflow_uri, "--model-name", "mar3d-cluster", *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def test_pipeline_on_cluster_step_driver_killed_then_resumed(cluster, ycb_small_dir, mlflow_server,
-                                                             tmp_path, reliability_report):
-    client = job_client(cluster.dashboard_url)
-    workdir = tmp_path / "work"
-    before = {j.submission_id for j in client.list_jobs()}
-    first = _pipeline(cluster, ycb_small_dir, workdir, mlflow_server)
-    try:
-        def vae_job():
-            return next((j for j in client.list_jobs() if j.submission_id not in before
-                         and (j.metadata or {}).get("mar3d.step") == "train vae"
-                         and str(j.status.value) == "RUNNING" and j.driver_info), None)
-        job = wait_for(vae_job, 600, "the train-vae Ray job")
-        storage = wait_for(lambda: next(iter(workdir.glob("runs/*/train/vae")), None), 300, "its run folder")
-        registered = wait_for(lambda: registered_step(storage), 600, "a registered VAE checkpoint")
-        os.kill(int(job.driver_info.pid), signal.SIGKILL)
-        out, _ = first.communicate(timeout=300)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 1, out[-4000:]
+def test_pipeline_on_cluster_step_driver_killed_then_resumed(cluster, cluster_pipeline, mlflow_server,
+                                                             reliability_report):
+    """The session's pipeline run (tests/_pipeline_run.py): every step a Ray job on the
+    cluster, the train-vae driver SIGKILLed after a registered checkpoint, then --resume."""
+    run = cluster_pipeline
+    registered = run.killed["registered_step"]
+    out = run.first_output
+    assert run.first_returncode == 1, out[-4000:]
     tail = out[out.rindex("mar3d: StepFailed"):]
     assert "Inner task failed: 'train-vae'" in tail
     assert "`mar3d train vae` failed: Ray job" in tail and "FAILED" in tail
-    run_id = re.search(r"--resume (\S+)", tail).group(1)
-    assert (workdir / "runs" / run_id / "data" / "manifest.json").is_file()
+    assert f"--resume {run.run_id}" in tail
+    assert (run.data / "manifest.json").is_file()
 
-    resumed_from = {j.submission_id for j in client.list_jobs()}
-    second = _pipeline(cluster, ycb_small_dir, workdir, mlflow_server, "--resume", run_id,
-                       "--result-json", str(tmp_path / "result.json"))
-    out2, _ = second.communicate(timeout=1800)
-    assert second.returncode == 0, out2[-6000:]
+    out2 = run.second_output
+    assert run.second_returncode == 0, out2[-6000:]
     # Every step ran as a Ray job on the cluster, and each one succeeded.
-    jobs = [j for j in client.list_jobs() if j.submission_id not in resumed_from]
-    assert sorted((j.metadata or {}).get("mar3d.step") for j in jobs) == sorted(
+    assert sorted(j["step"] for j in run.resumed_jobs) == sorted(
         ["data prepare", "train vae", "train lr", "train hr", "evaluate", "promote", "generate"])
-    assert {str(j.status.value) for j in jobs} == {"SUCCEEDED"}
+    assert {j["status"] for j in run.resumed_jobs} == {"SUCCEEDED"}, run.resumed_jobs
     # Complete shards skipped: the step's line on the console, its full summary in its log.
     assert "data prepare: done in" in out2 and "0 new shard(s), 0 rejected, 4 already done" in out2
-    assert "4 inputs: 0 new rows, 0 new errors, 4 already done" in (
-        workdir / "runs" / run_id / "data" / "step.log").read_text()
+    assert "4 inputs: 0 new rows, 0 new errors, 4 already done" in (run.data / "step.log").read_text()
 
     mlflow = MlflowClient(tracking_uri=mlflow_server)
-    vae_run = latest_run_id(mlflow, "mar3d", "vae")
+    vae_run = run.stages["vae"].run_id
     starts = sorted(m.value for m in mlflow.get_metric_history(vae_run, "train/start_step"))
     assert starts[0] == 0 and starts[-1] >= registered > 0, (starts, registered)
-    champion = mlflow.get_model_version_by_alias("mar3d-cluster", "champion")
+    champion = mlflow.get_model_version_by_alias(MODEL_NAME, "champion")
     for comp in ("vae", "lr", "hr"):
-        assert champion.tags[f"component.{comp}"].startswith(f"mar3d-cluster-{comp}/")
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["run_id"] == run_id and result["num_meshes"] == 4
-    assert len(list((workdir / "runs" / run_id / "generate").rglob("*.glb"))) == 4
+        assert champion.tags[f"component.{comp}"].startswith(f"{MODEL_NAME}-{comp}/")
+    assert run.result["run_id"] == run.run_id and run.result["num_meshes"] == 4
+    assert len(list((run.workdir / "runs" / run.run_id / "generate").rglob("*.glb"))) == 4
     # The run logged in to the authenticated MLflow server and the token-authenticated
     # cluster; no credential is in anything it wrote: step logs, report.json,
     # results.parquet, kfp's executor inputs (the steps' arguments), the MLflow server's
     # stores and artifacts, its runs' params/tags/metric names, the Ray jobs' metadata and logs.
-    found = leaks({"MLflow password": os.environ["MLFLOW_TRACKING_PASSWORD"], "S3 secret key": S3_SECRET,
+    found = leaks({"MLflow password": os.environ["MLFLOW_TRACKING_PASSWORD"], **run.secrets,
                    "Ray token": Path(cluster.token_path).read_text().strip()},
-                  folders=[workdir, mlflow_server.root], mlflow_uri=mlflow_server, ray_client=client)
+                  folders=[run.workdir, mlflow_server.root], mlflow_uri=mlflow_server,
+                  ray_client=job_client(cluster.dashboard_url))
     assert not found, found
     reliability_report.add("faults", fault="SIGKILL the driver of the pipeline's train-vae Ray job",
                            at=f"after checkpoint step {registered}",
-                           outcome=f"pipeline failed naming train-vae; --resume {run_id}: data skipped "
+                           outcome=f"pipeline failed naming train-vae; --resume {run.run_id}: data skipped "
                            f"4/4, VAE resumed at step {int(starts[-1])}, 7 Ray jobs SUCCEEDED, promoted",
                            lost="0")

@@ -1,7 +1,7 @@
-"""Faults injected from outside, into real processes:
+"""Faults injected from outside, into real processes (a Ray Train worker SIGKILLed
+mid-training: in test_object_storage.py, on S3 storage; the worker node lost during
+training: test_cluster_faults.py):
 
-* a Ray Train worker process SIGKILLed mid-training -> training resumes from the latest
-  checkpoint and finishes, with every logged step present in MLflow;
 * a Ray Data worker SIGKILLed mid-job -> the task is retried, every input still
   becomes exactly one row; the data job's driver SIGKILLed mid-job -> no partial shard
   is listed as complete, and a re-run ends with the same rows as an uninterrupted run;
@@ -28,8 +28,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from _faults import (Background, latest_run_id, logged_steps, one_row_shards, processes,
-                     registered_step, uids, wait_for)
+from _faults import Background, latest_run_id, logged_steps, one_row_shards, processes, uids, wait_for
 from _registry_helpers import make_release
 from _services import start_mlflow_server, stop_mlflow_server
 from mar3d.config import to_dict
@@ -44,10 +43,9 @@ from mar3d.train.loop import TRACKING_BACKLOG
 pytestmark = pytest.mark.e2e
 
 
-# Faults are triggered on observed progress (MLflow steps, the registered checkpoint), and
-# training cannot run far ahead of it: each Ray Train report (log point, checkpoint) waits
-# for the controller's next poll. A fault lands at step ~10-20, well before the last of
-# the 8 log points.
+# The fault is triggered on observed progress (MLflow steps), and training cannot run far
+# ahead of it: each Ray Train report (log point, checkpoint) waits for the controller's
+# next poll. It lands at step ~10-20, well before the last of the 8 log points.
 STEPS, CHECKPOINT_EVERY, LOG_EVERY = 40, 10, 5
 LOG_POINTS = list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
 
@@ -58,44 +56,6 @@ def _train_cfg(shards: Path, storage: Path, tracking_uri: str, run_name: str, *e
         f"run_name={run_name}", "experiment=test-reliability", f"steps={STEPS}", "warmup_steps=5",
         f"checkpoint_every={CHECKPOINT_EVERY}", f"log_every={LOG_EVERY}", "eval_every=0", "split=all",
         "batch_size=2", *extra])
-
-
-# ------------------------------------------------------------------- training: SIGKILL
-def test_training_worker_killed_resumes_from_checkpoint(ycb_small_shards, mlflow_server, tmp_path,
-                                                        reliability_report):
-    cfg = _train_cfg(ycb_small_shards, tmp_path, mlflow_server, "vae-sigkill", "max_failures=2")
-    client = MlflowClient(tracking_uri=mlflow_server)
-    job = Background(lambda: run_training(cfg))
-
-    run_id = wait_for(lambda: job.running() and latest_run_id(client, "test-reliability", "vae-sigkill"),
-                      120, "the run")
-    # Kill once Ray Train has registered a checkpoint (a checkpoint folder written but not
-    # yet registered by the controller is not a restore point) and training is past it.
-    registered = wait_for(lambda: job.running() and registered_step(tmp_path / "vae-sigkill"), 300,
-                          "a registered checkpoint")
-    wait_for(lambda: job.running() and max(logged_steps(client, run_id), default=0) > registered, 300,
-             "a step past it")
-    victims = processes("RayTrainWorker")
-    assert victims, "no Ray Train worker process found"
-    killed_at = max(logged_steps(client, run_id))
-    victim = max(victims, key=lambda p: p.pid)
-    victim.send_signal(signal.SIGKILL)
-
-    result = job.join(600)
-    assert job.error is None, job.error
-    assert killed_at < STEPS, f"the worker was killed after the last step ({killed_at})"
-    assert result.metrics["step"] == STEPS
-    starts = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/start_step"))
-    assert starts[0] == (0, 0.0) and len(starts) == 2, starts
-    resumed = int(starts[1][1])
-    # The second attempt resumed at the registered checkpoint (or a later one), not from 0.
-    assert resumed % CHECKPOINT_EVERY == 0 and registered <= resumed <= killed_at + LOG_EVERY, \
-        (starts, registered, killed_at)
-    assert logged_steps(client, run_id) == LOG_POINTS
-    assert client.get_run(run_id).info.status == "FINISHED"
-    reliability_report.add("faults", fault="SIGKILL a Ray Train worker mid-training",
-                           at=f"step ~{killed_at}", outcome=f"resumed at checkpoint step {resumed}, "
-                           f"finished step {STEPS}", lost=f"0 steps (all {len(LOG_POINTS)} log points in MLflow)")
 
 
 # ------------------------------------------------------------------ data job: SIGKILL

@@ -1,0 +1,165 @@
+"""The session's trained release: one pipeline run on the session's 2-node cluster.
+
+The test session trains its models once, the way a user on a cluster does: `mar3d
+pipeline run --ray-address` submits every step as a Ray job through the Jobs API. On the
+way, the driver of the train-vae job is SIGKILLed once Ray Train has registered a
+checkpoint; the pipeline fails naming the step, and `--resume <run id>` finishes the run
+(data skipped, VAE resumed from its checkpoint, MAR-LR building its feature cache,
+MAR-HR training from it, evaluation, promotion, generation).
+
+Read by: the fault test that checks the kill and the resume (reliability/
+test_cluster_faults.py), the training tests (what the runs logged and saved), the cascade
+tests (does a generated shape follow its image; the release lifecycle), the feature-cache
+and serving tests. They read the runs through MLflow and the files the steps wrote, as a
+user would.
+
+The trainings are the pipeline's smoke preset made long enough to learn something on
+four objects: 300 steps per stage, batch 2, every object and view (``split=all``: the
+cascade test asks whether shapes follow their images on the objects trained on; the
+pipeline's own held-out evaluation still runs), 64 px condition images for the tiny
+encoders.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _faults import registered_step, wait_for
+
+MODEL_NAME = "mar3d-cluster"
+STEPS = {"vae": 300, "lr": 300, "hr": 300}
+LOG_EVERY = {"vae": 10, "lr": 50, "hr": 50}
+# 64 px condition images keep the tiny encoders fast; the steps resize the shards' renders.
+SMALL_CONDITION = ["condition.image_size=64", "condition.tiny_clip_patch=16",
+                   "condition.tiny_dino_patch=16"]
+VAE_CHECKPOINT_EVERY = 100  # the kill lands after the first registered one, mid-run
+
+
+def stage_overrides(stage: str) -> list[str]:
+    """The training settings of ``stage`` in the session's run (over the smoke preset's)."""
+    n = STEPS[stage]
+    common = [f"steps={n}", "warmup_steps=20", "batch_size=2", "split=all", "num_eval_samples=4",
+              f"log_every={LOG_EVERY[stage]}"]
+    if stage == "vae":
+        return common + [f"checkpoint_every={VAE_CHECKPOINT_EVERY}", "eval_every=100"]
+    # One evaluation, after the last step: it does not change the weights.
+    return common + [f"checkpoint_every={n}", f"eval_every={n}", *SMALL_CONDITION]
+
+
+@dataclass
+class StageRun:
+    """What a training step recorded (its kfp output pointer): the MLflow run, the model
+    it logged, its last checkpoint and final metrics."""
+    stage: str
+    run_id: str
+    model_uri: str
+    checkpoint_path: str
+    metrics: dict
+    location: str
+    condition_model_uri: str = ""
+    feature_cache: str = ""
+
+    @property
+    def steps(self) -> int:
+        return STEPS[self.stage]
+
+
+@dataclass
+class ClusterPipelineRun:
+    workdir: Path
+    mlflow_uri: str
+    run_id: str                  # the pipeline run (its folder under workdir/runs)
+    killed: dict                 # the train-vae job whose driver was killed, and when
+    first_returncode: int
+    first_output: str
+    second_returncode: int
+    second_output: str
+    resumed_jobs: list[dict]     # the Ray jobs of the resumed run: step, status
+    result: dict                 # the resumed run's --result-json
+    stages: dict[str, StageRun] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)  # name -> value given to the run
+
+    @property
+    def data(self) -> Path:
+        """The shards the pipeline's data step wrote."""
+        return self.workdir / "runs" / self.run_id / "data"
+
+    @property
+    def release_uri(self) -> str:
+        return f"models:/{MODEL_NAME}@champion"
+
+
+def _command(cluster, dataset: Path, workdir: Path, mlflow_uri: str, env: dict, *extra: str) -> subprocess.Popen:
+    args = [f"{stage}_overrides={json.dumps(stage_overrides(stage))}" for stage in STEPS]
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "pipeline", "run", "--ray-address", cluster.dashboard_url,
+         "--preset", "smoke", "--feature-cache", *[a for arg in args for a in ("--arg", arg)],
+         "--dataset", str(dataset), "--workdir", str(workdir), "--mlflow-uri", mlflow_uri,
+         "--model-name", MODEL_NAME, *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _stage_runs(workdir: Path) -> dict[str, StageRun]:
+    """The training steps' output pointers of the (resumed) run that trained MAR-HR."""
+    pointers = sorted(workdir.glob("kfp/*/train-hr/model"), key=lambda p: p.stat().st_mtime)
+    if not pointers:
+        return {}
+    run_dir = pointers[-1].parent.parent
+    out = {}
+    for stage in STEPS:
+        doc = json.loads((run_dir / f"train-{stage}" / "model").read_text())
+        out[stage] = StageRun(stage, doc["run_id"], doc["model_uri"], doc["checkpoint"], doc["metrics"],
+                              doc["location"], doc.get("condition_model_uri", ""), doc.get("feature_cache", ""))
+    return out
+
+
+def run_cluster_pipeline(cluster, dataset: Path, workdir: Path, mlflow_uri: str) -> ClusterPipelineRun:
+    """The pipeline on ``cluster``, its train-vae driver killed, then resumed (see the
+    module's docstring). Raises only when the run cannot go on; the tests check the rest."""
+    from mar3d.cluster import job_client
+
+    client = job_client(cluster.dashboard_url)
+    given = {"S3 secret key": f"s3-secret-{secrets.token_hex(12)}"}  # one a user's shell may hold
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(cluster.client_env(), AWS_SECRET_ACCESS_KEY=given["S3 secret key"])
+    before = {j.submission_id for j in client.list_jobs()}
+    first = _command(cluster, dataset, workdir, mlflow_uri, env)
+    try:
+        def vae_job():
+            return next((j for j in client.list_jobs() if j.submission_id not in before
+                         and (j.metadata or {}).get("mar3d.step") == "train vae"
+                         and str(j.status.value) == "RUNNING" and j.driver_info), None)
+        job = wait_for(vae_job, 600, "the train-vae Ray job")
+        storage = wait_for(lambda: next(iter(workdir.glob("runs/*/train/vae")), None), 300, "its run folder")
+        registered = wait_for(lambda: registered_step(storage), 600, "a registered VAE checkpoint")
+        os.kill(int(job.driver_info.pid), signal.SIGKILL)
+        first_out, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    found = re.search(r"--resume (\S+)", first_out)
+    assert found, f"the killed run printed no run id to resume:\n{first_out[-4000:]}"
+    run_id = found.group(1)
+
+    resumed_from = {j.submission_id for j in client.list_jobs()}
+    result_json = workdir.parent / "result.json"
+    second = _command(cluster, dataset, workdir, mlflow_uri, env, "--resume", run_id,
+                      "--result-json", str(result_json))
+    second_out, _ = second.communicate(timeout=1800)
+    jobs = [{"step": (j.metadata or {}).get("mar3d.step"), "status": str(j.status.value),
+             "submission_id": j.submission_id}
+            for j in client.list_jobs() if j.submission_id not in resumed_from]
+    return ClusterPipelineRun(
+        workdir=workdir, mlflow_uri=str(mlflow_uri), run_id=run_id,
+        killed={"submission_id": job.submission_id, "registered_step": registered},
+        first_returncode=first.returncode, first_output=first_out,
+        second_returncode=second.returncode, second_output=second_out, resumed_jobs=jobs,
+        result=json.loads(result_json.read_text()) if result_json.is_file() else {},
+        stages=_stage_runs(workdir), secrets=given)
