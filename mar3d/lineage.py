@@ -89,14 +89,11 @@ def produced_model_ids(tracking_uri: str, model_uris: list[str]) -> list[str]:
     """The logged models that the training runs behind ``runs:/RUN/PATH`` model URIs
     produced (components evaluated before any release names them); model folders and
     other URIs name none."""
+    from mar3d.uris import RUNS_URI
+
     client = tracking.client(tracking_uri)
-    found = []
-    for uri in model_uris:
-        if uri and uri.startswith("runs:/"):
-            model_id = produced_model_id(client, uri[len("runs:/"):].split("/", 1)[0], uri)
-            if model_id:
-                found.append(model_id)
-    return found
+    runs = [(m["run_id"], uri) for uri in model_uris if (m := RUNS_URI.match(uri))]
+    return [model_id for run_id, uri in runs if (model_id := produced_model_id(client, run_id, uri))]
 
 
 def log_model_inputs(tracking_uri: str, run_id: str, model_ids: list[str]) -> None:

@@ -445,15 +445,12 @@ def _align_component_aliases(client, release_name: str, champion: Release | None
 
 def read_eval_report(path: str | Path) -> dict[str, float]:
     """The aggregated metrics of a `mar3d evaluate` report.json."""
-    return _eval_report(path)[0]
+    return read_eval_report_and_run(path)[0]
 
 
-def eval_report_run_id(path: str | Path) -> str | None:
-    """The MLflow run of the evaluation that wrote the report (None if it names none)."""
-    return _eval_report(path)[1]
-
-
-def _eval_report(path: str | Path) -> tuple[dict[str, float], str | None]:
+def read_eval_report_and_run(path: str | Path) -> tuple[dict[str, float], str | None]:
+    """The aggregated metrics of a `mar3d evaluate` report.json and the MLflow run of the
+    evaluation that wrote it (None if it names none)."""
     from mar3d import storage
 
     if storage.is_dir(path):

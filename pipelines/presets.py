@@ -69,6 +69,11 @@ def _read(name: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     return {**base, **doc}
 
 
+def _expected(tp: type) -> str:
+    """What a parameter of type ``tp`` must be, for an error message."""
+    return "a list of 'key=value' strings" if tp is list else f"of type {tp.__name__}"
+
+
 def check_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     """``arguments`` (a user's ``--arg`` values) when every name is a preset parameter
     with a value of its type; a ConfigError naming the first one that is not."""
@@ -77,9 +82,7 @@ def check_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"unknown pipeline argument {key!r}; arguments: {', '.join(sorted(PARAMETERS))}")
         tp = PARAMETERS[key]
         if not _is_a(value, tp):
-            raise ConfigError(f"pipeline argument {key} must be "
-                              + ("a JSON list of 'key=value' strings" if tp is list else f"of type {tp.__name__}")
-                              + f", got {value!r}")
+            raise ConfigError(f"pipeline argument {key} must be {_expected(tp)} (JSON), got {value!r}")
     return arguments
 
 
@@ -97,9 +100,7 @@ def pipeline_preset(name: str) -> dict[str, Any]:
         if value is None and tp is str:
             value = ""  # an empty `eval_config:` means the library's defaults
         if not _is_a(value, tp):
-            raise ConfigError(f"pipeline preset {name!r}: {key} must be "
-                              + ("a list of 'key=value' strings" if tp is list else f"of type {tp.__name__}")
-                              + f", got {value!r}")
+            raise ConfigError(f"pipeline preset {name!r}: {key} must be {_expected(tp)}, got {value!r}")
         args[key] = list(value) if tp is list else tp(value)
     if factor is not None:
         for stage in TRAIN_STAGES:

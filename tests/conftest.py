@@ -127,12 +127,17 @@ def ray_cluster(tmp_path_factory):
 
 @pytest.fixture
 def cluster_env(ray_cluster, monkeypatch):
-    """This test talks to ``ray_cluster`` (its auth token in the environment, no RAY_ADDRESS
-    pointing elsewhere); returns the cluster."""
-    for key, value in ray_cluster.client_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    """This test talks to ``ray_cluster``; returns the cluster."""
+    _talk_to(ray_cluster, monkeypatch)
     return ray_cluster
+
+
+def _talk_to(cluster, patch: pytest.MonkeyPatch) -> None:
+    """This process and what it starts talk to ``cluster``: its auth token in the
+    environment, no RAY_ADDRESS pointing elsewhere."""
+    for key, value in cluster.client_env().items():
+        patch.setenv(key, value)
+    patch.delenv("RAY_ADDRESS", raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -156,9 +161,7 @@ def cluster_pipeline(ray_cluster, ycb_small_dir, mlflow_server, tmp_path_factory
     instead of training their own."""
     from _pipeline_run import run_cluster_pipeline
 
-    with pytest.MonkeyPatch.context() as patch:  # this process talks to the cluster too
-        for key, value in ray_cluster.client_env().items():
-            patch.setenv(key, value)
-        patch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.MonkeyPatch.context() as patch:
+        _talk_to(ray_cluster, patch)
         return run_cluster_pipeline(ray_cluster, ycb_small_dir,
                                     tmp_path_factory.mktemp("cluster_pipeline") / "work", mlflow_server)

@@ -120,6 +120,8 @@ def test_worse_release_is_refused_and_batch_generation_accounts_for_every_input(
     shards, results, champion_uri = cascade
     registry = RegistryConfig(name=MODEL_NAME)
     good = get_release(champion_uri, mlflow_server)
+    # The pipeline's evaluation scored all 4 objects (its two groups hold 2 each).
+    assert good.metrics["seen_view/num_scored"] + good.metrics["heldout_objects/num_scored"] == 4, good.metrics
     _check_lineage(good, good.tags["eval_run_id"], results, mlflow_server, "eval", shards)
 
     # Deliberately worse: randomly initialised MAR-LR/HR of the same shapes on the trained VAE.

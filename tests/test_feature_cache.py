@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from _pipeline_run import SMALL_CONDITION
 from mar3d.config import load_config, to_dict
 from mar3d.data.dataset import ShapeDataset
 from mar3d.inference import save_conditioner
@@ -28,8 +29,6 @@ from mar3d.weights import content_id, save_model_dir
 pytestmark = pytest.mark.e2e
 
 SIZES = (1024, 256, 64)
-# 64 px condition renders: smaller tiny encoders keep the CPU tests fast.
-SMALL_CONDITION = ["image_size=64", "tiny_clip_patch=16", "tiny_dino_patch=16"]
 UNIT_STATS = {level: {"shift": 0.0, "std_mean": 1.0, "std_sample": 1.0} for level in ("lr", "hr")}
 
 

@@ -367,7 +367,7 @@ def test_run_args_set_pipeline_parameters_over_the_preset_and_bad_ones_are_refus
                                        "feature_cache": True}
     for arg, message in (("no_such=1", "unknown pipeline argument 'no_such'"),
                          ("num_workers=two", "num_workers must be of type int"),
-                         ("vae_overrides=steps=3", "vae_overrides must be a JSON list")):
+                         ("vae_overrides=steps=3", "vae_overrides must be a list of 'key=value' strings (JSON)")):
         assert cli.main([*base, "--arg", arg]) == 2
         assert message in capsys.readouterr().err
     assert len(local_runs) == 1

@@ -93,8 +93,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from mar3d.registry import (PromoteConfig, eval_report_run_id, find_release, get_release, promote,
-                                read_eval_report, record_metrics, register_release)
+    from mar3d.registry import (PromoteConfig, find_release, get_release, promote, read_eval_report_and_run,
+                                record_metrics, register_release)
 
     cfg = load_config(PromoteConfig, args.config, args.overrides)
     if args.release:
@@ -102,20 +102,19 @@ def _cmd_promote(args: argparse.Namespace) -> int:
             raise ValueError("give either --release or --vae-model/--lr-model/--hr-model, not both")
         release = get_release(args.release, args.tracking_uri)
         if args.eval_report:
-            release = record_metrics(release, read_eval_report(args.eval_report),
-                                     eval_report_run_id(args.eval_report), tracking_uri=args.tracking_uri)
+            release = record_metrics(release, *read_eval_report_and_run(args.eval_report),
+                                     tracking_uri=args.tracking_uri)
     else:
         if not (args.vae_model and args.lr_model and args.eval_report):
             raise ValueError("registering a new release needs --vae-model, --lr-model "
                              "(optionally --hr-model) and --eval-report")
-        metrics = read_eval_report(args.eval_report)  # fail before registering anything
+        metrics, eval_run_id = read_eval_report_and_run(args.eval_report)  # fail before registering anything
         uris = {"vae": args.vae_model, "lr": args.lr_model}
         if args.hr_model:
             uris["hr"] = args.hr_model
         release = register_release(uris, cfg=cfg.registry, tracking_uri=args.tracking_uri)
         # The evaluation run is recorded too: a release leads back to how it was scored.
-        release = record_metrics(release, metrics, eval_report_run_id(args.eval_report),
-                                 tracking_uri=args.tracking_uri)
+        release = record_metrics(release, metrics, eval_run_id, tracking_uri=args.tracking_uri)
     decision = promote(release.uri, gate=cfg.gate, cfg=cfg.registry,
                        reason=args.reason or cfg.reason, tracking_uri=args.tracking_uri)
     champion = find_release(release.name, cfg.registry.champion_alias, args.tracking_uri)

@@ -139,7 +139,7 @@ def test_pipeline_on_cluster_step_driver_killed_then_resumed(cluster, cluster_pi
     """The session's pipeline run (tests/_pipeline_run.py): every step a Ray job on the
     cluster, the train-vae driver SIGKILLed after a registered checkpoint, then --resume."""
     run = cluster_pipeline
-    registered = run.killed["registered_step"]
+    registered = run.killed_after_step
     out = run.first_output
     assert run.first_returncode == 1, out[-4000:]
     tail = out[out.rindex("mar3d: StepFailed"):]
