@@ -5,9 +5,12 @@ pipeline run --ray-address` submits every step as a Ray job through the Jobs API
 way, the driver of the train-vae job is SIGKILLed once Ray Train has registered a
 checkpoint; the pipeline fails naming the step, and `--resume <run id>` finishes the run
 (data skipped, VAE resumed from its checkpoint, MAR-LR building its feature cache,
-MAR-HR training from it, evaluation, promotion, generation).
+MAR-HR training from it, evaluation, promotion, generation). While MAR-LR trains, its two
+Ray Train workers pinned to the worker node (through the node's custom resource), that
+node's raylet is SIGKILLed past a registered checkpoint and a replacement node joins:
+Ray Train restarts the worker group there from the checkpoint and the run goes on.
 
-Read by: the fault test that checks the kill and the resume (reliability/
+Read by: the fault tests that check the kills and the resume (reliability/
 test_cluster_faults.py), the training tests (what the runs logged and saved), the cascade
 tests (does a generated shape follow its image; the release lifecycle), the feature-cache
 and serving tests. They read the runs through MLflow and the files the steps wrote, as a
@@ -41,6 +44,11 @@ LOG_EVERY = {"vae": 10, "lr": 50, "hr": 50}
 # (ConditionConfig settings; the feature-cache tests build their encoder with them too).
 SMALL_CONDITION = ["image_size=64", "tiny_clip_patch=16", "tiny_dino_patch=16"]
 VAE_CHECKPOINT_EVERY = 100  # the kill lands after the first registered one, mid-run
+# MAR-LR: checkpoints every 100 steps, logged every 50; the node is lost at a log point past
+# a registered checkpoint, before the last step. Its workers live on the worker node only.
+LR_CHECKPOINT_EVERY = 100
+LR_NODE_SETTINGS = ["worker_resources={mar3d_node_1: 0.5}", "max_failures=3"]
+LOST_NODE = "worker-1"
 
 
 def stage_overrides(stage: str) -> list[str]:
@@ -51,7 +59,10 @@ def stage_overrides(stage: str) -> list[str]:
     if stage == "vae":
         return common + [f"checkpoint_every={VAE_CHECKPOINT_EVERY}", "eval_every=100"]
     # One evaluation, after the last step: it does not change the weights.
-    return common + [f"checkpoint_every={n}", f"eval_every={n}", *[f"condition.{o}" for o in SMALL_CONDITION]]
+    common += [f"eval_every={n}", *[f"condition.{o}" for o in SMALL_CONDITION]]
+    if stage == "lr":
+        return common + [f"checkpoint_every={LR_CHECKPOINT_EVERY}", *LR_NODE_SETTINGS]
+    return common + [f"checkpoint_every={n}"]
 
 
 @dataclass
@@ -77,6 +88,7 @@ class ClusterPipelineRun:
     workdir: Path
     run_id: str                  # the pipeline run (its folder under workdir/runs)
     killed_after_step: int       # the VAE checkpoint Ray Train had registered at the kill
+    node_lost: dict              # MAR-LR's worker node killed: registered, killed_at (steps)
     first_returncode: int
     first_output: str
     second_returncode: int
@@ -120,6 +132,49 @@ def _stage_runs(workdir: Path) -> dict[str, StageRun]:
     return out
 
 
+def processes_on(cluster, node: str, fragment: str) -> list:
+    """The processes of ``node`` whose command line contains ``fragment``."""
+    found = []
+    for proc in cluster.node_processes(node):
+        try:
+            if fragment in " ".join(proc.cmdline()):
+                found.append(proc)
+        except Exception:  # noqa: BLE001 - ended while we looked
+            continue
+    return found
+
+
+class _Ended(Exception):
+    """The pipeline run ended while a fault was waiting for its moment."""
+
+
+def _lose_lr_node(cluster, workdir: Path, mlflow_uri: str, running) -> dict:
+    """Once MAR-LR has logged a step past a registered checkpoint, SIGKILL the raylet of
+    the node its workers run on, then join a replacement node with the same resource (a
+    KubeRay pod is restarted the same way). ``running()`` raises :class:`_Ended` once the
+    pipeline has ended."""
+    from mlflow import MlflowClient
+
+    from _faults import logged_steps
+
+    folder = wait_for(lambda: running() and next(iter(workdir.glob("runs/*/train/lr/mar3d_run.json")), None),
+                      900, "MAR-LR's run folder")
+    run_id = json.loads(folder.read_text())["run_id"]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    registered = wait_for(lambda: running() and registered_step(folder.parent), 600,
+                          "a registered MAR-LR checkpoint")
+    wait_for(lambda: running() and max(logged_steps(client, run_id), default=0) > registered, 300,
+             "a MAR-LR step past it")
+    workers = len(processes_on(cluster, LOST_NODE, "RayTrainWorker"))
+    killed_at = max(logged_steps(client, run_id))
+    cluster.kill_node(LOST_NODE)
+    resource = next(n.resource for n in cluster.nodes if n.name == LOST_NODE)
+    cluster.remove_node(LOST_NODE)
+    cluster.add_worker(resource=resource)
+    return {"run_id": run_id, "registered": registered, "killed_at": killed_at,
+            "workers_on_node": workers}
+
+
 def run_cluster_pipeline(cluster, dataset: Path, workdir: Path, mlflow_uri: str) -> ClusterPipelineRun:
     """The pipeline on ``cluster``, its train-vae driver killed, then resumed (see the
     module's docstring); this process's environment must hold the cluster's token.
@@ -153,11 +208,25 @@ def run_cluster_pipeline(cluster, dataset: Path, workdir: Path, mlflow_uri: str)
     result_json = workdir.parent / "result.json"
     second = _command(cluster, dataset, workdir, mlflow_uri, env, "--resume", run_id,
                       "--result-json", str(result_json))
-    second_out, _ = second.communicate(timeout=1800)
+
+    def running() -> bool:
+        if second.poll() is not None:
+            raise _Ended
+        return True
+
+    try:
+        try:
+            node_lost = _lose_lr_node(cluster, workdir, mlflow_uri, running)
+        except _Ended:  # the tests read its output: why it ended before MAR-LR's node was lost
+            node_lost = {}
+        second_out, _ = second.communicate(timeout=1800)
+    finally:
+        if second.poll() is None:
+            second.kill()
     jobs = [{"step": (j.metadata or {}).get("mar3d.step"), "status": str(j.status.value)}
             for j in client.list_jobs() if j.submission_id not in resumed_from]
     return ClusterPipelineRun(
-        workdir=workdir, run_id=run_id, killed_after_step=registered,
+        workdir=workdir, run_id=run_id, killed_after_step=registered, node_lost=node_lost,
         first_returncode=first.returncode, first_output=first_out,
         second_returncode=second.returncode, second_output=second_out, resumed_jobs=jobs,
         result=json.loads(result_json.read_text()) if result_json.is_file() else {},

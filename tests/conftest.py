@@ -14,6 +14,9 @@ from _report import PROPERTY, collect, printable, summary
 from _services import add_mlflow_user, start_mlflow_server, stop_mlflow_server
 from _ycb import YCB, YCB_SMALL
 
+# The tests of the session's cluster and trained release run on one xdist worker.
+pytest_plugins = ["_xdist_groups"]
+
 # Tests share 2 cores with Ray workers; oversubscribed BLAS/OpenMP threads made the
 # model tests ~10x slower. Benchmarks, not tests, measure speed.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

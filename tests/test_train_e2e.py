@@ -134,8 +134,10 @@ def test_train_mar_stage_on_frozen_vae(stage, cluster_pipeline, mlflow_server):
     cfg = load_train_config(stage, f"train_{stage}_tiny", [*stage_overrides(stage), f"vae_model_uri={vae.model_uri}"])
     assert result.metrics["step"] == cfg.steps == result.steps
     client = _client(mlflow_server)
-    losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
-    assert len(losses) == cfg.steps // LOG_EVERY[stage] and all(np.isfinite(losses))
+    history = client.get_metric_history(result.run_id, "train/loss")
+    # Every log point (MAR-LR logs some twice: its worker group restarted after a node loss).
+    assert sorted({m.step for m in history}) == list(range(LOG_EVERY[stage], cfg.steps + 1, LOG_EVERY[stage]))
+    assert all(np.isfinite(m.value) for m in history)
     assert client.get_metric_history(result.run_id, "train/latent_ms")
     assert client.get_metric_history(result.run_id, "eval/loss")
 

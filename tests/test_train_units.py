@@ -306,3 +306,20 @@ def test_an_encoder_training_mar_lr_gets_gradients_into_its_towers_and_exports_t
     # A stage whose encoder is frozen exports its weights as they are.
     frozen = MARStage(load_train_config("lr", "train_lr_tiny", ["vae_model_uri=/some/vae"]), "lr")
     assert frozen.export_weights({"a": torch.zeros(1)}, tmp_path) == ({"a": torch.zeros(1)}, {})
+
+
+def test_a_run_that_trained_all_its_steps_is_not_trained_again(tmp_path):
+    """A re-run (after a tracking outage, or of a finished pipeline step) starts Ray Train
+    only when something is left to train and the final model is on this machine."""
+    from mar3d.train.api import _finished_training
+
+    cfg = load_train_config("vae", "train_vae_tiny", ["steps=40", "warmup_steps=5"])
+    finished = {"checkpoint": str(tmp_path / "checkpoint_1"), "metrics": {"step": 40, "train/loss": 0.5}}
+    run_dir = tmp_path / "run"
+    assert _finished_training({"run_id": "r", "finished": finished}, cfg, run_dir) is None  # no model here
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "model" / "config.yaml").write_text("kind: vae\n")
+    assert _finished_training({"run_id": "r", "finished": finished}, cfg, run_dir) == finished
+    assert _finished_training({"run_id": "r"}, cfg, run_dir) is None  # interrupted: resume it
+    more = load_train_config("vae", "train_vae_tiny", ["steps=80", "warmup_steps=5"])
+    assert _finished_training({"run_id": "r", "finished": finished}, more, run_dir) is None  # train on

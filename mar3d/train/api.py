@@ -14,8 +14,9 @@ The driver (this process):
    ``<run>/feature_cache`` (a Ray Data job), and any ``feature_cache`` is checked
    against the run's conditioner, VAE, dataset and surface sizes before a worker starts;
 3. after ``fit()`` returns, copies the final model folder (safetensors + config.yaml +
-   MLmodel) out of the last checkpoint to ``<storage_path>/<run_name>/model`` and logs it
-   as the run's ``model`` artifact, so ``runs:/<run_id>/model`` is the model URI.
+   MLmodel) out of the last checkpoint to ``<storage_path>/<run_name>/model``, records the
+   run as finished in ``mar3d_run.json`` and logs the model as the run's ``model``
+   artifact, so ``runs:/<run_id>/model`` is the model URI.
 
 Tracking outages: if the MLflow server stops answering during training, rank 0 keeps
 training and appends metrics to ``<run_dir>/tracking_backlog.jsonl`` (retrying the server
@@ -26,8 +27,10 @@ down when training *starts* is a clear error before any worker starts.
 
 Resuming: a second call with the same ``storage_path`` and ``run_name`` continues the
 previous run -- Ray Train finds the run's checkpoint state in storage and hands the
-latest checkpoint to the workers, and the same MLflow run keeps receiving metrics. Use
-a new ``run_name`` to start from scratch.
+latest checkpoint to the workers, and the same MLflow run keeps receiving metrics. A run
+that already trained all its steps (``finished`` in ``mar3d_run.json``, its model folder on
+this machine) starts no Ray Train at all: the call only uploads what MLflow is missing.
+Use a new ``run_name`` to start from scratch.
 
 Object storage: ``storage_path`` may be ``s3://bucket/prefix`` (:mod:`mar3d.storage`).
 Ray Train then writes checkpoints there through pyarrow's S3 filesystem, and
@@ -190,51 +193,81 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     tracking_uri = cfg.mlflow_uri or tracking.default_tracking_uri(root)
     tracking.check_reachable(tracking_uri)
     vae = _check_stage_inputs(cfg, tracking_uri)
-    with tracking.tracked_run(tracking_uri, cfg.experiment, cfg.name,
-                              run_id=_previous_run_id(run_location, tracking_uri),
+    previous = _previous_run(run_location, tracking_uri)
+    with tracking.tracked_run(tracking_uri, cfg.experiment, cfg.name, run_id=previous.get("run_id"),
                               tags={"mar3d.stage": cfg.stage, "mar3d.run_dir": run_location},
                               resumable=True) as run:
         run_id = run.run_id
-        _record_run(cfg, run_location, tracking_uri, run_id)
+        finished = _finished_training(previous, cfg, run_dir)
+        _record_run(cfg, run_location, tracking_uri, run_id, finished)
         _prepare_conditioner(cfg, tracking_uri, run_id, run_dir)
         _prepare_feature_cache(cfg, tracking_uri, run_location, vae)
-        # The workers' progress and logs reach this driver's output (the step log).
-        ensure_ray(log_to_driver=True)
-        os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)  # a user's own setting wins
-        trainer = _make_trainer(cfg, root, {"run_id": run_id, "tracking_uri": tracking_uri,
-                                            "run_dir": str(run_dir)})
-        try:
-            result = trainer.fit()
-        except Exception as e:
-            raise TrainingError(f"training {cfg.stage} ({cfg.name}) failed: {e}") from e
-        model_dir = _export_model(result, cfg, run_dir, root, run_location)
-        _finish_tracking_run(cfg, run, run_dir, model_dir, result.checkpoint.path)
+        if finished:
+            log.info("training %s (%s) already finished at step %d (model in %s): uploading what "
+                     "MLflow is missing, without starting Ray Train", cfg.stage, cfg.name,
+                     finished["metrics"].get("step", cfg.steps), run_dir / MODEL_DIR)
+        else:
+            # The workers' progress and logs reach this driver's output (the step log).
+            ensure_ray(log_to_driver=True)
+            os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)  # a user's own setting wins
+            trainer = _make_trainer(cfg, root, {"run_id": run_id, "tracking_uri": tracking_uri,
+                                                "run_dir": str(run_dir)})
+            try:
+                result = trainer.fit()
+            except Exception as e:
+                raise TrainingError(f"training {cfg.stage} ({cfg.name}) failed: {e}") from e
+            _export_model(result, cfg, run_dir, root, run_location)
+            finished = {"checkpoint": str(result.checkpoint.path), "metrics": dict(result.metrics or {})}
+            _write_run_state(cfg, run_location, tracking_uri, run_id, finished)
+        model_dir = run_dir / MODEL_DIR
+        _finish_tracking_run(cfg, run, run_dir, model_dir, finished["checkpoint"])
     return TrainResult(run_id=run_id, model_uri=f"runs:/{run_id}/{MODEL_DIR}", model_dir=model_dir,
                        run_location=run_location,
-                       checkpoint_path=str(result.checkpoint.path), metrics=dict(result.metrics or {}),
+                       checkpoint_path=finished["checkpoint"], metrics=finished["metrics"],
                        tracking_uri=tracking_uri, seconds=time.monotonic() - started,
                        condition_model_uri=cfg.condition_model_uri, feature_cache=cfg.feature_cache)
 
 
-def _previous_run_id(run_location: str, tracking_uri: str) -> str | None:
-    """The MLflow run of an earlier start of the same training run (the run folder's
-    ``mar3d_run.json``), to be re-opened; None for a new run."""
+def _previous_run(run_location: str, tracking_uri: str) -> dict[str, Any]:
+    """What an earlier start of the same training run recorded (the run folder's
+    ``mar3d_run.json``: its MLflow run, to be re-opened, and once it trained to the end,
+    ``finished``); {} for a new run."""
     state_path = storage.join(run_location, RUN_STATE)
     previous = json.loads(storage.read_bytes(state_path)) if storage.is_file(state_path) else {}
     if previous and previous.get("tracking_uri") != tracking_uri:
         raise ValueError(f"{run_location} belongs to a run tracked at {previous.get('tracking_uri')}, "
                          f"not {tracking_uri}; use the same mlflow_uri or a new run_name")
-    return previous.get("run_id")
+    return previous
 
 
-def _record_run(cfg: TrainConfig, run_location: str, tracking_uri: str, run_id: str) -> None:
-    """Write the run folder's ``mar3d_run.json`` (so a restart re-opens this MLflow run)
-    and log the run's params."""
+def _finished_training(previous: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The earlier start's final checkpoint and metrics when it trained all ``cfg.steps``
+    and its final model is in ``run_dir`` (a re-run after a tracking outage, or of a
+    completed pipeline step): nothing is left to train, and Ray Train need not start.
+    Otherwise None (more steps asked for, or the model folder is not on this machine)."""
+    finished = previous.get("finished") or {}
+    step = (finished.get("metrics") or {}).get("step", 0)
+    if step >= cfg.steps and (run_dir / MODEL_DIR / "config.yaml").is_file():
+        return finished
+    return None
+
+
+def _write_run_state(cfg: TrainConfig, run_location: str, tracking_uri: str, run_id: str,
+                     finished: dict[str, Any] | None) -> None:
+    """The run folder's ``mar3d_run.json``: a restart re-opens this MLflow run, and knows
+    once it has trained to the end (``finished``: final checkpoint and metrics)."""
+    state = {"run_id": run_id, "tracking_uri": tracking_uri, "stage": cfg.stage}
+    if finished:
+        state["finished"] = finished
+    storage.write_bytes(storage.join(run_location, RUN_STATE), json.dumps(state, indent=2, default=float).encode())
+
+
+def _record_run(cfg: TrainConfig, run_location: str, tracking_uri: str, run_id: str,
+                finished: dict[str, Any] | None) -> None:
+    """Write the run folder's ``mar3d_run.json`` and log the run's params and inputs."""
     from mar3d import tracking
 
-    storage.write_bytes(storage.join(run_location, RUN_STATE),
-                        json.dumps({"run_id": run_id, "tracking_uri": tracking_uri, "stage": cfg.stage},
-                                   indent=2).encode())
+    _write_run_state(cfg, run_location, tracking_uri, run_id, finished)
     log.info("training %s: MLflow run %s at %s, outputs in %s", cfg.stage, run_id, tracking_uri, run_location)
     # How often a dead tracking server is retried is operations, not the experiment.
     params = {k: v for k, v in flatten(cfg).items() if k != "tracking_retry_s"}
@@ -282,7 +315,7 @@ def _make_trainer(cfg: TrainConfig, root: str, run_context: dict[str, str]):
     )
 
 
-def _export_model(result, cfg: TrainConfig, run_dir: Path, root: str, run_location: str) -> Path:
+def _export_model(result, cfg: TrainConfig, run_dir: Path, root: str, run_location: str) -> None:
     """Copy the final model folder out of the last checkpoint to ``run_dir/model`` (and
     beside the checkpoints on object storage)."""
     if result.checkpoint is None:
@@ -306,7 +339,6 @@ def _export_model(result, cfg: TrainConfig, run_dir: Path, root: str, run_locati
             shutil.copytree(trained, target)
     if storage.is_remote(root):
         storage.upload_dir(model_dir, storage.join(run_location, MODEL_DIR))
-    return model_dir
 
 
 def _finish_tracking_run(cfg: TrainConfig, run, run_dir: Path, model_dir: Path, checkpoint: str) -> None:

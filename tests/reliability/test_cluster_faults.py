@@ -3,9 +3,10 @@ submitted through the Jobs API as the pipeline submits it:
 
 * the worker node's raylet SIGKILLed while a data-prepare job has tasks there -> the job
   completes, every input is a row, the same uids as an uninterrupted run;
-* the worker node's raylet SIGKILLed while the Ray Train workers (pinned there through the
-  node's custom resource) train -> a replacement node joins, Ray Train restarts the worker
-  group from the last checkpoint, the run finishes with every metric in MLflow;
+* the worker node's raylet SIGKILLed while the pipeline's MAR-LR workers (pinned there
+  through the node's custom resource) train -> a replacement node joins, Ray Train
+  restarts the worker group from the last checkpoint, the run finishes with every metric
+  in MLflow and the pipeline goes on;
 * the driver of a pipeline step's Ray job SIGKILLed -> the pipeline fails naming the step
   and the reason; `pipeline run --resume <run id>` finishes the run: the data step skips
   its complete shards, training resumes from its checkpoint, every step ran as a Ray job
@@ -20,9 +21,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from _faults import Background, latest_run_id, logged_steps, one_row_shards, registered_step, uids, wait_for
+from _faults import Background, logged_steps, one_row_shards, uids, wait_for
 from _leaks import leaks
-from _pipeline_run import MODEL_NAME
+from _pipeline_run import LOG_EVERY, LR_CHECKPOINT_EVERY, MODEL_NAME, STEPS, processes_on
 from components._run import run_step
 from mar3d.cluster import job_client
 
@@ -42,17 +43,6 @@ def cluster(cluster_env):
             cluster_env.add_worker(resource=node.resource)
 
 
-def _tasks_on(cluster, node: str, fragment: str) -> list:
-    found = []
-    for proc in cluster.node_processes(node):
-        try:
-            if fragment in " ".join(proc.cmdline()):
-                found.append(proc)
-        except Exception:  # noqa: BLE001 - ended while we looked
-            continue
-    return found
-
-
 def _config_file(tmp_path: Path, cfg) -> Path:
     from mar3d.config import to_dict
 
@@ -70,7 +60,7 @@ def test_worker_node_lost_during_data_prepare(cluster, ycb_small_dir, tmp_path, 
     reference = run_step(argv + [str(clean)], cluster.dashboard_url, poll_seconds=0.5)
 
     job = Background(lambda: run_step(argv + [str(out)], cluster.dashboard_url, poll_seconds=0.5))
-    wait_for(lambda: _tasks_on(cluster, "worker-1", "_process_item"), 180,
+    wait_for(lambda: processes_on(cluster, "worker-1", "_process_item"), 180,
              "a _process_item task on the worker node", interval=0.05)
     raylet = cluster.kill_node("worker-1")
     result = job.join(600)
@@ -84,52 +74,30 @@ def test_worker_node_lost_during_data_prepare(cluster, ycb_small_dir, tmp_path, 
 
 
 # ------------------------------------------------------- (b) training, node lost
-def test_worker_node_lost_during_training_resumes_from_checkpoint(
-        cluster, ycb_small_shards, mlflow_server, tmp_path, reliability_report):
-    storage = tmp_path / "train"
-    run_name = "vae-node-lost"
-    # As in test_faults.py: the kill lands at step ~15-20, well before the last of 8 log points.
-    steps, checkpoint_every, log_every = 40, 10, 5
-    argv = ["mar3d", "train", "vae", "--config", "train_vae_tiny"]
-    for setting in (f"data={ycb_small_shards}", f"storage_path={storage}", f"mlflow_uri={mlflow_server}",
-                    f"run_name={run_name}", "experiment=test-cluster-faults", f"steps={steps}",
-                    "warmup_steps=5", f"checkpoint_every={checkpoint_every}", f"log_every={log_every}",
-                    "eval_every=0", "split=all", "batch_size=2", "num_workers=2", "max_failures=3",
-                    "worker_resources={mar3d_node_1: 0.5}"):
-        argv += ["--set", setting]
+def test_worker_node_lost_during_training_resumes_from_checkpoint(cluster_pipeline, mlflow_server,
+                                                                  reliability_report):
+    """The session's pipeline run lost the worker node its MAR-LR workers were pinned to
+    (tests/_pipeline_run.py): the step still succeeded, from the last checkpoint."""
+    lost = cluster_pipeline.node_lost
+    assert lost, cluster_pipeline.second_output[-6000:]
+    assert lost["workers_on_node"] == 2, "the MAR-LR workers were not on the pinned node"
+    steps, log_every = STEPS["lr"], LOG_EVERY["lr"]
+    assert lost["killed_at"] < steps, f"the node was killed after the last step ({lost['killed_at']})"
+    lr = cluster_pipeline.stages["lr"]
+    assert lr.run_id == lost["run_id"] and lr.metrics["step"] == steps
     client = MlflowClient(tracking_uri=mlflow_server)
-    job = Background(lambda: run_step(argv, cluster.dashboard_url, poll_seconds=1))
-
-    run_id = wait_for(lambda: job.running() and latest_run_id(client, "test-cluster-faults", run_name), 180,
-                      "the run")
-    registered = wait_for(lambda: job.running() and registered_step(storage / run_name), 600,
-                          "a registered checkpoint")
-    wait_for(lambda: job.running() and max(logged_steps(client, run_id), default=0) > registered, 300,
-             "a step past it")
-    assert len(_tasks_on(cluster, "worker-1", "RayTrainWorker")) == 2, "workers not on the pinned node"
-    killed_at = max(logged_steps(client, run_id))
-    cluster.kill_node("worker-1")
-    # The machine comes back (a KubeRay pod is restarted the same way): a new node with the
-    # same resource, so the pinned worker group can be placed again.
-    cluster.remove_node("worker-1")
-    cluster.add_worker(resource="mar3d_node_1")
-
-    result = job.join(900)
-    assert job.error is None, job.error
-    assert killed_at < steps, f"the node was killed after the last step ({killed_at})"
-    assert result["metrics"]["step"] == steps
-    starts = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/start_step"))
+    starts = sorted((m.step, m.value) for m in client.get_metric_history(lr.run_id, "train/start_step"))
     assert starts[0] == (0, 0.0) and len(starts) >= 2, starts
     resumed = int(starts[-1][1])
-    assert resumed % checkpoint_every == 0 and registered <= resumed <= killed_at + log_every, \
-        (starts, registered, killed_at)
+    assert resumed % LR_CHECKPOINT_EVERY == 0 and lost["registered"] <= resumed <= lost["killed_at"], \
+        (starts, lost)
     log_points = list(range(log_every, steps + 1, log_every))
-    assert logged_steps(client, run_id) == log_points
-    assert client.get_run(run_id).info.status == "FINISHED"
+    assert logged_steps(client, lr.run_id) == log_points
+    assert client.get_run(lr.run_id).info.status == "FINISHED"
     reliability_report.add("faults", fault="SIGKILL the worker node's raylet while both Ray Train "
-                           "workers run there", at=f"step ~{killed_at}",
+                           "workers (the pipeline's MAR-LR) run there", at=f"step ~{lost['killed_at']}",
                            outcome=f"replacement node joined; worker group restarted at checkpoint "
-                           f"step {resumed}, finished step {steps}",
+                           f"step {resumed}, finished step {steps}; the pipeline went on",
                            lost=f"0 steps (all {len(log_points)} log points in MLflow)")
 
 

@@ -15,6 +15,7 @@ training: test_cluster_faults.py):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -132,7 +133,7 @@ def _polled(job: Background, query):
     return poll
 
 
-def test_mlflow_outage_during_training_loses_nothing(ycb_small_shards, tmp_path, monkeypatch,
+def test_mlflow_outage_during_training_loses_nothing(ycb_small_shards, tmp_path, monkeypatch, caplog,
                                                      reliability_report):
     # Fail fast instead of MLflow's minutes of retries; the logger retries every 2 s.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -166,8 +167,12 @@ def test_mlflow_outage_during_training_loses_nothing(ycb_small_shards, tmp_path,
         assert (run_dir / "model" / "model.safetensors").is_file()  # the final model is saved
 
         server = start_mlflow_server(server_root, port)[1]  # same port, same database
-        again = run_training(cfg)
-        assert again.run_id == run_id
+        with caplog.at_level(logging.INFO, logger="mar3d.train.api"):
+            again = run_training(cfg)
+        # Nothing was left to train: the re-run only uploaded (no Ray Train started).
+        assert "already finished at step" in caplog.text and "without starting Ray Train" in caplog.text
+        assert again.run_id == run_id and again.metrics["step"] == STEPS
+        assert Path(again.checkpoint_path).name.startswith("checkpoint_") and Path(again.checkpoint_path).is_dir()
         assert logged_steps(client, run_id) == LOG_POINTS
         assert client.get_run(run_id).info.status == "FINISHED"
         assert {"model/model.safetensors", "model/config.yaml"} <= \
