@@ -28,6 +28,19 @@ def processes(fragment: str) -> list[psutil.Process]:
     return found
 
 
+def processes_on(cluster, node: str, fragment: str) -> list:
+    """The processes of a local cluster's ``node`` (:class:`mar3d.cluster.LocalCluster`)
+    whose command line contains ``fragment``."""
+    found = []
+    for proc in cluster.node_processes(node):
+        try:
+            if fragment in " ".join(proc.cmdline()):
+                found.append(proc)
+        except Exception:  # noqa: BLE001 - ended while we looked
+            continue
+    return found
+
+
 def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _faults import registered_step, wait_for
+from _faults import processes_on, registered_step, wait_for
 
 MODEL_NAME = "mar3d-cluster"
 STEPS = {"vae": 300, "lr": 300, "hr": 300}
@@ -130,18 +130,6 @@ def _stage_runs(workdir: Path) -> dict[str, StageRun]:
         out[stage] = StageRun(stage, doc["run_id"], doc["model_uri"], doc["checkpoint"], doc["metrics"],
                               doc["location"], doc.get("condition_model_uri", ""), doc.get("feature_cache", ""))
     return out
-
-
-def processes_on(cluster, node: str, fragment: str) -> list:
-    """The processes of ``node`` whose command line contains ``fragment``."""
-    found = []
-    for proc in cluster.node_processes(node):
-        try:
-            if fragment in " ".join(proc.cmdline()):
-                found.append(proc)
-        except Exception:  # noqa: BLE001 - ended while we looked
-            continue
-    return found
 
 
 class _Ended(Exception):

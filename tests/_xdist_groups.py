@@ -25,13 +25,13 @@ from xdist.scheduler import LoadScopeScheduling
 CLUSTER_FIXTURES = {"ray_cluster", "cluster_env", "cluster_pipeline"}
 GROUP = "cluster"
 _KEY = "mar3d_groups_file"
+_GROUPS_FILE = pytest.StashKey[Path]()
 
 
 def _groups_file(config: pytest.Config) -> Path:
-    if not hasattr(config, "_mar3d_groups_file"):
-        folder = Path(tempfile.mkdtemp(prefix="mar3d-xdist-"))
-        config._mar3d_groups_file = folder / "groups.json"
-    return config._mar3d_groups_file
+    if _GROUPS_FILE not in config.stash:
+        config.stash[_GROUPS_FILE] = Path(tempfile.mkdtemp(prefix="mar3d-xdist-")) / "groups.json"
+    return config.stash[_GROUPS_FILE]
 
 
 class GroupScheduling(LoadScopeScheduling):
@@ -55,8 +55,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if hasattr(config, "_mar3d_groups_file"):
-        shutil.rmtree(config._mar3d_groups_file.parent, ignore_errors=True)
+    if _GROUPS_FILE in config.stash:
+        shutil.rmtree(config.stash[_GROUPS_FILE].parent, ignore_errors=True)
 
 
 def pytest_configure_node(node) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from _faults import Background, logged_steps, one_row_shards, uids, wait_for
+from _faults import Background, logged_steps, one_row_shards, processes_on, uids, wait_for
 from _leaks import leaks
-from _pipeline_run import LOG_EVERY, LR_CHECKPOINT_EVERY, MODEL_NAME, STEPS, processes_on
+from _pipeline_run import LOG_EVERY, LR_CHECKPOINT_EVERY, MODEL_NAME, STEPS
 from components._run import run_step
 from mar3d.cluster import job_client
 
@@ -89,7 +89,8 @@ def test_worker_node_lost_during_training_resumes_from_checkpoint(cluster_pipeli
     starts = sorted((m.step, m.value) for m in client.get_metric_history(lr.run_id, "train/start_step"))
     assert starts[0] == (0, 0.0) and len(starts) >= 2, starts
     resumed = int(starts[-1][1])
-    assert resumed % LR_CHECKPOINT_EVERY == 0 and lost["registered"] <= resumed <= lost["killed_at"], \
+    # killed_at is the last step MLflow showed; training may have reached the next log point.
+    assert resumed % LR_CHECKPOINT_EVERY == 0 and lost["registered"] <= resumed <= lost["killed_at"] + log_every, \
         (starts, lost)
     log_points = list(range(log_every, steps + 1, log_every))
     assert logged_steps(client, lr.run_id) == log_points
